@@ -1,0 +1,74 @@
+"""The ``saejax`` command: harvest, train, evaluate, release, run.
+
+    saejax <stage> --config experiments/<name>.py[:variant,...] [--config.a.b=value ...] [--dry_run]
+
+Every stage reads and writes under ``config.workdir``; ``run`` chains the four stages and skips
+a stage whose output is complete.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from saejax import config as cfg
+
+STAGES = ("harvest", "train", "evaluate", "release", "run")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "default.py")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="saejax", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="stage", metavar="stage")
+    for name in STAGES:
+        s = sub.add_parser(name, help=f"the {name} stage" if name != "run" else "every stage in turn")
+        s.add_argument("--config", default=None,
+                       help="experiment file, optionally with :variants (default: experiments/default.py)")
+        s.add_argument("--dry_run", action="store_true", help="print what the config implies; run nothing")
+        s.add_argument("--max_tokens", type=int, default=None, help="harvest: bound on training tokens")
+    return p
+
+
+def _stage(name):
+    if name == "train":
+        from saejax.train import loop
+        return loop.run
+    if name == "harvest":
+        from saejax.store import harvest
+        return harvest.run
+    if name == "evaluate":
+        from saejax import evaluate
+        return evaluate.run
+    if name == "release":
+        from saejax import release
+        return release.run
+    raise AssertionError(name)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known, overrides = _parser().parse_known_args(argv)
+    if known.stage is None:
+        _parser().print_help()
+        return 2
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        print(f"saejax: unknown argument {bad[0]!r} (overrides look like --config.train.lr=1e-4)", file=sys.stderr)
+        return 2
+    try:
+        config = cfg.load(known.config or DEFAULT_CONFIG, overrides)
+    except cfg.ConfigError as e:
+        print(f"saejax: {e}", file=sys.stderr)
+        return 2
+    stages = ("harvest", "train", "evaluate", "release") if known.stage == "run" else (known.stage,)
+    for name in stages:
+        fn = _stage(name)
+        kwargs = {"dry_run": known.dry_run}
+        if name == "harvest" and known.max_tokens is not None:
+            kwargs["max_tokens"] = known.max_tokens
+        fn(config, **kwargs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

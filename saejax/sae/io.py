@@ -1,0 +1,67 @@
+"""The trained-group file format: what the train stage hands to evaluate and release.
+
+A group folder holds two files (docs/formats.md):
+    params.safetensors   float32 W_enc [T,K,d,M], b_enc [T,K,M], W_dec [T,K,M,d], b_dec [T,K,d],
+                         and threshold [T,K,M] (positive theta) for jumprelu and batchtopk
+    group.json           arch, sites, sparsity, k, norm_scale, pre_encoder_bias, d, width, model,
+                         steps, tokens, lam, ...
+The weights act on normalized inputs x = x_raw * norm_scale[t]; release folds that in.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+PARAM_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def export_params(arch: str, params, bt_threshold=None) -> dict[str, np.ndarray]:
+    """Training parameters -> the file's float32 arrays (log thresholds exponentiated)."""
+    out = {k: np.asarray(params[k], np.float32) for k in PARAM_KEYS}
+    if "log_threshold" in params:
+        out["threshold"] = np.exp(np.asarray(params["log_threshold"], np.float32))
+    elif "threshold" in params:
+        out["threshold"] = np.asarray(params["threshold"], np.float32)
+    elif arch == "batchtopk" and bt_threshold is not None:
+        thr = np.asarray(bt_threshold, np.float32)[:, :, None]
+        out["threshold"] = np.broadcast_to(thr, out["b_enc"].shape).copy()
+    return out
+
+
+def save_group(path: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """Write a group folder atomically (a temporary folder renamed into place)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, os.path.join(tmp, "params.safetensors"))
+    with open(os.path.join(tmp, "group.json"), "w") as fh:
+        json.dump(meta, fh, indent=1)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def load_group(path: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a group folder; errors name the file."""
+    meta_path = os.path.join(path, "group.json")
+    params_path = os.path.join(path, "params.safetensors")
+    for p in (meta_path, params_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"trained group file missing: {p}")
+    with open(meta_path) as fh:
+        try:
+            meta = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
+    try:
+        params = load_file(params_path)
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{params_path}: not a valid safetensors file ({e})") from None
+    for k in PARAM_KEYS:
+        if k not in params:
+            raise KeyError(f"{params_path}: missing key {k!r}")
+    return params, meta

@@ -1,0 +1,70 @@
+"""JumpReLU and its step function with straight-through pseudo-derivatives (Rajamanoharan et al. 2024).
+
+    jumprelu(z, theta) = z * H(z - theta)
+    step(z, theta)     = H(z - theta)
+
+H has zero derivative almost everywhere, so the threshold gets a pseudo-derivative through a kernel
+K of bandwidth eps (the rectangle: K(u) = 1 for |u| < 1/2):
+
+    d jumprelu / d theta = -(theta / eps) K((z - theta) / eps)
+    d step     / d theta = -(1 / eps)     K((z - theta) / eps)
+
+z gets the ordinary derivative of z * H(z - theta) with H held fixed (H for jumprelu) and nothing
+through the step (0 for step). ``theta`` may broadcast against ``z``: its cotangent is summed back
+to its own shape.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+
+def rectangle(u):
+    """The rectangle kernel: 1 on (-1/2, 1/2), 0 elsewhere."""
+    return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
+
+
+def _sum_to(x, shape):
+    """Sum ``x`` over the axes along which ``shape`` was broadcast to it."""
+    lead = x.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(i + lead for i, s in enumerate(shape) if s == 1 and x.shape[i + lead] != 1)
+    return jnp.sum(x, axis=axes, keepdims=True).reshape(shape) if axes else x
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jumprelu(z, theta, eps):
+    return z * (z > theta).astype(z.dtype)
+
+
+def _jumprelu_fwd(z, theta, eps):
+    return jumprelu(z, theta, eps), (z, theta)
+
+
+def _jumprelu_bwd(eps, res, g):
+    z, theta = res
+    dz = g * (z > theta).astype(z.dtype)
+    dtheta = -(theta / eps) * rectangle((z - theta) / eps) * g
+    return dz, _sum_to(dtheta, jnp.shape(theta))
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def step(z, theta, eps):
+    return (z > theta).astype(z.dtype)
+
+
+def _step_fwd(z, theta, eps):
+    return step(z, theta, eps), (z, theta)
+
+
+def _step_bwd(eps, res, g):
+    z, theta = res
+    dtheta = -(1.0 / eps) * rectangle((z - theta) / eps) * g
+    return jnp.zeros_like(z), _sum_to(dtheta, jnp.shape(theta))
+
+
+step.defvjp(_step_fwd, _step_bwd)

@@ -1,0 +1,146 @@
+"""The train step of one SAE group: every SAE of the group in one compiled update.
+
+State (a pytree; every array with leading [T, K] axes belongs to one SAE each):
+    params        the SAEGroup parameters
+    opt_state     optax Adam state
+    step          int32 scalar
+    lam           [T, K]    base sparsity coefficient (fixed, or calibrated toward target L0)
+    l0_ema        [T, K]    running L0 (for calibration and logs)
+    since_fired   [T, K, M] steps since each latent last fired (dead-latent counters)
+    bt_threshold  [T, K]    BatchTopK's global inference threshold (running mean of the batch minimum)
+    frozen        [T, K]    SAEs masked out after going non-finite
+
+Loss of SAE (t, k), averaged over the batch (the group's total is the sum, so each SAE's gradient
+is exactly its own):
+    jumprelu   ||x - x_hat||^2 + lam * ||f||_0          (pseudo-derivatives for theta)
+    relu       ||x - x_hat||^2 + lam * sum_i f_i ||W_dec_i||   (Anthropic, April 2024)
+    topk       ||x - x_hat||^2 + auxk_coeff * ||e - e_hat_dead||^2   (Gao et al. AuxK)
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from saejax.sae import jumprelu as jr
+from saejax.sae.group import PRECISIONS, GroupSpec, SAEGroup, init_params, thresholds
+from saejax.train import optim
+
+
+def init_state(spec: GroupSpec, hp: optim.Hyper, key, lam=None) -> dict:
+    """Fresh state; ``lam`` [K] overrides the per-member sparsity coefficients."""
+    params = init_params(spec, key)
+    lam = jnp.asarray(spec.sparsity if lam is None else lam, jnp.float32)
+    TK = (spec.T, spec.K)
+    return {
+        "params": params,
+        "opt_state": optim.optimizer(hp).init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "lam": jnp.broadcast_to(lam, TK).astype(jnp.float32),
+        "l0_ema": jnp.zeros(TK, jnp.float32),
+        "since_fired": jnp.zeros(TK + (spec.width,), jnp.int32),
+        "bt_threshold": jnp.zeros(TK, jnp.float32),
+        "frozen": jnp.zeros(TK, bool),
+    }
+
+
+def _mask_frozen(frozen, new, old):
+    """Keep ``old`` wherever the SAE is frozen, for every leaf with leading [T, K] axes."""
+    def one(n, o):
+        if n.ndim >= 2 and n.shape[:2] == frozen.shape:
+            return jnp.where(frozen.reshape(frozen.shape + (1,) * (n.ndim - 2)), o, n)
+        return n
+    return jax.tree_util.tree_map(one, new, old)
+
+
+def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x):
+    """Per-SAE loss terms and diagnostics for x [T, B, d] (normalized). Returns (total, aux)."""
+    module = SAEGroup(spec)
+    pre, f, x_hat = module.apply({"params": params}, x, state["bt_threshold"], True)
+    err = x_hat - x[:, None]
+    mse = jnp.mean(jnp.sum(jnp.square(err), -1), -1)  # [T, K]
+    lam = state["lam"] * optim.sparsity_scale(hp, state["step"])
+    zero = jnp.zeros_like(mse)
+    sparsity, aux = zero, zero
+    if spec.arch == "jumprelu":
+        theta = thresholds(spec, params)[:, :, None, :]
+        l0_pseudo = jnp.mean(jnp.sum(jr.step(pre, theta, spec.bandwidth), -1), -1)
+        sparsity = lam * l0_pseudo
+    elif spec.arch == "relu":
+        dec_norm = jnp.linalg.norm(params["W_dec"], axis=-1)[:, :, None, :]
+        sparsity = lam * jnp.mean(jnp.sum(f * dec_norm, -1), -1)
+    else:  # topk, batchtopk: AuxK on the dead latents (Gao et al. 2024)
+        dead = state["since_fired"] >= hp.dead_steps  # [T, K, M]
+        kaux = min(spec.auxk_k, spec.width)
+        masked = jnp.where(dead[:, :, None, :], pre, -jnp.inf)
+        kth = lax.top_k(masked, kaux)[0][..., -1:]
+        f_aux = jnp.where(dead[:, :, None, :] & (masked >= kth), jax.nn.relu(pre), 0.0)
+        e = lax.stop_gradient(x[:, None] - x_hat)
+        e_hat = jnp.einsum("tkbm,tkmd->tkbd", f_aux, params["W_dec"], precision=PRECISIONS[spec.precision])
+        aux = spec.auxk_coeff * jnp.mean(jnp.sum(jnp.square(e - e_hat), -1), -1) * jnp.any(dead, -1)
+    per_sae = mse + sparsity + aux
+    total = jnp.sum(jnp.where(state["frozen"], 0.0, per_sae))
+    xc = x - jnp.mean(x, axis=1, keepdims=True)
+    var = jnp.mean(jnp.sum(jnp.square(xc), -1), -1)  # [T]
+    active = f > 0
+    out = {
+        "loss": per_sae,
+        "mse": mse,
+        "sparsity_loss": sparsity,
+        "aux_loss": aux,
+        "fvu": mse / var[:, None],
+        "l0": jnp.mean(jnp.sum(active, -1), -1).astype(jnp.float32),
+        "fired": jnp.any(active, axis=2),  # [T, K, M]
+        "min_active": jnp.min(jnp.where(active, f, jnp.inf), axis=(2, 3)),  # [T, K]
+        "lam": lam,
+    }
+    return total, out
+
+
+def make_train_step(spec: GroupSpec, hp: optim.Hyper):
+    """``step_fn(state, x) -> (state, metrics)``; jit it (with shardings) at the call site."""
+    tx = optim.optimizer(hp)
+    schedule = optim.lr_schedule(hp)
+
+    def step_fn(state, x):
+        params = state["params"]
+        grads, out = jax.grad(lambda p: losses(spec, hp, p, state, x), has_aux=True)(params)
+        if spec.unit_decoder:
+            grads = dict(grads, W_dec=optim.remove_parallel_grad(grads["W_dec"], params["W_dec"]))
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = jax.tree_util.tree_map(jnp.add, params, updates)
+        if spec.unit_decoder:
+            new_params = dict(new_params, W_dec=optim.unit_rows(new_params["W_dec"]))
+        if spec.arch == "jumprelu" and "threshold" in new_params:  # raw theta stays positive
+            new_params = dict(new_params, threshold=jnp.maximum(new_params["threshold"], 1e-6))
+        frozen = state["frozen"]
+        new_params = _mask_frozen(frozen, new_params, params)
+        opt_state = _mask_frozen(frozen, opt_state, state["opt_state"])
+
+        step = state["step"]
+        l0_ema = jnp.where(step == 0, out["l0"], 0.99 * state["l0_ema"] + 0.01 * out["l0"])
+        lam = state["lam"]
+        if hp.target_l0:
+            # After the sparsity warmup, nudge lambda multiplicatively toward each member's target L0.
+            target = jnp.asarray(hp.target_l0, jnp.float32)[None, :]
+            err = jnp.clip(jnp.log(jnp.maximum(l0_ema, 1e-3) / target), -1.0, 1.0)
+            on = (step >= hp.sparsity_warmup).astype(jnp.float32)
+            lam = lam * jnp.exp(on * hp.calibration_rate * err)
+        bt = jnp.where(jnp.isfinite(out["min_active"]), out["min_active"], state["bt_threshold"])
+        bt_threshold = jnp.where(step == 0, bt, 0.99 * state["bt_threshold"] + 0.01 * bt)
+        new_state = {
+            "params": new_params,
+            "opt_state": opt_state,
+            "step": step + 1,
+            "lam": jnp.where(frozen, state["lam"], lam),
+            "l0_ema": l0_ema,
+            "since_fired": jnp.where(out["fired"], 0, state["since_fired"] + 1),
+            "bt_threshold": bt_threshold,
+            "frozen": frozen,
+        }
+        metrics = {k: out[k] for k in ("loss", "mse", "sparsity_loss", "aux_loss", "fvu", "l0", "lam")}
+        metrics["dead_frac"] = jnp.mean((new_state["since_fired"] >= hp.dead_steps).astype(jnp.float32), -1)
+        metrics["lr"] = schedule(step)
+        return new_state, metrics
+
+    return step_fn
