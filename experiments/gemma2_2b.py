@@ -1,0 +1,62 @@
+"""Gemma Scope on Gemma 2 2B (arXiv 2408.05147): every layer x {res, att, mlp}, widths 16k and 65k.
+
+What it reproduces: JumpReLU SAEs on all 26 layers' residual stream (block output), attention
+output (per-head z before W_O, width 8 x 256 = 2,048) and MLP output (after the post-MLP RMSNorm),
+widths 2^14 and 2^16, five L0 targets per site (Gemma Scope released several L0s per site; here each
+is a calibrated target), on 1,024-token contexts that begin with <bos>, Gemma Scope's optimizer and
+schedules, 4B tokens for 16k-wide and 8B for 65k-wide SAEs.
+
+Hardware: sized for a Cloud TPU v5p slice of 64 chips (v5p-128), mesh data 8 x stack 2 x latent 4.
+Each (input width, latent width) is its own group with its own step count; one job per width keeps a
+65k group's parameters and Adam state within HBM (see the dry run's per-device memory):
+
+    python launch/launch.py tpu-vm --tpu my-v5p-128 --zone us-east5-a -- \\
+        harvest --config experiments/gemma2_2b.py
+    python launch/launch.py tpu-vm --tpu my-v5p-128 --zone us-east5-a -- \\
+        train --config experiments/gemma2_2b.py:width=16k
+    saejax train --config experiments/gemma2_2b.py:width=65k --dry_run   # store size, steps, memory
+
+Storage: fp32 activations as Gemma Scope stored them: 8B tokens x (52 x 2,304 + 26 x 2,048) x 4 bytes,
+about 5.5 PB for one full pass; pass harvest.dtype=bfloat16 or fewer layers (:layers=0-12) to shrink it.
+Reading it needs over 1 GiB/s per SAE group per host (docs/store.md: buckets through gcsfuse).
+
+Tiny mode for CPU tests (a random 2-layer Gemma 2, a few thousand tokens, seconds):
+    saejax run --config experiments/gemma2_2b.py:runlocal
+"""
+from saejax import config as cfg
+
+WIDTHS = {"16k": 2 ** 14, "65k": 2 ** 16}
+
+
+def get_config(arg: str = ""):
+    v = cfg.parse_variants(arg)
+    c = cfg.defaults()
+    c.workdir = "runs/gemma2_2b"
+    c.model.source = "hf:google/gemma-2-2b"  # config.json + safetensors through huggingface_hub
+    c.model.dtype = "float32"
+    c.data.corpus = v.get("corpus", "monology/pile-uncopyrighted")  # streamed; any text dataset works
+    c.data.context_len = 1024
+    c.data.heldout_contexts = 2048
+    c.harvest.layers = cfg.layer_range(v.get("layers", "0-25"))
+    c.harvest.kinds = ("res", "att", "mlp")
+    c.harvest.max_tokens = 8_000_000_000  # the widest group's budget; narrower groups read a prefix
+    c.harvest.dtype = "float32"  # Gemma Scope stored fp32
+    c.harvest.batch_contexts = 256
+    c.harvest.shard_bytes = 16 * 2 ** 30  # Gemma Scope: 10-20 GiB shards
+    c.harvest.shuffle_bytes = 32 * 2 ** 30
+    c.sae.arch = "jumprelu"
+    c.sae.widths = tuple(WIDTHS[w] for w in v.get("width", "16k+65k").split("+"))
+    c.sae.target_l0 = (20.0, 40.0, 80.0, 160.0, 320.0)  # Gemma Scope's levels were about 22..445
+    c.sae.sparsity = (0.001,)  # the starting lambda of every calibrated member
+    c.train.tokens = 4_000_000_000  # 16k-wide
+    c.train.tokens_wide = 8_000_000_000  # wider
+    c.train.batch_size = 4096
+    c.train.checkpoint_every = 2000
+    c.mesh.data, c.mesh.stack, c.mesh.latent = 8, 2, 4  # 64 chips; stack 2 divides 52 and 26 sites
+    c.evaluate.contexts = 2048
+    c.release.name = "saejax-gemma2-2b"
+    c.release.l0 = ()  # every calibrated level
+    if v.get("runlocal"):
+        cfg.runlocal(c, "random:tiny-gemma2")
+    return c
+
