@@ -14,6 +14,7 @@ inside jit) so the code means the same on jax 0.10 and on newer JAX whose defaul
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Any, Sequence
 
@@ -47,6 +48,68 @@ def make_mesh(sizes, devices: Sequence[Any] | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape({a: sizes[a] for a in AXES}, len(devices))
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def init_distributed() -> bool:
+    """Join a multi-process run when the launcher says so; call before anything touches a device.
+
+    The launcher (launch/launch.py) sets, for every process,
+        SAEJAX_COORDINATOR    host:port of process 0
+        SAEJAX_NUM_PROCESSES  number of processes
+        SAEJAX_PROCESS_ID     this process's index
+    and ``jax.distributed.initialize`` is called with them. On a Cloud TPU VM pod slice (or GKE)
+    nothing is set: on a host with TPU chips (or with ``SAEJAX_DISTRIBUTED=auto``) JAX detects the
+    cluster itself; ``SAEJAX_DISTRIBUTED=off`` disables that. Returns whether distributed mode is on.
+    """
+    env = os.environ
+    coordinator = env.get("SAEJAX_COORDINATOR")
+    if coordinator:
+        for key in ("SAEJAX_NUM_PROCESSES", "SAEJAX_PROCESS_ID"):
+            if not env.get(key, "").isdigit():
+                raise MeshError(f"{key} must be set to an integer when SAEJAX_COORDINATOR is set")
+        jax.distributed.initialize(coordinator_address=coordinator,
+                                   num_processes=int(env["SAEJAX_NUM_PROCESSES"]),
+                                   process_id=int(env["SAEJAX_PROCESS_ID"]))
+        return True
+    if env.get("SAEJAX_DISTRIBUTED") == "auto" or (env.get("SAEJAX_DISTRIBUTED") != "off" and _on_tpu_vm()):
+        jax.distributed.initialize()  # cluster auto-detection (TPU VMs, GKE, SLURM)
+        return True
+    return False
+
+
+def _on_tpu_vm() -> bool:
+    """Whether this host has TPU chips (read from PCI ids; touches no device)."""
+    try:
+        from jax._src import hardware_utils  # what JAX itself uses; absent in some versions
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except Exception:  # noqa: BLE001 - no detection means no auto-initialization
+        return False
+
+
+def validate_group(sizes, T: int, width: int, batch_size: int, n_devices: int | None = None,
+                   process_count: int | None = None, name: str = "") -> None:
+    """One-line errors naming ``mesh.<axis>`` for a group that does not split over the mesh.
+
+    stack must divide the T sites, latent the latent width M, data the batch; and the batch must
+    split evenly over the processes, each of which feeds its own rows.
+    """
+    n = jax.device_count() if n_devices is None else n_devices
+    shape = dict(zip(AXES, mesh_shape({a: sizes[a] for a in AXES}, n)))
+    where = f" (group {name})" if name else ""
+    if T % shape["stack"]:
+        raise MeshError(f"mesh.stack={shape['stack']} does not divide the {T} sites{where}")
+    if width % shape["latent"]:
+        raise MeshError(f"mesh.latent={shape['latent']} does not divide the latent width {width}{where}")
+    if batch_size % shape["data"]:
+        raise MeshError(f"mesh.data={shape['data']} does not divide train.batch_size={batch_size}{where}")
+    procs = jax.process_count() if process_count is None else process_count
+    if batch_size % procs:
+        raise MeshError(f"train.batch_size={batch_size} does not split over {procs} processes{where}")
+
+
+def shard_bytes(shape, dtype, sharding: NamedSharding) -> int:
+    """Bytes one device holds of a global array of ``shape`` under ``sharding``."""
+    return math.prod(sharding.shard_shape(tuple(shape))) * np.dtype(dtype).itemsize
 
 
 def path_str(path) -> str:

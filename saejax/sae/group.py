@@ -28,6 +28,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from saejax.sae import jumprelu as jr
+from saejax.sae import sharded
 
 PRECISIONS = {"default": lax.Precision.DEFAULT, "high": lax.Precision.HIGH, "highest": lax.Precision.HIGHEST}
 
@@ -159,15 +160,13 @@ def _kth_largest(values, ks: tuple[int, ...]):
 
 def topk_activation(pre, ks: tuple[int, ...]):
     """Keep each row's k largest pre-activations (k per member), rectified."""
-    kth = _kth_largest(pre, ks)
+    kth = sharded.row_kth(pre, ks)  # two-stage under latent sharding (saejax.sae.sharded)
     return jnp.where(pre >= kth, jax.nn.relu(pre), 0.0)
 
 
 def batchtopk_activation(pre, ks: tuple[int, ...]):
     """Keep the k*B largest pre-activations over the whole batch of each SAE, rectified."""
-    T, K, B, M = pre.shape
-    flat = pre.reshape(T, K, 1, B * M)
-    kth = _kth_largest(flat, tuple(k * B for k in ks))  # [T, K, 1, 1]
+    kth = sharded.batch_kth(pre, ks)  # [T, K, 1, 1]; two-stage over data and latent shards
     return jnp.where(pre >= kth, jax.nn.relu(pre), 0.0)
 
 

@@ -20,7 +20,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from saejax import config as cfg
 from saejax import mesh as meshlib
 from saejax.sae import io as sae_io
+from saejax.sae import sharded
 from saejax.sae.group import PARTITION_RULES, GroupSpec
+from saejax.train import checkpoint as ckpt
 from saejax.train import optim
 from saejax.train.step import init_state, make_train_step
 
@@ -59,26 +61,92 @@ def plan_groups(config, source) -> list[tuple[GroupSpec, optim.Hyper]]:
 
 
 class Trainer:
-    """Trains one group on a mesh: the compiled step with shardings derived from partition rules."""
+    """Trains one group on a mesh: the compiled step with shardings derived from partition rules.
+
+    State shardings come from ``PARTITION_RULES`` (SAEs over ``stack``, latents over ``latent``);
+    the batch x [T, B, d] is laid out ``P("stack", "data", None)``. The step is traced under
+    ``sharded.use_mesh`` so that top-k thresholds are computed shard by shard.
+    """
 
     def __init__(self, spec: GroupSpec, hp: optim.Hyper, mesh, seed: int = 0):
         self.spec, self.hp, self.mesh, self.seed = spec, hp, mesh, seed
-        abstract = jax.eval_shape(lambda k: init_state(spec, hp, k), jax.random.key(0))
-        self.state_shardings = meshlib.tree_shardings(abstract, PARTITION_RULES, mesh)
+        self.abstract = jax.eval_shape(lambda k: init_state(spec, hp, k), jax.random.key(0))
+        self.state_shardings = meshlib.tree_shardings(self.abstract, PARTITION_RULES, mesh)
         self.x_sharding = NamedSharding(mesh, P("stack", "data", None))
-        metric_sharding = NamedSharding(mesh, P())
+        self.x_shape = (spec.T, hp.batch_size, spec.d)
+        replicated = NamedSharding(mesh, P())
+        step_fn = make_train_step(spec, hp)
+
+        def traced_step(state, x):
+            with sharded.use_mesh(mesh):
+                return step_fn(state, x)
+
         self.init = jax.jit(lambda k: init_state(spec, hp, k), out_shardings=self.state_shardings)
-        self.step = jax.jit(make_train_step(spec, hp), in_shardings=(self.state_shardings, self.x_sharding),
-                            out_shardings=(self.state_shardings, metric_sharding), donate_argnums=0)
+        self.step = jax.jit(traced_step, in_shardings=(self.state_shardings, self.x_sharding),
+                            out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+        self.finite = jax.jit(_finite_per_sae, out_shardings=replicated)
+        self.replicate = jax.jit(lambda a: a, out_shardings=replicated)
+        self.sites, self.rows = self._local_block()
+
+    def _local_block(self):
+        """This process's block of the global batch: (its sites, (part index, parts) of the rows)."""
+        idx = self.x_sharding.addressable_devices_indices_map(self.x_shape).values()
+        T, B, _ = self.x_shape
+        t0, t1 = min(i[0].start or 0 for i in idx), max(i[0].stop or T for i in idx)
+        b0, b1 = min(i[1].start or 0 for i in idx), max(i[1].stop or B for i in idx)
+        n = b1 - b0
+        assert B % n == 0 and b0 % n == 0, (b0, b1, B)
+        return self.spec.sites[t0:t1], (b0 // n, B // n)
 
     def init_state(self):
         return self.init(jax.random.key(self.seed))
 
+    def local_batch(self, source, step: int, scales: np.ndarray) -> np.ndarray:
+        """This process's normalized rows of ``step``: [T_local, B_local, d]."""
+        part, parts = self.rows
+        x = source.batch(list(self.sites), step, self.hp.batch_size, part, parts)
+        t0 = self.spec.sites.index(self.sites[0])
+        return x * scales[t0:t0 + len(self.sites)]
+
     def put_batch(self, x_local: np.ndarray):
-        """This process's rows [T, B_local, d] -> a global mesh-sharded array [T, B, d]."""
-        T, b, d = x_local.shape
-        shape = (T, b * jax.process_count(), d)
-        return jax.make_array_from_process_local_data(self.x_sharding, x_local, shape)
+        """This process's rows [T_local, B_local, d] -> a global mesh-sharded array [T, B, d]."""
+        return jax.make_array_from_process_local_data(self.x_sharding, x_local, self.x_shape)
+
+    def memory(self) -> dict:
+        """Per-device bytes of one step: state parts (from shardings) and activations (estimated
+        from the shapes of pre [T,K,B,M], f and x_hat, forward + backward), plus XLA's own
+        temp-buffer figure for the compiled step when the backend reports it."""
+        def total(tree, shardings):
+            leaves = jax.tree_util.tree_leaves(tree)
+            shards = jax.tree_util.tree_leaves(shardings)
+            return sum(meshlib.shard_bytes(a.shape, a.dtype, s) for a, s in zip(leaves, shards))
+
+        a, sh = self.abstract, self.state_shardings
+        out = {"params": total(a["params"], sh["params"]), "optimizer": total(a["opt_state"], sh["opt_state"]),
+               "counters": sum(total(a[k], sh[k]) for k in a if k not in ("params", "opt_state"))}
+        s, hp, m = self.spec, self.hp, self.mesh
+        pre = NamedSharding(m, sharded.PRE_SPEC)
+        rec = NamedSharding(m, P("stack", None, "data", None))
+        per = 2 * meshlib.shard_bytes((s.T, s.K, hp.batch_size, s.width), np.float32, pre) \
+            + meshlib.shard_bytes((s.T, s.K, hp.batch_size, s.d), np.float32, rec)
+        out["activations"] = 2 * per + meshlib.shard_bytes(self.x_shape, np.float32, self.x_sharding)
+        try:
+            x = jax.ShapeDtypeStruct(self.x_shape, np.float32, sharding=self.x_sharding)
+            st = jax.tree_util.tree_map(lambda v, h: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=h), a, sh)
+            ma = self.step.lower(st, x).compile().memory_analysis()
+            out["compiled_temp"] = int(ma.temp_size_in_bytes)
+        except Exception:  # noqa: BLE001 - not every backend reports memory
+            pass
+        return out
+
+
+def _finite_per_sae(params):
+    """[T, K] bool: every parameter of SAE (t, k) is finite."""
+    ok = None
+    for leaf in jax.tree_util.tree_leaves(params):
+        f = jnp.all(jnp.isfinite(leaf).reshape(leaf.shape[:2] + (-1,)), axis=-1)
+        ok = f if ok is None else ok & f
+    return ok
 
 
 def _scales(source, sites) -> np.ndarray:
@@ -89,25 +157,54 @@ def to_host(tree):
     return jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a)), tree)
 
 
-def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None, progress=True, state=None):
-    """Train one group from ``source`` to ``hp.total_steps``; return the final state."""
-    trainer = Trainer(spec, hp, mesh, seed)
+def _truncate_log(path: str, step: int) -> None:
+    """Keep only the records of steps <= ``step`` (a resumed run rewrites what came after)."""
+    if not path or not os.path.exists(path) or jax.process_index() != 0:
+        return
+    with open(path) as fh:
+        keep = [ln for ln in fh if ln.strip() and json.loads(ln)["step"] <= step]
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.writelines(keep)
+    os.replace(tmp, path)
+
+
+class NonFinite(RuntimeError):
+    """Every SAE of a group went non-finite; the last good checkpoint is kept."""
+
+
+def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None, progress=True, state=None,
+                ckpt_dir=None, checkpoint_every=1000, keep_checkpoints=2, trainer=None):
+    """Train one group from ``source`` to ``hp.total_steps``; return the final state.
+
+    With ``ckpt_dir``, resume from its latest checkpoint (into this mesh's shardings), save every
+    ``checkpoint_every`` steps and at the end, and on SIGTERM save at an agreed step and raise
+    ``checkpoint.Preempted`` (exit code 75).
+    """
+    trainer = trainer or Trainer(spec, hp, mesh, seed)
+    ckpts = ckpt.Checkpoints(ckpt_dir, checkpoint_every, keep_checkpoints) if ckpt_dir else None
+    if state is None and ckpts is not None and ckpts.latest_step() is not None:
+        state = ckpts.restore(trainer.abstract, trainer.state_shardings)
+        ckpt.log(f"[{spec.name}] resumed from the checkpoint at step {int(jax.device_get(state['step']))}")
     state = trainer.init_state() if state is None else state
     scales = _scales(source, spec.sites)
     start = int(jax.device_get(state["step"]))
-    log = open(log_path, "a") if log_path else None
+    _truncate_log(log_path, start)
+    log = open(log_path, "a") if log_path and jax.process_index() == 0 else None
+    watch = ckpt.PreemptionWatch() if ckpts is not None else None
     t0, last = time.time(), start
     try:
         for step in range(start, hp.total_steps):
-            x = source.batch(spec.sites, step, hp.batch_size, jax.process_index(), jax.process_count())
-            state, metrics = trainer.step(state, trainer.put_batch(x * scales))
+            state, metrics = trainer.step(state, trainer.put_batch(trainer.local_batch(source, step, scales)))
             done = step + 1
+            preempt = watch is not None and watch.reached(done)
+            save = ckpts is not None and (done % checkpoint_every == 0 or done == hp.total_steps or preempt)
             if done % log_every == 0 or done == hp.total_steps:
                 m = to_host(metrics)
-                state = _freeze_nonfinite(spec, state, m, done)
+                state = _freeze_nonfinite(spec, state, trainer, m["loss"], done)
                 record = {"step": done, "tokens": done * hp.batch_size,
                           **{k: np.asarray(v).tolist() for k, v in m.items()}}
-                if log and jax.process_index() == 0:
+                if log:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                 if progress and jax.process_index() == 0:
@@ -116,9 +213,26 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
                     print(f"[{spec.name}] step {done}/{hp.total_steps} {rate:,.0f} tok/s "
                           f"L0 {_span(m['l0'])} FVU {_span(m['fvu'])} dead {_span(m['dead_frac'])}",
                           file=sys.stderr, flush=True)
+            elif save:
+                state = _freeze_nonfinite(spec, state, trainer, None, done)
+            if save:
+                if bool(np.all(jax.device_get(trainer.replicate(state["frozen"])))):
+                    raise NonFinite(f"every SAE of group {spec.name} went non-finite by step {done}; "
+                                    f"the last good checkpoint (step {ckpts.latest_step()}) is kept")
+                ckpts.save(done, state, force=True)
+            if preempt:
+                ckpts.wait()
+                ckpt.log(f"[{spec.name}] preempted: checkpoint at step {done} saved; "
+                         f"exit {ckpt.EXIT_PREEMPTED}, rerun the same command to resume")
+                raise ckpt.Preempted(done)
     finally:
         if log:
             log.close()
+        if ckpts is not None:
+            ckpts.wait()
+            ckpts.close()
+        if watch is not None:
+            watch.close()
     return state
 
 
@@ -127,15 +241,18 @@ def _span(a) -> str:
     return f"{a.min():.3g}" if a.size == 1 or a.min() == a.max() else f"{a.min():.3g}..{a.max():.3g}"
 
 
-def _freeze_nonfinite(spec, state, m, step):
-    """Freeze SAEs whose loss went non-finite (checked at logging steps only: no per-step sync)."""
-    bad = ~np.isfinite(np.asarray(m["loss"]))
-    frozen = np.asarray(jax.device_get(state["frozen"]))
+def _freeze_nonfinite(spec, state, trainer, loss, step):
+    """Freeze SAEs whose loss or parameters went non-finite (checked at logging and checkpoint
+    steps only: no per-step host sync). ``loss`` [T, K] or None."""
+    bad = ~np.asarray(jax.device_get(trainer.finite(state["params"])))
+    if loss is not None:
+        bad |= ~np.isfinite(np.asarray(loss))
+    frozen = np.asarray(jax.device_get(trainer.replicate(state["frozen"])))
     new = bad & ~frozen
     if new.any():
         for t, k in zip(*np.nonzero(new)):
-            print(f"[{spec.name}] SAE site={spec.sites[t]} sparsity={spec.sparsity[k]} went non-finite "
-                  f"by step {step}: frozen, the rest of the group trains on", file=sys.stderr, flush=True)
+            ckpt.log(f"[{spec.name}] SAE site={spec.sites[t]} sparsity={spec.sparsity[k]} went non-finite "
+                     f"by step {step}: frozen, the rest of the group trains on")
         sharding = state["frozen"].sharding
         state = dict(state, frozen=jax.device_put(jnp.asarray(frozen | bad), sharding))
     return state
@@ -167,30 +284,63 @@ def make_source(config):
     return store.open_store(os.path.join(config.workdir, "store")).reader(seed=config.seed, split="train")
 
 
+def gather(tree):
+    """A pytree of (possibly multi-process) global arrays as host numpy arrays, on every process."""
+    if jax.process_count() == 1:
+        return to_host(tree)
+    from jax.experimental import multihost_utils
+    return to_host(multihost_utils.process_allgather(tree, tiled=True))
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2 ** 20:,.1f} MiB"
+
+
+def dry_run_report(spec, hp, mesh) -> str:
+    """One group's plan: steps, tokens, per-device memory of state and of one step's activations."""
+    mem = Trainer(spec, hp, mesh).memory()
+    line = (f"[{spec.name}] dry run: {hp.total_steps} steps, {hp.total_steps * hp.batch_size:,} tokens; "
+            f"per device: params {_mib(mem['params'])}, optimizer {_mib(mem['optimizer'])}, "
+            f"counters {_mib(mem['counters'])}, activations ~{_mib(mem['activations'])}")
+    if "compiled_temp" in mem:
+        line += f" (compiled step temp {_mib(mem['compiled_temp'])})"
+    return line
+
+
 def run(config, dry_run: bool = False) -> list[str]:
-    """Train every group of the suite; return the folders of the finished groups."""
+    """Train every group of the suite; return the folders of the finished groups.
+
+    Mesh and group shapes are validated before anything compiles; ``dry_run`` prints each group's
+    plan and memory (from shapes and shardings only) and reads no data.
+    """
     source = make_source(config)
     mesh = meshlib.make_mesh(config.mesh)
     plans = plan_groups(config, source)
+    for spec, hp in plans:
+        meshlib.validate_group(config.mesh, spec.T, spec.width, hp.batch_size, name=spec.name)
     out_root = os.path.join(config.workdir, "train")
+    t = config.train
     finished = []
     for spec, hp in plans:
         gdir = os.path.join(out_root, spec.name)
         final = os.path.join(gdir, "final")
-        print(f"[{spec.name}] {spec.T} sites x {spec.K} sweep members, {hp.total_steps} steps of "
-              f"{hp.batch_size} tokens ({hp.total_steps * hp.batch_size:,} tokens)", file=sys.stderr)
+        ckpt.log(f"[{spec.name}] {spec.T} sites x {spec.K} sweep members, {hp.total_steps} steps of "
+                 f"{hp.batch_size} tokens ({hp.total_steps * hp.batch_size:,} tokens), mesh {dict(mesh.shape)}")
         if dry_run:
+            ckpt.log(dry_run_report(spec, hp, mesh))
             continue
         if os.path.isdir(final):
-            print(f"[{spec.name}] already trained: {final}", file=sys.stderr)
+            ckpt.log(f"[{spec.name}] already trained: {final}")
             finished.append(final)
             continue
         os.makedirs(gdir, exist_ok=True)
-        state = train_group(spec, hp, source, mesh, seed=config.seed, log_every=config.train.log_every,
-                            log_path=os.path.join(gdir, "metrics.jsonl"))
+        state = train_group(spec, hp, source, mesh, seed=config.seed, log_every=t.log_every,
+                            log_path=os.path.join(gdir, "metrics.jsonl"),
+                            ckpt_dir=os.path.join(gdir, "checkpoints"), checkpoint_every=t.checkpoint_every,
+                            keep_checkpoints=t.keep_checkpoints)
+        host = gather({k: v for k, v in state.items() if k != "opt_state"})
         if jax.process_index() == 0:
-            params = to_host(state["params"])
-            arrays = sae_io.export_params(spec.arch, params, to_host(state["bt_threshold"]))
-            sae_io.save_group(final, arrays, group_meta(spec, hp, source, state, getattr(source, "model", "")))
+            arrays = sae_io.export_params(spec.arch, host["params"], host["bt_threshold"])
+            sae_io.save_group(final, arrays, group_meta(spec, hp, source, host, getattr(source, "model", "")))
         finished.append(final)
     return finished

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from saejax.sae import jumprelu as jr
+from saejax.sae import sharded
 from saejax.sae.group import PRECISIONS, GroupSpec, SAEGroup, init_params, thresholds
 from saejax.train import optim
 
@@ -73,7 +74,7 @@ def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x):
         dead = state["since_fired"] >= hp.dead_steps  # [T, K, M]
         kaux = min(spec.auxk_k, spec.width)
         masked = jnp.where(dead[:, :, None, :], pre, -jnp.inf)
-        kth = lax.top_k(masked, kaux)[0][..., -1:]
+        kth = sharded.row_kth(masked, (kaux,))  # two-stage under latent sharding
         f_aux = jnp.where(dead[:, :, None, :] & (masked >= kth), jax.nn.relu(pre), 0.0)
         e = lax.stop_gradient(x[:, None] - x_hat)
         e_hat = jnp.einsum("tkbm,tkmd->tkbd", f_aux, params["W_dec"], precision=PRECISIONS[spec.precision])

@@ -1,0 +1,104 @@
+"""Checkpoints of a group's training state (orbax), and preemption.
+
+Layout: ``<workdir>/train/<group>/checkpoints/<step>/`` written by an orbax CheckpointManager:
+async saves (the step loop continues while files are written), every ``train.checkpoint_every``
+steps, the last ``train.keep_checkpoints`` kept. The state saved is the whole train state of
+saejax.train.step (params, opt_state, step, lam, l0_ema, since_fired, bt_threshold, frozen); the
+data-reader position is the step itself, since every source's batch is a pure function of
+(seed, step), and the state holds no RNG (initialization is the only random draw, from the seed).
+
+Restoring reads into the shardings of the *current* mesh, so a run may resume on another mesh
+shape or process count.
+
+Preemption: SIGTERM only sets a flag. The save happens at a step every process agrees on:
+    one process      the next step boundary;
+    several          JAX's preemption sync point (the coordination service propagates the notice
+                     and picks max(step over processes) + 1; JAX's own SIGTERM handler sets the flag).
+The loop then waits for the save and exits with ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL: "try again";
+rerunning the same command resumes).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import jax
+import orbax.checkpoint as ocp
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): preempted after a checkpoint; rerun to resume
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint is on disk; exits the process with code 75."""
+
+    def __init__(self, step: int):
+        super().__init__(EXIT_PREEMPTED)
+        self.step = step
+
+
+class Checkpoints:
+    """An orbax CheckpointManager for one group's train state."""
+
+    def __init__(self, directory: str, every: int, keep: int, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=async_save,
+            create=True)
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, abstract_state, shardings, step: int | None = None):
+        """The state at ``step`` (default: latest) placed by ``shardings`` (the current mesh's)."""
+        step = self.latest_step() if step is None else step
+        target = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+        return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+
+    def save(self, step: int, state, force: bool = False) -> bool:
+        """Start an async save of ``state`` if ``step`` is a checkpoint step (or ``force``)."""
+        return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+    def should_save(self, step: int) -> bool:
+        return self.manager.should_save(step)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+class PreemptionWatch:
+    """Whether to stop at this step for a preemption checkpoint (see the module docstring)."""
+
+    def __init__(self):
+        self.multi = jax.process_count() > 1
+        self.flag = False
+        self._old = None
+        if not self.multi:  # several processes: JAX's coordination service owns SIGTERM
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):  # only sets a flag: the loop saves at the next step
+        self.flag = True
+
+    def reached(self, step: int) -> bool:
+        """Call at every step with the number of steps done; True at the agreed save step."""
+        if not self.multi:
+            return self.flag
+        from jax.experimental import multihost_utils
+        try:
+            return multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError:  # preemption service disabled (jax_enable_preemption_service=False)
+            return False
+
+    def close(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+
+def log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
