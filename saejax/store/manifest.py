@@ -1,0 +1,74 @@
+"""The store's manifest: the commit record (format in docs/store.md).
+
+A shard exists for readers only once a manifest lists it. During a harvest every process keeps its
+own part record, ``parts/<process>.json``, rewritten (temp file + rename) after each commit; when
+all processes are done, process 0 merges the parts into ``manifest.json``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+FORMAT = "saejax-store/1"
+SPLITS = ("train", "heldout")
+DTYPES = ("float32", "float16", "bfloat16")
+REQUIRED = ("format", "model", "corpus", "context_len", "context_start_id", "special_ids", "dtype",
+            "policy", "splits", "sites", "shards")
+
+
+class StoreError(ValueError):
+    """A store that cannot be read as asked; the message names the file or site."""
+
+
+def write_json(path: str, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (temp name, fsync, rename)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{path}: not valid JSON ({e})") from None
+
+
+def sha256_file(path: str, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def validate(m: dict, path: str) -> None:
+    """Check the manifest's structure; StoreError naming ``path`` and the field or site."""
+    for key in REQUIRED:
+        if key not in m:
+            raise StoreError(f"{path}: missing field {key!r}")
+    if m["format"] != FORMAT:
+        raise StoreError(f"{path}: format {m['format']!r} is not {FORMAT!r}")
+    if m["dtype"] not in DTYPES:
+        raise StoreError(f"{path}: dtype {m['dtype']!r} is not one of {DTYPES}")
+    for site, s in m["sites"].items():
+        for key in ("width", "mean_sq_norm"):
+            if key not in s:
+                raise StoreError(f"{path}: site {site} has no {key!r}")
+        if not (isinstance(s["width"], int) and s["width"] > 0):
+            raise StoreError(f"{path}: site {site} has width {s['width']!r}")
+    for i, sh in enumerate(m["shards"]):
+        for key in ("site", "split", "file", "meta", "rows", "sha256"):
+            if key not in sh:
+                raise StoreError(f"{path}: shard {i} has no {key!r}")
+        if sh["site"] not in m["sites"]:
+            raise StoreError(f"{path}: shard {sh['file']} names site {sh['site']!r}, which the manifest does not list")
+        if sh["split"] not in SPLITS:
+            raise StoreError(f"{path}: shard {sh['file']} has split {sh['split']!r}")

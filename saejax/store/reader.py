@@ -1,0 +1,293 @@
+"""Reading a store: validation, verification, whole splits, and the shuffled training Source.
+
+Order of the training stream. For one site, let the split's N rows be the concatenation of its
+shards in manifest order, cut into ``n_b = ceil(N / block_rows)`` blocks of ``block_rows`` rows
+(the last one shorter). Epoch ``e`` visits the blocks in the order
+``perm_e = default_rng([seed, e, crc32(site)]).permutation(n_b)``, each block's rows in stored order
+(they were shuffled within the harvest's buffer when written). The stream is epoch 0, epoch 1, ...;
+global step ``s`` with batch B takes stream rows ``[s*B, (s+1)*B)``, and process ``p`` of ``P``
+takes the rows ``[s*B + p*B/P, s*B + (p+1)*B/P)``. So a batch is a pure function of
+(seed, step, batch_size), a resumed run sees the data it would have seen, and each process reads
+only its own rows. Rows are read from ``np.load(mmap_mode="r")`` views, so memory holds only the
+batches in flight: the one returned plus ``prefetch`` ahead, computed in one background thread
+when steps are asked for in order.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from saejax.store.manifest import SPLITS, StoreError, read_json, sha256_file, validate
+from saejax.store.writer import from_storage
+
+
+class Store:
+    """An opened store (``open_store``); see docs/store.md."""
+
+    def __init__(self, path: str):
+        self.path = path
+        mpath = os.path.join(path, "manifest.json")
+        if not os.path.exists(mpath):
+            raise StoreError(f"{mpath}: no such file (harvest not run, or not finished)")
+        self.manifest = m = read_json(mpath)
+        validate(m, mpath)
+        self.dtype = m["dtype"]
+        self.sites = list(m["sites"])
+        self.model = m["model"]
+        self._shards = {(site, split): [] for site in self.sites for split in SPLITS}
+        for sh in m["shards"]:
+            for key in ("file", "meta"):
+                f = os.path.join(path, sh[key])
+                if not os.path.isfile(f):
+                    raise StoreError(f"{f}: listed in the manifest but missing (site {sh['site']})")
+            size = os.path.getsize(os.path.join(path, sh["file"]))
+            if "bytes" in sh and size != sh["bytes"]:
+                raise StoreError(f"{os.path.join(path, sh['file'])}: {size} bytes, the manifest says "
+                                 f"{sh['bytes']} (truncated or replaced)")
+            self._shards[(sh["site"], sh["split"])].append(sh)
+        self._mmaps: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    # -- identity and statistics ------------------------------------------------------------------
+    def _site(self, site: str) -> dict:
+        if site not in self.manifest["sites"]:
+            raise StoreError(f"site {site!r} is not in the store {self.path} (it has {self.sites})")
+        return self.manifest["sites"][site]
+
+    def width(self, site: str) -> int:
+        return int(self._site(site)["width"])
+
+    def norm_scale(self, site: str) -> float:
+        """1 / sqrt(mean squared norm of the site's train rows): scaled rows have E||x||^2 = 1."""
+        msn = float(self._site(site)["mean_sq_norm"])
+        if not msn > 0:
+            raise StoreError(f"site {site}: mean_sq_norm is {msn} in {self.path}/manifest.json")
+        return float(1.0 / np.sqrt(msn))
+
+    def n_rows(self, site: str, split: str = "train") -> int:
+        self._site(site)
+        return sum(sh["rows"] for sh in self._shards[(site, split)])
+
+    # -- checks -----------------------------------------------------------------------------------
+    def verify(self, sites=None) -> None:
+        """Check every shard (rows and meta) of ``sites`` (default all): header shape/dtype, size and
+        sha256 against the manifest. StoreError naming the first bad file; nothing is written."""
+        for site in sites or self.sites:
+            w = self.width(site)
+            for split in SPLITS:
+                for sh in self._shards[(site, split)]:
+                    for key, shape in (("file", (sh["rows"], w)), ("meta", (sh["rows"], 3))):
+                        f = os.path.join(self.path, sh[key])
+                        nb = sh.get("bytes" if key == "file" else "meta_bytes")
+                        if nb is not None and os.path.getsize(f) != nb:
+                            raise StoreError(f"{f}: {os.path.getsize(f)} bytes, the manifest says {nb} (site {site})")
+                        want = sh["sha256"] if key == "file" else sh.get("meta_sha256")
+                        if want is not None and sha256_file(f) != want:
+                            raise StoreError(f"{f}: sha256 does not match the manifest (corrupted; site {site})")
+                        a = self._open(sh[key])
+                        if a.shape != shape:
+                            raise StoreError(f"{f}: shape {a.shape}, the manifest implies {shape} (site {site})")
+
+    def _open(self, rel: str) -> np.ndarray:
+        """The shard file as a read-only memory map (cached)."""
+        with self._lock:
+            a = self._mmaps.get(rel)
+            if a is None:
+                f = os.path.join(self.path, rel)
+                try:
+                    a = np.load(f, mmap_mode="r", allow_pickle=False)
+                except (ValueError, OSError, EOFError) as e:
+                    raise StoreError(f"{f}: not a readable .npy file ({e})") from None
+                self._mmaps[rel] = a
+            return a
+
+    # -- whole splits -----------------------------------------------------------------------------
+    def rows(self, site: str, split: str = "heldout") -> tuple[np.ndarray, np.ndarray]:
+        """All rows of a split: (x [n, w] float32 raw, meta [n, 3] int32: token, context, position)."""
+        w = self.width(site)
+        if split not in SPLITS:
+            raise StoreError(f"split {split!r} is not one of {SPLITS}")
+        shards = self._shards[(site, split)]
+        xs = [from_storage(np.asarray(self._open(sh["file"])), self.dtype) for sh in shards]
+        ms = [np.asarray(self._open(sh["meta"]), np.int32) for sh in shards]
+        x = np.concatenate(xs) if xs else np.zeros((0, w), np.float32)
+        meta = np.concatenate(ms) if ms else np.zeros((0, 3), np.int32)
+        return x, meta
+
+    def heldout_tokens(self) -> np.ndarray:
+        """int32 [n_contexts, context_len]: the held-out contexts' token ids, whole."""
+        return self._small("heldout/tokens.npy")
+
+    def heldout_contexts(self) -> np.ndarray:
+        """int64 [n_contexts]: the held-out contexts' indices in the corpus."""
+        return self._small("heldout/contexts.npy")
+
+    def _small(self, rel):
+        f = os.path.join(self.path, rel)
+        if not os.path.isfile(f):
+            raise StoreError(f"{f}: no such file")
+        return np.load(f, allow_pickle=False)
+
+    def reader(self, seed: int = 0, split: str = "train", block_rows: int = 4096, prefetch: int = 2) -> "Reader":
+        return Reader(self, seed, split, block_rows, prefetch)
+
+
+class _SiteStream:
+    """Where stream row r of one site lives: epoch, block order, and shard offsets."""
+
+    def __init__(self, store: Store, site: str, split: str, seed: int, block_rows: int):
+        self.store, self.site, self.seed, self.block_rows = store, site, seed, block_rows
+        self.shards = store._shards[(site, split)]
+        self.starts = np.cumsum([0] + [sh["rows"] for sh in self.shards])  # shard s holds rows [starts[s], starts[s+1])
+        self.n = int(self.starts[-1])
+        if self.n == 0:
+            raise StoreError(f"site {site} has no {split} rows in {store.path}")
+        self.n_blocks = -(-self.n // block_rows)
+        self._epoch = None
+        self.crc = zlib.crc32(site.encode())
+
+    def _order(self, epoch: int):
+        """(perm, cum): blocks of the epoch in visiting order and their cumulative row counts."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            perm = np.random.default_rng([self.seed, epoch, self.crc]).permutation(self.n_blocks)
+            sizes = np.minimum(self.block_rows, self.n - perm * self.block_rows)
+            self._epoch = (epoch, perm, np.concatenate([[0], np.cumsum(sizes)]))
+        return self._epoch[1:]
+
+    def runs(self, r0: int, r1: int):
+        """Contiguous runs (g0, g1) of stored rows (global index over shards) for stream rows [r0, r1)."""
+        out = []
+        r = r0
+        while r < r1:
+            epoch, o = divmod(r, self.n)
+            perm, cum = self._order(epoch)
+            j = int(np.searchsorted(cum, o, side="right")) - 1
+            take = min(int(cum[j + 1]) - o, r1 - r)
+            g0 = int(perm[j]) * self.block_rows + (o - int(cum[j]))
+            out.append((g0, g0 + take))
+            r += take
+        return out
+
+    def read(self, r0: int, r1: int, out: np.ndarray) -> None:
+        """Rows of stream [r0, r1) into ``out`` [r1 - r0, w] float32."""
+        i = 0
+        for g0, g1 in self.runs(r0, r1):
+            while g0 < g1:
+                s = int(np.searchsorted(self.starts, g0, side="right")) - 1
+                e = min(g1, int(self.starts[s + 1]))
+                a = self.store._open(self.shards[s]["file"])
+                lo = g0 - int(self.starts[s])
+                out[i:i + e - g0] = from_storage(a[lo:lo + e - g0], self.store.dtype)
+                i += e - g0
+                g0 = e
+
+
+class Reader:
+    """A training Source over one split of a store (docs/architecture.md: Training sources)."""
+
+    def __init__(self, store: Store, seed: int, split: str, block_rows: int, prefetch: int):
+        if split not in SPLITS:
+            raise StoreError(f"split {split!r} is not one of {SPLITS}")
+        if block_rows < 1 or prefetch < 0:
+            raise StoreError(f"block_rows={block_rows} must be >= 1 and prefetch={prefetch} >= 0")
+        self.store, self.seed, self.split, self.block_rows, self.prefetch = store, seed, split, block_rows, prefetch
+        self.sites, self.model = store.sites, store.model
+        self._streams: dict[str, _SiteStream] = {}
+        self._pending: dict[tuple, object] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saejax-prefetch") if prefetch else None
+        self._epochs_logged: dict[str, int] = {}
+        self._stream_lock = threading.Lock()
+
+    def width(self, site: str) -> int:
+        return self.store.width(site)
+
+    def norm_scale(self, site: str) -> float:
+        return self.store.norm_scale(site)
+
+    def _stream(self, site: str) -> _SiteStream:
+        with self._stream_lock:
+            if site not in self._streams:
+                self.store._site(site)
+                self._streams[site] = _SiteStream(self.store, site, self.split, self.seed, self.block_rows)
+            return self._streams[site]
+
+    def _compute(self, sites: tuple, step: int, batch_size: int, pi: int, pc: int) -> np.ndarray:
+        b = batch_size // pc
+        w = {self.width(s) for s in sites}
+        if len(w) != 1:
+            raise StoreError(f"sites {list(sites)} have different widths {sorted(w)}; batch one width at a time")
+        out = np.empty((len(sites), b, w.pop()), np.float32)
+        for t, site in enumerate(sites):
+            st = self._stream(site)
+            r0 = step * batch_size + pi * b
+            st.read(r0, r0 + b, out[t])
+        return out
+
+    def batch(self, sites, step: int, batch_size: int, process_index: int = 0, process_count: int = 1) -> np.ndarray:
+        """Raw rows [T, batch_size / process_count, w] float32 of this process, at ``step``."""
+        sites = tuple(sites)
+        if batch_size % process_count:
+            raise StoreError(f"batch size {batch_size} does not split over {process_count} processes")
+        for s in sites:
+            self._stream(s)  # bad site: error here, in the caller's thread
+        self._log_epochs(sites, step, batch_size)
+        key = (sites, step, batch_size, process_index, process_count)
+        fut = self._pending.pop(key, None)
+        for k in [k for k in self._pending if k[1] < step or k[0] != sites or k[2:] != key[2:]]:
+            self._pending.pop(k).cancel()
+        x = fut.result() if fut is not None else self._compute(*key)
+        if self._pool is not None:
+            for ahead in range(step + 1, step + 1 + self.prefetch):
+                k = (sites, ahead, batch_size, process_index, process_count)
+                if k not in self._pending:
+                    self._pending[k] = self._pool.submit(self._compute, *k)
+        return x
+
+    def _log_epochs(self, sites, step: int, batch_size: int) -> None:
+        for s in sites:
+            e = ((step + 1) * batch_size - 1) // self._stream(s).n
+            if e > self._epochs_logged.get(s, 0):
+                self._epochs_logged[s] = e
+                print(f"saejax store: site {s} begins epoch {e} at step {step} "
+                      f"({self._stream(s).n} rows per epoch)", file=sys.stderr)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            for f in self._pending.values():
+                f.cancel()
+            self._pending.clear()
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def open_store(path: str) -> Store:
+    """Open and validate a store (manifest fields, listed files present, shard sizes)."""
+    return Store(path)
+
+
+def check_store(store: Store, config, sites=None, widths: dict | None = None, model_name: str | None = None) -> None:
+    """Check that ``store`` fits the run: written from ``config.model.source`` (and by model
+    ``model_name`` when given), holding every site of ``sites`` (default: the config's harvest
+    sites) with train rows, at width ``widths[site]`` when given. StoreError naming the site or
+    field, before anything compiles."""
+    from saejax import config as cfg
+    m = store.manifest
+    want_source = config.model.source
+    if "model_source" in m and m["model_source"] != want_source:
+        raise StoreError(f"{store.path}: store written from model {m['model_source']!r} ({m['model']}), "
+                         f"config model.source is {want_source!r}")
+    if model_name is not None and m["model"] != model_name:
+        raise StoreError(f"{store.path}: store written by model {m['model']!r}, not {model_name!r}")
+    for site in sites if sites is not None else cfg.sites(config):
+        if site not in m["sites"]:
+            raise StoreError(f"site {site!r} is not in the store {store.path} (it has {store.sites})")
+        if widths and site in widths and store.width(site) != widths[site]:
+            raise StoreError(f"site {site}: width {store.width(site)} in the store {store.path}, "
+                             f"{widths[site]} expected")
+        if store.n_rows(site, "train") == 0:
+            raise StoreError(f"site {site!r} has no train rows in {store.path}")

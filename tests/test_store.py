@@ -1,0 +1,157 @@
+"""The store format, writer and reader, on hand-made arrays (no model)."""
+import hashlib
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from saejax import config as cfg
+from saejax.store import StoreError, check_store, open_store, write_store
+
+
+def make(tmp_path, n=1000, w=8, dtype="float32", shard_rows=300, name="s"):
+    """A store with sites res.0 (width w) and res.1 (width w), rows whose first column is the row id."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, rows in (("train", n), ("heldout", 50)):
+        arrays[split] = {}
+        for k, site in enumerate(("res.0", "res.1")):
+            x = rng.standard_normal((rows, w)).astype(np.float32) * (k + 1)
+            x[:, 0] = np.arange(rows) + 10000 * k  # row id, exact in float32
+            meta = np.stack([np.arange(rows) % 7, np.arange(rows) // 15, 1 + np.arange(rows) % 15], 1)
+            arrays[split][site] = (x, meta)
+    path = str(tmp_path / name)
+    write_store(path, arrays, model="test-model", corpus="unit", context_len=16, context_start_id=1,
+                special_ids=(1, 2), dtype=dtype, shard_rows=shard_rows,
+                heldout_tokens=np.arange(4 * 16).reshape(4, 16), extra={"model_source": "random:unit"})
+    return path, arrays
+
+
+def tree_digest(path):
+    h = {}
+    for d, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(d, f)
+            h[p] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return h
+
+
+def test_round_trip_and_norm_scale(tmp_path):
+    path, arrays = make(tmp_path)
+    st = open_store(path)
+    st.verify()
+    assert st.sites == ["res.0", "res.1"] and st.width("res.1") == 8 and st.model == "test-model"
+    for split in ("train", "heldout"):
+        for site in st.sites:
+            x, meta = st.rows(site, split)
+            np.testing.assert_array_equal(x, arrays[split][site][0])
+            np.testing.assert_array_equal(meta, arrays[split][site][1])
+    x = arrays["train"]["res.1"][0]
+    assert st.norm_scale("res.1") == pytest.approx(1 / np.sqrt(np.mean(np.sum(x.astype(np.float64) ** 2, 1))), rel=1e-6)
+    np.testing.assert_array_equal(st.heldout_tokens(), np.arange(64).reshape(4, 16))
+    np.testing.assert_array_equal(st.heldout_contexts(), np.arange(4))
+    assert len(st.manifest["shards"]) == 2 * (4 + 1)  # train: 1000 rows in 300-row shards; heldout: one
+
+
+def test_bfloat16_stored_as_uint16_bits(tmp_path):
+    path, arrays = make(tmp_path, dtype="bfloat16")
+    raw = np.load(os.path.join(path, "train/res.0/00000.npy"))
+    assert raw.dtype == np.uint16
+    x, _ = open_store(path).rows("res.0", "train")
+    want = arrays["train"]["res.0"][0].astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(x, want)
+
+
+def row_ids(batch):
+    return batch[..., 0].astype(np.int64)
+
+
+def test_reader_epochs_are_permutations_and_pure(tmp_path):
+    path, _ = make(tmp_path)
+    st = open_store(path)
+    r = st.reader(seed=3, block_rows=64, prefetch=0)
+    ids = np.concatenate([row_ids(r.batch(["res.0"], s, 100))[0] for s in range(10)])
+    assert sorted(ids) == list(range(1000))  # epoch 0 visits every row once
+    assert not np.array_equal(ids, np.arange(1000))  # and not in stored order
+    ids1 = np.concatenate([row_ids(r.batch(["res.0"], s, 100))[0] for s in range(10, 20)])
+    assert sorted(ids1) == list(range(1000)) and not np.array_equal(ids, ids1)  # epoch 1: a new order
+    # pure in (seed, step): a fresh reader, steps out of order, with prefetch on
+    r2 = st.reader(seed=3, block_rows=64, prefetch=3)
+    for s in (7, 2, 3, 4, 15, 16):
+        np.testing.assert_array_equal(r2.batch(["res.0"], s, 100), r.batch(["res.0"], s, 100))
+    r2.close()
+    other = open_store(path).reader(seed=4, block_rows=64, prefetch=0)
+    assert not np.array_equal(other.batch(["res.0"], 0, 100), r.batch(["res.0"], 0, 100))
+
+
+def test_reader_processes_split_the_global_batch(tmp_path):
+    path, _ = make(tmp_path)
+    r = open_store(path).reader(seed=0, block_rows=50, prefetch=2)
+    full = r.batch(["res.0", "res.1"], 5, 120)
+    parts = [r.batch(["res.0", "res.1"], 5, 120, p, 3) for p in range(3)]
+    assert full.shape == (2, 120, 8)
+    np.testing.assert_array_equal(np.concatenate(parts, axis=1), full)
+    # a batch larger than the store loops into the next epoch
+    big = r.batch(["res.1"], 0, 2500)
+    assert np.bincount(row_ids(big)[0] - 10000).tolist().count(2) >= 500
+    r.close()
+
+
+def test_truncated_shard_is_named_and_store_untouched(tmp_path):
+    path, _ = make(tmp_path)
+    f = os.path.join(path, "train/res.1/00002.npy")
+    with open(f, "r+b") as fh:
+        fh.truncate(os.path.getsize(f) - 8)
+    before = tree_digest(path)
+    with pytest.raises(StoreError, match="train/res.1/00002.npy"):
+        open_store(path)
+    assert tree_digest(path) == before
+
+
+def test_corrupted_shard_is_named_by_verify(tmp_path):
+    path, _ = make(tmp_path)
+    f = os.path.join(path, "heldout/res.0/00000.npy")
+    data = bytearray(open(f, "rb").read())
+    data[-3] ^= 0xFF
+    open(f, "wb").write(bytes(data))
+    st = open_store(path)  # sizes match: only the hash can tell
+    st.verify(["res.1"])  # other sites are fine
+    before = tree_digest(path)
+    with pytest.raises(StoreError, match="heldout/res.0/00000.npy.*sha256"):
+        st.verify()
+    assert tree_digest(path) == before
+
+
+def test_missing_file_and_bad_manifest(tmp_path):
+    path, _ = make(tmp_path)
+    os.remove(os.path.join(path, "train/res.0/00001.meta.npy"))
+    with pytest.raises(StoreError, match="train/res.0/00001.meta.npy.*missing"):
+        open_store(path)
+    with pytest.raises(StoreError, match="manifest.json: no such file"):
+        open_store(str(tmp_path / "nowhere"))
+    path2, _ = make(tmp_path, name="t")
+    with open(os.path.join(path2, "manifest.json"), "w") as fh:
+        fh.write('{"format": "saejax-store/1"')
+    with pytest.raises(StoreError, match="not valid JSON"):
+        open_store(path2)
+
+
+def test_check_store_names_site_width_and_model(tmp_path):
+    path, _ = make(tmp_path)
+    st = open_store(path)
+    c = cfg.defaults()
+    c.model.source = "random:unit"
+    c.harvest.layers, c.harvest.kinds = (0, 1), ("res",)
+    check_store(st, c, widths={"res.0": 8})
+    with pytest.raises(StoreError, match="res.1: width 8 .* 576"):
+        check_store(st, c, widths={"res.1": 576})
+    c.harvest.kinds = ("res", "mlp")
+    with pytest.raises(StoreError, match="site 'mlp.0' is not in the store"):
+        check_store(st, c)
+    c.harvest.kinds = ("res",)
+    c.model.source = "smollm2"
+    with pytest.raises(StoreError, match="random:unit.*smollm2"):
+        check_store(st, c)
+    with pytest.raises(StoreError, match="site 'att.3' is not in the store"):
+        st.reader().batch(["att.3"], 0, 4)
