@@ -1,0 +1,72 @@
+"""``saejax release``: publish evaluated SAEs in Gemma Scope's and SAELens's layouts; ``load_suite``.
+
+Reads  <workdir>/evaluate/results.json (+ cards/)  and  <workdir>/train/<group>/final/
+Writes <workdir>/release/  (suite.py; formats in docs/formats.md), atomically: a complete
+release folder (with suite.json) is the completion marker.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from saejax.release.errors import ReleaseError
+from saejax.release.load import Entry, Suite, load_suite
+from saejax.release.sae import SAE
+
+__all__ = ["ReleaseError", "Entry", "Suite", "SAE", "load_suite", "run", "is_complete"]
+
+
+def out_dir(config) -> str:
+    return os.path.join(config.workdir, "release")
+
+
+def is_complete(config) -> bool:
+    return os.path.isfile(os.path.join(out_dir(config), "suite.json"))
+
+
+def _results(config) -> dict:
+    path = os.path.join(config.workdir, "evaluate", "results.json")
+    if not os.path.isfile(path):
+        raise ReleaseError(f"no evaluation results at {path} (run saejax evaluate first)")
+    try:
+        with open(path) as fh:
+            doc = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ReleaseError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc.get("saes"), list):
+        raise ReleaseError(f"{path}: no 'saes' list")
+    return doc
+
+
+def run(config, dry_run: bool = False) -> dict | None:
+    """Choose, fold and write the release; see suite.py."""
+    from saejax.release import suite as writer
+    from saejax.sae import io as sae_io
+    doc = _results(config)
+    picked = writer.choose(doc["saes"], tuple(config.release.l0))
+    if not picked:
+        raise ReleaseError(f"{os.path.join(config.workdir, 'evaluate', 'results.json')}: no SAE to release "
+                           f"(all frozen or unmeasured)")
+    print(f"saejax release: {len(picked)} of {len(doc['saes'])} SAEs -> {out_dir(config)} "
+          f"({', '.join(config.release.formats)})", file=sys.stderr)
+    if dry_run:
+        for r in picked:
+            print(f"  {r['site']} width {r['width']} L0 {r['l0']:.1f} FVU {r['fvu']:.3f}", file=sys.stderr)
+        return None
+    import jax
+    if jax.process_index() != 0:
+        return None
+    groups = {}
+    for name in sorted({r["group"] for r in picked}):
+        path = os.path.join(config.workdir, "train", name, "final")
+        try:
+            groups[name] = sae_io.load_group(path)
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            raise ReleaseError(str(e).strip("'\"")) from None
+    suite = writer.write(out_dir(config), picked, groups, name=config.release.name, model=doc.get("model", ""),
+                         formats=tuple(config.release.formats),
+                         cards_dir=os.path.join(config.workdir, "evaluate"), contexts=doc.get("contexts", 0),
+                         context_size=int(config.data.context_len))
+    print(f"saejax release: wrote {os.path.join(out_dir(config), 'suite.json')}", file=sys.stderr)
+    return suite

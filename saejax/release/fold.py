@@ -1,0 +1,62 @@
+"""Fold the input normalization into a trained SAE, as Gemma Scope released theirs.
+
+Training sees normalized rows x = s * x_raw (s = norm_scale of the site, E||x||^2 = 1). An SAE
+trained as
+
+    pre   = (x - p * b_dec) @ W_enc + b_enc        p = 1 with a pre-encoder bias, else 0
+    f     = act(pre; theta)                        jumprelu: pre * (pre > theta); relu; topk
+    x_hat = f @ W_dec + b_dec
+
+is released, with C = 1 / s, as
+
+    W_enc' = W_enc                W_dec' = W_dec
+    b_enc' = C (b_enc - p * b_dec @ W_enc)
+    b_dec' = C b_dec              theta' = C theta
+
+Then on raw activations pre' = x_raw @ W_enc + b_enc' = C pre. Every activation here is positively
+homogeneous (act(C z; C theta) = C act(z; theta), and top-k picks the same latents), so the released
+latents are f' = C f and the reconstruction f' @ W_dec' + b_dec' = C x_hat is in raw units.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from saejax.release.errors import ReleaseError
+
+RELEASE_ARCH = {"jumprelu": "jumprelu", "batchtopk": "jumprelu", "relu": "relu", "topk": "topk"}
+
+
+def fold(arrays: dict, norm_scale: float, pre_encoder_bias: bool) -> dict[str, np.ndarray]:
+    """One trained SAE (W_enc [d, M], b_enc [M], W_dec [M, d], b_dec [d], optional threshold [M])
+    -> the released float32 arrays, which act on raw activations. Computed in float64."""
+    if not np.isfinite(norm_scale) or norm_scale <= 0:
+        raise ReleaseError(f"norm_scale must be a positive number, got {norm_scale!r}")
+    c = 1.0 / float(norm_scale)
+    w_enc = np.asarray(arrays["W_enc"], np.float64)
+    b_enc = np.asarray(arrays["b_enc"], np.float64)
+    b_dec = np.asarray(arrays["b_dec"], np.float64)
+    if pre_encoder_bias:
+        b_enc = b_enc - b_dec @ w_enc
+    out = {
+        "W_enc": np.asarray(arrays["W_enc"], np.float32),
+        "W_dec": np.asarray(arrays["W_dec"], np.float32),
+        "b_enc": (c * b_enc).astype(np.float32),
+        "b_dec": (c * b_dec).astype(np.float32),
+    }
+    thr = arrays.get("threshold")
+    out["threshold"] = (np.zeros(b_enc.shape, np.float32) if thr is None
+                        else (c * np.asarray(thr, np.float64)).astype(np.float32))
+    return out
+
+
+def group_sae(arrays: dict, meta: dict, t: int, k: int) -> tuple[dict[str, np.ndarray], str, int | None]:
+    """SAE (t, k) of a trained group, folded: (arrays, released arch, k of topk or None)."""
+    one = {name: np.asarray(a[t, k]) for name, a in arrays.items()}
+    arch = meta["arch"]
+    if arch not in RELEASE_ARCH:
+        raise ReleaseError(f"group {meta.get('sites')}: unknown architecture {arch!r}")
+    if arch in ("jumprelu", "batchtopk") and "threshold" not in one:
+        raise ReleaseError(f"{arch} group of sites {meta.get('sites')} has no threshold array")
+    folded = fold(one, float(meta["norm_scale"][t]), bool(meta.get("pre_encoder_bias", False)))
+    top_k = int(meta["k"][k]) if arch == "topk" else None
+    return folded, RELEASE_ARCH[arch], top_k

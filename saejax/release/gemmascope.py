@@ -1,0 +1,120 @@
+"""Gemma Scope's release layout: names, paths and the params.npz archive.
+
+    <release>/<kind>/layer_<L>/width_<W>/average_l0_<N>/params.npz
+
+Gemma Scope's own repositories hold one site kind each (google/gemma-scope-2b-pt-res, -mlp, -att)
+and start at ``layer_<L>``; their ``-canonical`` repositories use a ``canonical`` folder instead of
+``average_l0_<N>``. Width folders are named as Gemma Scope names them: floor(M / 1000) with ``k``
+(16384 -> width_16k, 65536 -> width_65k, 131072 -> width_131k) and ``1m`` for 2^20. Widths that are
+not powers of two, or below 1,000, are written exactly (width_1500, width_128).
+
+params.npz (float32, no pickled objects):
+    W_enc [d, M]   W_dec [M, d]   b_enc [M]   b_dec [d]   threshold [M]
+    k      int64 scalar, only in TopK releases (their threshold is 0 and unused)
+A released SAE computes, on raw activations x (Gemma Scope's tutorial formula):
+    pre = x @ W_enc + b_enc;  f = (pre > threshold) * relu(pre);  x_hat = f @ W_dec + b_dec
+"""
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+
+import numpy as np
+
+from saejax.release.errors import ReleaseError
+
+KINDS = ("res", "att", "mlp")
+KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+_WIDTH = re.compile(r"^width_(\d+)(k|m)?$")
+_LAYER = re.compile(r"^layer_(\d+)$")
+_L0 = re.compile(r"^average_l0_(\d+)$")
+
+
+def width_name(width: int) -> str:
+    """Latent width -> Gemma Scope's folder name (``width_16k``)."""
+    if width >= 1000 and width & (width - 1) == 0:
+        return f"width_{width // 10 ** 6}m" if width >= 10 ** 6 else f"width_{width // 1000}k"
+    return f"width_{width}"
+
+
+def parse_width(name: str) -> int:
+    """``width_16k`` -> 16384, ``width_1m`` -> 1048576, ``width_1500`` -> 1500 (nominal; the
+    archive's shapes are authoritative)."""
+    m = _WIDTH.match(name if name.startswith("width_") else f"width_{name}")
+    if not m:
+        raise ReleaseError(f"not a width folder name: {name!r}")
+    n, unit = int(m.group(1)), m.group(2)
+    if unit is None:
+        return n
+    scale = 1000 if unit == "k" else 10 ** 6
+    for p in range(10, 31):  # the power of two Gemma Scope abbreviates this way
+        if (2 ** p) // scale == n:
+            return 2 ** p
+    return n * scale
+
+
+def sae_dir(kind: str, layer: int, width: int, l0: float) -> str:
+    """The release-relative folder of one SAE (posix separators)."""
+    return f"{kind}/layer_{layer}/{width_name(width)}/average_l0_{int(round(l0))}"
+
+
+def parse_path(rel: str, default_kind: str | None = None) -> dict | None:
+    """A release-relative path of a params.npz -> {kind, layer, width, l0, canonical}, or None if
+    it is not one. ``default_kind`` is the kind of a Gemma Scope repository without kind folders."""
+    parts = rel.split("/")
+    if parts[-1] != "params.npz" or len(parts) < 4:
+        return None
+    *head, layer, width, leaf, _ = parts
+    kind = head[-1] if head and head[-1] in KINDS else default_kind
+    if kind is None or not _LAYER.match(layer) or not _WIDTH.match(width):
+        return None
+    m = _L0.match(leaf)
+    if not m and leaf != "canonical":
+        return None
+    return {"kind": kind, "layer": int(_LAYER.match(layer).group(1)), "width": parse_width(width),
+            "l0": float(m.group(1)) if m else None, "canonical": leaf == "canonical"}
+
+
+def write_params(path: str, arrays: dict, k: int | None = None) -> None:
+    """Write one SAE's params.npz (float32 arrays, plus ``k`` for TopK), via a temporary file."""
+    out = {name: np.ascontiguousarray(arrays[name], np.float32) for name in KEYS}
+    if k is not None:
+        out["k"] = np.asarray(k, np.int64)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **out)
+    os.replace(tmp, path)
+
+
+def read_params(path: str, d: int | None = None) -> tuple[dict[str, np.ndarray], int | None]:
+    """Read and check a params.npz: (float32 arrays, k or None). Never unpickles; a bad archive,
+    a missing key or inconsistent shapes (or input width != ``d``) is a ReleaseError naming ``path``."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            files = {name: z[name] for name in z.files}
+    except FileNotFoundError:
+        raise ReleaseError(f"{path}: file not found") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise ReleaseError(f"{path}: not a valid npz archive ({e})") from None
+    missing = [name for name in KEYS if name not in files]
+    if missing:
+        raise ReleaseError(f"{path}: missing key {missing[0]!r} (has {sorted(files)})")
+    arrays = {name: np.asarray(files[name], np.float32) for name in KEYS}
+    w = arrays["W_enc"]
+    if w.ndim != 2:
+        raise ReleaseError(f"{path}: W_enc must be [d, M], got shape {w.shape}")
+    dd, m = w.shape
+    want = {"W_dec": (m, dd), "b_enc": (m,), "b_dec": (dd,), "threshold": (m,)}
+    for name, shape in want.items():
+        if arrays[name].shape != shape:
+            raise ReleaseError(f"{path}: {name} has shape {arrays[name].shape}, expected {shape} "
+                               f"(W_enc is {w.shape})")
+    if d is not None and dd != d:
+        raise ReleaseError(f"{path}: input width {dd} does not match the site width {d}")
+    k = None
+    if "k" in files:
+        k = int(np.asarray(files["k"]).reshape(()))
+        if not 0 < k <= m:
+            raise ReleaseError(f"{path}: k={k} is not in 1..{m}")
+    return arrays, k

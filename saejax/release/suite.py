@@ -1,0 +1,99 @@
+"""Write a release: choose SAEs, fold, write both layouts, suite.json, cards and the README.
+
+    <release>/suite.json                                      every SAE: paths and metrics (below)
+    <release>/<kind>/layer_L/width_W/average_l0_N/params.npz  Gemma Scope layout (gemmascope.py)
+    <release>/saelens/<kind>/layer_L/width_W/average_l0_N/    SAELens layout (saelens.py)
+    <release>/cards/<sae>.html                                latent cards (from evaluate)
+    <release>/README.md, *.png                                model card (card.py)
+
+suite.json: {"format": "saejax-suite/1", "name", "model", "contexts", "saes": [{"site", "kind",
+"layer", "width", "d", "arch", "k", "l0", "path", "saelens", "card", "metrics": {...},
+"source": {"group", "member", "sparsity", "steps", "tokens"}}]}; paths are relative to the release.
+N in average_l0_N is the held-out L0, rounded, as Gemma Scope named theirs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from saejax.release import card as model_card
+from saejax.release import fold, gemmascope as gs, saelens
+from saejax.release.errors import ReleaseError
+
+FORMAT = "saejax-suite/1"
+METRIC_KEYS = ("l0", "fvu", "explained_variance", "dead_frac", "dense_1pct", "dense_10pct", "density_hist",
+               "n_tokens", "delta_lm_loss", "ce_score", "kl", "ce_clean", "ce_sae", "ce_ablate", "kl_ablate")
+
+
+def choose(results: list[dict], targets=()) -> list[dict]:
+    """The SAEs to publish: per (site, width), the one nearest each target L0, or all of them.
+    Frozen (non-finite) SAEs and SAEs without a measured L0 are never published."""
+    by = {}
+    for r in results:
+        if not r.get("frozen") and r.get("l0") is not None and r.get("fvu") is not None:
+            by.setdefault((r["site"], r["width"]), []).append(r)
+    out = []
+    for _, cands in sorted(by.items()):
+        if not targets:
+            out += sorted(cands, key=lambda r: r["l0"])
+            continue
+        picked = {}
+        for tgt in targets:
+            best = min(cands, key=lambda r: (abs(r["l0"] - tgt), r["l0"]))
+            picked[best["id"]] = best
+        out += sorted(picked.values(), key=lambda r: r["l0"])
+    seen = {}
+    for r in out:
+        key = gs.sae_dir(r["kind"], r["layer"], r["width"], r["l0"])
+        if key in seen:
+            raise ReleaseError(f"SAEs {seen[key]} and {r['id']} would both be released as {key} "
+                               f"(same rounded L0); choose with release.l0")
+        seen[key] = r["id"]
+    return out
+
+
+def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str, formats=("gemmascope", "saelens"),
+          cards_dir: str | None = None, contexts: int = 0, context_size: int | None = None) -> dict:
+    """Write the release into ``root`` atomically (built as ``root.tmp-<pid>``, renamed at the end).
+    ``groups`` maps a group name to its (arrays, meta) from saejax.sae.io.load_group."""
+    tmp = f"{root}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        entries = []
+        for r in picked:
+            arrays, meta = groups[r["group"]]
+            folded, arch, k = fold.group_sae(arrays, meta, r["t"], r["member"])
+            rel = gs.sae_dir(r["kind"], r["layer"], r["width"], r["l0"])
+            e = {"site": r["site"], "kind": r["kind"], "layer": r["layer"], "width": r["width"], "d": r["d"],
+                 "arch": arch, "k": k, "l0": r["l0"], "path": None, "saelens": None, "card": None,
+                 "metrics": {m: r.get(m) for m in METRIC_KEYS},
+                 "source": {"group": r["group"], "member": r["member"], "sparsity": r["sparsity"],
+                            "arch": meta["arch"], "steps": meta.get("steps"), "tokens": meta.get("tokens")}}
+            if "gemmascope" in formats:
+                os.makedirs(os.path.join(tmp, rel))
+                gs.write_params(os.path.join(tmp, rel, "params.npz"), folded, k)
+                e["path"] = f"{rel}/params.npz"
+            if "saelens" in formats:
+                cfg = saelens.config(r["kind"], r["layer"], arch, r["d"], r["width"], k, model=model,
+                                     context_size=context_size,
+                                     extra={"saejax_l0": r["l0"], "saejax_fvu": r["fvu"]})
+                saelens.write(os.path.join(tmp, "saelens", rel), folded, cfg)
+                e["saelens"] = f"saelens/{rel}"
+            if cards_dir and r.get("card") and os.path.isfile(os.path.join(cards_dir, r["card"])):
+                os.makedirs(os.path.join(tmp, "cards"), exist_ok=True)
+                shutil.copyfile(os.path.join(cards_dir, r["card"]), os.path.join(tmp, r["card"]))
+                e["card"] = r["card"]
+            entries.append(e)
+        suite = {"format": FORMAT, "name": name, "model": model, "contexts": contexts, "saes": entries}
+        with open(os.path.join(tmp, "suite.json"), "w") as fh:
+            json.dump(suite, fh, indent=1)
+        model_card.write_readme(tmp, suite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(root):
+        shutil.rmtree(root)
+    os.replace(tmp, root)
+    return suite

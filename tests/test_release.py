@@ -1,0 +1,255 @@
+"""Release and load: folding, the Gemma Scope and SAELens layouts, safety of load_suite.
+
+The reference for every released SAE is the training module itself (saejax.sae.group.SAEGroup) on
+normalized inputs x_raw * norm_scale: the released SAE on raw x must give C times its latents and
+C times its reconstruction, C = 1 / norm_scale.
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import saejax
+from saejax import config as cfg
+from saejax.evaluate import metrics
+from saejax.release import ReleaseError, fold, gemmascope as gs, load_suite
+from saejax.sae import io as sae_io
+from saejax.sae.group import GroupSpec, SAEGroup, init_params
+
+D, M = 16, 32
+
+
+def make_group(arch, sites=("res.0",), sparsity=(0.01, 0.02), pre_encoder_bias=True, seed=0, scales=None):
+    """A trained-looking group: Gemma Scope init, then random biases and thresholds."""
+    spec = GroupSpec(arch=arch, sites=tuple(sites), d=D, width=M, sparsity=tuple(sparsity),
+                     pre_encoder_bias=pre_encoder_bias)
+    params = jax.tree_util.tree_map(np.asarray, init_params(spec, jax.random.key(seed)))
+    rng = np.random.default_rng(seed)
+    params["W_enc"] = params["W_enc"] + 0.3 * rng.standard_normal(params["W_enc"].shape).astype(np.float32)
+    params["b_enc"] = 0.1 * rng.standard_normal(params["b_enc"].shape).astype(np.float32)
+    params["b_dec"] = 0.2 * rng.standard_normal(params["b_dec"].shape).astype(np.float32)
+    if "log_threshold" in params:
+        params["log_threshold"] = np.log(rng.uniform(0.02, 0.2, params["log_threshold"].shape)).astype(np.float32)
+    bt = np.full((spec.T, spec.K), 0.05, np.float32)
+    scales = scales if scales is not None else [float(1 / (300 * (t + 1))) for t in range(spec.T)]
+    meta = {"arch": arch, "sites": list(sites), "d": D, "width": M, "sparsity": list(sparsity),
+            "k": [int(k) for k in sparsity] if arch in ("topk", "batchtopk") else [],
+            "norm_scale": scales, "pre_encoder_bias": pre_encoder_bias, "frozen": [[False] * spec.K] * spec.T,
+            "model": "fake", "steps": 20, "tokens": 20 * 64}
+    return spec, params, bt, sae_io.export_params(arch, params, bt), meta
+
+
+def raw_rows(n, t=0, seed=1):
+    """Raw activations with norms in the hundreds (like a real residual stream)."""
+    x = np.random.default_rng(seed + t).standard_normal((n, D)).astype(np.float32)
+    return x * (300.0 * (t + 1) / np.sqrt(D))
+
+
+def trained(spec, params, bt, x_norm):
+    """Training module on normalized rows [T, N, d] -> (f, x_hat) [T, K, N, ...]."""
+    _, f, x_hat = SAEGroup(spec).apply({"params": params}, jnp.asarray(x_norm), jnp.asarray(bt), train=False)
+    return np.asarray(f), np.asarray(x_hat)
+
+
+def rel(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("arch,sparsity,peb", [("jumprelu", (0.01, 0.02), True), ("jumprelu", (0.01,), False),
+                                               ("topk", (3, 7), True), ("batchtopk", (4,), True),
+                                               ("relu", (0.1,), True)])
+def test_fold_released_on_raw_equals_trained_on_normalized(arch, sparsity, peb):
+    spec, params, bt, arrays, meta = make_group(arch, sparsity=sparsity, pre_encoder_bias=peb)
+    x = raw_rows(256)
+    s = meta["norm_scale"][0]
+    assert 100 < np.median(np.linalg.norm(x, axis=1)) < 1000
+    f_ref, xh_ref = trained(spec, params, bt, (x * s)[None])
+    c = 1.0 / s
+    for k in range(spec.K):
+        released, rarch, top_k = fold.group_sae(arrays, meta, 0, k)
+        sae = saejax.release.SAE(rarch, {n: jnp.asarray(a) for n, a in released.items()}, top_k, "res.0")
+        f = np.asarray(sae.encode(x))
+        assert (f != 0).sum() > 0.05 * f.size  # a real test: latents fire
+        assert np.array_equal(f != 0, f_ref[0, k] != 0)
+        assert rel(f, c * f_ref[0, k]) < 1e-5
+        assert rel(sae(x), c * xh_ref[0, k]) < 1e-5
+
+
+def test_width_names_follow_gemma_scope():
+    assert [gs.width_name(w) for w in (16384, 65536, 131072, 2 ** 20, 1024, 128, 1500)] == \
+        ["width_16k", "width_65k", "width_131k", "width_1m", "width_1k", "width_128", "width_1500"]
+    for w in (16384, 65536, 131072, 262144, 524288, 2 ** 20, 1024, 128, 1500):
+        assert gs.parse_width(gs.width_name(w)) == w
+
+
+def _results(groups, rows_of):
+    """results.json entries as saejax evaluate writes them (reconstruction metrics measured)."""
+    out = []
+    for name, (_, _, _, arrays, meta) in groups.items():
+        for t, site in enumerate(meta["sites"]):
+            for k, m in enumerate(metrics.site_metrics(meta, arrays, t, rows_of(t))):
+                out.append({"id": f"{site}__{name}__{k}", "group": name, "site": site, "kind": site.split(".")[0],
+                            "layer": int(site.split(".")[1]), "t": t, "member": k, "arch": meta["arch"],
+                            "d": D, "width": M, "sparsity": meta["sparsity"][k],
+                            "k": meta["k"][k] if meta["k"] else None, "frozen": False, **m,
+                            "delta_lm_loss": 0.01 * (k + 1), "ce_score": 0.9, "kl": 0.01, "card": None})
+    return out
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """A workdir with two trained groups and their evaluation, released."""
+    work = str(tmp_path_factory.mktemp("run"))
+    groups = {"jumprelu_d16_w32": make_group("jumprelu", sites=("res.0", "mlp.1")),
+              "topk_d16_w32": make_group("topk", sites=("att.2",), sparsity=(2, 5), seed=3, scales=[0.004])}
+    for name, g in groups.items():
+        sae_io.save_group(os.path.join(work, "train", name, "final"), g[3], g[4])
+    os.makedirs(os.path.join(work, "evaluate"))
+    with open(os.path.join(work, "evaluate", "results.json"), "w") as fh:
+        json.dump({"format": "saejax-eval/1", "model": "fake", "contexts": 4, "groups": list(groups),
+                   "saes": _results(groups, lambda t: raw_rows(512, t))}, fh)
+    c = cfg.defaults()
+    c.workdir = work
+    c.data.context_len = 64
+    assert not saejax.release.is_complete(c)
+    saejax.release.run(c)
+    assert saejax.release.is_complete(c)
+    return work, groups
+
+
+def test_release_layout_and_roundtrip(released):
+    work, groups = released
+    root = os.path.join(work, "release")
+    assert not [p for p in os.listdir(work) if ".tmp-" in p]
+    for f in ("suite.json", "README.md", "l0_fvu.png", "delta_loss.png", "density.png"):
+        assert os.path.getsize(os.path.join(root, f)) > 100, f
+    suite_doc = json.load(open(os.path.join(root, "suite.json")))
+    assert len(suite_doc["saes"]) == 6
+    for e in suite_doc["saes"]:
+        assert e["path"] == f"{e['kind']}/layer_{e['layer']}/width_32/average_l0_{round(e['l0'])}/params.npz"
+        assert os.path.isfile(os.path.join(root, e["path"]))
+    suite = saejax.load_suite(root)
+    assert len(suite) == 6 and suite.sites() == ["att.2", "mlp.1", "res.0"]
+    for name, (spec, params, bt, _, meta) in groups.items():
+        xs = [raw_rows(128, t, seed=7) for t in range(spec.T)]
+        f_ref, _ = trained(spec, params, bt, np.stack([x * s for x, s in zip(xs, meta["norm_scale"])]))
+        for t, site in enumerate(meta["sites"]):
+            x, s = xs[t], meta["norm_scale"][t]
+            for k in range(spec.K):
+                e, = [e for e in suite.select(site=site) if e.source == {**e.source, "group": name, "member": k}]
+                sae = suite.load(e)
+                assert sae.arch == ("topk" if meta["arch"] == "topk" else "jumprelu")
+                assert rel(sae.encode(x), f_ref[t, k] / s) < 1e-5
+
+
+def test_saelens_export_loads_in_saelens(released):
+    torch = pytest.importorskip("torch")
+    sae_lens = pytest.importorskip("sae_lens")
+    work, groups = released
+    root = os.path.join(work, "release")
+    suite = load_suite(root)
+    for e in suite:
+        ours = suite.load(e)
+        theirs = sae_lens.SAE.load_from_disk(os.path.join(root, e.saelens))
+        cfg_json = json.load(open(os.path.join(root, e.saelens, "cfg.json")))
+        hook = {"res": "blocks.{}.hook_resid_post", "mlp": "blocks.{}.hook_mlp_out", "att": "blocks.{}.attn.hook_z"}
+        assert cfg_json["metadata"]["hook_name"] == hook[e.kind].format(e.layer)
+        x = raw_rows(64, seed=11)
+        xt = torch.from_numpy(x)
+        if e.kind == "att":  # SAELens reshapes hook_z inputs [..., n_heads, d_head] itself
+            xt = xt.reshape(64, 4, D // 4)
+        with torch.no_grad():
+            f = theirs.encode(xt).numpy()
+            xh = theirs.decode(theirs.encode(xt)).reshape(64, D).numpy()
+        assert np.array_equal(f != 0, np.asarray(ours.encode(x)) != 0)
+        assert rel(f, np.asarray(ours.encode(x))) < 1e-5
+        assert rel(xh, np.asarray(ours(x))) < 1e-5
+
+
+def test_gemma_scope_fixture_loads_and_encodes_by_the_tutorial_formula(tmp_path):
+    rng = np.random.default_rng(0)
+    d, m = 8, 16
+    params = {"W_enc": rng.standard_normal((d, m)), "W_dec": rng.standard_normal((m, d)),
+              "b_enc": rng.standard_normal(m), "b_dec": rng.standard_normal(d), "threshold": rng.uniform(0.5, 1.5, m)}
+    params = {k: v.astype(np.float32) for k, v in params.items()}
+    for root, rel_dir in ((tmp_path / "ours", "res/layer_20/width_16k/average_l0_71"),
+                          (tmp_path / "gemma-scope-2b-pt-res", "layer_20/width_16k/average_l0_71")):
+        os.makedirs(root / rel_dir)
+        np.savez(root / rel_dir / "params.npz", **params)
+        suite = load_suite(str(root))
+        e = suite.find("res.20")
+        assert (e.kind, e.layer, e.width, e.l0) == ("res", 20, 16384, 71.0)
+        sae = suite.get("res", 20, width="16k", l0=71)
+        x = rng.standard_normal((32, d)).astype(np.float32) * 3
+        pre = x @ params["W_enc"] + params["b_enc"]  # Gemma Scope's tutorial
+        acts = (pre > params["threshold"]) * np.maximum(pre, 0)
+        assert (acts != 0).any() and (acts == 0).any()
+        np.testing.assert_allclose(np.asarray(sae.encode(x)), acts, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(sae.decode(acts)), acts @ params["W_dec"] + params["b_dec"],
+                                   rtol=1e-5, atol=1e-4)
+    other = tmp_path / "gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_140"  # a second L0 level
+    os.makedirs(other)
+    np.savez(other / "params.npz", **params)
+    gemma = load_suite(str(tmp_path / "gemma-scope-2b-pt-res"))
+    assert sorted(e.l0 for e in gemma.select(layer=20)) == [71.0, 140.0]
+    assert gemma.find("res.20").l0 == 71.0  # canonical: L0 closest to 100
+    assert gemma.find("res.20", l0=130).l0 == 140.0
+
+
+class _Model:
+    def site_width(self, site):
+        return 12
+
+
+def test_bad_archives_and_paths_are_refused_with_the_file_named(tmp_path):
+    root = tmp_path / "rel"
+    good = {k: np.zeros(s, np.float32) for k, s in
+            (("W_enc", (4, 6)), ("W_dec", (6, 4)), ("b_enc", (6,)), ("b_dec", (4,)), ("threshold", (6,)))}
+    cases = {
+        "average_l0_1": dict(good, threshold=np.array([object()] * 6, dtype=object)),  # pickled object array
+        "average_l0_2": {k: v for k, v in good.items() if k != "b_dec"},  # missing key
+        "average_l0_3": dict(good, W_dec=np.zeros((6, 5), np.float32)),  # shape mismatch
+        "average_l0_4": None,  # not an archive
+        "average_l0_5": good,
+    }
+    for leaf, arrays in cases.items():
+        p = root / "res" / "layer_0" / "width_6" / leaf
+        os.makedirs(p)
+        if arrays is None:
+            (p / "params.npz").write_bytes(b"not a zip file")
+        else:
+            np.savez(p / "params.npz", **arrays)
+    suite = load_suite(str(root))
+    messages = {1: "not a valid npz", 2: "missing key 'b_dec'", 3: "W_dec has shape", 4: "not a valid npz"}
+    for n, msg in messages.items():
+        with pytest.raises(ReleaseError, match=msg) as err:
+            suite.get("res.0", l0=n)
+        assert f"average_l0_{n}/params.npz" in str(err.value)
+    sae = suite.get("res.0", l0=5)
+    with pytest.raises(ReleaseError, match=r"average_l0_5/params.npz: SAE input width 4 does not match res.0 width 12"):
+        sae.check_width(_Model())
+    # A manifest path leaving the folder is refused, before anything is read.
+    evil = tmp_path / "evil"
+    os.makedirs(evil)
+    (evil / "suite.json").write_text(json.dumps({"saes": [{"kind": "res", "layer": 0, "width": 6, "l0": 5,
+                                                           "path": "../rel/res/layer_0/width_6/average_l0_5/params.npz"}]}))
+    with pytest.raises(ReleaseError, match="leaves the release folder"):
+        load_suite(str(evil))
+    os.symlink(root / "res", evil / "res")  # and a symlink out of it
+    (evil / "suite.json").write_text(json.dumps({"saes": [{"kind": "res", "layer": 0, "width": 6, "l0": 5,
+                                                           "path": "res/layer_0/width_6/average_l0_5/params.npz"}]}))
+    with pytest.raises(ReleaseError, match="outside the release folder"):
+        load_suite(str(evil)).get("res.0")
+    with pytest.raises(ReleaseError, match="no such release folder"):
+        load_suite(str(tmp_path / "missing"))
+
+
+def test_release_without_evaluation_names_the_missing_file(tmp_path):
+    c = cfg.defaults()
+    c.workdir = str(tmp_path)
+    with pytest.raises(ReleaseError, match=f"{tmp_path}/evaluate/results.json"):
+        saejax.release.run(c)
+    assert not os.path.exists(tmp_path / "release")
