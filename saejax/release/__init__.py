@@ -44,7 +44,9 @@ def run(config, dry_run: bool = False) -> dict | None:
     from saejax.release import suite as writer
     from saejax.sae import io as sae_io
     doc = _results(config)
-    picked = writer.choose(doc["saes"], tuple(config.release.l0))
+    picked, notes = writer.choose(doc["saes"], tuple(config.release.l0))
+    for note in notes:
+        print(f"saejax release: {note}", file=sys.stderr)
     if not picked:
         raise ReleaseError(f"{os.path.join(config.workdir, 'evaluate', 'results.json')}: no SAE to release "
                            f"(all frozen or unmeasured)")

@@ -19,16 +19,17 @@ import shutil
 
 from saejax.release import card as model_card
 from saejax.release import fold, gemmascope as gs, saelens
-from saejax.release.errors import ReleaseError
 
 FORMAT = "saejax-suite/1"
 METRIC_KEYS = ("l0", "fvu", "explained_variance", "dead_frac", "dense_1pct", "dense_10pct", "density_hist",
                "n_tokens", "delta_lm_loss", "ce_score", "kl", "ce_clean", "ce_sae", "ce_ablate", "kl_ablate")
 
 
-def choose(results: list[dict], targets=()) -> list[dict]:
+def choose(results: list[dict], targets=()) -> tuple[list[dict], list[str]]:
     """The SAEs to publish: per (site, width), the one nearest each target L0, or all of them.
-    Frozen (non-finite) SAEs and SAEs without a measured L0 are never published."""
+    Frozen (non-finite) SAEs and SAEs without a measured L0 are never published, and of SAEs whose
+    rounded L0 would give the same folder name the one with the lowest FVU is. Returns (chosen,
+    notes on what was left out)."""
     by = {}
     for r in results:
         if not r.get("frozen") and r.get("l0") is not None and r.get("fvu") is not None:
@@ -43,14 +44,17 @@ def choose(results: list[dict], targets=()) -> list[dict]:
             best = min(cands, key=lambda r: (abs(r["l0"] - tgt), r["l0"]))
             picked[best["id"]] = best
         out += sorted(picked.values(), key=lambda r: r["l0"])
-    seen = {}
+    best, notes = {}, []
     for r in out:
         key = gs.sae_dir(r["kind"], r["layer"], r["width"], r["l0"])
-        if key in seen:
-            raise ReleaseError(f"SAEs {seen[key]} and {r['id']} would both be released as {key} "
-                               f"(same rounded L0); choose with release.l0")
-        seen[key] = r["id"]
-    return out
+        if key in best:
+            keep, drop = sorted((best[key], r), key=lambda x: x["fvu"])
+            notes.append(f"{drop['id']} not released: {key} is {keep['id']} (same rounded L0, lower FVU)")
+            r = keep
+        best[key] = r
+    skipped = [f"{r['id']} not released: frozen or unmeasured" for r in results
+               if r.get("frozen") or r.get("l0") is None or r.get("fvu") is None]
+    return [r for r in out if best[gs.sae_dir(r["kind"], r["layer"], r["width"], r["l0"])] is r], notes + skipped
 
 
 def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str, formats=("gemmascope", "saelens"),

@@ -1,0 +1,259 @@
+"""``saejax evaluate``: measure every trained SAE on the store's held-out split.
+
+Reads  <workdir>/train/<group>/final/   (saejax.sae.io)   and   <workdir>/store/   (docs/store.md)
+Writes <workdir>/evaluate/results.json  and  <workdir>/evaluate/cards/<sae>.html  (docs/evaluate.md)
+
+Per SAE: reconstruction metrics on the held-out rows of its site (metrics.py), delta LM loss, CE
+score and KL with its reconstruction spliced into the model (splice.py), and a latent card for a
+sample of ``evaluate.latent_cards`` latents (cards.py). The output folder is built under a
+temporary name and renamed at the end, so a complete ``evaluate/`` is the completion marker.
+With ``train.source = "synthetic"`` there is no model: reconstruction metrics only, on synthetic
+rows training never drew.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+
+from saejax.evaluate import cards, metrics, splice
+from saejax.sae import io as sae_io
+
+N_TOP = 8  # examples per latent on a card
+SYNTHETIC_ROWS = 16384  # held-out synthetic rows per site
+SYNTHETIC_STEP = 2 ** 40  # synthetic batches from here on are never drawn by training
+
+
+class EvaluateError(ValueError):
+    """Missing or inconsistent evaluation inputs; the message names the folder or file."""
+
+
+def out_dir(config) -> str:
+    return os.path.join(config.workdir, "evaluate")
+
+
+def trained_groups(config) -> list[str]:
+    """The finished groups' folders, <workdir>/train/<group>/final, sorted."""
+    return sorted(glob.glob(os.path.join(config.workdir, "train", "*", "final")))
+
+
+def is_complete(config) -> bool:
+    """results.json exists and covers every trained group (``saejax run`` then skips evaluate)."""
+    path = os.path.join(out_dir(config), "results.json")
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as fh:
+            done = set(json.load(fh).get("groups", []))
+    except (OSError, json.JSONDecodeError):
+        return False
+    names = {os.path.basename(os.path.dirname(p)) for p in trained_groups(config)}
+    return bool(names) and names <= done
+
+
+def _load_groups(config) -> list[tuple[str, dict, dict]]:
+    paths = trained_groups(config)
+    if not paths:
+        raise EvaluateError(f"no trained SAE groups under {os.path.join(config.workdir, 'train')} "
+                            f"(expected <group>/final/; run saejax train first)")
+    out = []
+    for p in paths:
+        try:
+            arrays, meta = sae_io.load_group(p)
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            raise EvaluateError(str(e).strip("'\"")) from None
+        out.append((os.path.basename(os.path.dirname(p)), arrays, meta))
+    return out
+
+
+class _Rows:
+    """Held-out rows per site, from the store or from the synthetic source."""
+
+    def __init__(self, config):
+        self.synthetic = config.train.source == "synthetic"
+        self.n_contexts = 0
+        if self.synthetic:
+            from saejax.train.loop import make_source
+            self.source = make_source(config)
+            self.model_name = ""
+            return
+        from saejax import store as storelib
+        path = os.path.join(config.workdir, "store")
+        if not os.path.isfile(os.path.join(path, "manifest.json")):
+            raise EvaluateError(f"no activation store at {path} (run saejax harvest first)")
+        self.store = storelib.open_store(path)
+        self.manifest = self.store.manifest
+        self.model_name = self.store.model
+        tokens = self.store.heldout_tokens()
+        self.n_contexts = min(int(config.evaluate.contexts), len(tokens))
+        if self.n_contexts == 0:
+            raise EvaluateError(f"{path}: the store has no held-out contexts (data.heldout_contexts = 0)")
+        self.tokens = np.asarray(tokens[:self.n_contexts])
+        self.context_ids = np.asarray(self.store.heldout_contexts()[:self.n_contexts])
+
+    @property
+    def sites(self):
+        return self.source.sites if self.synthetic else self.store.sites
+
+    def width(self, site):
+        return self.source.width(site) if self.synthetic else self.store.width(site)
+
+    def rows(self, site):
+        """(x [n, w] raw float32, meta [n, 3] or None) of the evaluated held-out contexts."""
+        if self.synthetic:
+            x = self.source.batch([site], SYNTHETIC_STEP, SYNTHETIC_ROWS)[0]
+            return np.asarray(x, np.float32), None
+        x, meta = self.store.rows(site, "heldout")
+        keep = np.isin(meta[:, 1], self.context_ids)
+        return x[keep], meta[keep]
+
+    def policy(self, site) -> splice.Policy:
+        m = self.manifest
+        pol = m.get("policy", {})
+        ratio = float(pol.get("max_norm_ratio", 0.0) or 0.0)
+        median = float(m["sites"][site].get("median_norm", 0.0))
+        return splice.Policy(tuple(int(i) for i in m.get("special_ids", [])), int(pol.get("skip_first", 0)),
+                             ratio * median if ratio > 0 else 0.0)
+
+
+def _check(groups, data):
+    for name, _, meta in groups:
+        for site in meta["sites"]:
+            if site not in data.sites:
+                raise EvaluateError(f"group {name}: site {site!r} is not in the held-out data (sites {data.sites})")
+            if data.width(site) != meta["d"]:
+                raise EvaluateError(f"group {name}: site {site} has width {data.width(site)} in the data, "
+                                    f"the SAEs take {meta['d']}")
+
+
+def sae_id(group: str, site: str, member: int) -> str:
+    return f"{site}__{group}__{member}"
+
+
+def run(config, dry_run: bool = False) -> dict | None:
+    """Evaluate every trained group; write results.json and the latent cards; print a table."""
+    groups = _load_groups(config)
+    data = _Rows(config)
+    _check(groups, data)
+    n_sae = sum(len(m["sites"]) * len(m["sparsity"]) for _, _, m in groups)
+    print(f"saejax evaluate: {len(groups)} groups, {n_sae} SAEs"
+          + (" on synthetic rows" if data.synthetic else f" on {data.n_contexts} held-out contexts"), file=sys.stderr)
+    if dry_run:
+        for name, _, meta in groups:
+            print(f"  {name}: sites {meta['sites']}, {len(meta['sparsity'])} sweep members, "
+                  f"{len(meta['sites'])} spliced passes per context batch", file=sys.stderr)
+        return None
+    import jax
+    if jax.process_index() != 0:  # evaluation is small: process 0 does it all
+        return None
+    model = None
+    if not data.synthetic:
+        from saejax import models
+        model = models.load(config.model.source, dtype=config.model.dtype)
+        if data.model_name and model.name != data.model_name:
+            raise EvaluateError(f"{os.path.join(config.workdir, 'store')}: harvested from model "
+                                f"{data.model_name!r}, but config.model.source loads {model.name!r}")
+    final, tmp = out_dir(config), f"{out_dir(config)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(tmp, "cards"))
+    rng = np.random.default_rng(config.seed)
+    results = []
+    for name, arrays, meta in groups:
+        results += _evaluate_group(name, arrays, meta, data, model, config, rng, tmp)
+    doc = {"format": "saejax-eval/1", "model": data.model_name, "contexts": data.n_contexts,
+           "synthetic": data.synthetic, "groups": [g[0] for g in groups], "saes": results}
+    with open(os.path.join(tmp, "results.json"), "w") as fh:
+        json.dump(finite(doc), fh, indent=1, allow_nan=False)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    print(table(results))
+    print(f"saejax evaluate: wrote {os.path.join(final, 'results.json')}", file=sys.stderr)
+    return doc
+
+
+def _evaluate_group(name, arrays, meta, data, model, config, rng, out) -> list[dict]:
+    results = []
+    frozen = np.asarray(meta.get("frozen") or np.zeros((len(meta["sites"]), len(meta["sparsity"])), bool))
+    for t, site in enumerate(meta["sites"]):
+        rows, rmeta = data.rows(site)
+        recon, density = metrics.site_metrics(meta, arrays, t, rows, return_density=True)
+        losses = [{}] * len(recon)
+        if model is not None:
+            losses = splice.site_losses(model, model.params, site, meta, arrays, t, data.tokens,
+                                        data.policy(site), batch=int(config.evaluate.batch_contexts))
+        card_of = {}
+        if model is not None and config.evaluate.latent_cards > 0:
+            card_of = _cards(name, site, t, meta, arrays, rows, rmeta, density, recon, data, model, config, rng, out)
+        for k, (r, lo) in enumerate(zip(recon, losses)):
+            results.append({
+                "id": sae_id(name, site, k), "group": name, "site": site, "kind": site.split(".")[0],
+                "layer": int(site.split(".")[1]), "t": t, "member": k, "arch": meta["arch"], "d": meta["d"],
+                "width": meta["width"], "sparsity": meta["sparsity"][k],
+                "k": int(meta["k"][k]) if meta["arch"] in ("topk", "batchtopk") else None,
+                "frozen": bool(frozen[t][k]), "steps": meta.get("steps"), "tokens": meta.get("tokens"),
+                **r, **lo, "card": card_of.get(k)})
+    return results
+
+
+def _cards(name, site, t, meta, arrays, rows, rmeta, density, recon, data, model, config, rng, out) -> dict:
+    """Write the K cards of site t; return {member: relative path}."""
+    K, M = density.shape
+    S = min(int(config.evaluate.latent_cards), M)
+    latents = np.zeros((K, S), np.int64)
+    for k in range(K):  # a sample of live latents (dead ones have nothing to show), then any
+        live = np.flatnonzero(density[k] > 0)
+        pool = live if len(live) >= S else np.arange(M)
+        latents[k] = np.sort(rng.choice(pool, S, replace=False))
+    acts, idx = metrics.top_activations(meta, arrays, t, rows, latents, N_TOP)
+    row_of = {int(c): i for i, c in enumerate(data.context_ids)}
+    decode = getattr(getattr(model, "tokenizer", None), "decode", None)
+    scale = 1.0 / float(meta["norm_scale"][t])  # cards show activations of the released (raw-input) SAE
+    paths = {}
+    for k in range(K):
+        lats = []
+        for s in range(S):
+            ex = []
+            for a, i in zip(acts[k, s], idx[k, s]):
+                if a <= 0:
+                    continue
+                ctx, pos = int(rmeta[i, 1]), int(rmeta[i, 2])
+                ex.append({"act": float(a) * scale, "tokens": data.tokens[row_of[ctx]], "pos": pos, "context": ctx})
+            lats.append({"latent": int(latents[k, s]), "density": float(density[k, latents[k, s]]), "examples": ex})
+        rel = f"cards/{sae_id(name, site, k)}.html"
+        summary = {"site": site, "group": name, "arch": meta["arch"], "width": meta["width"],
+                   "sparsity": meta["sparsity"][k], "L0": recon[k]["l0"], "FVU": recon[k]["fvu"]}
+        cards.write_card(os.path.join(out, rel), f"{site} {meta['arch']} {meta['width']} (member {k})",
+                         summary, lats, decode)
+        paths[k] = rel
+    return paths
+
+
+def finite(obj):
+    """JSON-safe copy: non-finite floats (a frozen SAE's metrics) become None."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def table(results: list[dict]) -> str:
+    """The terminal table: one row per SAE."""
+    cols = [("site", "site", "{}"), ("width", "width", "{}"), ("arch", "arch", "{}"), ("sparsity", "sparsity", "{:g}"),
+            ("L0", "l0", "{:.1f}"), ("FVU", "fvu", "{:.3f}"), ("dead", "dead_frac", "{:.1%}"),
+            (">10%", "dense_10pct", "{:.1%}"), ("dLM", "delta_lm_loss", "{:.4f}"), ("CEscore", "ce_score", "{:.3f}"),
+            ("KL", "kl", "{:.4f}")]
+    rows = [[h for h, _, _ in cols]]
+    for r in results:
+        rows.append([("-" if r.get(k) is None else f.format(r[k])) for _, k, f in cols])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)

@@ -1,0 +1,150 @@
+"""Delta LM loss: the model's next-token loss with SAE reconstructions spliced in at their site.
+
+For one site, one forward pass evaluates N = 2 + Kc variants of the activation a [B, L, w] at once
+through the model's N*B splice (the prefix up to the site is computed once):
+
+    variant 0   clean            a
+    variant 1   zero ablation    0                          at kept positions
+    variant 2+j SAE j            x_hat_j = D_j(E_j(a * s)) / s   at kept positions
+
+with s the site's norm_scale (SAEs were trained on a * s). Elsewhere every variant keeps a.
+Kept positions are the ones the store kept (so the SAE was trained on them): not position 0, not
+one of the store policy's ``skip_first`` positions after it, not a special token, and (with the
+policy's ``max_norm_ratio`` r > 0) not an activation with ||a|| > r * median_norm of the site.
+
+Losses, summed over CE positions p (input p kept by the token rules above, target p+1 not special):
+    CE_n = -log softmax(logits_n[p])[token p+1]        KL_n = KL(softmax(clean[p]) || softmax(logits_n[p]))
+Per SAE: delta_lm_loss = CE_sae - CE_clean; ce_score = (CE_ablate - CE_sae) / (CE_ablate - CE_clean).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from saejax.sae import apply
+
+MEMORY_BUDGET = 2 ** 31  # bytes of logits + latents one pass may hold (variants x contexts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Which positions a site's SAE was trained on (the store manifest's policy)."""
+
+    special_ids: tuple[int, ...] = ()
+    skip_first: int = 0
+    max_norm: float = 0.0  # max_norm_ratio * median_norm of the site; 0: off
+
+
+def token_keep(tokens, policy: Policy):
+    """tokens [B, L] -> keep [B, L] bool by position and token: p > skip_first, token not special."""
+    pos = jnp.arange(tokens.shape[1])[None, :]
+    special = jnp.isin(tokens, jnp.asarray(policy.special_ids, tokens.dtype)) if policy.special_ids \
+        else jnp.zeros(tokens.shape, bool)
+    return (pos > policy.skip_first) & ~special
+
+
+def ce_mask(tokens, policy: Policy):
+    """tokens [B, L] -> [B, L-1]: predictions from kept inputs of non-special targets."""
+    keep = token_keep(tokens, policy)
+    special_t = ~token_keep(tokens, Policy(policy.special_ids, -1))  # special tokens only
+    return keep[:, :-1] & ~special_t[:, 1:]
+
+
+def variants(arch, ks, sae, scale, act, mask):
+    """act [B, L, w] -> [N*B, L, w], variant-major (clean, zero, SAE 0..Kc-1); see module doc.
+    ``sae``: stacked arrays [1, Kc, ...] with the pre-encoder bias folded into b_enc."""
+    B, L, w = act.shape
+    x = act.astype(jnp.float32)
+    f = apply.encode_stacked(arch, sae, (x * scale).reshape(1, B * L, w), ks)
+    x_hat = apply.decode_stacked(sae, f)[0].reshape(-1, B, L, w) / scale  # [Kc, B, L, w]
+    m = mask[:, :, None]  # [B, L, 1]
+    out = jnp.concatenate([x[None], jnp.where(m, 0.0, x)[None], jnp.where(m[None], x_hat, x[None])])
+    return out.reshape(-1, L, w).astype(act.dtype)
+
+
+_PASSES: dict = {}
+
+
+def make_pass(model, site: str, arch: str, ks, policy: Policy):
+    """A compiled pass: (params, sae [1, Kc, ...], scale, tokens [B, L], valid [B] bool) ->
+    (nll_sum [N], kl_sum [N], n_positions) with N = Kc + 2 variants; contexts with valid False
+    (batch padding) count nowhere."""
+
+    def run(params, sae, scale, tokens, valid):
+        keep = token_keep(tokens, policy)
+
+        def fn(act):
+            mask = keep
+            if policy.max_norm > 0:
+                mask = mask & (jnp.linalg.norm(act.astype(jnp.float32), axis=-1) <= policy.max_norm)
+            return variants(arch, ks, sae, scale, act, mask)
+
+        logits, _ = model.apply(params, tokens, sites=(), logits=True, splice={site: fn})
+        B, L = tokens.shape
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32)[:, :-1], axis=-1)
+        logp = logp.reshape(-1, B, L - 1, logp.shape[-1])  # [N, B, L-1, V]
+        nll = -jnp.take_along_axis(logp, tokens[None, :, 1:, None], axis=-1)[..., 0]
+        clean = logp[0]
+        kl = jnp.sum(jnp.exp(clean)[None] * (clean[None] - logp), axis=-1)  # [N, B, L-1]
+        cm = ce_mask(tokens, policy) & valid[:, None]
+        return jnp.sum(nll * cm, axis=(1, 2)), jnp.sum(kl * cm, axis=(1, 2)), jnp.sum(cm)
+
+    key = (id(model), site, arch, ks, policy)  # one compiled pass per site and variant set
+    if key not in _PASSES:
+        _PASSES[key] = jax.jit(run)
+    return _PASSES[key]
+
+
+def plan(n_sae: int, batch: int, context_len: int, vocab: int, width: int, d: int,
+         budget: int = MEMORY_BUDGET) -> tuple[int, int]:
+    """(contexts per pass, SAEs per pass) so that logits and latents of all variants fit ``budget``."""
+    per = 4 * context_len * (vocab + 2 * width + 4 * d)  # one variant of one context
+    while batch > 1 and 3 * batch * per > budget:
+        batch //= 2
+    return batch, max(1, min(n_sae, budget // (batch * per) - 2))
+
+
+def site_losses(model, params, site: str, meta: dict, arrays: dict, t: int, tokens: np.ndarray,
+                policy: Policy, batch: int = 8, budget: int = MEMORY_BUDGET) -> list[dict]:
+    """Delta LM loss, CE score and KL of the K SAEs of site index ``t`` of a group on held-out
+    ``tokens`` [n, L]; one list entry per sweep member."""
+    arch = meta["arch"]
+    folded = apply.fold_pre_bias({k: jnp.asarray(v[t:t + 1]) for k, v in arrays.items()},
+                                 meta["pre_encoder_bias"])
+    K, M = folded["b_enc"].shape[1:]
+    ks = tuple(int(k) for k in meta["k"]) if arch == "topk" else None
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    b, kc = plan(K, batch, tokens.shape[1], vocab, M, folded["b_dec"].shape[-1], budget)
+    scale = jnp.float32(meta["norm_scale"][t])
+    nll, kl = np.zeros(K), np.zeros(K)
+    clean = ablate = kl_zero = count = 0.0
+    for j0 in range(0, K, kc):
+        sel = slice(j0, min(K, j0 + kc))
+        sae = {k: v[:, sel] for k, v in folded.items()}
+        fn = make_pass(model, site, arch, None if ks is None else ks[sel], policy)
+        for i in range(0, len(tokens), b):
+            chunk = tokens[i:i + b]
+            valid = np.arange(b) < len(chunk)
+            if len(chunk) < b:  # pad with copies of the last context (valid False: not counted)
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - len(chunk), 0)])
+            s_nll, s_kl, n = (np.asarray(a, np.float64) for a in
+                              fn(params, sae, scale, jnp.asarray(chunk), jnp.asarray(valid)))
+            nll[sel] += s_nll[2:]
+            kl[sel] += s_kl[2:]
+            if j0 == 0:  # clean and ablated losses: once
+                clean, ablate, kl_zero, count = clean + s_nll[0], ablate + s_nll[1], kl_zero + s_kl[1], count + n
+    if count == 0:
+        raise ValueError(f"site {site}: no held-out positions left after masking")
+    ce_clean, ce_ablate = float(clean / count), float(ablate / count)
+    out = []
+    for k in range(K):  # plain floats for JSON; ce_score None when ablation changes nothing
+        ce = float(nll[k] / count)
+        denom = ce_ablate - ce_clean
+        out.append({"ce_clean": ce_clean, "ce_ablate": ce_ablate, "ce_sae": ce, "delta_lm_loss": ce - ce_clean,
+                    "ce_score": (ce_ablate - ce) / denom if denom != 0 else None,
+                    "kl": float(kl[k] / count), "kl_ablate": float(kl_zero / count), "ce_positions": int(count)})
+    return out
+

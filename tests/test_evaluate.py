@@ -1,0 +1,202 @@
+"""Evaluation: reconstruction metrics, delta LM loss by splicing, latent cards, the evaluate stage.
+
+A small stand-in language model (below) follows the saejax model contract, including the N*B
+splice (N variants of one site in one pass, prefix shared), so these tests do not depend on the
+model zoo; the numbers they check are exact properties (identity SAE: delta 0, CE score 1, KL 0;
+zero SAE: CE score 0; chunked passes equal one pass).
+"""
+import json
+import os
+import sys
+import types
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import saejax
+import saejax.evaluate
+import saejax.release
+from saejax import config as cfg
+from saejax.evaluate import metrics, splice
+from saejax.sae import io as sae_io
+
+D, V, L = 6, 13, 12
+SPECIAL = (0, 1)  # 1 starts every context, 0 is a pad-like special token
+
+
+class FakeLM:
+    """tokens -> embeddings -> causal running mean h -> site res.0: a = 50 tanh(h W) -> logits (h + a/50) U."""
+
+    name = "fake-lm"
+
+    def __init__(self, seed=0):
+        r = np.random.default_rng(seed)
+        self.params = {"E": jnp.asarray(r.standard_normal((V, D)), jnp.float32),
+                       "W": jnp.asarray(r.standard_normal((D, D)), jnp.float32),
+                       "U": jnp.asarray(2 * r.standard_normal((D, V)), jnp.float32)}
+        self.config = types.SimpleNamespace(vocab_size=V, d_model=D)
+        self.tokenizer = types.SimpleNamespace(decode=lambda ids: "".join(chr(97 + i) for i in ids))
+        self.context_start_id, self.special_ids = 1, SPECIAL
+
+    def site_width(self, site):
+        return D
+
+    def apply(self, params, tokens, sites=(), logits=True, splice=None):
+        B, n_pos = tokens.shape
+        h = jnp.cumsum(params["E"][tokens], 1) / jnp.arange(1, n_pos + 1)[None, :, None]
+        a = 50 * jnp.tanh(h @ params["W"])
+        if splice and "res.0" in splice:
+            a = splice["res.0"](a)
+            h = jnp.tile(h, (a.shape[0] // B, 1, 1))  # N variants share the prefix
+        return ((h + a / 50) @ params["U"]) if logits else None, ({"res.0": a} if "res.0" in sites else {})
+
+
+def tokens_fixture(n=5, seed=0):
+    r = np.random.default_rng(seed)
+    t = r.integers(2, V, (n, L)).astype(np.int32)
+    t[:, 0] = 1
+    t[0, 5] = 0  # a special token mid-context
+    t[1, -1] = 0  # a special target
+    return t
+
+
+def probe_group(norm_scale=0.037):
+    """relu SAEs of one site: identity (latents [x, -x]), zero (no decoder), noisy, a dead latent."""
+    eye = np.eye(D, dtype=np.float32)
+    w_enc = np.concatenate([eye, -eye], 1)
+    w_dec = np.concatenate([eye, -eye], 0)
+    r = np.random.default_rng(5)
+    arrays = {"W_enc": np.stack([w_enc, w_enc, w_enc]), "W_dec": np.stack([w_dec, 0 * w_dec, w_dec + 0.3 * r.standard_normal(w_dec.shape)]),
+              "b_enc": np.zeros((3, 2 * D)), "b_dec": np.zeros((3, D))}
+    arrays["b_enc"][2, 0] = -1e6  # member 2: latent 0 is dead
+    arrays = {k: v[None].astype(np.float32) for k, v in arrays.items()}
+    meta = {"arch": "relu", "sites": ["res.0"], "d": D, "width": 2 * D, "sparsity": [1.0, 2.0, 3.0], "k": [],
+            "norm_scale": [norm_scale], "pre_encoder_bias": True, "frozen": [[False] * 3], "model": "fake-lm",
+            "steps": 1, "tokens": 1}
+    return arrays, meta
+
+
+def test_identity_zero_and_noisy_sae_losses():
+    model, tokens = FakeLM(), tokens_fixture()
+    arrays, meta = probe_group()
+    policy = splice.Policy(SPECIAL, skip_first=1)
+    one = splice.site_losses(model, model.params, "res.0", meta, arrays, 0, tokens, policy, batch=8)
+    ident, zero, noisy = one
+    assert ident["ce_clean"] > 0 and abs(ident["ce_ablate"] - ident["ce_clean"]) > 0.1
+    assert abs(ident["delta_lm_loss"]) < 1e-5 and abs(ident["ce_score"] - 1) < 1e-4 and abs(ident["kl"]) < 1e-6
+    assert abs(zero["ce_score"]) < 1e-6 and abs(zero["kl"] - zero["kl_ablate"]) < 1e-6 and zero["kl"] > 0.01
+    assert noisy["delta_lm_loss"] > 1e-3 and noisy["kl"] > 1e-4
+    # CE positions: inputs p > skip_first, not special; targets not special; counted by hand.
+    want = sum(1 for b in range(len(tokens)) for p in range(L - 1)
+               if p > 1 and tokens[b, p] not in SPECIAL and tokens[b, p + 1] not in SPECIAL)
+    assert ident["ce_positions"] == want
+    # One SAE per pass and padded context batches give the same numbers as all in one pass.
+    chunked = splice.site_losses(model, model.params, "res.0", meta, arrays, 0, tokens, policy, batch=2,
+                                 budget=4 * L * (V + 4 * D + 4 * D) * 2 * 3)
+    assert splice.plan(3, 2, L, V, 2 * D, D, 4 * L * (V + 4 * D + 4 * D) * 2 * 3) == (2, 1)
+    for a, b in zip(one, chunked):
+        for key in ("ce_sae", "ce_clean", "ce_ablate", "kl"):
+            assert abs(a[key] - b[key]) < 1e-5, key
+
+
+def test_splice_only_at_kept_positions():
+    model, tokens = FakeLM(), tokens_fixture()
+    arrays, meta = probe_group()
+    folded = {k: jnp.asarray(v[0:1, 1:2]) for k, v in arrays.items()}  # the zero SAE
+    act = model.apply(model.params, jnp.asarray(tokens), sites=("res.0",), logits=False)[1]["res.0"]
+    policy = splice.Policy(SPECIAL, skip_first=2, max_norm=float(np.median(np.linalg.norm(act, axis=-1))))
+    keep = splice.token_keep(jnp.asarray(tokens), policy) & (jnp.linalg.norm(act, axis=-1) <= policy.max_norm)
+    out = np.asarray(splice.variants("relu", None, folded, 0.037, act, keep)).reshape(3, *act.shape)
+    np.testing.assert_array_equal(out[0], act)  # clean
+    keep = np.asarray(keep)
+    assert keep.sum() > 5 and (~keep).sum() > 5 and not keep[:, :3].any() and not keep[0, 5]
+    for v in (1, 2):  # zero ablation and the zero SAE: zero where kept, clean elsewhere
+        np.testing.assert_array_equal(out[v][~keep], np.asarray(act)[~keep])
+        assert np.all(out[v][keep] == 0)
+
+
+def test_site_metrics_and_top_activations_against_numpy():
+    arrays, meta = probe_group(norm_scale=0.5)
+    x = np.random.default_rng(1).standard_normal((300, D)).astype(np.float32) * 2
+    out, density = metrics.site_metrics(meta, arrays, 0, x, chunk=128, return_density=True)
+    xn = x * 0.5
+    var = np.sum((xn - xn.mean(0)) ** 2)
+    assert out[0]["fvu"] < 1e-10 and abs(out[0]["l0"] - D) < 1e-9 and out[0]["dead_frac"] == 0
+    assert abs(out[1]["fvu"] - np.sum(xn ** 2) / var) < 1e-5
+    assert abs(out[2]["dead_frac"] - 1 / (2 * D)) < 1e-12 and density[2, 0] == 0
+    assert abs(out[0]["dense_10pct"] - 1.0) < 1e-12  # every latent of [x, -x] fires on ~half the rows
+    assert sum(out[0]["density_hist"]["counts"]) == 2 * D
+    lat = np.array([[0, 3], [1, 7], [0, 2]])
+    vals, idx = metrics.top_activations(meta, arrays, 0, x, lat, n_top=5, chunk=64)
+    f = np.maximum(np.concatenate([xn, -xn], 1), 0)
+    for k in range(3):
+        for s in range(2):
+            col = f[:, lat[k, s]] if not (k == 2 and lat[k, s] == 0) else np.zeros(len(x))
+            np.testing.assert_allclose(vals[k, s], np.sort(col)[::-1][:5], rtol=1e-6)
+            if col.max() > 0:
+                assert set(idx[k, s]) == set(np.argsort(-col)[:5])
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    """A store harvested from FakeLM (held-out split only matters here) and one trained group."""
+    from saejax.store import write_store
+    model = FakeLM()
+    fake = types.ModuleType("saejax.models")
+    fake.load = lambda source, dtype="float32": model
+    monkeypatch.setitem(sys.modules, "saejax.models", fake)
+    monkeypatch.setattr(saejax, "models", fake, raising=False)
+    tokens = tokens_fixture(6)
+    act = np.asarray(model.apply(model.params, jnp.asarray(tokens), sites=("res.0",), logits=False)[1]["res.0"])
+    keep = np.asarray(splice.token_keep(jnp.asarray(tokens), splice.Policy(SPECIAL, 0)))
+    b, p = np.nonzero(keep)
+    ctx = np.arange(100, 106)
+    meta_rows = np.stack([tokens[b, p], ctx[b], p], 1).astype(np.int32)
+    write_store(str(tmp_path / "store"), {"train": {"res.0": (act[b, p], meta_rows)},
+                                          "heldout": {"res.0": (act[b, p], meta_rows)}},
+                model=model.name, context_len=L, context_start_id=1, special_ids=SPECIAL,
+                heldout_tokens=tokens, heldout_contexts=ctx)
+    arrays, meta = probe_group()
+    sae_io.save_group(str(tmp_path / "train" / "relu_d6_w12" / "final"), arrays, meta)
+    c = cfg.defaults()
+    c.workdir = str(tmp_path)
+    c.model.source = "random:fake"
+    c.evaluate.contexts = 5
+    c.evaluate.batch_contexts = 4
+    c.evaluate.latent_cards = 3
+    return c
+
+
+def test_evaluate_then_release_end_to_end(workdir, capsys):
+    c = workdir
+    assert not saejax.evaluate.is_complete(c)
+    doc = saejax.evaluate.run(c)
+    assert saejax.evaluate.is_complete(c)
+    assert "CEscore" in capsys.readouterr().out
+    with open(os.path.join(c.workdir, "evaluate", "results.json")) as fh:
+        saved = json.load(fh)
+    assert saved["contexts"] == 5 and len(saved["saes"]) == 3 and saved == json.loads(json.dumps(doc))
+    ident, zero, _ = saved["saes"]
+    assert ident["fvu"] < 1e-10 and abs(ident["ce_score"] - 1) < 1e-4 and abs(zero["ce_score"]) < 1e-6
+    html = open(os.path.join(c.workdir, "evaluate", ident["card"])).read()
+    assert html.count("<h2>latent") == 3 and '<span class="hit">' in html
+    suite = saejax.release.run(c)
+    assert "res.0__relu_d6_w12__1 not released" in capsys.readouterr().err  # zero SAE: same L0, worse FVU
+    assert len(suite["saes"]) in (1, 2) and all(os.path.isfile(os.path.join(c.workdir, "release", e["card"]))
+                                           for e in suite["saes"])
+    sae = saejax.load_suite(os.path.join(c.workdir, "release")).get("res.0", l0=ident["l0"])
+    x = np.random.default_rng(0).standard_normal((10, D)).astype(np.float32) * 40
+    np.testing.assert_allclose(np.asarray(sae(x)), x, rtol=1e-5, atol=1e-4)  # the identity, on raw x
+
+
+def test_missing_inputs_are_named(tmp_path):
+    c = cfg.defaults()
+    c.workdir = str(tmp_path)
+    with pytest.raises(saejax.evaluate.EvaluateError, match=f"{tmp_path}/train"):
+        saejax.evaluate.run(c)
+    arrays, meta = probe_group()
+    sae_io.save_group(str(tmp_path / "train" / "g" / "final"), arrays, meta)
+    with pytest.raises(saejax.evaluate.EvaluateError, match=f"no activation store at {tmp_path}/store"):
+        saejax.evaluate.run(c)
+    assert not os.path.exists(tmp_path / "evaluate")
