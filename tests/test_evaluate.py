@@ -200,3 +200,24 @@ def test_missing_inputs_are_named(tmp_path):
     with pytest.raises(saejax.evaluate.EvaluateError, match=f"no activation store at {tmp_path}/store"):
         saejax.evaluate.run(c)
     assert not os.path.exists(tmp_path / "evaluate")
+
+
+@pytest.mark.parametrize("site", ["att.1", "res.0"])
+def test_identity_sae_in_a_real_tiny_model(site):
+    """The same exact properties through saejax.models' transformer (its N*B splice, its sites)."""
+    from saejax import models
+    model = models.load("random:tiny-llama")
+    w = model.site_width(site)
+    eye = np.eye(w, dtype=np.float32)
+    arrays = {"W_enc": np.stack([np.concatenate([eye, -eye], 1)] * 2)[None],
+              "W_dec": np.stack([np.concatenate([eye, -eye], 0), np.zeros((2 * w, w), np.float32)])[None],
+              "b_enc": np.zeros((1, 2, 2 * w), np.float32), "b_dec": np.zeros((1, 2, w), np.float32)}
+    meta = {"arch": "relu", "sites": [site], "d": w, "width": 2 * w, "sparsity": [1.0, 2.0], "k": [],
+            "norm_scale": [0.2], "pre_encoder_bias": False}
+    tokens = np.random.default_rng(0).integers(3, model.config.vocab_size, (3, 16)).astype(np.int32)
+    tokens[:, 0] = model.context_start_id
+    policy = splice.Policy(tuple(model.special_ids), skip_first=0)
+    ident, zero = splice.site_losses(model, model.params, site, meta, arrays, 0, tokens, policy, batch=2)
+    assert abs(ident["ce_ablate"] - ident["ce_clean"]) > 1e-3
+    assert abs(ident["delta_lm_loss"]) < 1e-5 and abs(ident["ce_score"] - 1) < 1e-3 and ident["kl"] < 1e-6
+    assert abs(zero["ce_score"]) < 1e-6

@@ -253,3 +253,30 @@ def test_release_without_evaluation_names_the_missing_file(tmp_path):
     with pytest.raises(ReleaseError, match=f"{tmp_path}/evaluate/results.json"):
         saejax.release.run(c)
     assert not os.path.exists(tmp_path / "release")
+
+
+def test_hub_repo_is_indexed_from_the_listing_and_downloads_lazily(tmp_path, monkeypatch):
+    """A Gemma Scope-style hub repo (served from a local folder): listing only, one download per SAE."""
+    import huggingface_hub
+    repo = tmp_path / "hub"
+    rng = np.random.default_rng(0)
+    arrays = {"W_enc": rng.standard_normal((4, 8)), "W_dec": rng.standard_normal((8, 4)), "b_enc": np.zeros(8),
+              "b_dec": np.zeros(4), "threshold": np.full(8, 0.1)}
+    files = []
+    for layer in (3, 7):
+        for l0 in (20, 90, 300):
+            rel = f"layer_{layer}/width_16k/average_l0_{l0}/params.npz"
+            os.makedirs(repo / os.path.dirname(rel))
+            np.savez(repo / rel, **{k: v.astype(np.float32) for k, v in arrays.items()})
+            files.append(rel)
+    downloads = []
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda r, revision=None: files + ["README.md"])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda r, f, revision=None: downloads.append((r, f)) or str(repo / f))
+    suite = load_suite("google/gemma-scope-2b-pt-mlp")
+    assert len(suite) == 6 and suite.sites() == ["mlp.3", "mlp.7"] and downloads == []
+    sae = suite.canonical("mlp", 7, width="16k")
+    assert downloads == [("google/gemma-scope-2b-pt-mlp", "layer_7/width_16k/average_l0_90/params.npz")]
+    assert sae.site == "mlp.7" and sae.width == 8
+    suite.get("mlp.3", l0=250)
+    assert downloads[-1][1] == "layer_3/width_16k/average_l0_300/params.npz" and len(downloads) == 2

@@ -194,6 +194,8 @@ def _evaluate_group(name, arrays, meta, data, model, config, rng, out) -> list[d
                 "id": sae_id(name, site, k), "group": name, "site": site, "kind": site.split(".")[0],
                 "layer": int(site.split(".")[1]), "t": t, "member": k, "arch": meta["arch"], "d": meta["d"],
                 "width": meta["width"], "sparsity": meta["sparsity"][k],
+                "target_l0": meta["target_l0"][k] if meta.get("target_l0") else None,
+                "lam": meta["lam"][t][k] if meta.get("lam") else None,
                 "k": int(meta["k"][k]) if meta["arch"] in ("topk", "batchtopk") else None,
                 "frozen": bool(frozen[t][k]), "steps": meta.get("steps"), "tokens": meta.get("tokens"),
                 **r, **lo, "card": card_of.get(k)})
@@ -248,7 +250,9 @@ def finite(obj):
 
 def table(results: list[dict]) -> str:
     """The terminal table: one row per SAE."""
-    cols = [("site", "site", "{}"), ("width", "width", "{}"), ("arch", "arch", "{}"), ("sparsity", "sparsity", "{:g}"),
+    sweep = ("target", "target_l0", "{:g}") if any(r.get("target_l0") for r in results) \
+        else ("sparsity", "sparsity", "{:g}")  # calibrated runs: the L0 target; else lambda or k
+    cols = [("site", "site", "{}"), ("width", "width", "{}"), ("arch", "arch", "{}"), sweep,
             ("L0", "l0", "{:.1f}"), ("FVU", "fvu", "{:.3f}"), ("dead", "dead_frac", "{:.1%}"),
             (">10%", "dense_10pct", "{:.1%}"), ("dLM", "delta_lm_loss", "{:.4f}"), ("CEscore", "ce_score", "{:.3f}"),
             ("KL", "kl", "{:.4f}")]

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 KIND_NAMES = {"res": "residual stream", "att": "attention output", "mlp": "MLP output"}
 
@@ -42,16 +44,19 @@ def plot_l0_fvu(saes: list[dict], path: str) -> None:
 def plot_delta_loss(saes: list[dict], path: str) -> None:
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot()
+    l0s = np.log10(np.maximum([s["metrics"]["l0"] for s in saes], 1e-3))
+    norm = Normalize(vmin=float(l0s.min()), vmax=float(max(l0s.max(), l0s.min() + 1e-3)))  # one scale for all
     for kind, marker in (("res", "o"), ("att", "s"), ("mlp", "^")):
         pts = [(s["layer"], s["metrics"].get("delta_lm_loss"), s["metrics"]["l0"]) for s in saes if s["kind"] == kind]
         pts = [p for p in pts if p[1] is not None]
         if pts:
             x, y, c = zip(*pts)
-            sc = ax.scatter(x, y, c=np.log10(np.maximum(c, 1e-3)), marker=marker, cmap="viridis",
+            sc = ax.scatter(x, y, c=np.log10(np.maximum(c, 1e-3)), marker=marker, cmap="viridis", norm=norm,
                             label=KIND_NAMES[kind])
     if ax.collections:
         fig.colorbar(sc, ax=ax, label="log10 L0")
         ax.legend(fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("delta LM loss (nats)")
     ax.grid(alpha=0.3)
