@@ -39,6 +39,7 @@ from saejax.store.manifest import FORMAT, SPLITS, StoreError, read_json, write_j
 from saejax.store.writer import STORAGE, remove_uncommitted, save_npy, shard_name, to_storage, write_shard
 
 PART_DIR = "parts"
+last_run: dict = {}  # timing of the latest harvest in this process (benchmarks/store_io.py reads it)
 
 
 def store_dir(config) -> str:
@@ -99,9 +100,18 @@ def _count_contexts(config, model) -> int | None:
     return n
 
 
+def separator(model) -> int | None:
+    """The id that follows each document in the token stream: the model's EOS, when it names one."""
+    for obj in (model, model.tokenizer):
+        eos = getattr(obj, "eos_id", None)
+        if eos is not None:
+            return int(eos)
+    return None
+
+
 def _contexts(config, model, start, stop):
     return corpus_mod.corpus_contexts(config, model.tokenizer.encode, model.context_start_id,
-                                      getattr(model, "eos_id", None), start, stop)
+                                      separator(model), start, stop)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -130,10 +140,13 @@ def print_plan(config, model, plan: Plan, out=sys.stdout) -> dict:
     n_batches = math.ceil(stop / plan.Bc) if stop else 0
     n_chunks = math.ceil(n_batches / plan.K) if n_batches else 0
     for s in plan.sites:
-        b = (tokens["train"] + tokens["heldout"]) * plan.widths[s] * plan.itemsize
-        chunk_bytes = plan.K * plan.local * per_ctx * plan.widths[s] * plan.itemsize
-        per_chunk = max(1, math.ceil(min(chunk_bytes, b or 1) / plan.shard_bytes))
-        ns = n_chunks * per_chunk * (2 if held and train else 1) * (plan.Bc // plan.local)
+        row = plan.widths[s] * plan.itemsize
+        b = (tokens["train"] + tokens["heldout"]) * row
+        # per process and chunk: ceil(chunk rows * row bytes / shard_bytes) shards per split present
+        chunk_rows = plan.K * plan.local * per_ctx
+        train_chunks = max(0, n_chunks - (held // (plan.K * plan.Bc)))
+        ns = plan.pc * (train_chunks * math.ceil(chunk_rows * row / plan.shard_bytes)
+                        + math.ceil(tokens["heldout"] / plan.pc * row / plan.shard_bytes) + (1 if held else 0))
         total += b
         shards += ns
         print(f"  {s:>10}: width {plan.widths[s]}, {_fmt_bytes(b)}, ~{ns} shards", file=out)
@@ -181,11 +194,37 @@ def run(config, dry_run: bool = False, max_tokens: int | None = None, model=None
 
 
 
+def make_forward(model, sites, dtype: str, mesh):
+    """The one jitted forward that captures every site, its params placed on ``mesh``.
+
+    Returns (fwd, params, token_sharding) with
+        fwd(params, tokens [Bc, L] int32) -> ({site: a [Bc, L, w] in the store dtype},
+                                              {site: ||a|| [Bc, L] float32, replicated})
+    the batch sharded over the mesh's "data" axis (the norms are replicated so that every
+    process sees the calibration batch's median)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from saejax import mesh as mesh_mod
+
+    sites, dt = tuple(sites), jnp.dtype(STORAGE[dtype])
+
+    def fwd(params, tokens):
+        _, acts = model.apply(params, tokens, sites, logits=False)
+        out = {s: acts[s].astype(dt) for s in sites}
+        norms = {s: jnp.sqrt(jnp.sum(jnp.square(out[s].astype(jnp.float32)), axis=-1)) for s in sites}
+        return out, norms
+
+    tok = NamedSharding(mesh, P("data"))
+    rep = NamedSharding(mesh, P())
+    params_sh = mesh_mod.tree_shardings(model.params, model.partition_rules(), mesh)
+    jitted = jax.jit(fwd, in_shardings=(params_sh, tok),
+                     out_shardings=({s: tok for s in sites}, {s: rep for s in sites}))
+    return jitted, jax.device_put(model.params, params_sh), tok
+
+
 class _Harvest:
     def __init__(self, config, model, plan: Plan, root, pi, pc):
-        import jax
-        import jax.numpy as jnp
-        from jax.sharding import NamedSharding, PartitionSpec as P
         from saejax import mesh as mesh_mod
 
         self.config, self.model, self.plan, self.root, self.pi, self.pc = config, model, plan, root, pi, pc
@@ -204,24 +243,9 @@ class _Harvest:
         if plan.Bc % n_data:
             raise cfg.ConfigError(f"config key 'harvest.batch_contexts': {plan.Bc} does not split over "
                                   f"mesh.data={n_data}")
-        self.tok_sharding = NamedSharding(self.mesh, P("data"))
+        self.fwd, self.params, self.tok_sharding = make_forward(model, plan.sites, self.h.dtype, self.mesh)
         idx = self.tok_sharding.addressable_devices_indices_map((plan.Bc, plan.L)).values()
-        starts = sorted({(i[0].start or 0) for i in idx})
-        self.row0 = starts[0]  # this process's rows of a global batch: [row0, row0 + local)
-        params_sh = mesh_mod.tree_shardings(model.params, model.partition_rules(), self.mesh)
-        self.params = jax.device_put(model.params, params_sh)
-        sites, dtype = tuple(plan.sites), jnp.dtype(STORAGE[self.h.dtype])
-
-        def fwd(params, tokens):
-            """tokens [Bc, L] -> ({site: a [Bc, L, w] storage dtype}, {site: ||a|| [Bc, L] float32})."""
-            _, acts = model.apply(params, tokens, sites, logits=False)
-            out = {s: acts[s].astype(dtype) for s in sites}
-            norms = {s: jnp.sqrt(jnp.sum(jnp.square(out[s].astype(jnp.float32)), axis=-1)) for s in sites}
-            return out, norms
-
-        rep = NamedSharding(self.mesh, P())
-        self.fwd = jax.jit(fwd, in_shardings=(params_sh, self.tok_sharding),
-                           out_shardings=({s: self.tok_sharding for s in sites}, {s: rep for s in sites}))
+        self.row0 = min(i[0].start or 0 for i in idx)  # this process's rows of a global batch: [row0, row0 + local)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saejax-writer")
         self.pending = None
         self.lock = threading.Lock()
@@ -330,6 +354,7 @@ class _Harvest:
         median = self.live["median_norm"]
         self.bytes_written = sum(sh["bytes"] + sh["meta_bytes"] for sh in self.shards)
         t0, last = time.time(), 0.0
+        t1, tok1 = t0, 0
         done_tokens = 0
         stop = p.stop
         total_ctx = stop if stop is not None else _count_contexts(self.config, self.model)
@@ -369,6 +394,8 @@ class _Harvest:
                         self._submit(pb // p.K, buffers, pb + 1, snap)
                     buffers = {}
                 now = time.time()
+                if pb == start:  # the first batch carries the compile; the steady rate starts after it
+                    t1, tok1 = now, done_tokens
                 if now - last > 2 or cur is None:
                     last = now
                     self._progress(done_tokens, now - t0, pb + 1, total_ctx)
@@ -381,6 +408,9 @@ class _Harvest:
         self.pool.shutdown()
         self.live["median_norm"] = median
         self._commit(b, True, self.live)
+        t_end = time.time()
+        last_run.update(tokens=done_tokens, seconds=t_end - t0, steady_tokens=done_tokens - tok1,
+                        steady_seconds=t_end - t1)
         print(file=sys.stderr)
         return self._finish()
 

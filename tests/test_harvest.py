@@ -1,0 +1,214 @@
+"""Harvest with the tiny random model: contents, policy, kill -9 and resume, two processes, bad input.
+
+The corpus is three small text files (byte tokenizer: ~560 tokens, 37 contexts of 16); the config
+is tests/configs/tiny.py. Subprocesses run ``python -m saejax.cli harvest``.
+"""
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from saejax import config as cfg, models
+from saejax.data import corpus
+from saejax.store import StoreError, check_store, harvest, open_store
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "tests", "configs", "tiny.py")
+TEXTS = ["Now, fair Hippolyta, our nuptial hour draws on apace; four happy days bring in another moon: "
+         "but, O, methinks, how slow this old moon wanes! She lingers my desires.",
+         "Four days will quickly steep themselves in night; four nights will quickly dream away the time; "
+         "and then the moon, like to a silver bow new-bent in heaven, shall behold the night.",
+         "Go, Philostrate, stir up the Athenian youth to merriments; awake the pert and nimble spirit of "
+         "mirth; turn melancholy forth to funerals: the pale companion is not for our pomp."]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("harvest")
+    d = tmp / "corpus"
+    d.mkdir()
+    for i, t in enumerate(TEXTS):
+        (d / f"{i}.txt").write_text(t)
+    return {"tmp": tmp, "corpus": str(d), "model": models.load("random:tiny-llama")}
+
+
+def load(setup, workdir, *extra):
+    return cfg.load(TINY, [f"data.corpus={setup['corpus']}", f"workdir={workdir}", *extra])
+
+
+@pytest.fixture(scope="module")
+def base(setup):
+    """One uninterrupted single-process harvest (the reference of the other tests)."""
+    c = load(setup, setup["tmp"] / "base")
+    out = io.StringIO()
+    plan = harvest.print_plan(c, setup["model"], harvest.Plan(c, setup["model"], None, 1), out=out)
+    assert not os.path.exists(c.workdir)  # the dry run writes nothing
+    harvest.run(c, model=setup["model"])
+    return {"config": c, "store": open_store(os.path.join(c.workdir, "store")), "plan": plan}
+
+
+def expected(setup, c):
+    """Every context of the corpus and the model's activations at every site: tokens [N, L], {site: [N, L, w]}."""
+    m = setup["model"]
+    toks = np.stack([t for _, t in corpus.corpus_contexts(c, m.tokenizer.encode, m.context_start_id,
+                                                          harvest.separator(m))])
+    _, acts = jax.jit(lambda p, t: m.apply(p, t, tuple(cfg.sites(c)), logits=False))(m.params, toks)
+    return toks, {s: np.asarray(a, np.float32) for s, a in acts.items()}
+
+
+def rows_by_key(store, site, split):
+    """(meta sorted by (context, position), rows in that order)."""
+    x, meta = store.rows(site, split)
+    order = np.lexsort((meta[:, 2], meta[:, 1]))
+    return meta[order], x[order]
+
+
+def test_store_equals_model_activations(setup, base):
+    c, st = base["config"], base["store"]
+    st.verify()
+    toks, acts = expected(setup, c)
+    n, L = toks.shape
+    H = c.data.heldout_contexts
+    special = set(setup["model"].special_ids)
+    assert (toks[:, 1:] == 257).any()  # EOS separators occur inside contexts: the exclusion is exercised
+    pos = np.broadcast_to(np.arange(L), toks.shape)
+    eligible = (pos >= 1) & ~np.isin(toks, list(special))
+    for site in cfg.sites(c):
+        for split, ctxs in (("heldout", np.arange(H)), ("train", np.arange(H, n))):
+            meta, x = rows_by_key(st, site, split)
+            want = np.argwhere(eligible[ctxs]) + [ctxs[0], 0]  # (context, position), sorted
+            np.testing.assert_array_equal(meta[:, 1:], want)  # every eligible position exactly once
+            np.testing.assert_array_equal(meta[:, 0], toks[want[:, 0], want[:, 1]])
+            np.testing.assert_allclose(x, acts[site][want[:, 0], want[:, 1]], rtol=1e-5, atol=1e-5)
+        tr = acts[site][H:][eligible[H:]]
+        assert st.norm_scale(site) == pytest.approx(1 / np.sqrt(np.mean(np.sum(tr.astype(np.float64) ** 2, 1))), rel=1e-5)
+    np.testing.assert_array_equal(st.heldout_tokens(), toks[:H])
+    np.testing.assert_array_equal(st.heldout_contexts(), np.arange(H))
+    m = st.manifest
+    assert m["splits"]["train"]["contexts"] == n - H and m["model"] == "random:tiny-llama"
+    assert base["plan"]["train_tokens"] == (n - H) * (L - 1) >= m["splits"]["train"]["tokens"]
+    # a second run finds the store complete and changes nothing
+    before = open(os.path.join(c.workdir, "store", "manifest.json")).read()
+    harvest.run(c, model=setup["model"])
+    assert open(os.path.join(c.workdir, "store", "manifest.json")).read() == before
+
+
+def test_massive_activation_policy(setup):
+    c = load(setup, setup["tmp"] / "policy", "harvest.skip_first=2", "harvest.max_norm_ratio=1.05")
+    harvest.run(c, model=setup["model"], max_tokens=300)
+    st = open_store(os.path.join(c.workdir, "store"))
+    toks, acts = expected(setup, c)
+    n_ctx = c.data.heldout_contexts + -(-300 // (c.data.context_len - 3))
+    toks = toks[:n_ctx]
+    pos = np.broadcast_to(np.arange(toks.shape[1]), toks.shape)
+    eligible = (pos >= 3) & ~np.isin(toks, list(setup["model"].special_ids))
+    cal = eligible[:c.harvest.batch_contexts]  # the calibration batch: batch 0
+    for site in cfg.sites(c):
+        norms = np.linalg.norm(acts[site][:n_ctx], axis=-1)
+        median = np.median(norms[:c.harvest.batch_contexts][cal])
+        keep = eligible & (norms <= 1.05 * median)
+        assert 0 < (eligible & ~keep).sum() < eligible.sum()  # the ratio bites, but not everywhere
+        got = np.concatenate([rows_by_key(st, site, sp)[0][:, 1:] for sp in ("heldout", "train")])
+        np.testing.assert_array_equal(got, np.argwhere(keep))
+        s = st.manifest["sites"][site]
+        assert s["dropped"]["norm"] == (eligible & ~keep).sum() and s["median_norm"] == pytest.approx(median, rel=1e-5)
+    assert st.manifest["policy"] == {"skip_first": 2, "max_norm_ratio": 1.05}
+
+
+def cli(setup, workdir, env=None, extra=()):
+    cmd = [sys.executable, "-m", "saejax.cli", "harvest", "--config", TINY,
+           f"--config.data.corpus={setup['corpus']}", f"--config.workdir={workdir}", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def shard_digests(store):
+    return sorted((sh["file"], sh["sha256"], sh["meta_sha256"]) for sh in store.manifest["shards"])
+
+
+def test_kill_9_then_resume_holds_every_token_once(setup, base):
+    work = setup["tmp"] / "killed"
+    # SIGKILL while writing the second chunk's shards: chunk 0 committed, chunk 1 half on disk
+    p = cli(setup, work, {"SAEJAX_HARVEST_CRASH": "shard:1"})
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == -9, err
+    store = work / "store"
+    part = json.load(open(store / "parts" / "0.json"))
+    assert part["batches_done"] == 1 and not part["done"] and not (store / "manifest.json").exists()
+    on_disk = {os.path.relpath(os.path.join(d, f), store) for d, _, fs in os.walk(store / "train") for f in fs}
+    assert on_disk - {sh[k] for sh in part["shards"] for k in ("file", "meta")}  # uncommitted leftovers
+    p = cli(setup, work)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert "resumes at batch 1" in err
+    st = open_store(str(store))
+    st.verify()
+    assert shard_digests(st) == shard_digests(base["store"])  # the very shards of the uninterrupted run
+    for site in st.sites:
+        m1, x1 = rows_by_key(st, site, "train")
+        m0, x0 = rows_by_key(base["store"], site, "train")
+        np.testing.assert_array_equal(m1, m0)
+        np.testing.assert_array_equal(x1, x0)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(setup, base):
+    work = setup["tmp"] / "two"
+    port = free_port()
+    procs = [cli(setup, work, {"SAEJAX_COORDINATOR": f"localhost:{port}", "SAEJAX_NUM_PROCESSES": "2",
+                               "SAEJAX_PROCESS_ID": str(i),
+                               "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    st = open_store(str(work / "store"))
+    st.verify()
+    files = [sh["file"] for sh in st.manifest["shards"]]
+    assert any("/p000-" in f for f in files) and any("/p001-" in f for f in files)
+    for site in st.sites:
+        for split in ("train", "heldout"):
+            m1, x1 = rows_by_key(st, site, split)
+            m0, x0 = rows_by_key(base["store"], site, split)
+            np.testing.assert_array_equal(m1, m0)
+            np.testing.assert_allclose(x1, x0, rtol=1e-5, atol=1e-5)
+        assert st.norm_scale(site) == pytest.approx(base["store"].norm_scale(site), rel=1e-6)
+    np.testing.assert_array_equal(st.heldout_tokens(), base["store"].heldout_tokens())
+
+
+def test_bad_input_is_named(setup, base, tmp_path):
+    src = os.path.join(base["config"].workdir, "store")
+    dst = str(tmp_path / "store")
+    shutil.copytree(src, dst)
+    sh = open_store(dst).manifest["shards"][5]
+    f = os.path.join(dst, sh["file"])
+    data = bytearray(open(f, "rb").read())
+    data[200] ^= 1
+    open(f, "wb").write(bytes(data))
+    with pytest.raises(StoreError, match=sh["file"] + ".*sha256"):
+        open_store(dst).verify()
+    c = base["config"]
+    check_store(base["store"], c, widths={s: setup["model"].site_width(s) for s in cfg.sites(c)})
+    other = load(setup, c.workdir, "model.source=smollm2")
+    with pytest.raises(StoreError, match="random:tiny-llama.*smollm2"):
+        check_store(base["store"], other)
+    more = load(setup, c.workdir, "harvest.layers=(0, 2)")
+    with pytest.raises(StoreError, match="site 'res.2'"):
+        check_store(base["store"], more)
+    # resuming into a store begun with another config is refused, naming the key
+    resumed = load(setup, setup["tmp"] / "policy", "harvest.dtype=bfloat16")
+    os.remove(os.path.join(resumed.workdir, "store", "manifest.json"))
+    with pytest.raises(StoreError, match="dtype"):
+        harvest.run(resumed, model=setup["model"])
