@@ -107,6 +107,11 @@ def from_hf(d: dict[str, Any]) -> ModelConfig:
                        final_softcap=d.get("final_logit_softcapping"))
 
 
+def _num(x):
+    """An integral float as int (transformers' strict configs want ints there)."""
+    return int(x) if x is not None and float(x).is_integer() else x
+
+
 def to_hf(c: ModelConfig) -> dict[str, Any]:
     """The transformers config dict of ``c`` (for tests building a reference model)."""
     d = dict(num_hidden_layers=c.n_layers, hidden_size=c.d_model, num_attention_heads=c.n_heads,
@@ -121,7 +126,7 @@ def to_hf(c: ModelConfig) -> dict[str, Any]:
     if c.arch == "gemma2":
         d.update(model_type="gemma2", sliding_window=c.sliding_window,
                  layer_types=["sliding_attention" if s else "full_attention" for s in c.sliding_layers],
-                 query_pre_attn_scalar=c.query_pre_attn_scalar, attn_logit_softcapping=c.attn_softcap,
+                 query_pre_attn_scalar=_num(c.query_pre_attn_scalar), attn_logit_softcapping=c.attn_softcap,
                  final_logit_softcapping=c.final_softcap, hidden_activation="gelu_pytorch_tanh")
     else:
         d.update(model_type="llama", hidden_act="silu")
