@@ -140,12 +140,12 @@ def test_splice(preset, sites):
         np.testing.assert_array_equal(np.asarray(ident), np.asarray(plain))
         zero = model.forward_fn((), True, {site: jnp.zeros_like})(p, ids)[0]
         assert np.abs(np.asarray(zero) - np.asarray(plain)).max() > 1e-2
+        half = model.forward_fn((), True, {site: lambda a: 0.5 * a})(p, ids)[0]
         # N*B batch = N separate splices (variant-major), and later captures are tiled too
-        fns = (lambda a: a, lambda a: 0.5 * a, jnp.zeros_like)
-        both, acts = model.forward_fn(("res.3",), True, {site: lambda a: jnp.concatenate([f(a) for f in fns])})(p, ids)
+        both, acts = model.forward_fn(("res.3",), True, {site: lambda a: jnp.concatenate(
+            [a, 0.5 * a, jnp.zeros_like(a)])})(p, ids)
         assert both.shape == (6, 24, model.config.vocab_size) and acts["res.3"].shape[0] == 6
-        for v, f in enumerate(fns):
-            one = model.forward_fn((), True, {site: f})(p, ids)[0]
+        for v, one in enumerate((plain, half, zero)):
             np.testing.assert_allclose(np.asarray(both[2 * v:2 * v + 2]), np.asarray(one), atol=1e-5, rtol=1e-5)
 
 
