@@ -280,3 +280,38 @@ def test_hub_repo_is_indexed_from_the_listing_and_downloads_lazily(tmp_path, mon
     assert sae.site == "mlp.7" and sae.width == 8
     suite.get("mlp.3", l0=250)
     assert downloads[-1][1] == "layer_3/width_16k/average_l0_300/params.npz" and len(downloads) == 2
+
+
+def test_loaded_sae_splices_into_a_model_on_a_mesh(tmp_path):
+    """A released identity SAE spliced into the tiny model leaves its logits unchanged; placed with
+    latents split over a (data 4, latent 2) mesh it encodes the same."""
+    from saejax import mesh as meshlib
+    from saejax import models
+    model = models.load("random:tiny-llama")
+    w = model.site_width("res.1")
+    eye = np.eye(w, dtype=np.float32)
+    rel = "res/layer_1/width_" + str(2 * w) + "/average_l0_30"
+    os.makedirs(tmp_path / rel)
+    gs.write_params(str(tmp_path / rel / "params.npz"),
+                    {"W_enc": np.concatenate([eye, -eye], 1), "W_dec": np.concatenate([eye, -eye], 0),
+                     "b_enc": np.zeros(2 * w), "b_dec": np.zeros(w), "threshold": np.zeros(2 * w)})
+    sae = load_suite(str(tmp_path)).canonical("res.1")
+    sae.check_width(model)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, model.config.vocab_size, (2, 16)), jnp.int32)
+    clean, acts = model.forward_fn(sites=("res.1",))(model.params, tokens)
+    mask = jnp.arange(16)[None, :].repeat(2, 0) > 0
+    spliced, _ = model.forward_fn(splice={"res.1": sae.splice(mask)})(model.params, tokens)
+    np.testing.assert_allclose(np.asarray(spliced), np.asarray(clean), rtol=1e-4, atol=1e-4)
+    zero = dataclasses_replace_decoder(sae)
+    changed, _ = model.forward_fn(splice={"res.1": zero.splice(mask)})(model.params, tokens)
+    assert np.abs(np.asarray(changed) - np.asarray(clean)).max() > 1e-3
+    mesh = meshlib.make_mesh({"data": 4, "stack": 1, "latent": 2})
+    placed = sae.put(mesh)
+    assert placed.arrays["W_enc"].sharding.spec == jax.sharding.PartitionSpec(None, "latent")
+    np.testing.assert_allclose(np.asarray(placed.encode(acts["res.1"])), np.asarray(sae.encode(acts["res.1"])),
+                               rtol=1e-6, atol=1e-6)
+
+
+def dataclasses_replace_decoder(sae):
+    import dataclasses
+    return dataclasses.replace(sae, arrays=dict(sae.arrays, W_dec=jnp.zeros_like(sae.arrays["W_dec"])))
