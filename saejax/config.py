@@ -59,7 +59,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.harvest.shard_bytes = 2 ** 30  # target size of one shard file
     c.harvest.shuffle_bytes = 2 ** 28  # per-site shuffle buffer before writing
     c.harvest.skip_first = 0  # positions after the context start that are never stored
-    c.harvest.max_norm_ratio = 0.0  # drop rows whose norm exceeds this multiple of the site median (0: off)
+    # drop rows whose norm exceeds this multiple of the site median (0: off). 20: SmolLM2's massive
+    # activations (30-180x the median, at each document start) go, early layers' 5-10x rows stay
+    # (measurement in docs/store.md).
+    c.harvest.max_norm_ratio = 20.0
 
     # --- the SAEs ----------------------------------------------------------------------------
     c.sae = ml_collections.ConfigDict()

@@ -100,13 +100,15 @@ def _count_contexts(config, model) -> int | None:
     return n
 
 
-def separator(model) -> int | None:
-    """The id that follows each document in the token stream: the model's EOS, when it names one."""
+def separator(model) -> int:
+    """The id that follows each document in the token stream: the model's EOS when it names one
+    (``model.eos_id`` or ``model.tokenizer.eos_id``), else its context-start token (SmolLM2:
+    <|endoftext|>, its pretraining document separator)."""
     for obj in (model, model.tokenizer):
         eos = getattr(obj, "eos_id", None)
         if eos is not None:
             return int(eos)
-    return None
+    return int(model.context_start_id)
 
 
 def _contexts(config, model, start, stop):
