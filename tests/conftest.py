@@ -6,5 +6,8 @@ mesh from ``jax.devices()[:1]``.
 """
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The terminate timeout: on a loaded 2-core machine a virtual device can reach a collective long
+# after the others (XLA's terminate timeout), and XLA then aborts the whole process.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_cpu_collective_call_terminate_timeout_seconds=600")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

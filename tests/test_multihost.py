@@ -16,6 +16,7 @@ import time
 import numpy as np
 from safetensors.numpy import load_file
 
+SLOW_OK = "--xla_cpu_collective_call_terminate_timeout_seconds=600"  # see conftest.py
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GROUP = "jumprelu_d32_w128"
 LR = 1e-3
@@ -59,7 +60,7 @@ def _start(config, workdir, steps, mesh, processes):
     port, procs = _port(), []
     for i in range(processes):
         env = {**os.environ, "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}"}
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes} {SLOW_OK}"}
         if processes > 1:
             env.update(SAEJAX_COORDINATOR=f"localhost:{port}", SAEJAX_NUM_PROCESSES=str(processes),
                        SAEJAX_PROCESS_ID=str(i))

@@ -24,6 +24,7 @@ from saejax.sae.group import GroupSpec
 from saejax.train import checkpoint as ckpt
 from saejax.train import loop, optim
 
+SLOW_OK = "--xla_cpu_collective_call_terminate_timeout_seconds=600"  # see conftest.py
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GROUP = "jumprelu_d32_w128"
 STEPS = 400
@@ -54,7 +55,7 @@ CONFIG = textwrap.dedent('''
 
 
 def _env(devices=8):
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {SLOW_OK}"}
 
 
 def _cmd(config, workdir, steps=STEPS):

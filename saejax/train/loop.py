@@ -113,9 +113,11 @@ class Trainer:
         return jax.make_array_from_process_local_data(self.x_sharding, x_local, self.x_shape)
 
     def memory(self) -> dict:
-        """Per-device bytes of one step: state parts (from shardings) and activations (estimated
-        from the shapes of pre [T,K,B,M], f and x_hat, forward + backward), plus XLA's own
-        temp-buffer figure for the compiled step when the backend reports it."""
+        """Per-device bytes of one step: state parts (from shardings) and activations, estimated
+        as 7 live [T,K,B,M] fp32 buffers (pre, f, the step masks and kernels of the JumpReLU
+        pseudo-derivatives, their cotangents; what XLA:CPU's compiled step holds) plus x_hat and
+        its cotangent [T,K,B,d] and the batch; and XLA's own temp-buffer figure for the compiled
+        step when the backend reports it."""
         def total(tree, shardings):
             leaves = jax.tree_util.tree_leaves(tree)
             shards = jax.tree_util.tree_leaves(shardings)
@@ -127,9 +129,9 @@ class Trainer:
         s, hp, m = self.spec, self.hp, self.mesh
         pre = NamedSharding(m, sharded.PRE_SPEC)
         rec = NamedSharding(m, P("stack", None, "data", None))
-        per = 2 * meshlib.shard_bytes((s.T, s.K, hp.batch_size, s.width), np.float32, pre) \
-            + meshlib.shard_bytes((s.T, s.K, hp.batch_size, s.d), np.float32, rec)
-        out["activations"] = 2 * per + meshlib.shard_bytes(self.x_shape, np.float32, self.x_sharding)
+        out["activations"] = (7 * meshlib.shard_bytes((s.T, s.K, hp.batch_size, s.width), np.float32, pre)
+                              + 2 * meshlib.shard_bytes((s.T, s.K, hp.batch_size, s.d), np.float32, rec)
+                              + meshlib.shard_bytes(self.x_shape, np.float32, self.x_sharding))
         try:
             x = jax.ShapeDtypeStruct(self.x_shape, np.float32, sharding=self.x_sharding)
             st = jax.tree_util.tree_map(lambda v, h: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=h), a, sh)

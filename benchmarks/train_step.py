@@ -1,0 +1,146 @@
+"""Train-step speed of a JumpReLU SAE against the dense-matmul roofline, SAELens, and stacking.
+
+    python benchmarks/train_step.py                 # d=576, width 4608, batch 4096; ~5 min on 2 cores
+    python benchmarks/train_step.py --stack 18      # the stacked group's size (sites x sweep members)
+
+Printed, all measured in this one run on one device:
+  roofline   the five dense matmuls a step needs (encoder and decoder forward, latent gradient,
+             decoder and encoder weight gradients: 5 x 2*B*d*M = 10*B*d*M FLOPs), timed alone in XLA;
+  saejax     tokens/s of the compiled train step (saejax.train.loop.Trainer) and its fraction of
+             the roofline time;
+  sae-lens   tokens/s of SAELens' JumpReLU training step (forward, backward, Adam) on the same
+             shape in torch (CPU), and saejax's speed-up over it;
+  stacked    per-SAE tokens/s when ``--stack`` SAEs (sites x sweep members) train in one step,
+             as a fraction of the single SAE's.
+Memory does not grow with the store: the step holds one batch [T, B, d]; the reader's buffer is a
+few blocks; nothing accumulates over steps (metrics are written out at logging steps).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from saejax import mesh as meshlib
+from saejax.sae.group import GroupSpec
+from saejax.train import loop, optim
+
+
+def _time(fn, n: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn()`` (which must block until done) over ``n`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def roofline_seconds(B: int, d: int, M: int, n: int) -> float:
+    """Seconds for the five [B,d]x[d,M]-sized fp32 matmuls of one step, in XLA."""
+    k = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(k[0], (B, d))
+    w_enc = jax.random.normal(k[1], (d, M))
+    w_dec = jax.random.normal(k[2], (M, d))
+    g = jax.random.normal(k[3], (B, d))
+    hi = jax.lax.Precision.HIGHEST
+
+    @jax.jit
+    def five(x, w_enc, w_dec, g):
+        f = jnp.dot(x, w_enc, precision=hi)  # encoder forward       [B, M]
+        y = jnp.dot(f, w_dec, precision=hi)  # decoder forward       [B, d]
+        df = jnp.dot(g, w_dec.T, precision=hi)  # latent gradient    [B, M]
+        dw_dec = jnp.dot(f.T, g, precision=hi)  # decoder gradient   [M, d]
+        dw_enc = jnp.dot(x.T, df, precision=hi)  # encoder gradient  [d, M]
+        return y, dw_dec, dw_enc
+
+    return _time(lambda: jax.block_until_ready(five(x, w_enc, w_dec, g)), n)
+
+
+def saejax_seconds(T: int, K: int, B: int, d: int, M: int, n: int) -> float:
+    """Seconds per train step of a T x K JumpReLU group on one device."""
+    spec = GroupSpec(arch="jumprelu", sites=tuple(f"res.{i}" for i in range(T)), d=d, width=M,
+                     sparsity=tuple(1e-3 * (i + 1) for i in range(K)))
+    hp = optim.Hyper(total_steps=10 ** 6, batch_size=B, lr_warmup=10, sparsity_warmup=10)
+    mesh = meshlib.make_mesh(dict(data=1, stack=1, latent=1), jax.devices()[:1])
+    trainer = loop.Trainer(spec, hp, mesh)
+    rng = np.random.default_rng(0)
+    x = trainer.put_batch((rng.standard_normal((T, B, d), dtype=np.float32) / np.sqrt(d)))
+    box = [trainer.init_state()]
+
+    def one():
+        box[0], m = trainer.step(box[0], x)
+        jax.block_until_ready(m["loss"])
+
+    return _time(one, n, warmup=2)
+
+
+def saelens_seconds(B: int, d: int, M: int, n: int) -> float | None:
+    """Seconds per SAELens JumpReLU training step (forward, backward, Adam), or None if absent."""
+    try:
+        import torch
+        from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+        from sae_lens.saes.sae import TrainStepInput
+    except ImportError as e:
+        print(f"sae-lens: not importable ({e}); skipped")
+        return None
+    torch.manual_seed(0)
+    cfg = JumpReLUTrainingSAEConfig(d_in=d, d_sae=M, dtype="float32", device="cpu",
+                                    jumprelu_bandwidth=1e-3, jumprelu_init_threshold=1e-3, l0_coefficient=1e-3)
+    sae = JumpReLUTrainingSAE(cfg)
+    opt = torch.optim.Adam(sae.parameters(), lr=7e-5, betas=(0.0, 0.999), eps=1e-8)
+    x = torch.randn(B, d) / d ** 0.5
+    step = [0]
+
+    def one():
+        out = sae.training_forward_pass(TrainStepInput(
+            sae_in=x, coefficients={"l0": 1e-3}, dead_neuron_mask=None, n_training_steps=step[0],
+            is_logging_step=False))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step[0] += 1
+
+    return _time(one, n, warmup=2)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--d", type=int, default=576)
+    p.add_argument("--width", type=int, default=4608)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median)")
+    p.add_argument("--stack", type=int, default=18, help="SAEs in the stacked group (0: skip)")
+    a = p.parse_args()
+    B, d, M = a.batch, a.d, a.width
+    flops = 10 * B * d * M
+    print(f"shape: d={d} width={M} batch={B}; step FLOPs 10*B*d*M = {flops / 1e9:.1f} GFLOP; "
+          f"devices {jax.devices()[0].platform} x1")
+
+    roof = roofline_seconds(B, d, M, a.steps)
+    print(f"roofline : five dense matmuls {roof * 1e3:8.1f} ms  ({flops / roof / 1e9:.1f} GFLOP/s)")
+    one = saejax_seconds(1, 1, B, d, M, a.steps)
+    print(f"saejax   : train step         {one * 1e3:8.1f} ms  {B / one:>10,.0f} tok/s  "
+          f"roofline fraction {roof / one:.2f}  (target >= 0.85)")
+    lens = saelens_seconds(B, d, M, a.steps)
+    if lens is not None:
+        print(f"sae-lens : train step         {lens * 1e3:8.1f} ms  {B / lens:>10,.0f} tok/s  "
+              f"roofline fraction {roof / lens:.2f}")
+        print(f"saejax / sae-lens speed-up: {lens / one:.2f}x  (target >= 2)")
+    if a.stack:
+        K = 3 if a.stack % 3 == 0 else 1
+        T = a.stack // K
+        many = saejax_seconds(T, K, B, d, M, max(2, a.steps // 2))
+        total = B * a.stack / many  # SAE-tokens per second: each SAE reads B rows per step
+        print(f"stacked  : {T} sites x {K} members = {a.stack} SAEs  {many * 1e3:8.1f} ms/step  "
+              f"{total / a.stack:>10,.0f} tok/s per SAE ({total:,.0f} SAE-tokens/s)")
+        print(f"per-SAE throughput stacked / single: {total / (B / one):.2f}  (target >= 0.90)")
+
+
+if __name__ == "__main__":
+    main()
