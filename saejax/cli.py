@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     except cfg.ConfigError as e:
         print(f"saejax: {e}", file=sys.stderr)
         return 2
+    from saejax.mesh import init_distributed
+    init_distributed()  # multi-process runs join here, before any device is touched
     stages = ("harvest", "train", "evaluate", "release") if known.stage == "run" else (known.stage,)
     for name in stages:
         fn = _stage(name)
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
             kwargs["max_tokens"] = known.max_tokens
         try:
             fn(config, **kwargs)
-        except (cfg.ConfigError, _input_errors()) as e:
+        except (cfg.ConfigError, *_input_errors()) as e:
             print(f"saejax {name}: {cfg.first_line(e)}", file=sys.stderr)
             return 2
     return 0
