@@ -315,3 +315,21 @@ def test_loaded_sae_splices_into_a_model_on_a_mesh(tmp_path):
 def dataclasses_replace_decoder(sae):
     import dataclasses
     return dataclasses.replace(sae, arrays=dict(sae.arrays, W_dec=jnp.zeros_like(sae.arrays["W_dec"])))
+
+
+def test_interrupted_release_leaves_the_previous_one_and_no_partial_folder(released, monkeypatch):
+    work, _ = released
+    before = open(os.path.join(work, "release", "suite.json")).read()
+    from saejax.release import card
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(card, "write_readme", crash)
+    c = cfg.defaults()
+    c.workdir = work
+    c.release.l0 = (3.0,)  # a different selection, never completed
+    with pytest.raises(KeyboardInterrupt):
+        saejax.release.run(c)
+    assert open(os.path.join(work, "release", "suite.json")).read() == before
+    assert not [p for p in os.listdir(work) if ".tmp-" in p]

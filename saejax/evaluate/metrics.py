@@ -29,6 +29,14 @@ def _site_arrays(meta: dict, arrays: dict, t: int) -> dict:
     return apply.fold_pre_bias({k: jnp.asarray(v[t:t + 1]) for k, v in arrays.items()}, meta["pre_encoder_bias"])
 
 
+ROW_BUDGET = 2 ** 28  # bytes of one [K, rows, M] float32 latent array per chunk
+
+
+def _rows_per_chunk(chunk: int, K: int, M: int) -> int:
+    """Rows per chunk so that the latents of all K SAEs stay within ROW_BUDGET (wide SAEs)."""
+    return max(16, min(chunk, ROW_BUDGET // (4 * K * M)))
+
+
 def _ks(meta: dict):
     return tuple(int(k) for k in meta["k"]) if meta["arch"] == "topk" else None
 
@@ -53,6 +61,7 @@ def site_metrics(meta: dict, arrays: dict, t: int, rows, chunk: int = 4096, retu
     folded = _site_arrays(meta, arrays, t)
     scale = np.float32(meta["norm_scale"][t])
     K, M = folded["b_enc"].shape[1], folded["b_enc"].shape[2]
+    chunk = _rows_per_chunk(chunk, K, M)
     sq_err, active, fires = np.zeros(K), np.zeros(K), np.zeros((K, M))
     n, sum_x, sum_x2 = 0, 0.0, 0.0
     for start in range(0, len(rows), chunk):
@@ -101,7 +110,8 @@ def top_activations(meta: dict, arrays: dict, t: int, rows, latents: np.ndarray,
     folded = _site_arrays(meta, arrays, t)
     scale = np.float32(meta["norm_scale"][t])
     lat = jnp.asarray(latents, jnp.int32)
-    n = min(n_top, len(rows))
+    chunk = _rows_per_chunk(chunk, *folded["b_enc"].shape[1:])
+    n = min(n_top, len(rows), chunk)
     best_v = np.full(latents.shape + (n,), -np.inf, np.float32)
     best_i = np.zeros(latents.shape + (n,), np.int64)
     for start in range(0, len(rows), chunk):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 from saejax.release import card as model_card
 from saejax.release import fold, gemmascope as gs, saelens
@@ -70,6 +71,9 @@ def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str,
             arrays, meta = groups[r["group"]]
             folded, arch, k = fold.group_sae(arrays, meta, r["t"], r["member"])
             rel = gs.sae_dir(r["kind"], r["layer"], r["width"], r["l0"])
+            if arch == "jumprelu" and (folded["threshold"] < 0).any():
+                print(f"saejax release: {r['id']}: {int((folded['threshold'] < 0).sum())} negative thresholds; "
+                      f"Gemma Scope's formula and SAELens rectify, so those latents differ there", file=sys.stderr)
             e = {"site": r["site"], "kind": r["kind"], "layer": r["layer"], "width": r["width"], "d": r["d"],
                  "arch": arch, "k": k, "l0": r["l0"], "path": None, "saelens": None, "card": None,
                  "metrics": {m: r.get(m) for m in METRIC_KEYS},
