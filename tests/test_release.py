@@ -83,6 +83,9 @@ def test_width_names_follow_gemma_scope():
         ["width_16k", "width_65k", "width_131k", "width_1m", "width_1k", "width_128", "width_1500"]
     for w in (16384, 65536, 131072, 262144, 524288, 2 ** 20, 1024, 128, 1500):
         assert gs.parse_width(gs.width_name(w)) == w
+    assert gs.parse_path("layer_5/width_65k/canonical/params.npz", "mlp") == \
+        {"kind": "mlp", "layer": 5, "width": 65536, "l0": None, "canonical": True}
+    assert gs.parse_path("embedding/width_4k/average_l0_6/params.npz", "res") is None
 
 
 def _results(groups, rows_of):
@@ -114,6 +117,11 @@ def released(tmp_path_factory):
     c = cfg.defaults()
     c.workdir = work
     c.data.context_len = 64
+    assert not saejax.release.is_complete(c)
+    saejax.release.run(c)
+    assert saejax.release.is_complete(c)
+    with open(os.path.join(work, "evaluate", "results.json"), "a") as fh:
+        fh.write(" ")  # new evaluation results: the release is stale
     assert not saejax.release.is_complete(c)
     saejax.release.run(c)
     assert saejax.release.is_complete(c)

@@ -21,12 +21,31 @@ def out_dir(config) -> str:
     return os.path.join(config.workdir, "release")
 
 
+def _results_path(config) -> str:
+    return os.path.join(config.workdir, "evaluate", "results.json")
+
+
+def _digest(path: str) -> str:
+    import hashlib
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
 def is_complete(config) -> bool:
-    return os.path.isfile(os.path.join(out_dir(config), "suite.json"))
+    """A release exists and was made from the current evaluation results (``saejax run`` skips it)."""
+    path = os.path.join(out_dir(config), "suite.json")
+    if not (os.path.isfile(path) and os.path.isfile(_results_path(config))):
+        return False
+    try:
+        with open(path) as fh:
+            made_from = json.load(fh).get("results_sha256")
+    except (OSError, json.JSONDecodeError):
+        return False
+    return made_from == _digest(_results_path(config))
 
 
 def _results(config) -> dict:
-    path = os.path.join(config.workdir, "evaluate", "results.json")
+    path = _results_path(config)
     if not os.path.isfile(path):
         raise ReleaseError(f"no evaluation results at {path} (run saejax evaluate first)")
     try:
@@ -69,6 +88,7 @@ def run(config, dry_run: bool = False) -> dict | None:
     suite = writer.write(out_dir(config), picked, groups, name=config.release.name, model=doc.get("model", ""),
                          formats=tuple(config.release.formats),
                          cards_dir=os.path.join(config.workdir, "evaluate"), contexts=doc.get("contexts", 0),
-                         context_size=int(config.data.context_len))
+                         context_size=int(config.data.context_len),
+                         extra={"results_sha256": _digest(_results_path(config))})
     print(f"saejax release: wrote {os.path.join(out_dir(config), 'suite.json')}", file=sys.stderr)
     return suite

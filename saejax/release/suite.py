@@ -6,7 +6,7 @@
     <release>/cards/<sae>.html                                latent cards (from evaluate)
     <release>/README.md, *.png                                model card (card.py)
 
-suite.json: {"format": "saejax-suite/1", "name", "model", "contexts", "saes": [{"site", "kind",
+suite.json: {"format": "saejax-suite/1", "name", "model", "contexts", "results_sha256", "saes": [{"site", "kind",
 "layer", "width", "d", "arch", "k", "l0", "path", "saelens", "card", "metrics": {...},
 "source": {"group", "member", "sparsity", "steps", "tokens"}}]}; paths are relative to the release.
 N in average_l0_N is the held-out L0, rounded, as Gemma Scope named theirs.
@@ -59,7 +59,8 @@ def choose(results: list[dict], targets=()) -> tuple[list[dict], list[str]]:
 
 
 def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str, formats=("gemmascope", "saelens"),
-          cards_dir: str | None = None, contexts: int = 0, context_size: int | None = None) -> dict:
+          cards_dir: str | None = None, contexts: int = 0, context_size: int | None = None,
+          extra: dict | None = None) -> dict:
     """Write the release into ``root`` atomically (built as ``root.tmp-<pid>``, renamed at the end).
     ``groups`` maps a group name to its (arrays, meta) from saejax.sae.io.load_group."""
     tmp = f"{root}.tmp-{os.getpid()}"
@@ -94,7 +95,8 @@ def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str,
                 shutil.copyfile(os.path.join(cards_dir, r["card"]), os.path.join(tmp, r["card"]))
                 e["card"] = r["card"]
             entries.append(e)
-        suite = {"format": FORMAT, "name": name, "model": model, "contexts": contexts, "saes": entries}
+        suite = {"format": FORMAT, "name": name, "model": model, "contexts": contexts, **(extra or {}),
+                 "saes": entries}
         with open(os.path.join(tmp, "suite.json"), "w") as fh:
             json.dump(suite, fh, indent=1)
         model_card.write_readme(tmp, suite)
