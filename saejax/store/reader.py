@@ -153,11 +153,13 @@ class _SiteStream:
 
     def _order(self, epoch: int):
         """(perm, cum): blocks of the epoch in visiting order and their cumulative row counts."""
-        if self._epoch is None or self._epoch[0] != epoch:
+        cached = self._epoch  # one read: the prefetch thread may replace it meanwhile
+        if cached is None or cached[0] != epoch:
             perm = np.random.default_rng([self.seed, epoch, self.crc]).permutation(self.n_blocks)
             sizes = np.minimum(self.block_rows, self.n - perm * self.block_rows)
-            self._epoch = (epoch, perm, np.concatenate([[0], np.cumsum(sizes)]))
-        return self._epoch[1:]
+            cached = (epoch, perm, np.concatenate([[0], np.cumsum(sizes)]))
+            self._epoch = cached
+        return cached[1:]
 
     def runs(self, r0: int, r1: int):
         """Contiguous runs (g0, g1) of stored rows (global index over shards) for stream rows [r0, r1)."""
