@@ -221,3 +221,23 @@ def test_identity_sae_in_a_real_tiny_model(site):
     assert abs(ident["ce_ablate"] - ident["ce_clean"]) > 1e-3
     assert abs(ident["delta_lm_loss"]) < 1e-5 and abs(ident["ce_score"] - 1) < 1e-3 and ident["kl"] < 1e-6
     assert abs(zero["ce_score"]) < 1e-6
+
+
+def test_store_from_another_model_is_refused(workdir):
+    sys.modules["saejax.models"].load = lambda source, dtype="float32": types.SimpleNamespace(name="other-model")
+    with pytest.raises(saejax.evaluate.EvaluateError, match="harvested from model 'fake-lm'.*'other-model'"):
+        saejax.evaluate.run(workdir)
+    assert not os.path.exists(os.path.join(workdir.workdir, "evaluate"))
+
+
+def test_synthetic_runs_get_reconstruction_metrics_only(tmp_path):
+    c = cfg.defaults()
+    c.workdir = str(tmp_path)
+    c.train.source = "synthetic"
+    c.synthetic.sites, c.synthetic.d = 1, D
+    arrays, meta = probe_group()
+    sae_io.save_group(str(tmp_path / "train" / "relu_d6_w12" / "final"), arrays, meta)
+    doc = saejax.evaluate.run(c)
+    ident, zero, _ = doc["saes"]
+    assert ident["fvu"] < 1e-10 and zero["fvu"] > 0.5 and ident.get("delta_lm_loss") is None
+    assert doc["synthetic"] and saejax.evaluate.is_complete(c)
