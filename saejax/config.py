@@ -78,6 +78,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.sae.threshold_param = "log"  # jumprelu theta: "log" (JumpReLU paper) or "raw" (SAELens)
     c.sae.threshold_init = 0.001
     c.sae.bandwidth = 0.001  # rectangle-kernel width of the pseudo-derivatives
+    # Opt-in init for short runs (docs/sae.md); the defaults are Gemma Scope's.
+    c.sae.encoder_init_scale = 1.0  # W_enc = scale * W_dec^T (d/M keeps the first reconstruction ~x)
+    c.sae.threshold_init_l0 = 0.0  # jumprelu: >0 sets theta at step 0 so each latent fires on L0/M of rows
     c.sae.auxk_coeff = 1.0 / 32  # topk/batchtopk: AuxK loss weight (Gao et al.)
     c.sae.auxk_k = 512  # topk/batchtopk: latents in the AuxK reconstruction
     c.sae.dtype = "float32"  # parameter dtype; Gemma Scope trained in fp32
@@ -259,6 +262,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.sae.threshold_param in ("log", "raw"), "sae.threshold_param", "must be 'log' or 'raw'")
     _check(c.sae.threshold_init > 0, "sae.threshold_init", "must be positive")
     _check(c.sae.bandwidth > 0, "sae.bandwidth", "must be positive")
+    _check(c.sae.encoder_init_scale > 0, "sae.encoder_init_scale", "must be positive")
+    _check(c.sae.threshold_init_l0 >= 0, "sae.threshold_init_l0", "must be >= 0 (0: theta = threshold_init)")
     _check(c.sae.dtype in DTYPES, "sae.dtype", f"{c.sae.dtype!r} is not one of {DTYPES}")
     _check(c.train.tokens > 0, "train.tokens", "must be positive")
     _check(c.train.batch_size > 0, "train.batch_size", "must be positive")

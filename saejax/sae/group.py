@@ -46,6 +46,9 @@ class GroupSpec:
     threshold_param: str = "log"
     threshold_init: float = 0.001
     bandwidth: float = 0.001
+    # Opt-in fixes for short runs (docs/sae.md): 0 keeps Gemma Scope's init.
+    threshold_init_l0: float = 0.0  # >0: theta set at step 0 so each latent fires on L0/M of the batch
+    encoder_init_scale: float = 1.0  # W_enc = scale * W_dec^T at init (Gemma Scope: 1)
     auxk_k: int = 512
     auxk_coeff: float = 1.0 / 32
     dtype: str = "float32"
@@ -100,7 +103,8 @@ class SAEGroup(nn.Module):
         norm = 1.0 if s.unit_decoder else 0.1  # Anthropic (April 2024): small random-direction decoder
         self.W_dec = self.param("W_dec", _init_decoder, (s.T, s.K, s.width, s.d), dtype, norm)
         # Gemma Scope: W_enc = W_dec^T at init.
-        self.W_enc = self.param("W_enc", lambda _k, _s: jnp.swapaxes(self.W_dec, -1, -2), (s.T, s.K, s.d, s.width))
+        self.W_enc = self.param(
+            "W_enc", lambda _k, _s: s.encoder_init_scale * jnp.swapaxes(self.W_dec, -1, -2), (s.T, s.K, s.d, s.width))
         self.b_enc = self.param("b_enc", nn.initializers.zeros, (s.T, s.K, s.width), dtype)
         self.b_dec = self.param("b_dec", nn.initializers.zeros, (s.T, s.K, s.d), dtype)
         if s.arch == "jumprelu":

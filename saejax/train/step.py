@@ -54,6 +54,23 @@ def _mask_frozen(frozen, new, old):
     return jax.tree_util.tree_map(one, new, old)
 
 
+def calibrate_thresholds(spec: GroupSpec, params, x) -> dict:
+    """JumpReLU thresholds from data (opt-in, ``spec.threshold_init_l0`` = L0_init > 0).
+
+    theta_i = max(q_i, threshold_init), q_i the n-th largest pre-activation of latent i over the
+    batch x [T, B, d], n = max(1, round(B * L0_init / M)): every latent starts firing on a fraction
+    L0_init / M of the rows, so the SAE starts at L0 ~ L0_init instead of ~M/2 (docs/sae.md).
+    """
+    pre = SAEGroup(spec).apply({"params": params}, x, method=SAEGroup.pre_activations)  # [T, K, B, M]
+    B = pre.shape[2]
+    n = max(1, min(B, round(B * spec.threshold_init_l0 / spec.width)))
+    q = lax.top_k(jnp.swapaxes(pre, -1, -2), n)[0][..., -1]  # [T, K, M]
+    theta = jnp.maximum(q, spec.threshold_init).astype(pre.dtype)
+    if "log_threshold" in params:
+        return dict(params, log_threshold=jnp.log(theta))
+    return dict(params, threshold=theta)
+
+
 def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x):
     """Per-SAE loss terms and diagnostics for x [T, B, d] (normalized). Returns (total, aux)."""
     module = SAEGroup(spec)
@@ -105,6 +122,8 @@ def make_train_step(spec: GroupSpec, hp: optim.Hyper):
 
     def step_fn(state, x):
         params = state["params"]
+        if spec.arch == "jumprelu" and spec.threshold_init_l0 > 0:
+            params = lax.cond(state["step"] == 0, lambda p: calibrate_thresholds(spec, p, x), lambda p: p, params)
         grads, out = jax.grad(lambda p: losses(spec, hp, p, state, x), has_aux=True)(params)
         if spec.unit_decoder:
             grads = dict(grads, W_dec=optim.remove_parallel_grad(grads["W_dec"], params["W_dec"]))

@@ -1,0 +1,109 @@
+"""SAE modules: JumpReLU pseudo-gradients, Gemma Scope init, activations, stacking.
+
+Every expected value is computed independently of the code under test (hand formulas, numpy).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from saejax.sae import jumprelu as jr
+from saejax.sae.group import GroupSpec, SAEGroup, init_params, thresholds
+from saejax.train import optim
+
+EPS = 0.1
+# Hand-made pre-activations z and thresholds theta: some z inside the kernel window |z - theta| < eps/2,
+# some outside, on both sides of theta.
+Z = np.array([[0.30, 0.52, 0.46, 0.90], [0.12, 0.20, 0.24, -0.40]], np.float32)
+THETA = np.array([0.50, 0.50, 0.50, 0.20], np.float32)
+
+
+def _kernel(z, theta, eps):
+    return (np.abs((z - theta) / eps) < 0.5).astype(np.float32)
+
+
+def test_jumprelu_forward_and_pseudo_gradients():
+    g = np.array([[1.0, -2.0, 3.0, 0.5], [-1.5, 2.5, 1.0, 4.0]], np.float32)  # upstream cotangent
+    out, vjp = jax.vjp(lambda z, t: jr.jumprelu(z, t, EPS), jnp.asarray(Z), jnp.asarray(THETA))
+    np.testing.assert_allclose(out, Z * (Z > THETA), rtol=0, atol=0)
+    dz, dtheta = vjp(jnp.asarray(g))
+    # d/dz: ordinary derivative of z * H(z - theta) with H fixed; d/dtheta: -(theta/eps) K((z-theta)/eps).
+    np.testing.assert_allclose(dz, g * (Z > THETA), rtol=1e-6)
+    want = np.sum(-(THETA / EPS) * _kernel(Z, THETA, EPS) * g, axis=0)
+    assert np.count_nonzero(want) >= 2  # the hand case exercises the kernel
+    np.testing.assert_allclose(dtheta, want, rtol=1e-6)
+
+
+def test_step_pseudo_gradients_and_no_grad_to_z():
+    g = np.array([[1.0, 1.0, 2.0, 1.0], [1.0, 3.0, 1.0, 1.0]], np.float32)
+    out, vjp = jax.vjp(lambda z, t: jr.step(z, t, EPS), jnp.asarray(Z), jnp.asarray(THETA))
+    np.testing.assert_array_equal(out, (Z > THETA).astype(np.float32))
+    dz, dtheta = vjp(jnp.asarray(g))
+    np.testing.assert_array_equal(dz, np.zeros_like(Z))
+    np.testing.assert_allclose(dtheta, np.sum(-(1.0 / EPS) * _kernel(Z, THETA, EPS) * g, 0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("param", ["log", "raw"])
+def test_threshold_gradient_through_parameterization(param):
+    """d loss / d log_theta = theta * d loss / d theta (chain rule through exp); raw is the identity."""
+    spec = GroupSpec(arch="jumprelu", sites=("a",), d=4, width=4, sparsity=(0.0,), threshold_param=param,
+                     bandwidth=EPS)
+    params = init_params(spec, jax.random.key(0))
+    name = "log_threshold" if param == "log" else "threshold"
+    value = np.log(THETA) if param == "log" else THETA
+    params = dict(params, W_enc=jnp.eye(4)[None, None], **{name: jnp.asarray(value)[None, None]})
+    x = jnp.asarray(Z)[None]  # pre = x exactly (identity encoder, zero bias)
+    lam = 0.7
+
+    def loss(p):  # sum of latents + lam * L0 with both pseudo-derivatives
+        pre, f, _ = SAEGroup(spec).apply({"params": p}, x)
+        theta = thresholds(spec, p)[:, :, None, :]
+        return jnp.sum(f) + lam * jnp.sum(jr.step(pre, theta, EPS))
+
+    got = np.asarray(jax.grad(loss)(params)[name][0, 0])
+    k = _kernel(Z, THETA, EPS)
+    d_theta = np.sum(-(THETA / EPS) * k - lam * (1.0 / EPS) * k, axis=0)
+    want = THETA * d_theta if param == "log" else d_theta
+    assert np.count_nonzero(want) >= 2
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("param", ["log", "raw"])
+def test_gemma_scope_init(param):
+    spec = GroupSpec(arch="jumprelu", sites=("a", "b"), d=16, width=64, sparsity=(1e-3, 2e-3), threshold_param=param)
+    p = init_params(spec, jax.random.key(1))
+    assert p["W_dec"].shape == (2, 2, 64, 16) and p["W_enc"].shape == (2, 2, 16, 64)
+    np.testing.assert_allclose(np.linalg.norm(p["W_dec"], axis=-1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(p["W_enc"], np.swapaxes(p["W_dec"], -1, -2))
+    np.testing.assert_array_equal(p["b_enc"], 0.0)
+    np.testing.assert_array_equal(p["b_dec"], 0.0)
+    np.testing.assert_allclose(thresholds(spec, p), 0.001, rtol=1e-6)
+    assert ("log_threshold" in p) == (param == "log")
+    # Every SAE of the stack has its own random dictionary.
+    assert not np.allclose(p["W_dec"][0, 0], p["W_dec"][0, 1]) and not np.allclose(p["W_dec"][0, 0], p["W_dec"][1, 0])
+
+
+def test_remove_parallel_grad_hand_case():
+    w = jnp.asarray([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0]])
+    g = jnp.asarray([[3.0, 4.0, 5.0], [1.0, 1.0, 1.0]])
+    got = optim.remove_parallel_grad(g, w)
+    # Row 2: g - (g.w) w = [1,1,1] - 1.4 * [0.6, 0.8, 0].
+    np.testing.assert_allclose(got, [[0.0, 4.0, 5.0], [1 - 0.84, 1 - 1.12, 1.0]], atol=1e-6)
+    np.testing.assert_allclose(np.sum(np.asarray(got) * np.asarray(w), -1), 0.0, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(optim.unit_rows(g), axis=-1), 1.0, rtol=1e-6)
+
+
+def test_topk_and_batchtopk_activations():
+    spec = GroupSpec(arch="topk", sites=("a",), d=4, width=6, sparsity=(2.0, 3.0))
+    pre = jnp.asarray([[0.5, -1.0, 0.9, 0.1, 0.7, 0.2], [-0.3, -0.2, 0.4, -0.1, -0.5, -0.6]])
+    pre = jnp.broadcast_to(pre, (1, 2, 2, 6))
+    f = np.asarray(SAEGroup(spec).apply({"params": init_params(spec, jax.random.key(0))}, pre,
+                                        method=SAEGroup.activate))
+    np.testing.assert_allclose(f[0, 0], [[0, 0, 0.9, 0, 0.7, 0], [0, 0, 0.4, 0, 0, 0]])  # k=2, relu'd
+    np.testing.assert_allclose(f[0, 1], [[0.5, 0, 0.9, 0, 0.7, 0], [0, 0, 0.4, 0, 0, 0]])  # k=3
+    spec = GroupSpec(arch="batchtopk", sites=("a",), d=4, width=6, sparsity=(2.0,))
+    pre1 = pre[:, :1]
+    f = np.asarray(SAEGroup(spec).apply({"params": init_params(spec, jax.random.key(0))}, pre1,
+                                        method=SAEGroup.activate))
+    # k*B = 4 largest of the whole batch: 0.9, 0.7, 0.5, 0.4.
+    np.testing.assert_allclose(f[0, 0], [[0.5, 0, 0.9, 0, 0.7, 0], [0, 0, 0.4, 0, 0, 0]])
