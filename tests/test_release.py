@@ -341,3 +341,20 @@ def test_interrupted_release_leaves_the_previous_one_and_no_partial_folder(relea
         saejax.release.run(c)
     assert open(os.path.join(work, "release", "suite.json")).read() == before
     assert not [p for p in os.listdir(work) if ".tmp-" in p]
+
+
+def test_saelens_only_release_loads_the_same(released, tmp_path):
+    from saejax.release import suite as writer
+    work, groups = released
+    results = json.load(open(os.path.join(work, "evaluate", "results.json")))["saes"]
+    picked, _ = writer.choose(results)
+    loaded = {name: sae_io.load_group(os.path.join(work, "train", name, "final")) for name in groups}
+    writer.write(str(tmp_path / "rel"), picked, loaded, name="x", model="fake", formats=("saelens",))
+    assert not list((tmp_path / "rel").rglob("params.npz"))
+    a, b = load_suite(str(tmp_path / "rel")), load_suite(os.path.join(work, "release"))
+    x = raw_rows(32, seed=3)
+    for ea, eb in zip(a, b):
+        assert (ea.site, ea.l0) == (eb.site, eb.l0) and ea.path is None
+        sa, sb = a.load(ea), b.load(eb)
+        assert (sa.arch, sa.k) == (sb.arch, sb.k)
+        np.testing.assert_array_equal(np.asarray(sa.encode(x)), np.asarray(sb.encode(x)))
