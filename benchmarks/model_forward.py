@@ -3,7 +3,8 @@
     python benchmarks/model_forward.py                       # SmolLM2 GGUF, B=4, L=128, ~1-2 min on 2 cores
     python benchmarks/model_forward.py --model random:tiny-llama --batch 8 --length 64 --no-torch
 
-Timed (median of --reps calls after one compile/warm-up call, ``block_until_ready`` each):
+Timed (fastest of --reps calls after one compile/warm-up call, ``block_until_ready`` each; the
+JAX passes and the matmul are interleaved twice and the fastest kept):
   plain      jitted apply(params, tokens) -> logits
   capture    the same with every site captured (n_layers x {res, att, mlp}) besides the logits
   harvest    logits=False with every site captured (what the activation store runs)
@@ -24,7 +25,8 @@ import numpy as np
 
 
 def timeit(fn, reps: int) -> float:
-    """Median seconds of fn() over reps calls after one warm-up call."""
+    """Fastest of reps calls of fn() after one warm-up call (seconds): on a machine shared with
+    other processes the minimum is the least disturbed estimate."""
     import jax
     jax.block_until_ready(fn())
     ts = []
@@ -32,7 +34,7 @@ def timeit(fn, reps: int) -> float:
         t = time.perf_counter()
         jax.block_until_ready(fn())
         ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
+    return float(np.min(ts))
 
 
 def model_flops_per_token(c, L: int) -> float:
@@ -99,7 +101,7 @@ def main(argv=None):
                 t = time.perf_counter()
                 run()
                 ts.append(time.perf_counter() - t)
-            secs["torch"] = float(np.median(ts))
+            secs["torch"] = float(np.min(ts))
 
     fpt = model_flops_per_token(c, L)
 
