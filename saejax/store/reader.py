@@ -251,12 +251,15 @@ class Reader:
         return x
 
     def _log_epochs(self, sites, step: int, batch_size: int) -> None:
+        """One stderr line per (epoch, step) at which some sites' streams enter a new epoch."""
+        new = {}
         for s in sites:
             e = ((step + 1) * batch_size - 1) // self._stream(s).n
             if e > self._epochs_logged.get(s, 0):
                 self._epochs_logged[s] = e
-                print(f"saejax store: site {s} begins epoch {e} at step {step} "
-                      f"({self._stream(s).n} rows per epoch)", file=sys.stderr)
+                new.setdefault(e, []).append(f"{s} ({self._stream(s).n} rows)")
+        for e, names in sorted(new.items()):
+            print(f"saejax store: epoch {e} begins at step {step} for {', '.join(names)}", file=sys.stderr)
 
     def close(self) -> None:
         if self._pool is not None:
