@@ -90,7 +90,8 @@ def _input_errors() -> tuple:
     """The one-line input errors of every stage (bad store, mesh, model, release input)."""
     errors = []
     for mod, name in (("saejax.store", "StoreError"), ("saejax.mesh", "MeshError"),
-                      ("saejax.models", "ModelError"), ("saejax.release", "ReleaseError")):
+                      ("saejax.models", "ModelError"), ("saejax.evaluate", "EvaluateError"),
+                      ("saejax.release", "ReleaseError")):
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))
         except (ImportError, AttributeError):
