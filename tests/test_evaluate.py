@@ -92,9 +92,12 @@ def test_identity_zero_and_noisy_sae_losses():
                if p > 1 and tokens[b, p] not in SPECIAL and tokens[b, p + 1] not in SPECIAL)
     assert ident["ce_positions"] == want
     # One SAE per pass and padded context batches give the same numbers as all in one pass.
+    per = splice.variant_bytes(L, V, 2 * D, D)
+    assert splice.plan(3, 8, L, V, 2 * D, D, 12 * per) == (2, 3)  # all 5 variants, as many contexts as fit
+    budget = 3 * per  # room for clean, zero and one SAE of one context
+    assert splice.plan(3, 2, L, V, 2 * D, D, budget) == (1, 1)
     chunked = splice.site_losses(model, model.params, "res.0", meta, arrays, 0, tokens, policy, batch=2,
-                                 budget=4 * L * (V + 4 * D + 4 * D) * 2 * 3)
-    assert splice.plan(3, 2, L, V, 2 * D, D, 4 * L * (V + 4 * D + 4 * D) * 2 * 3) == (2, 1)
+                                 budget=budget)
     for a, b in zip(one, chunked):
         for key in ("ce_sae", "ce_clean", "ce_ablate", "kl"):
             assert abs(a[key] - b[key]) < 1e-5, key

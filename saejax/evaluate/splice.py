@@ -26,7 +26,7 @@ import numpy as np
 
 from saejax.sae import apply
 
-MEMORY_BUDGET = 2 ** 31  # bytes of logits + latents one pass may hold (variants x contexts)
+MEMORY_BUDGET = 2 ** 30  # bytes of logits + latents one pass may hold (variants x contexts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,13 +98,20 @@ def make_pass(model, site: str, arch: str, ks, policy: Policy):
     return _PASSES[key]
 
 
+def variant_bytes(context_len: int, vocab: int, width: int, d: int) -> int:
+    """Bytes one variant of one context holds in a pass: logits and log-probabilities (~3 x V),
+    pre-activations and latents (2 x M), activations and reconstructions (~4 x d), float32."""
+    return 4 * context_len * (3 * vocab + 2 * width + 4 * d)
+
+
 def plan(n_sae: int, batch: int, context_len: int, vocab: int, width: int, d: int,
          budget: int = MEMORY_BUDGET) -> tuple[int, int]:
-    """(contexts per pass, SAEs per pass) so that logits and latents of all variants fit ``budget``."""
-    per = 4 * context_len * (vocab + 2 * width + 4 * d)  # one variant of one context
-    while batch > 1 and 3 * batch * per > budget:
-        batch //= 2
-    return batch, max(1, min(n_sae, budget // (batch * per) - 2))
+    """(contexts per pass, SAEs per pass) within ``budget``: all n_sae + 2 variants in one pass
+    with as many contexts as fit (at least one); variants are split only if one context is too many."""
+    per = variant_bytes(context_len, vocab, width, d)
+    b = max(1, min(batch, budget // ((n_sae + 2) * per)))
+    kc = n_sae if (n_sae + 2) * b * per <= budget else max(1, budget // (b * per) - 2)
+    return b, kc
 
 
 def site_losses(model, params, site: str, meta: dict, arrays: dict, t: int, tokens: np.ndarray,
