@@ -109,6 +109,11 @@ def test_parity_with_transformers(name, tmp_path):
             assert rel(uncapped, logits) > 1e-2, field
     if cfg.arch == "gemma2":
         assert model.site_width("att.0") == 96 != cfg.d_model
+    if name == "llama-tied":  # a bfloat16 checkpoint (numpy has no bf16) loads, into float32 too
+        ref.to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
+        wq = np.asarray(M.load(f"hf:{tmp_path / 'bf16'}").params["layers"][1]["wq"])
+        assert wq.dtype == np.float32
+        np.testing.assert_array_equal(wq, np.asarray(jnp.asarray(model.params["layers"][1]["wq"], jnp.bfloat16), np.float32))
 
 
 def test_sliding_window_matters():

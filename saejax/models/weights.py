@@ -132,7 +132,7 @@ def load_hf(source: str, dtype: str, make):
     Context start: the tokenizer's/config's BOS (Gemma 2: <bos>, as Gemma Scope); special_ids:
     the tokenizer's special ids (plus bos/eos/pad from config.json).
     """
-    from safetensors.numpy import load_file
+    from safetensors import safe_open
 
     root = resolve_hf(source)
     cpath = os.path.join(root, "config.json")
@@ -144,14 +144,17 @@ def load_hf(source: str, dtype: str, make):
     files = sorted(glob.glob(os.path.join(root, "*.safetensors")))
     if not files:
         raise ModelError(f"hf:{source}: no *.safetensors in {root}")
-    sd = {}
+    where = {}  # tensor name -> file; tensors are read one at a time, straight into ``dtype``
     for fn in files:
-        sd.update(load_file(fn))
+        with safe_open(fn, framework="flax") as fh:
+            where.update({k: fn for k in fh.keys()})
+    dt = jnp.dtype(dtype)
 
     def get(n):
-        for key in (n, "model." + n if not n.startswith("model.") else n[6:]):
-            if key in sd:
-                return sd[key].astype(np.float32)
+        for key in (n, n[len("model."):] if n.startswith("model.") else "model." + n):
+            if key in where:
+                with safe_open(where[key], framework="flax") as fh:  # bf16 too (numpy has no bf16)
+                    return fh.get_tensor(key).astype(dt)
         raise ModelError(f"hf:{source}: missing tensor {n}")
 
     gemma = cfg.arch == "gemma2"
@@ -187,4 +190,4 @@ def load_hf(source: str, dtype: str, make):
     if start is None:
         raise ModelError(f"hf:{source}: neither tokenizer nor config.json names a bos token")
     name = "hf:" + (source.rstrip("/").split("/")[-1] if os.path.isdir(source) else source)
-    return make(cfg, _cast(p, dtype), tok, int(start), tuple(sorted(ids | set(tok.special_ids))), name, dtype)
+    return make(cfg, p, tok, int(start), tuple(sorted(ids | set(tok.special_ids))), name, dtype)
