@@ -168,6 +168,22 @@ def _crash_hook(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _lock(path: str):
+    """Hold an exclusive flock on ``path`` for this process's lifetime (released by the kernel even
+    on kill -9): two harvests writing one process's shards would delete each other's files."""
+    import errno
+    import fcntl
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            f.close()
+            raise StoreError(f"{path}: another harvest is writing this store (same process index)") from None
+        print(f"saejax harvest: cannot lock {path} ({e}); make sure no other harvest writes here", file=sys.stderr)
+    return f
+
+
 def _load_part(path: str, fingerprint: dict, sites) -> dict:
     """This process's part record (parts/<p>.json): shards, batches done, running statistics."""
     if not os.path.isfile(path):
@@ -200,7 +216,12 @@ def run(config, dry_run: bool = False, max_tokens: int | None = None, model=None
     if is_complete(config):
         print(f"saejax harvest: {root}/manifest.json is complete; nothing to do", file=sys.stderr)
         return read_json(os.path.join(root, "manifest.json"))
-    return _Harvest(config, model, plan, root, pi, pc).run()
+    os.makedirs(os.path.join(root, PART_DIR), exist_ok=True)
+    lock = _lock(os.path.join(root, PART_DIR, f"{pi}.lock"))
+    try:
+        return _Harvest(config, model, plan, root, pi, pc).run()
+    finally:
+        lock.close()
 
 
 
