@@ -81,7 +81,16 @@ def _cast(params, dtype: str):
 
 
 def load(source: str, dtype: str = "float32") -> Model:
-    """Load a model from ``source`` (see module docstring); parameters in ``dtype``."""
+    """Load a model from ``source`` (see module docstring); parameters in ``dtype``.
+
+    Parameters are built in host memory (the CPU backend, uncommitted, so jit still runs on the
+    default accelerator); place them with ``saejax.mesh.tree_shardings(model.params,
+    model.partition_rules(), mesh)``."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        return _load(source, dtype)
+
+
+def _load(source: str, dtype: str) -> Model:
     if dtype not in DTYPES:
         raise ModelError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
     source = str(source)
