@@ -231,6 +231,9 @@ def test_smollm2_matches_transformers_gguf(smollm2):
     text = shakespeare_passage()
     ids = model.tokenizer.encode(text)
     assert ids == tok.encode(text, add_special_tokens=False)
+    digits = "In 1599, 12345 players<|endoftext|>"  # digits split one by one; control tokens whole
+    assert model.tokenizer.encode(digits) == tok.encode(digits, add_special_tokens=False)
+    assert model.tokenizer.encode(digits)[-1] == 0 and len(model.tokenizer.encode("12345")) == 5
     assert model.tokenizer.decode(ids) == text
     toks = np.asarray([[model.context_start_id] + ids[:127]])
     logits = np.asarray(model.forward_fn()(model.params, jnp.asarray(toks))[0], np.float64)
