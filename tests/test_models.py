@@ -179,6 +179,10 @@ def test_bad_sources(tmp_path):
     with pytest.raises(ValueError, match="'mistral'.*llama, gemma2"):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
         M.load(f"hf:{tmp_path}")
+    good = C.to_hf(CONFIGS["llama-tied"])
+    with pytest.raises(ValueError, match="attention_bias=True"):  # biases would be dropped silently
+        (tmp_path / "config.json").write_text(json.dumps({**good, "attention_bias": True}))
+        M.load(f"hf:{tmp_path}")
     with pytest.raises(ValueError, match="not found"):
         M.load(f"gguf:{tmp_path}/x.gguf")
     with pytest.raises(ValueError, match="bad model source"):

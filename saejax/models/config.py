@@ -89,6 +89,14 @@ def from_hf(d: dict[str, Any]) -> ModelConfig:
     arch = _HF_ARCH.get(mt)
     if arch is None:
         raise ModelError(f"unsupported architecture {mt!r}; supported: {', '.join(ARCHS)}")
+    act = d.get("hidden_act") if arch == "llama" else d.get("hidden_activation") or "gelu_pytorch_tanh"
+    want = {"llama": ("silu",), "gemma2": ("gelu_pytorch_tanh", "gelu_tanh")}[arch]
+    for key, bad in (("attention_bias", bool(d.get("attention_bias"))), ("mlp_bias", bool(d.get("mlp_bias"))),
+                     ("hidden_act", (act or "silu") not in want),
+                     ("partial_rotary_factor", float((d.get("rope_parameters") or {}).get(
+                         "partial_rotary_factor", d.get("partial_rotary_factor", 1.0))) != 1.0)):
+        if bad:
+            raise ModelError(f"unsupported {mt} config.json: {key}={d.get(key, act)!r}")
     n_layers, H = int(d["num_hidden_layers"]), int(d["num_attention_heads"])
     head_dim = int(d.get("head_dim") or d["hidden_size"] // H)
     theta, scaling = _rope(d)
