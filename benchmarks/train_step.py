@@ -1,6 +1,6 @@
 """Train-step speed of a JumpReLU SAE against the dense-matmul roofline, SAELens, and stacking.
 
-    python benchmarks/train_step.py                 # d=576, width 4608, batch 4096; ~5 min on 2 cores
+    python benchmarks/train_step.py                 # d=576, width 4608, batch 4096; ~10 min on 2 cores
     python benchmarks/train_step.py --stack 18      # the stacked group's size (sites x sweep members)
 
 Printed, all measured in this one run on one device:
@@ -29,20 +29,28 @@ from saejax.sae.group import GroupSpec
 from saejax.train import loop, optim
 
 
-def _time(fn, n: int, warmup: int = 1) -> float:
-    """Median seconds of ``fn()`` (which must block until done) over ``n`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def _once(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
-def roofline_seconds(B: int, d: int, M: int, n: int) -> float:
-    """Seconds for the five [B,d]x[d,M]-sized fp32 matmuls of one step, in XLA."""
+def measure(fns: dict, rounds: int) -> dict:
+    """Seconds of each ``fn()`` (each blocks until done): warmed up twice, then timed once per
+    round with the functions interleaved, so that load from other processes hits all of them alike;
+    the minimum over rounds (the least disturbed run) is kept."""
+    for fn in fns.values():
+        fn()
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k].append(_once(fn))
+    return {k: min(v) for k, v in times.items()}
+
+
+def roofline(B: int, d: int, M: int):
+    """The five [B,d]x[d,M]-sized fp32 matmuls of one step, in XLA: a blocking callable."""
     k = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(k[0], (B, d))
     w_enc = jax.random.normal(k[1], (d, M))
@@ -59,11 +67,11 @@ def roofline_seconds(B: int, d: int, M: int, n: int) -> float:
         dw_enc = jnp.dot(x.T, df, precision=hi)  # encoder gradient  [d, M]
         return y, dw_dec, dw_enc
 
-    return _time(lambda: jax.block_until_ready(five(x, w_enc, w_dec, g)), n)
+    return lambda: jax.block_until_ready(five(x, w_enc, w_dec, g))
 
 
-def saejax_seconds(T: int, K: int, B: int, d: int, M: int, n: int) -> float:
-    """Seconds per train step of a T x K JumpReLU group on one device."""
+def saejax_step(T: int, K: int, B: int, d: int, M: int):
+    """One train step of a T x K JumpReLU group on one device: a blocking callable."""
     spec = GroupSpec(arch="jumprelu", sites=tuple(f"res.{i}" for i in range(T)), d=d, width=M,
                      sparsity=tuple(1e-3 * (i + 1) for i in range(K)))
     hp = optim.Hyper(total_steps=10 ** 6, batch_size=B, lr_warmup=10, sparsity_warmup=10)
@@ -77,11 +85,11 @@ def saejax_seconds(T: int, K: int, B: int, d: int, M: int, n: int) -> float:
         box[0], m = trainer.step(box[0], x)
         jax.block_until_ready(m["loss"])
 
-    return _time(one, n, warmup=2)
+    return one
 
 
-def saelens_seconds(B: int, d: int, M: int, n: int) -> float | None:
-    """Seconds per SAELens JumpReLU training step (forward, backward, Adam), or None if absent."""
+def saelens_step(B: int, d: int, M: int):
+    """One SAELens JumpReLU training step (forward, backward, Adam) in torch, or None if absent."""
     try:
         import torch
         from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
@@ -106,7 +114,7 @@ def saelens_seconds(B: int, d: int, M: int, n: int) -> float | None:
         opt.zero_grad(set_to_none=True)
         step[0] += 1
 
-    return _time(one, n, warmup=2)
+    return one
 
 
 def main():
@@ -114,7 +122,7 @@ def main():
     p.add_argument("--d", type=int, default=576)
     p.add_argument("--width", type=int, default=4608)
     p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (minimum kept)")
     p.add_argument("--stack", type=int, default=18, help="SAEs in the stacked group (0: skip)")
     a = p.parse_args()
     B, d, M = a.batch, a.d, a.width
@@ -122,22 +130,27 @@ def main():
     print(f"shape: d={d} width={M} batch={B}; step FLOPs 10*B*d*M = {flops / 1e9:.1f} GFLOP; "
           f"devices {jax.devices()[0].platform} x1")
 
-    roof = roofline_seconds(B, d, M, a.steps)
+    K = 3 if a.stack % 3 == 0 else 1
+    fns = {"roof": roofline(B, d, M), "saejax": saejax_step(1, 1, B, d, M)}
+    lens_fn = saelens_step(B, d, M)
+    if lens_fn is not None:
+        fns["lens"] = lens_fn
+    if a.stack:
+        fns["stack"] = saejax_step(a.stack // K, K, B, d, M)
+    t = measure(fns, a.rounds)
+    roof, one = t["roof"], t["saejax"]
     print(f"roofline : five dense matmuls {roof * 1e3:8.1f} ms  ({flops / roof / 1e9:.1f} GFLOP/s)")
-    one = saejax_seconds(1, 1, B, d, M, a.steps)
     print(f"saejax   : train step         {one * 1e3:8.1f} ms  {B / one:>10,.0f} tok/s  "
           f"roofline fraction {roof / one:.2f}  (target >= 0.85)")
-    lens = saelens_seconds(B, d, M, a.steps)
-    if lens is not None:
+    if "lens" in t:
+        lens = t["lens"]
         print(f"sae-lens : train step         {lens * 1e3:8.1f} ms  {B / lens:>10,.0f} tok/s  "
               f"roofline fraction {roof / lens:.2f}")
         print(f"saejax / sae-lens speed-up: {lens / one:.2f}x  (target >= 2)")
     if a.stack:
-        K = 3 if a.stack % 3 == 0 else 1
-        T = a.stack // K
-        many = saejax_seconds(T, K, B, d, M, max(2, a.steps // 2))
+        many = t["stack"]
         total = B * a.stack / many  # SAE-tokens per second: each SAE reads B rows per step
-        print(f"stacked  : {T} sites x {K} members = {a.stack} SAEs  {many * 1e3:8.1f} ms/step  "
+        print(f"stacked  : {a.stack // K} sites x {K} members = {a.stack} SAEs  {many * 1e3:8.1f} ms/step  "
               f"{total / a.stack:>10,.0f} tok/s per SAE ({total:,.0f} SAE-tokens/s)")
         print(f"per-SAE throughput stacked / single: {total / (B / one):.2f}  (target >= 0.90)")
 

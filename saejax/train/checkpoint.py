@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 import jax
 import orbax.checkpoint as ocp
@@ -77,7 +78,9 @@ class PreemptionWatch:
         self.multi = jax.process_count() > 1
         self.flag = False
         self._old = None
-        if not self.multi:  # several processes: JAX's coordination service owns SIGTERM
+        # Several processes: JAX's coordination service owns SIGTERM. Python signal handlers can
+        # only be set from the main thread; elsewhere (a library caller's thread) SIGTERM kills.
+        if not self.multi and threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGTERM, self._handler)
 
     def _handler(self, signum, frame):  # only sets a flag: the loop saves at the next step
