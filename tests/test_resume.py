@@ -207,3 +207,12 @@ def test_nonfinite_sae_is_frozen_and_a_dead_group_keeps_its_last_checkpoint(tmp_
 
 def _finished(d):
     return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+def test_is_complete_once_every_group_is_final(reference):
+    from saejax import config as cfg
+    config, ref = reference
+    c = cfg.load(f"{config}:workdir={ref},steps={STEPS}")
+    assert loop.is_complete(c)
+    c2 = cfg.load(f"{config}:workdir={ref},steps={STEPS}", ["--config.sae.widths=(128, 64)"])
+    assert not loop.is_complete(c2)  # the width-64 group was never trained

@@ -310,6 +310,15 @@ def dry_run_report(spec, hp, mesh) -> str:
     return line
 
 
+def is_complete(config) -> bool:
+    """Every group of the suite has its ``final/`` folder (``saejax run`` then skips training)."""
+    try:
+        plans = plan_groups(config, make_source(config))
+    except Exception:  # noqa: BLE001 - no readable source: not complete; the train stage reports why
+        return False
+    return all(os.path.isdir(os.path.join(config.workdir, "train", spec.name, "final")) for spec, _ in plans)
+
+
 def run(config, dry_run: bool = False) -> list[str]:
     """Train every group of the suite; return the folders of the finished groups.
 
