@@ -21,10 +21,16 @@ def get_config(arg: str = ""):
     if c.sae.arch in ("topk", "batchtopk"):
         c.sae.sparsity = (4.0,)
     else:
-        c.sae.sparsity = (0.003, 0.01)
+        c.sae.sparsity = (0.01, 0.02)
+    if c.sae.arch == "jumprelu":
+        # Gemma Scope's init (W_enc = W_dec^T, log theta = 0.001) starts with ~M/2 latents firing and
+        # FVU ~66; Adam remembers those gradients for thousands of steps and a short run never moves
+        # the dictionary. A d/M-scaled encoder and a raw threshold fix it (docs/sae.md).
+        c.sae.threshold_param = "raw"
+        c.sae.encoder_init_scale = c.synthetic.d / c.sae.widths[0]
     c.train.tokens = 2048 * 3000
     c.train.batch_size = 2048
-    c.train.lr = 1e-3  # a 64-dim toy learns at a far larger lr than Gemma Scope's 7e-5
+    c.train.lr = 3e-3  # a 64-dim toy learns at a far larger lr than Gemma Scope's 7e-5
     c.train.lr_warmup = 0.05
     c.train.sparsity_warmup = 0.3
     c.train.dead_tokens = 2048 * 200

@@ -57,14 +57,16 @@ def _mask_frozen(frozen, new, old):
 def calibrate_thresholds(spec: GroupSpec, params, x) -> dict:
     """JumpReLU thresholds from data (opt-in, ``spec.threshold_init_l0`` = L0_init > 0).
 
-    theta_i = max(q_i, threshold_init), q_i the n-th largest pre-activation of latent i over the
-    batch x [T, B, d], n = max(1, round(B * L0_init / M)): every latent starts firing on a fraction
-    L0_init / M of the rows, so the SAE starts at L0 ~ L0_init instead of ~M/2 (docs/sae.md).
+    theta_i = max(q_i, threshold_init), q_i the midpoint of the n-th and (n+1)-th largest
+    pre-activations of latent i over the batch x [T, B, d], n = clip(round(B * L0_init / M), 1, B - 1):
+    every latent starts firing on n of the B rows (pre > theta), so the SAE starts at L0 ~ L0_init
+    instead of ~M/2 (docs/sae.md).
     """
     pre = SAEGroup(spec).apply({"params": params}, x, method=SAEGroup.pre_activations)  # [T, K, B, M]
     B = pre.shape[2]
-    n = max(1, min(B, round(B * spec.threshold_init_l0 / spec.width)))
-    q = lax.top_k(jnp.swapaxes(pre, -1, -2), n)[0][..., -1]  # [T, K, M]
+    n = max(1, min(B - 1, round(B * spec.threshold_init_l0 / spec.width)))
+    top = lax.top_k(jnp.swapaxes(pre, -1, -2), n + 1)[0]  # [T, K, M, n + 1]
+    q = 0.5 * (top[..., -2] + top[..., -1])  # [T, K, M]
     theta = jnp.maximum(q, spec.threshold_init).astype(pre.dtype)
     if "log_threshold" in params:
         return dict(params, log_threshold=jnp.log(theta))
