@@ -164,8 +164,14 @@ def _truncate_log(path: str, step: int) -> None:
     """Keep only the records of steps <= ``step`` (a resumed run rewrites what came after)."""
     if not path or not os.path.exists(path) or jax.process_index() != 0:
         return
+    keep = []
     with open(path) as fh:
-        keep = [ln for ln in fh if ln.strip() and json.loads(ln)["step"] <= step]
+        for ln in fh:
+            try:
+                if json.loads(ln)["step"] <= step:
+                    keep.append(ln)
+            except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill
+                pass
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as fh:
         fh.writelines(keep)
