@@ -56,7 +56,8 @@ class Model:
     def forward_fn(self, sites: Sequence[str] = (), logits: bool = True,
                    splice: Mapping[str, Callable] | None = None):
         """A jitted ``(params, tokens) -> apply(params, tokens, sites, logits, splice)``; cached per
-        (sites, logits, splice functions)."""
+        (sites, logits, splice function objects): reuse the same function objects to reuse the
+        compilation (a fresh lambda per call compiles, and is kept, every time)."""
         for s in (*sites, *(splice or {})):
             self.site_width(s)  # errors before compilation
         key = (tuple(sites), bool(logits), tuple(sorted((splice or {}).items(), key=lambda kv: kv[0])))
