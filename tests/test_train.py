@@ -200,3 +200,40 @@ def test_calibrated_thresholds_fire_on_target_fraction(param):
     np.testing.assert_allclose(new2["params"]["W_enc"], new["params"]["W_enc"], atol=1e-6)
     name = "log_threshold" if param == "log" else "threshold"
     np.testing.assert_allclose(new2["params"][name], params[name], rtol=1e-5)
+
+
+def test_auxk_loss_and_gradient_reach_dead_latents():
+    """AuxK = coeff * ||e - e_hat||^2, e_hat from the top auxk_k dead latents; it gives dead rows a gradient."""
+    d, M, B, coeff = 4, 6, 3, 0.25
+    rng = np.random.default_rng(1)
+    p = {"W_enc": rng.normal(size=(d, M)), "b_enc": rng.normal(size=M) * 0.1,
+         "W_dec": rng.normal(size=(M, d)), "b_dec": rng.normal(size=d) * 0.1}
+    p["W_dec"] /= np.linalg.norm(p["W_dec"], axis=1, keepdims=True)
+    x = rng.normal(size=(B, d))
+    since = np.array([0, 0, 10, 0, 12, 20])  # dead_steps 10: latents 2, 4, 5 are dead
+
+    def run(c):
+        spec = GroupSpec(arch="topk", sites=("a",), d=d, width=M, sparsity=(1.0,), auxk_k=2, auxk_coeff=c)
+        hp = optim.Hyper(total_steps=10, batch_size=B, dead_steps=10)
+        state = init_state(spec, hp, jax.random.key(0))
+        state["params"] = {k: jnp.asarray(v[None, None], jnp.float32) for k, v in p.items()}
+        state["since_fired"] = jnp.asarray(since[None, None], jnp.int32)
+        xj = jnp.asarray(x[None], jnp.float32)
+        (_, out), g = jax.value_and_grad(lambda q: losses(spec, hp, q, state, xj), has_aux=True)(state["params"])
+        return out, np.asarray(g["W_dec"][0, 0])
+
+    pre = x @ p["W_enc"] + p["b_enc"]
+    f = np.where(pre >= np.sort(pre, 1)[:, -1:], np.maximum(pre, 0), 0)
+    e = x - (f @ p["W_dec"] + p["b_dec"])
+    dead_pre = np.where(since >= 10, pre, -np.inf)
+    f_aux = np.where(dead_pre >= np.sort(dead_pre, 1)[:, -2:-1], np.maximum(pre, 0), 0)
+    want = coeff * np.mean(np.sum((e - f_aux @ p["W_dec"]) ** 2, 1))
+    out, g = run(coeff)
+    np.testing.assert_allclose(out["aux_loss"][0, 0], want, rtol=1e-5)
+    assert want > 1e-3
+    fired = np.any(f > 0, 0)
+    revived = (since >= 10) & ~fired & np.any(f_aux > 0, 0)
+    assert revived.any()
+    _, g0 = run(0.0)
+    np.testing.assert_array_equal(g0[revived], 0.0)  # without AuxK a dead row gets no gradient at all
+    assert np.all(np.abs(g[revived]).max(1) > 1e-6)  # with it, it does
