@@ -107,3 +107,10 @@ def test_topk_and_batchtopk_activations():
                                         method=SAEGroup.activate))
     # k*B = 4 largest of the whole batch: 0.9, 0.7, 0.5, 0.4.
     np.testing.assert_allclose(f[0, 0], [[0.5, 0, 0.9, 0, 0.7, 0], [0, 0, 0.4, 0, 0, 0]])
+
+
+def test_encoder_init_scale():
+    spec = GroupSpec(arch="jumprelu", sites=("a",), d=16, width=64, sparsity=(1e-3,), encoder_init_scale=0.25)
+    p = init_params(spec, jax.random.key(1))
+    np.testing.assert_allclose(np.linalg.norm(p["W_dec"], axis=-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(p["W_enc"], 0.25 * np.swapaxes(p["W_dec"], -1, -2), rtol=1e-7)

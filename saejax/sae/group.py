@@ -175,7 +175,10 @@ def batchtopk_activation(pre, ks: tuple[int, ...]):
 
 
 def init_params(spec: GroupSpec, key) -> dict:
-    """Gemma Scope init: W_dec He-uniform with unit rows, W_enc = W_dec^T, biases 0, theta = 0.001."""
+    """Gemma Scope init: W_dec He-uniform with unit rows, W_enc = W_dec^T, biases 0, theta = 0.001.
+
+    ``spec.encoder_init_scale`` s != 1 gives W_enc = s * W_dec^T (s ~ d/M for short runs, docs/sae.md).
+    """
     x = jnp.zeros((spec.T, 1, spec.d), jnp.dtype(spec.dtype))
     return SAEGroup(spec).init(key, x)["params"]
 
