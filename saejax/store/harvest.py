@@ -184,6 +184,20 @@ def _lock(path: str):
     return f
 
 
+def _barrier(name: str, timeout_s: float = 3600.0) -> None:
+    """Wait until every process gets here. Uses the coordination service's barrier, with a long
+    timeout (JAX's own array serialization does the same), rather than a device collective: on CPU
+    the first collective sets up Gloo, which gives up after 30 s when the processes arrive far apart
+    (a slow model load or a long final write on one host)."""
+    from jax._src import distributed  # no public handle on the client in jax 0.10
+    client = distributed.global_state.client
+    if client is None:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+    else:
+        client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
+
+
 def _load_part(path: str, fingerprint: dict, sites) -> dict:
     """This process's part record (parts/<p>.json): shards, batches done, running statistics."""
     if not os.path.isfile(path):
@@ -269,6 +283,8 @@ class _Harvest:
         self.live = {k: part[k] for k in ("median_norm", "stats", "splits")}  # main thread only
         self.special = np.asarray(sorted(set(int(i) for i in model.special_ids)), np.int32)
 
+        if pc > 1:
+            _barrier("saejax-harvest-start")  # all processes loaded: the first collective follows
         self.mesh = mesh_mod.make_mesh(config.mesh)
         n_data = self.mesh.shape["data"]
         if plan.Bc % n_data:
@@ -383,7 +399,7 @@ class _Harvest:
         median = self.live["median_norm"]
         self.bytes_written = sum(sh["bytes"] + sh["meta_bytes"] for sh in self.shards)
         t0, last = time.time(), 0.0
-        t1, tok1 = t0, 0
+        t1 = t0
         done_tokens = 0
         stop = p.stop
         total_ctx = stop if stop is not None else _count_contexts(self.config, self.model, 2 ** 27)  # for the ETA
@@ -407,6 +423,8 @@ class _Harvest:
                 g = jax.make_array_from_process_local_data(self.tok_sharding, tokens[self.row0:self.row0 + p.local],
                                                            (p.Bc, p.L))
                 cur = (b, tokens, ctx, *self.fwd(self.params, g))  # dispatched; runs while prev is copied
+                if b == start:
+                    t1 = time.time()  # the first call compiled; the steady rate counts from here
             if prev is not None:
                 pb, ptok, pctx, acts, norms = prev
                 norms = {s: np.asarray(v) for s, v in norms.items()}
@@ -423,8 +441,6 @@ class _Harvest:
                         self._submit(pb // p.K, buffers, pb + 1, snap)
                     buffers = {}
                 now = time.time()
-                if pb == start:  # the first batch carries the compile; the steady rate starts after it
-                    t1, tok1 = now, done_tokens
                 if now - last > 2 or cur is None:
                     last = now
                     self._progress(done_tokens, now - t0, pb + 1, total_ctx)
@@ -438,7 +454,7 @@ class _Harvest:
         self.live["median_norm"] = median
         self._commit(b, True, self.live)
         t_end = time.time()
-        last_run.update(tokens=done_tokens, seconds=t_end - t0, steady_tokens=done_tokens - tok1,
+        last_run.update(tokens=done_tokens, seconds=t_end - t0, steady_tokens=done_tokens,
                         steady_seconds=t_end - t1)
         print(file=sys.stderr)
         return self._finish()
@@ -463,8 +479,7 @@ class _Harvest:
         """Barrier, then process 0 writes the held-out tokens and the merged manifest."""
         import jax
         if self.pc > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("saejax-harvest-parts-done")
+            _barrier("saejax-harvest-parts-done")
         if self.pi != 0:
             return None
         p = self.plan
