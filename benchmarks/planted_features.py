@@ -10,7 +10,6 @@ held-out rows (BatchTopK at inference: its global threshold).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import jax
@@ -91,12 +90,13 @@ VARIANTS = [
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--only", default="", help="comma-separated row numbers (0-based) to run")
     args = ap.parse_args()
     rows = [VARIANTS[int(i)] for i in args.only.split(",")] if args.only else VARIANTS
     print(f"{'variant':52s} {'recovered':>9s} {'med cos':>7s} {'L0':>6s} {'FVU':>6s} {'dead':>5s} {'sec':>5s}")
     for name, arch, sparsity, kw in rows:
-        r = run(arch, sparsity, steps=args.steps, spec_kw=kw)
+        r = run(arch, sparsity, steps=args.steps, lr=args.lr, spec_kw=kw)
         print(f"{name:52s} {r['recovered']:9.3f} {r['median_cos']:7.3f} {r['l0']:6.2f} {r['fvu']:6.3f} "
               f"{r['dead']:5.2f} {r['seconds']:5.0f}", flush=True)
 
