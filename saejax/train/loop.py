@@ -87,27 +87,26 @@ class Trainer:
                             out_shardings=(self.state_shardings, replicated), donate_argnums=0)
         self.finite = jax.jit(_finite_per_sae, out_shardings=replicated)
         self.replicate = jax.jit(lambda a: a, out_shardings=replicated)
-        self.sites, self.rows = self._local_block()
+        self.site_range, self.rows = self._local_block()
 
     def _local_block(self):
-        """This process's block of the global batch: (its sites, (part index, parts) of the rows)."""
+        """This process's block of the global batch: ((t0, t1) its sites, (part index, parts) of the rows)."""
         idx = self.x_sharding.addressable_devices_indices_map(self.x_shape).values()
         T, B, _ = self.x_shape
         t0, t1 = min(i[0].start or 0 for i in idx), max(i[0].stop or T for i in idx)
         b0, b1 = min(i[1].start or 0 for i in idx), max(i[1].stop or B for i in idx)
         n = b1 - b0
         assert B % n == 0 and b0 % n == 0, (b0, b1, B)
-        return self.spec.sites[t0:t1], (b0 // n, B // n)
+        return (t0, t1), (b0 // n, B // n)
 
     def init_state(self):
         return self.init(jax.random.key(self.seed))
 
     def local_batch(self, source, step: int, scales: np.ndarray) -> np.ndarray:
         """This process's normalized rows of ``step``: [T_local, B_local, d]."""
-        part, parts = self.rows
-        x = source.batch(list(self.sites), step, self.hp.batch_size, part, parts)
-        t0 = self.spec.sites.index(self.sites[0])
-        return x * scales[t0:t0 + len(self.sites)]
+        (t0, t1), (part, parts) = self.site_range, self.rows
+        x = source.batch(list(self.spec.sites[t0:t1]), step, self.hp.batch_size, part, parts)
+        return x * scales[t0:t1]
 
     def put_batch(self, x_local: np.ndarray):
         """This process's rows [T_local, B_local, d] -> a global mesh-sharded array [T, B, d]."""
