@@ -304,10 +304,10 @@ class _Harvest:
             start = sh.index[0].start or 0
             if start not in seen:
                 seen[start] = np.asarray(sh.data)
-        return np.concatenate([seen[k] for k in sorted(seen)])
+        return seen[start] if len(seen) == 1 else np.concatenate([seen[k] for k in sorted(seen)])
 
     def _select(self, tokens, ctx, acts, norms, median):
-        """Rows to keep from one batch's local part, per (split, site): (rows, meta)."""
+        """Rows to keep from one batch's local part, per (split, site): (rows [n, w], meta [n, 3])."""
         p, h = self.plan, self.h
         loc = slice(self.row0, self.row0 + p.local)
         tok, cx = tokens[loc], ctx[loc]
@@ -316,22 +316,23 @@ class _Harvest:
         base = (cx[:, None] >= 0) & (pos >= 1 + h.skip_first)
         eligible = base & ~special
         split_of = {"heldout": (cx < p.H)[:, None], "train": (cx >= p.H)[:, None]}
+        # meta of every local position, flattened [local * L, 3]; rows are gathered by flat index
+        meta_all = np.stack([tok.ravel(), np.repeat(cx, p.L), pos.ravel()], axis=1).astype(np.int32)
         out = {}
         for s in p.sites:
             n = norms[s][loc]
             keep = eligible & (n <= h.max_norm_ratio * median[s]) if h.max_norm_ratio > 0 else eligible
-            a = self._local(acts[s])
+            a = self._local(acts[s]).reshape(p.local * p.L, -1)
             st = self.live["stats"][s]
             for sp in SPLITS:
                 m = keep & split_of[sp]
-                rows = a[m]
-                meta = np.stack([tok[m], np.broadcast_to(cx[:, None], tok.shape)[m], pos[m]], axis=1).astype(np.int32)
-                out[(sp, s)] = (rows, meta)
-                st["rows"][sp] += int(m.sum())
+                idx = np.flatnonzero(m)
+                out[(sp, s)] = (a[idx], meta_all[idx])
+                st["rows"][sp] += len(idx)
                 st["dropped"]["norm"] += int((eligible & split_of[sp] & ~keep).sum())
                 st["dropped"]["special"] += int((base & split_of[sp] & special).sum())
                 if sp == "train":
-                    st["sum_sq"] += float(np.sum(n[m].astype(np.float64) ** 2))
+                    st["sum_sq"] += float(np.sum(n.ravel()[idx].astype(np.float64) ** 2))
         for sp in SPLITS:
             mine = split_of[sp][:, 0] & (cx >= 0)
             self.live["splits"][sp]["contexts"] += int(mine.sum())
