@@ -1,6 +1,7 @@
 """How well each SAE variant recovers planted features (synthetic data, CPU, one run).
 
-    python benchmarks/planted_features.py            # the table in docs/sae.md, ~10 min alone on 2 CPU cores
+    python benchmarks/planted_features.py                # the table in docs/sae.md, ~10 min alone on 2 CPU cores
+    python benchmarks/planted_features.py --adam-memory  # why: the decoder's effective Adam step, ~1 min
 
 Data: saejax.data.synthetic (512 unit directions in d=64, each row a non-negative mix of 4 with
 Zipf-like frequencies, noise 0.01), normalized to E||x||^2 = 1. A planted direction counts as
@@ -19,7 +20,7 @@ import numpy as np
 from saejax.data.synthetic import SyntheticSource
 from saejax.sae.group import GroupSpec, SAEGroup
 from saejax.train import optim
-from saejax.train.step import init_state, make_train_step
+from saejax.train.step import init_state, losses, make_train_step
 
 EVAL_STEP = 2 ** 30  # a step index training never reaches
 
@@ -87,12 +88,39 @@ VARIANTS = [
 ]
 
 
+def adam_memory(spec_kw=None, steps=400, lr=1e-3, at=(0, 20, 50, 100, 200, 399)):
+    """Print, at steps ``at``: L0, FVU, rms of the W_dec gradient and of Adam's sqrt(v_hat), and their
+    ratio (the decoder's effective step as a fraction of lr under b1 = 0)."""
+    source = SyntheticSource(("res.0",))
+    spec = GroupSpec(arch="jumprelu", sites=("res.0",), d=64, width=1024, sparsity=(0.01,), **(spec_kw or {}))
+    hp = optim.Hyper(total_steps=1000, batch_size=1024, lr=lr, lr_warmup=50, sparsity_warmup=300, dead_steps=200)
+    scale = source.norm_scale("res.0")
+    state, step = init_state(spec, hp, jax.random.key(0)), jax.jit(make_train_step(spec, hp))
+    grad = jax.jit(lambda p, st, x: jax.grad(lambda q: losses(spec, hp, q, st, x), has_aux=True)(p))
+    print(f"{spec_kw or 'Gemma Scope init'}\n{'step':>5s} {'L0':>6s} {'FVU':>7s} {'|g| rms':>8s} {'sqrt(v) rms':>11s} {'ratio':>6s}")
+    for i in range(steps):
+        x = jnp.asarray(source.batch(spec.sites, i, 1024) * scale)
+        if i in at:
+            g, out = grad(state["params"], state, x)
+            g = float(jnp.sqrt(jnp.mean(g["W_dec"] ** 2)))
+            nu = state["opt_state"][0].nu["W_dec"]
+            v = float(jnp.sqrt(jnp.mean(nu) / max(1 - hp.b2 ** i, 1e-12))) if i else float("nan")
+            print(f"{i:5d} {float(out['l0'][0, 0]):6.1f} {float(out['fvu'][0, 0]):7.3f} {g:8.1e} {v:11.1e} {g / v:6.3f}")
+        state, _ = step(state, x)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--only", default="", help="comma-separated row numbers (0-based) to run")
+    ap.add_argument("--adam-memory", action="store_true",
+                    help="instead: the decoder's effective Adam step, Gemma Scope init vs W_enc = d/M W_dec^T")
     args = ap.parse_args()
+    if args.adam_memory:
+        for kw in ({"threshold_param": "raw"}, {"threshold_param": "raw", "encoder_init_scale": D_OVER_M}):
+            adam_memory(kw)
+        return
     rows = [VARIANTS[int(i)] for i in args.only.split(",")] if args.only else VARIANTS
     print(f"{'variant':52s} {'recovered':>9s} {'med cos':>7s} {'L0':>6s} {'FVU':>6s} {'dead':>5s} {'sec':>5s}")
     for name, arch, sparsity, kw in rows:
