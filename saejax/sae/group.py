@@ -123,7 +123,9 @@ class SAEGroup(nn.Module):
         b_enc = self.b_enc
         if s.pre_encoder_bias:  # (x - b_dec) @ W_enc without materializing K copies of x
             b_enc = b_enc - jnp.einsum("tkd,tkdm->tkm", self.b_dec, self.W_enc, precision=prec)
-        return jnp.einsum("tbd,tkdm->tkbm", x, self.W_enc, precision=prec) + b_enc[:, :, None, :]
+        # A broadcast matmul, not einsum("tbd,tkdm->tkbm"): XLA:CPU lowers the einsum with the batch
+        # dims first and then transposes [B, M]; this form ran the whole step 1.5-1.7x faster (docs/training.md).
+        return jnp.matmul(x[:, None], self.W_enc, precision=prec) + b_enc[:, :, None, :]
 
     def activate(self, pre, bt_threshold=None, train: bool = True):
         """pre [T, K, B, M] -> latents f of the same shape."""
