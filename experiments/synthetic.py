@@ -23,10 +23,9 @@ def get_config(arg: str = ""):
     else:
         c.sae.sparsity = (0.01, 0.02)
     if c.sae.arch == "jumprelu":
-        # Gemma Scope's init (W_enc = W_dec^T, log theta = 0.001) starts with ~M/2 latents firing and
+        # Gemma Scope's init (W_enc = W_dec^T, theta = 0.001) starts with ~M/2 latents firing and
         # FVU ~66; Adam remembers those gradients for thousands of steps and a short run never moves
-        # the dictionary. A d/M-scaled encoder and a raw threshold fix it (docs/sae.md).
-        c.sae.threshold_param = "raw"
+        # the dictionary. A d/M-scaled encoder fixes it (docs/sae.md); set again if widths change.
         c.sae.encoder_init_scale = c.synthetic.d / c.sae.widths[0]
     c.train.tokens = 2048 * 3000
     c.train.batch_size = 2048
