@@ -82,8 +82,8 @@ VARIANTS = [
     ("jumprelu Gemma Scope (log theta)", "jumprelu", 0.01, {}),
     ("jumprelu raw theta", "jumprelu", 0.01, {"threshold_param": "raw"}),
     ("jumprelu log, theta from data (L0 16)", "jumprelu", 0.01, {"threshold_init_l0": 16}),
-    ("jumprelu log, W_enc = d/M W_dec^T", "jumprelu", 0.01, {"encoder_init_scale": D_OVER_M}),
-    ("jumprelu raw, W_enc = d/M W_dec^T (the fix)", "jumprelu", 0.01,
+    ("jumprelu log, W_enc = d/M W_dec^T (the fix)", "jumprelu", 0.01, {"encoder_init_scale": D_OVER_M}),
+    ("jumprelu raw, W_enc = d/M W_dec^T", "jumprelu", 0.01,
      {"threshold_param": "raw", "encoder_init_scale": D_OVER_M}),
 ]
 
