@@ -63,16 +63,28 @@ def main(argv=None) -> int:
     from saejax.mesh import init_distributed
     init_distributed()  # multi-process runs join here, before any device is touched
     stages = ("harvest", "train", "evaluate", "release") if known.stage == "run" else (known.stage,)
-    for name in stages:
+    if known.stage == "run" and config.train.source == "synthetic":
+        stages = ("train",)  # no model, no store: there is nothing to harvest, splice or release
+    planned = None
+    for i, name in enumerate(stages):
         fn = _stage(name)
         if known.stage == "run" and not known.dry_run and _complete(name, config):
             print(f"saejax run: {name} is complete under {config.workdir}; skipped", file=sys.stderr)
             continue
+        if known.stage == "run" and known.dry_run and name in ("evaluate", "release") \
+                and not _complete(stages[i - 1], config):
+            print(f"saejax run: {name} dry run needs {stages[i - 1]}'s output; it runs after "
+                  f"{stages[i - 1]}", file=sys.stderr)
+            continue
         kwargs = {"dry_run": known.dry_run}
         if name == "harvest" and known.max_tokens is not None:
             kwargs["max_tokens"] = known.max_tokens
+        if name == "train" and planned:
+            kwargs["planned_widths"] = planned.get("widths")
         try:
-            fn(config, **kwargs)
+            result = fn(config, **kwargs)
+            if name == "harvest" and known.dry_run:
+                planned = result
         except (cfg.ConfigError, *_input_errors()) as e:
             print(f"saejax {name}: {cfg.first_line(e)}", file=sys.stderr)
             return 2

@@ -71,9 +71,10 @@ def defaults() -> ml_collections.ConfigDict:
     # The sparsity sweep: one SAE per value, per site and width. For jumprelu the L0 coefficient
     # lambda, for relu the L1 coefficient, for topk/batchtopk the k.
     c.sae.sparsity = (0.001,)
-    # Target L0s: when set, lambda is calibrated per SAE to reach each target (jumprelu, relu);
-    # replaces c.sae.sparsity as the sweep.
+    # Target L0s (jumprelu): when set, they replace c.sae.sparsity as the sweep and each SAE's L0 term
+    # becomes target_l0_coeff * t * (L0/t - 1)^2, which pulls L0 to t from either side (docs/training.md).
     c.sae.target_l0 = ()
+    c.sae.target_l0_coeff = 0.1
     c.sae.pre_encoder_bias = False  # subtract b_dec before the encoder
     c.sae.threshold_param = "log"  # jumprelu theta: "log" (JumpReLU paper) or "raw" (SAELens)
     c.sae.threshold_init = 0.001
@@ -106,7 +107,6 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.log_every = 100
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 2
-    c.train.calibration_rate = 0.05  # target_l0: multiplicative lambda step per log-L0 error
 
     # --- synthetic planted-feature activations (train.source = "synthetic") ----------------------
     c.synthetic = ml_collections.ConfigDict()
@@ -126,7 +126,7 @@ def defaults() -> ml_collections.ConfigDict:
 
     # --- evaluation and release --------------------------------------------------------------
     c.evaluate = ml_collections.ConfigDict()
-    c.evaluate.contexts = 2048  # held-out contexts used (at most data.heldout_contexts)
+    c.evaluate.contexts = 2048  # held-out contexts spliced for delta LM loss (metrics use every held-out row)
     c.evaluate.batch_contexts = 8
     c.evaluate.latent_cards = 16  # latents per SAE shown on its latent card page
 
@@ -255,8 +255,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
             _check(float(k).is_integer() and k >= 1, "sae.sparsity", f"k={k!r} must be a positive integer")
             _check(all(k <= w for w in c.sae.widths), "sae.sparsity", f"k={k} exceeds a width")
     if c.sae.target_l0:
-        _check(c.sae.arch in ("jumprelu", "relu"), "sae.target_l0",
-               "calibration is for jumprelu and relu; for topk set sae.sparsity to the k values")
+        _check(c.sae.arch == "jumprelu", "sae.target_l0",
+               "targets are for jumprelu (its L0 is trained directly); for topk set sae.sparsity to the k "
+               "values, for relu sweep sae.sparsity")
+        _check(c.sae.target_l0_coeff > 0, "sae.target_l0_coeff", "must be positive")
         for t in c.sae.target_l0:
             _check(t > 0, "sae.target_l0", f"{t!r} must be positive")
     _check(c.sae.threshold_param in ("log", "raw"), "sae.threshold_param", "must be 'log' or 'raw'")

@@ -88,12 +88,14 @@ class _Rows:
         self.store = storelib.open_store(path)
         self.manifest = self.store.manifest
         self.model_name = self.store.model
-        tokens = self.store.heldout_tokens()
-        self.n_contexts = min(int(config.evaluate.contexts), len(tokens))
+        # Reconstruction metrics and cards use every held-out row (cheap); splicing, which runs the
+        # model once per site, uses the first evaluate.contexts contexts.
+        self.all_tokens = np.asarray(self.store.heldout_tokens())
+        self.all_context_ids = np.asarray(self.store.heldout_contexts())
+        self.n_contexts = min(int(config.evaluate.contexts), len(self.all_tokens))
         if self.n_contexts == 0:
             raise EvaluateError(f"{path}: the store has no held-out contexts (data.heldout_contexts = 0)")
-        self.tokens = np.asarray(tokens[:self.n_contexts])
-        self.context_ids = np.asarray(self.store.heldout_contexts()[:self.n_contexts])
+        self.tokens = self.all_tokens[:self.n_contexts]
 
     @property
     def sites(self):
@@ -103,13 +105,11 @@ class _Rows:
         return self.source.width(site) if self.synthetic else self.store.width(site)
 
     def rows(self, site):
-        """(x [n, w] raw float32, meta [n, 3] or None) of the evaluated held-out contexts."""
+        """(x [n, w] raw float32, meta [n, 3] or None): every held-out row of the site."""
         if self.synthetic:
             x = self.source.batch([site], SYNTHETIC_STEP, SYNTHETIC_ROWS)[0]
             return np.asarray(x, np.float32), None
-        x, meta = self.store.rows(site, "heldout")
-        keep = np.isin(meta[:, 1], self.context_ids)
-        return x[keep], meta[keep]
+        return self.store.rows(site, "heldout")
 
     def policy(self, site) -> splice.Policy:
         m = self.manifest
@@ -141,7 +141,8 @@ def run(config, dry_run: bool = False) -> dict | None:
     _check(groups, data)
     n_sae = sum(len(m["sites"]) * len(m["sparsity"]) for _, _, m in groups)
     print(f"saejax evaluate: {len(groups)} groups, {n_sae} SAEs"
-          + (" on synthetic rows" if data.synthetic else f" on {data.n_contexts} held-out contexts"), file=sys.stderr)
+          + (" on synthetic rows" if data.synthetic else f" on {len(data.all_tokens)} held-out contexts, "
+             f"{data.n_contexts} of them spliced"), file=sys.stderr)
     if dry_run:
         for name, _, meta in groups:
             print(f"  {name}: sites {meta['sites']}, {len(meta['sparsity'])} sweep members, "
@@ -165,6 +166,7 @@ def run(config, dry_run: bool = False) -> dict | None:
     for name, arrays, meta in groups:
         results += _evaluate_group(name, arrays, meta, data, model, config, rng, tmp)
     doc = {"format": "saejax-eval/1", "model": data.model_name, "contexts": data.n_contexts,
+           "heldout_contexts": 0 if data.synthetic else len(data.all_tokens),
            "synthetic": data.synthetic, "groups": [g[0] for g in groups], "saes": results}
     with open(os.path.join(tmp, "results.json"), "w") as fh:
         json.dump(finite(doc), fh, indent=1, allow_nan=False)
@@ -212,7 +214,7 @@ def _cards(name, site, t, meta, arrays, rows, rmeta, density, recon, data, model
         pool = live if len(live) >= S else np.arange(M)
         latents[k] = np.sort(rng.choice(pool, S, replace=False))
     acts, idx = metrics.top_activations(meta, arrays, t, rows, latents, N_TOP)
-    row_of = {int(c): i for i, c in enumerate(data.context_ids)}
+    row_of = {int(c): i for i, c in enumerate(data.all_context_ids)}
     decode = getattr(getattr(model, "tokenizer", None), "decode", None)
     scale = 1.0 / float(meta["norm_scale"][t])  # cards show activations of the released (raw-input) SAE
     paths = {}
@@ -224,7 +226,7 @@ def _cards(name, site, t, meta, arrays, rows, rmeta, density, recon, data, model
                 if a <= 0:
                     continue
                 ctx, pos = int(rmeta[i, 1]), int(rmeta[i, 2])
-                ex.append({"act": float(a) * scale, "tokens": data.tokens[row_of[ctx]], "pos": pos, "context": ctx})
+                ex.append({"act": float(a) * scale, "tokens": data.all_tokens[row_of[ctx]], "pos": pos, "context": ctx})
             lats.append({"latent": int(latents[k, s]), "density": float(density[k, latents[k, s]]), "examples": ex})
         rel = f"cards/{sae_id(name, site, k)}.html"
         summary = {"site": site, "group": name, "arch": meta["arch"], "width": meta["width"],

@@ -135,7 +135,7 @@ def print_plan(config, model, plan: Plan, out=sys.stdout) -> dict:
     print(f"harvest dry run: model {config.model.source} ({model.name}), corpus {config.data.corpus}", file=out)
     if train is None:
         print("  train contexts: unknown (a streamed corpus; set harvest.max_tokens or --max_tokens)", file=out)
-        return {"train_tokens": None}
+        return {"train_tokens": None, "widths": plan.widths}
     tokens = {"train": train * per_ctx, "heldout": held * per_ctx}
     print(f"  contexts: {held} held-out + {train} train of {plan.L} tokens; at most "
           f"{tokens['train']:,} train + {tokens['heldout']:,} held-out rows per site "
@@ -159,7 +159,8 @@ def print_plan(config, model, plan: Plan, out=sys.stdout) -> dict:
           f"batches of {plan.Bc} contexts, commits every {plan.K} batches", file=out)
     print(f"  host memory for shuffle buffers: ~{_fmt_bytes(buffers)} per process (2 chunks in flight x "
           f"{len(plan.sites)} sites; lower harvest.shuffle_bytes if too much)", file=out)
-    return {"train_tokens": tokens["train"], "heldout_tokens": tokens["heldout"], "bytes": total, "shards": shards}
+    return {"train_tokens": tokens["train"], "heldout_tokens": tokens["heldout"], "bytes": total, "shards": shards,
+            "widths": plan.widths}
 
 
 def _crash_hook(point: str) -> None:

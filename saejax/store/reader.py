@@ -250,6 +250,21 @@ class Reader:
                     self._pending[k] = self._pool.submit(self._compute, *k)
         return x
 
+    def heldout_batch(self, sites, batch_size: int, process_index: int = 0, process_count: int = 1):
+        """Raw held-out rows [T, batch_size / process_count, w] of this process, the same at every
+        call (training's quick evaluation); None when a site has no held-out rows. A site with fewer
+        than ``batch_size`` held-out rows repeats them."""
+        b = batch_size // process_count
+        out = None
+        for t, site in enumerate(sites):
+            if self.store.n_rows(site, "heldout") == 0:
+                return None
+            st = _SiteStream(self.store, site, "heldout", self.seed, self.block_rows)
+            if out is None:
+                out = np.empty((len(sites), b, self.width(site)), np.float32)
+            st.read(process_index * b, (process_index + 1) * b, out[t])
+        return out
+
     def _log_epochs(self, sites, step: int, batch_size: int) -> None:
         """One stderr line per (epoch, step) at which some sites' streams enter a new epoch."""
         new = {}

@@ -21,7 +21,7 @@ from saejax import config as cfg
 from saejax import mesh as meshlib
 from saejax.sae import io as sae_io
 from saejax.sae import sharded
-from saejax.sae.group import PARTITION_RULES, GroupSpec
+from saejax.sae.group import PARTITION_RULES, GroupSpec, SAEGroup
 from saejax.train import checkpoint as ckpt
 from saejax.train import optim
 from saejax.train.step import init_state, make_train_step
@@ -40,8 +40,8 @@ def plan_groups(config, source) -> list[tuple[GroupSpec, optim.Hyper]]:
     for d, sites in sorted(by_d.items()):
         for width in s.widths:
             sparsity = sweep
-            if s.target_l0:  # calibrated: every member starts from the first sparsity value
-                sparsity = (float(s.sparsity[0]),) * len(sweep)
+            if s.target_l0:  # every member's L0 term has the same coefficient, its own target
+                sparsity = (float(s.target_l0_coeff),) * len(sweep)
             spec = GroupSpec(
                 arch=s.arch, sites=tuple(sites), d=d, width=width, sparsity=sparsity,
                 pre_encoder_bias=s.pre_encoder_bias, threshold_param=s.threshold_param,
@@ -56,7 +56,7 @@ def plan_groups(config, source) -> list[tuple[GroupSpec, optim.Hyper]]:
                 lr_decay=t.lr_decay, lr_decay_end=t.lr_decay_end,
                 sparsity_warmup=cfg.schedule_steps(t.sparsity_warmup, total),
                 dead_steps=max(1, math.ceil(t.dead_tokens / t.batch_size)),
-                target_l0=tuple(float(v) for v in s.target_l0), calibration_rate=t.calibration_rate)
+                target_l0=tuple(float(v) for v in s.target_l0))
             plans.append((spec, hp))
     return plans
 
@@ -86,8 +86,24 @@ class Trainer:
         self.step = jax.jit(traced_step, in_shardings=(self.state_shardings, self.x_sharding),
                             out_shardings=(self.state_shardings, replicated), donate_argnums=0)
         self.finite = jax.jit(_finite_per_sae, out_shardings=replicated)
+
+        def heldout_metrics(state, x):
+            """Per-SAE L0 and FVU on a fixed held-out batch, inference mode (BatchTopK: its threshold)."""
+            with sharded.use_mesh(mesh):
+                _, f, x_hat = SAEGroup(spec).apply({"params": state["params"]}, x, state["bt_threshold"], False)
+            mse = jnp.mean(jnp.sum(jnp.square(x_hat - x[:, None]), -1), -1)
+            var = jnp.mean(jnp.sum(jnp.square(x - jnp.mean(x, axis=1, keepdims=True)), -1), -1)
+            return {"heldout_fvu": mse / var[:, None], "heldout_l0": jnp.mean(jnp.sum(f > 0, -1), -1).astype(jnp.float32)}
+
+        self.heldout_metrics = jax.jit(heldout_metrics, in_shardings=(self.state_shardings, self.x_sharding),
+                                       out_shardings=replicated)
         self.replicate = jax.jit(lambda a: a, out_shardings=replicated)
         self.site_range, self.rows = self._local_block()
+        # XLA:CPU with several devices: let one step finish before the next program is dispatched.
+        # With async dispatch, consecutive programs with collectives could start in different orders
+        # on different virtual devices and wait on each other for good (seen in the tests: device
+        # launch threads parked on the in-flight semaphore, one all-reduce participant waiting alone).
+        self.serialize = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
 
     def _local_block(self):
         """This process's block of the global batch: ((t0, t1) its sites, (part index, parts) of the rows)."""
@@ -107,6 +123,15 @@ class Trainer:
         (t0, t1), (part, parts) = self.site_range, self.rows
         x = source.batch(list(self.spec.sites[t0:t1]), step, self.hp.batch_size, part, parts)
         return x * scales[t0:t1]
+
+    def local_heldout(self, source, scales: np.ndarray):
+        """This process's normalized held-out rows (one batch, fixed), or None without a held-out split."""
+        fn = getattr(source, "heldout_batch", None)
+        if fn is None:
+            return None
+        (t0, t1), (part, parts) = self.site_range, self.rows
+        x = fn(list(self.spec.sites[t0:t1]), self.hp.batch_size, part, parts)
+        return None if x is None else x * scales[t0:t1]
 
     def put_batch(self, x_local: np.ndarray):
         """This process's rows [T_local, B_local, d] -> a global mesh-sharded array [T, B, d]."""
@@ -200,15 +225,21 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
     _truncate_log(log_path, start)
     log = open(log_path, "a") if log_path and jax.process_index() == 0 else None
     watch = ckpt.PreemptionWatch() if ckpts is not None else None
+    held = trainer.local_heldout(source, scales) if log_path or progress else None
+    held = None if held is None else trainer.put_batch(held)
     t0, last = time.time(), start
     try:
         for step in range(start, hp.total_steps):
             state, metrics = trainer.step(state, trainer.put_batch(trainer.local_batch(source, step, scales)))
+            if trainer.serialize:
+                jax.block_until_ready(metrics)
             done = step + 1
             preempt = watch is not None and watch.reached(done)
             save = ckpts is not None and (done % checkpoint_every == 0 or done == hp.total_steps or preempt)
             if done % log_every == 0 or done == hp.total_steps:
                 m = to_host(metrics)
+                if held is not None:  # the quick evaluation: the same held-out rows at every log step
+                    m.update(to_host(trainer.heldout_metrics(state, held)))
                 state = _freeze_nonfinite(spec, state, trainer, m["loss"], done)
                 record = {"step": done, "tokens": done * hp.batch_size,
                           **{k: np.asarray(v).tolist() for k, v in m.items()}}
@@ -219,7 +250,9 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
                     rate = (done - last) * hp.batch_size / max(time.time() - t0, 1e-9)
                     t0, last = time.time(), done
                     print(f"[{spec.name}] step {done}/{hp.total_steps} {rate:,.0f} tok/s "
-                          f"L0 {_span(m['l0'])} FVU {_span(m['fvu'])} dead {_span(m['dead_frac'])}",
+                          f"L0 {_span(m['l0'])} FVU {_span(m['fvu'])} dead {_span(m['dead_frac'])}"
+                          + (f" | held-out L0 {_span(m['heldout_l0'])} FVU {_span(m['heldout_fvu'])}"
+                             if "heldout_fvu" in m else ""),
                           file=sys.stderr, flush=True)
             elif save:
                 state = _freeze_nonfinite(spec, state, trainer, None, done)
@@ -289,7 +322,21 @@ def make_source(config):
         return SyntheticSource(sites, d=s.d, n_features=s.n_features, active=s.active, zipf=s.zipf,
                                noise=s.noise, seed=config.seed)
     from saejax import store
-    return store.open_store(os.path.join(config.workdir, "store")).reader(seed=config.seed, split="train")
+    st = store.open_store(os.path.join(config.workdir, "store"))
+    store.check_store(st, config)  # written from this config's model, every configured site present
+    reader = st.reader(seed=config.seed, split="train")
+    reader.sites = cfg.sites(config)  # a store may hold more sites than this run trains
+    return reader
+
+
+class PlannedSource:
+    """Sites and widths of a store not yet harvested (from the harvest plan): enough for a dry run."""
+
+    def __init__(self, widths: dict):
+        self.sites, self._widths, self.model = list(widths), dict(widths), ""
+
+    def width(self, site: str) -> int:
+        return self._widths[site]
 
 
 def gather(tree):
@@ -324,13 +371,18 @@ def is_complete(config) -> bool:
     return all(os.path.isdir(os.path.join(config.workdir, "train", spec.name, "final")) for spec, _ in plans)
 
 
-def run(config, dry_run: bool = False) -> list[str]:
+def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> list[str]:
     """Train every group of the suite; return the folders of the finished groups.
 
     Mesh and group shapes are validated before anything compiles; ``dry_run`` prints each group's
-    plan and memory (from shapes and shardings only) and reads no data.
+    plan and memory (from shapes and shardings only) and reads no data. ``planned_widths`` (site ->
+    width, from the harvest dry run) stands in for a store that does not exist yet.
     """
-    source = make_source(config)
+    store_missing = not os.path.isfile(os.path.join(config.workdir, "store", "manifest.json"))
+    if dry_run and planned_widths and config.train.source != "synthetic" and store_missing:
+        source = PlannedSource(planned_widths)
+    else:
+        source = make_source(config)
     mesh = meshlib.make_mesh(config.mesh)
     plans = plan_groups(config, source)
     for spec, hp in plans:

@@ -29,7 +29,6 @@ class Hyper:
     sparsity_warmup: int = 10000
     dead_steps: int = 2500  # steps without firing after which a latent counts as dead
     target_l0: tuple[float, ...] = ()  # per member; empty: fixed lambda from the sparsity sweep
-    calibration_rate: float = 0.05
 
 
 def lr_schedule(hp: Hyper):

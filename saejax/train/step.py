@@ -4,8 +4,8 @@ State (a pytree; every array with leading [T, K] axes belongs to one SAE each):
     params        the SAEGroup parameters
     opt_state     optax Adam state
     step          int32 scalar
-    lam           [T, K]    base sparsity coefficient (fixed, or calibrated toward target L0)
-    l0_ema        [T, K]    running L0 (for calibration and logs)
+    lam           [T, K]    sparsity coefficient (before its warmup factor)
+    l0_ema        [T, K]    running L0 (for logs)
     since_fired   [T, K, M] steps since each latent last fired (dead-latent counters)
     bt_threshold  [T, K]    BatchTopK's global inference threshold (running mean of the batch minimum)
     frozen        [T, K]    SAEs masked out after going non-finite
@@ -13,6 +13,7 @@ State (a pytree; every array with leading [T, K] axes belongs to one SAE each):
 Loss of SAE (t, k), averaged over the batch (the group's total is the sum, so each SAE's gradient
 is exactly its own):
     jumprelu   ||x - x_hat||^2 + lam * ||f||_0          (pseudo-derivatives for theta)
+               with target L0s t: ||x - x_hat||^2 + lam * t * (||f||_0 / t - 1)^2
     relu       ||x - x_hat||^2 + lam * sum_i f_i ||W_dec_i||   (Anthropic, April 2024)
     topk       ||x - x_hat||^2 + auxk_coeff * ||e - e_hat_dead||^2   (Gao et al. AuxK)
 """
@@ -85,7 +86,11 @@ def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x):
     if spec.arch == "jumprelu":
         theta = thresholds(spec, params)[:, :, None, :]
         l0_pseudo = jnp.mean(jnp.sum(jr.step(pre, theta, spec.bandwidth), -1), -1)
-        sparsity = lam * l0_pseudo
+        if hp.target_l0:  # lam * t * (L0/t - 1)^2: an L0 penalty 2 lam (L0/t - 1) that turns to a bonus below t
+            target = jnp.asarray(hp.target_l0, jnp.float32)[None, :]
+            sparsity = lam * target * jnp.square(l0_pseudo / target - 1.0)
+        else:
+            sparsity = lam * l0_pseudo
     elif spec.arch == "relu":
         dec_norm = jnp.linalg.norm(params["W_dec"], axis=-1)[:, :, None, :]
         sparsity = lam * jnp.mean(jnp.sum(f * dec_norm, -1), -1)
@@ -141,20 +146,13 @@ def make_train_step(spec: GroupSpec, hp: optim.Hyper):
 
         step = state["step"]
         l0_ema = jnp.where(step == 0, out["l0"], 0.99 * state["l0_ema"] + 0.01 * out["l0"])
-        lam = state["lam"]
-        if hp.target_l0:
-            # After the sparsity warmup, nudge lambda multiplicatively toward each member's target L0.
-            target = jnp.asarray(hp.target_l0, jnp.float32)[None, :]
-            err = jnp.clip(jnp.log(jnp.maximum(l0_ema, 1e-3) / target), -1.0, 1.0)
-            on = (step >= hp.sparsity_warmup).astype(jnp.float32)
-            lam = lam * jnp.exp(on * hp.calibration_rate * err)
         bt = jnp.where(jnp.isfinite(out["min_active"]), out["min_active"], state["bt_threshold"])
         bt_threshold = jnp.where(step == 0, bt, 0.99 * state["bt_threshold"] + 0.01 * bt)
         new_state = {
             "params": new_params,
             "opt_state": opt_state,
             "step": step + 1,
-            "lam": jnp.where(frozen, state["lam"], lam),
+            "lam": state["lam"],
             "l0_ema": l0_ema,
             "since_fired": jnp.where(out["fired"], 0, state["since_fired"] + 1),
             "bt_threshold": bt_threshold,
