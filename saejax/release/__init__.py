@@ -89,6 +89,8 @@ def run(config, dry_run: bool = False) -> dict | None:
                          formats=tuple(config.release.formats),
                          cards_dir=os.path.join(config.workdir, "evaluate"), contexts=doc.get("contexts", 0),
                          context_size=int(config.data.context_len),
-                         extra={"results_sha256": _digest(_results_path(config))})
+                         extra={"results_sha256": _digest(_results_path(config)),
+                                "heldout_contexts": doc.get("heldout_contexts", 0),
+                                "context_size": int(config.data.context_len)})
     print(f"saejax release: wrote {os.path.join(out_dir(config), 'suite.json')}", file=sys.stderr)
     return suite

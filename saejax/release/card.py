@@ -100,7 +100,10 @@ def write_readme(root: str, suite: dict) -> None:
         "(`<kind>/layer_L/width_W/average_l0_N/params.npz`) and as SAELens folders (`saelens/...`).", "",
         "The input normalization is folded into the weights: every SAE takes raw activations.",
         "Metrics are measured on held-out contexts"
-        + (f" ({suite['contexts']} contexts)" if suite.get("contexts") else "") + "; delta LM loss is the "
+        + (f" ({suite['heldout_contexts']} contexts of {suite.get('context_size')} tokens)"
+           if suite.get("heldout_contexts") else "")
+        + "; delta LM loss"
+        + (f" (on {suite['contexts']} of them)" if suite.get("contexts") else "") + " is the "
         "increase in next-token cross-entropy with the reconstruction spliced in, CE score "
         "(CE_ablate - CE_sae) / (CE_ablate - CE_clean) with zero ablation.", "",
         "```python", "import saejax", f"suite = saejax.load_suite(\"<this folder or repo>\")",
