@@ -127,8 +127,10 @@ def _fmt_bytes(n: float) -> str:
 
 def print_plan(config, model, plan: Plan, out=sys.stdout) -> dict:
     """Print the tokens, bytes per site and in total, and the shards the config implies."""
-    n_total = _count_contexts(config, model) if plan.stop is None else None
-    stop = plan.stop if plan.stop is not None else n_total
+    # A local corpus smaller than max_tokens ends the harvest early: count it (tokenizing up to
+    # 200 MB of text takes seconds to a minute); a streamed corpus cannot be counted.
+    n_total = _count_contexts(config, model, None if plan.stop is None else 200 * 10 ** 6)
+    stop = plan.stop if n_total is None else n_total if plan.stop is None else min(plan.stop, n_total)
     held = min(plan.H, stop) if stop is not None else plan.H
     train = None if stop is None else max(0, stop - plan.H)
     per_ctx = plan.rows_per_context
