@@ -43,6 +43,14 @@ def mesh_shape(sizes: dict[str, int], n_devices: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def abstract_mesh(sizes) -> jax.sharding.AbstractMesh:
+    """The mesh's shape without devices (every axis size given), for dry runs on another machine."""
+    shape = tuple(int(sizes[a]) for a in AXES)
+    if -1 in shape:
+        raise MeshError(f"mesh {dict(zip(AXES, shape))}: a dry run without the devices needs every axis size")
+    return jax.sharding.AbstractMesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
 def make_mesh(sizes, devices: Sequence[Any] | None = None) -> Mesh:
     """A mesh over all (or the given) devices from ``{"data": .., "stack": .., "latent": ..}``."""
     devices = list(devices if devices is not None else jax.devices())

@@ -66,3 +66,19 @@ def test_default_pipeline_end_to_end_and_release_loads(tmp_path):
     rec = np.asarray(sae.decode(z))
     fvu = ((rec - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     assert fvu < 1.0, fvu
+
+
+def test_gemma_dry_run_plans_the_slice_offline(tmp_path, monkeypatch):
+    """No network, two devices here: the Gemma 2 2B dry run still prints the store, the steps and
+    the per-device memory of its v5p mesh (built-in Gemma 2 shapes, the mesh from its shape alone)."""
+    spec = os.path.join(REPO, "experiments", "gemma2_2b.py") + ":width=16k"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = _saejax("run", "--config", spec, f"--config.workdir={tmp_path}", "--dry_run", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "res.25: width 2304" in text and "att.25: width 2048" in text  # Gemma 2 2B's site widths
+    assert "needs 64 devices" in text
+    line = next(ln for ln in text.splitlines() if "[jumprelu_d2304_w16384] dry run:" in ln)
+    # 52 sites x 5 targets x (2 x 2304 x 16384 + 16384 + 16384 + 2304) fp32, over stack 2 x latent 4
+    assert "per device: params 9,365.2 MiB" in line, line
+    assert not any(tmp_path.iterdir())

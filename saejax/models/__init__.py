@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -89,6 +90,18 @@ def load(source: str, dtype: str = "float32") -> Model:
     model.partition_rules(), mesh)``."""
     with jax.default_device(jax.local_devices(backend="cpu")[0]):  # this process's (multi-process)
         return _load(source, dtype)
+
+
+def load_shape(source: str) -> Model:
+    """A Model without weights (``params`` None): its config, hence its sites and widths, for dry
+    runs. For ``hf:`` it reads config.json alone (offline: Gemma 2's built-in shapes) instead of
+    downloading the checkpoint; local sources load whole."""
+    kind, _, rest = str(source).partition(":")
+    if kind == "hf" and rest:
+        from . import weights
+        name = "hf:" + (rest.rstrip("/").split("/")[-1] if os.path.isdir(rest) else rest)
+        return Model(weights.hf_config(rest), None, None, -1, (), name)
+    return load(source)
 
 
 def _load(source: str, dtype: str) -> Model:

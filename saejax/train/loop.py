@@ -138,26 +138,11 @@ class Trainer:
         return jax.make_array_from_process_local_data(self.x_sharding, x_local, self.x_shape)
 
     def memory(self) -> dict:
-        """Per-device bytes of one step: state parts (from shardings) and activations, estimated
-        as 7 live [T,K,B,M] fp32 buffers (pre, f, the step masks and kernels of the JumpReLU
-        pseudo-derivatives, their cotangents; what XLA:CPU's compiled step holds) plus x_hat and
-        its cotangent [T,K,B,d] and the batch; and XLA's own temp-buffer figure for the compiled
-        step when the backend reports it."""
-        def total(tree, shardings):
-            leaves = jax.tree_util.tree_leaves(tree)
-            shards = jax.tree_util.tree_leaves(shardings)
-            return sum(meshlib.shard_bytes(a.shape, a.dtype, s) for a, s in zip(leaves, shards))
-
-        a, sh = self.abstract, self.state_shardings
-        out = {"params": total(a["params"], sh["params"]), "optimizer": total(a["opt_state"], sh["opt_state"]),
-               "counters": sum(total(a[k], sh[k]) for k in a if k not in ("params", "opt_state"))}
-        s, hp, m = self.spec, self.hp, self.mesh
-        pre = NamedSharding(m, sharded.PRE_SPEC)
-        rec = NamedSharding(m, P("stack", None, "data", None))
-        out["activations"] = (7 * meshlib.shard_bytes((s.T, s.K, hp.batch_size, s.width), np.float32, pre)
-                              + 2 * meshlib.shard_bytes((s.T, s.K, hp.batch_size, s.d), np.float32, rec)
-                              + meshlib.shard_bytes(self.x_shape, np.float32, self.x_sharding))
+        """``state_memory`` of this group and mesh, plus XLA's own temp-buffer figure for the
+        compiled step when the backend reports it."""
+        out = state_memory(self.spec, self.hp, self.mesh)
         try:
+            a, sh = self.abstract, self.state_shardings
             x = jax.ShapeDtypeStruct(self.x_shape, np.float32, sharding=self.x_sharding)
             st = jax.tree_util.tree_map(lambda v, h: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=h), a, sh)
             ma = self.step.lower(st, x).compile().memory_analysis()
@@ -165,6 +150,29 @@ class Trainer:
         except Exception:  # noqa: BLE001 - not every backend reports memory
             pass
         return out
+
+
+def state_memory(spec: GroupSpec, hp: optim.Hyper, mesh) -> dict:
+    """Per-device bytes of one step, from shapes and shardings alone (``mesh`` may be an AbstractMesh):
+    the state parts, and the activations estimated as 7 live [T,K,B,M] fp32 buffers (pre, f, the
+    step masks and kernels of the JumpReLU pseudo-derivatives, their cotangents; what XLA:CPU's
+    compiled step holds) plus x_hat and its cotangent [T,K,B,d] and the batch."""
+    def total(tree, shardings):
+        leaves = jax.tree_util.tree_leaves(tree)
+        shards = jax.tree_util.tree_leaves(shardings)
+        return sum(meshlib.shard_bytes(a.shape, a.dtype, s) for a, s in zip(leaves, shards))
+
+    a = jax.eval_shape(lambda k: init_state(spec, hp, k), jax.random.key(0))
+    sh = meshlib.tree_shardings(a, PARTITION_RULES, mesh)
+    out = {"params": total(a["params"], sh["params"]), "optimizer": total(a["opt_state"], sh["opt_state"]),
+           "counters": sum(total(a[k], sh[k]) for k in a if k not in ("params", "opt_state"))}
+    pre = NamedSharding(mesh, sharded.PRE_SPEC)
+    rec = NamedSharding(mesh, P("stack", None, "data", None))
+    xs = NamedSharding(mesh, P("stack", "data", None))
+    out["activations"] = (7 * meshlib.shard_bytes((spec.T, spec.K, hp.batch_size, spec.width), np.float32, pre)
+                          + 2 * meshlib.shard_bytes((spec.T, spec.K, hp.batch_size, spec.d), np.float32, rec)
+                          + meshlib.shard_bytes((spec.T, hp.batch_size, spec.d), np.float32, xs))
+    return out
 
 
 def _finite_per_sae(params):
@@ -352,8 +360,9 @@ def _mib(n: int) -> str:
 
 
 def dry_run_report(spec, hp, mesh) -> str:
-    """One group's plan: steps, tokens, per-device memory of state and of one step's activations."""
-    mem = Trainer(spec, hp, mesh).memory()
+    """One group's plan: steps, tokens, per-device memory of state and of one step's activations
+    (from the mesh's shape alone when ``mesh`` is an AbstractMesh: devices of another machine)."""
+    mem = Trainer(spec, hp, mesh).memory() if isinstance(mesh, jax.sharding.Mesh) else state_memory(spec, hp, mesh)
     line = (f"[{spec.name}] dry run: {hp.total_steps} steps, {hp.total_steps * hp.batch_size:,} tokens; "
             f"per device: params {_mib(mem['params'])}, optimizer {_mib(mem['optimizer'])}, "
             f"counters {_mib(mem['counters'])}, activations ~{_mib(mem['activations'])}")
@@ -383,10 +392,20 @@ def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> li
         source = PlannedSource(planned_widths)
     else:
         source = make_source(config)
-    mesh = meshlib.make_mesh(config.mesh)
+    n_devices = None
+    try:
+        mesh = meshlib.make_mesh(config.mesh)
+    except meshlib.MeshError as e:
+        if not dry_run:
+            raise
+        mesh = meshlib.abstract_mesh(config.mesh)  # plan for the slice's devices from here
+        n_devices = mesh.size
+        ckpt.log(f"saejax train: {e}; the dry run plans for that mesh from its shape alone "
+                 f"(per-device memory without XLA's compiled-step figure)")
     plans = plan_groups(config, source)
     for spec, hp in plans:
-        meshlib.validate_group(config.mesh, spec.T, spec.width, hp.batch_size, name=spec.name)
+        meshlib.validate_group(config.mesh, spec.T, spec.width, hp.batch_size, n_devices=n_devices,
+                               process_count=1 if n_devices else None, name=spec.name)
     out_root = os.path.join(config.workdir, "train")
     t = config.train
     finished = []
