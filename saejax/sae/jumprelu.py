@@ -45,8 +45,8 @@ def _jumprelu_fwd(z, theta, eps):
 def _jumprelu_bwd(eps, res, g):
     z, theta = res
     dz = g * (z > theta).astype(z.dtype)
-    dtheta = -(theta / eps) * rectangle((z - theta) / eps) * g
-    return dz, _sum_to(dtheta, jnp.shape(theta))
+    dtheta = -(theta / eps) * _sum_to(rectangle((z - theta) / eps) * g, jnp.shape(theta))
+    return dz, dtheta
 
 
 jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
@@ -63,8 +63,8 @@ def _step_fwd(z, theta, eps):
 
 def _step_bwd(eps, res, g):
     z, theta = res
-    dtheta = -(1.0 / eps) * rectangle((z - theta) / eps) * g
-    return jnp.zeros_like(z), _sum_to(dtheta, jnp.shape(theta))
+    dtheta = -(1.0 / eps) * _sum_to(rectangle((z - theta) / eps) * g, jnp.shape(theta))
+    return jnp.zeros_like(z), dtheta
 
 
 step.defvjp(_step_fwd, _step_bwd)

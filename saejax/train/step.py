@@ -79,7 +79,8 @@ def recon_metrics(x, f, x_hat):
     the squared error over the variance around the batch mean."""
     mse = jnp.mean(jnp.sum(jnp.square(x_hat - x[:, None]), -1), -1)
     var = jnp.mean(jnp.sum(jnp.square(x - jnp.mean(x, axis=1, keepdims=True)), -1), -1)  # [T]
-    return mse, mse / var[:, None], jnp.mean(jnp.sum(f > 0, -1), -1).astype(jnp.float32)
+    # Counted in float32: an int32 sum made XLA:CPU write out a [T, K, B, M] int array first.
+    return mse, mse / var[:, None], jnp.mean(jnp.sum((f > 0).astype(jnp.float32), -1), -1)
 
 
 def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x):
