@@ -8,16 +8,17 @@ schedules, 4B tokens for 16k-wide and 8B for 65k-wide SAEs.
 
 Hardware: sized for a Cloud TPU v5p slice of 64 chips (v5p-128, 95 GB HBM each), mesh data 8 x
 stack 2 x latent 4. Each (input width, latent width) is its own group with its own step count. The
-dry run (offline too: Gemma 2's shapes are built in) gives per device, params + Adam + activations:
-16k, all 26 layers: 37 GB for the 52 res/mlp SAE sites x 5 targets (17 GB for att): one job fits.
-65k, all 26 layers: 142 GB: too much; 8 layers per job (`:width=65k,layers=0-7`): 44 GB. So:
+dry run (offline too: Gemma 2's shapes are built in) gives per device, params + Adam + activations
+(the step works on one site per stack shard at a time, so activations are ~1 GB; Adam dominates):
+16k, all 26 layers: 28 GB for the 52 res/mlp SAE sites x 5 targets (13 GB for att): one job fits.
+65k, all 26 layers: 111 GB: too much; 12 layers per job (`:width=65k,layers=0-11`): 52 GB. So:
 
     python launch/launch.py tpu-vm --tpu my-v5p-128 --zone us-east5-a -- \
         harvest --config experiments/gemma2_2b.py
     python launch/launch.py tpu-vm --tpu my-v5p-128 --zone us-east5-a -- \
         train --config experiments/gemma2_2b.py:width=16k
     python launch/launch.py tpu-vm --tpu my-v5p-128 --zone us-east5-a -- \
-        train --config experiments/gemma2_2b.py:width=65k,layers=0-7        # then 8-15, 16-23, 24-25
+        train --config experiments/gemma2_2b.py:width=65k,layers=0-11       # then 12-23, 24-25
     saejax run --config experiments/gemma2_2b.py:width=65k --dry_run      # store size, steps, memory
 
 Storage: fp32 activations as Gemma Scope stored them: 8B tokens x (52 x 2,304 + 26 x 2,048) x 4 bytes,

@@ -4,8 +4,8 @@
 per site; 4B tokens for 16k-wide, 8B for 131k-wide SAEs; 1,024-token contexts. Sized for a Cloud TPU
 v5p slice of 256 chips (v5p-512): mesh data 16 x stack 2 x latent 8 (Gemma Scope sharded wide SAEs
 over latents, Megatron style). The dry run (offline too: Gemma 2's shapes are built in) gives per
-device, params + Adam + activations: 16k, all 42 layers: 40 GB for the 84 res/mlp sites x 5 targets:
-one job fits a v5p chip's 95 GB. 131k, all layers: 307 GB: split by layers, 4 per job (~29 GB; 4
+device, params + Adam + activations: 16k, all 42 layers: 35 GB for the 84 res/mlp sites x 5 targets:
+one job fits a v5p chip's 95 GB. 131k, all layers: 276 GB: split by layers, 4 per job (27 GB; 4
 keeps the att group's 4 sites divisible by mesh.stack=2):
 
     python launch/launch.py tpu-vm --tpu my-v5p-512 --zone us-east5-a -- \

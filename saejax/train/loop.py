@@ -24,7 +24,7 @@ from saejax.sae import sharded
 from saejax.sae.group import PARTITION_RULES, GroupSpec, SAEGroup
 from saejax.train import checkpoint as ckpt
 from saejax.train import optim
-from saejax.train.step import init_state, make_train_step, recon_metrics
+from saejax.train.step import init_state, make_train_step, map_sites, recon_metrics
 
 WIDE = 16384  # Gemma Scope: 4B tokens up to 16k latents, 8B above
 
@@ -89,10 +89,13 @@ class Trainer:
 
         def heldout_metrics(state, x):
             """Per-SAE L0 and FVU on a fixed held-out batch, inference mode (BatchTopK: its threshold)."""
+            def one(sub, p, bt, xs):
+                _, f, x_hat = SAEGroup(sub).apply({"params": p}, xs, bt, False)
+                _, fvu, l0 = recon_metrics(xs, f, x_hat)
+                return {"heldout_fvu": fvu, "heldout_l0": l0}
+
             with sharded.use_mesh(mesh):
-                _, f, x_hat = SAEGroup(spec).apply({"params": state["params"]}, x, state["bt_threshold"], False)
-            _, fvu, l0 = recon_metrics(x, f, x_hat)
-            return {"heldout_fvu": fvu, "heldout_l0": l0}
+                return map_sites(one, spec, state["params"], state["bt_threshold"], x)
 
         self.heldout_metrics = jax.jit(heldout_metrics, in_shardings=(self.state_shardings, self.x_sharding),
                                        out_shardings=replicated)
@@ -153,9 +156,11 @@ class Trainer:
 
 def state_memory(spec: GroupSpec, hp: optim.Hyper, mesh) -> dict:
     """Per-device bytes of one step, from shapes and shardings alone (``mesh`` may be an AbstractMesh):
-    the state parts, and the activations estimated as 7 live [T,K,B,M] fp32 buffers (pre, f, the
-    step masks and kernels of the JumpReLU pseudo-derivatives, their cotangents; what XLA:CPU's
-    compiled step holds) plus x_hat and its cotangent [T,K,B,d] and the batch."""
+    the state parts, and the activations estimated as 7 live [K,B,M] fp32 buffers of the one site
+    per stack shard that the step works on at a time (``step.map_sites``: pre, f, masks and window
+    products of the JumpReLU pseudo-derivatives, their cotangents) plus x_hat and its cotangent
+    [K,B,d] and the batch [T,B,d]. An upper bound: the step takes a site's K members one by one, and
+    XLA:CPU's compiled step (d 576, width 4,608) held ~4.4 [B,M] buffers for one member, ~9 for three."""
     def total(tree, shardings):
         leaves = jax.tree_util.tree_leaves(tree)
         shards = jax.tree_util.tree_leaves(shardings)
@@ -168,8 +173,9 @@ def state_memory(spec: GroupSpec, hp: optim.Hyper, mesh) -> dict:
     pre = NamedSharding(mesh, sharded.PRE_SPEC)
     rec = NamedSharding(mesh, P("stack", None, "data", None))
     xs = NamedSharding(mesh, P("stack", "data", None))
-    out["activations"] = (7 * meshlib.shard_bytes((spec.T, spec.K, hp.batch_size, spec.width), np.float32, pre)
-                          + 2 * meshlib.shard_bytes((spec.T, spec.K, hp.batch_size, spec.d), np.float32, rec)
+    S = dict(mesh.shape).get("stack", 1)  # sites in flight: one per stack shard
+    out["activations"] = (7 * meshlib.shard_bytes((S, spec.K, hp.batch_size, spec.width), np.float32, pre)
+                          + 2 * meshlib.shard_bytes((S, spec.K, hp.batch_size, spec.d), np.float32, rec)
                           + meshlib.shard_bytes((spec.T, hp.batch_size, spec.d), np.float32, xs))
     return out
 

@@ -19,6 +19,8 @@ is exactly its own):
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -128,6 +130,57 @@ def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x):
     return total, out
 
 
+def stack_shards() -> int:
+    """How many devices the ``stack`` axis of the current mesh has (1 without a mesh)."""
+    mesh = sharded.current_mesh()
+    return dict(mesh.shape).get("stack", 1) if mesh is not None else 1
+
+
+def map_sites(fn, spec: GroupSpec, *trees):
+    """``fn(sub_spec, *blocks)`` for one site per stack shard at a time, in a ``lax.scan``.
+
+    Every leaf of ``trees`` has the T sites as its leading axis, laid out in S contiguous blocks
+    over the mesh's ``stack`` axis. The scan's step j hands ``fn`` site j of every block (a
+    [S, ...] slice, still one site per stack shard) and a spec of S sites, and the leaves of fn's
+    result, each with S leading, are put back in site order. So the [T, K, B, M] pre-activations
+    of a step never exist at once, only those of the site each device works on (a 1.4 GB
+    [6, 3, 4096, 4608] buffer spent a third of the step in page faults on CPU).
+    """
+    S = stack_shards()
+    T = spec.T
+    if T == S:
+        return fn(spec, *trees)
+    n = T // S
+    sub = dataclasses.replace(spec, sites=spec.sites[:S])
+    split = lambda a: jnp.swapaxes(a.reshape((S, n) + a.shape[1:]), 0, 1)  # [T, ...] -> [n, S, ...]  # noqa: E731
+    merge = lambda a: jnp.swapaxes(a, 0, 1).reshape((T,) + a.shape[2:])  # noqa: E731
+    _, out = lax.scan(lambda _, blocks: (None, fn(sub, *blocks)), None,
+                      jax.tree_util.tree_map(split, trees))
+    return jax.tree_util.tree_map(merge, out)
+
+
+def grads(spec: GroupSpec, hp: optim.Hyper, params, state, x):
+    """(gradients of the summed loss, per-SAE diagnostics), computed site by site (``map_sites``):
+    each SAE's loss depends on its own parameters only, so each site's gradient is its own."""
+    per_site = {k: v for k, v in state.items() if k not in ("params", "opt_state", "step", "l0_ema")}
+
+    def member(sub, k, p, st, xs):
+        """SAE k of every site in ``sub``: its own spec (TopK's k) and target L0."""
+        one_k = dataclasses.replace(sub, sparsity=(sub.sparsity[k],))
+        hp_k = dataclasses.replace(hp, target_l0=(hp.target_l0[k],)) if hp.target_l0 else hp
+        p, st = jax.tree_util.tree_map(lambda a: a[:, k:k + 1], (p, st))
+        st = dict(st, step=state["step"])
+        return jax.grad(lambda q: losses(one_k, hp_k, q, st, xs), has_aux=True)(p)
+
+    def one(sub, p, st, xs):
+        # Member by member: the K members batched into [K, B, d] x [K, d, M] matmuls ran 15% slower
+        # per SAE on XLA:CPU than K two-dimensional ones (benchmarks/train_step.py --stack).
+        parts = [member(sub, k, p, st, xs) for k in range(sub.K)]
+        return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=1), *parts)
+
+    return map_sites(one, spec, params, per_site, x)
+
+
 def make_train_step(spec: GroupSpec, hp: optim.Hyper):
     """``step_fn(state, x) -> (state, metrics)``; jit it (with shardings) at the call site."""
     tx = optim.optimizer(hp)
@@ -136,11 +189,13 @@ def make_train_step(spec: GroupSpec, hp: optim.Hyper):
     def step_fn(state, x):
         params = state["params"]
         if spec.arch == "jumprelu" and spec.threshold_init_l0 > 0:
-            params = lax.cond(state["step"] == 0, lambda p: calibrate_thresholds(spec, p, x), lambda p: p, params)
-        grads, out = jax.grad(lambda p: losses(spec, hp, p, state, x), has_aux=True)(params)
+            params = lax.cond(state["step"] == 0,
+                              lambda p: map_sites(lambda sub, q, xs: calibrate_thresholds(sub, q, xs), spec, p, x),
+                              lambda p: p, params)
+        g, out = grads(spec, hp, params, state, x)
         if spec.unit_decoder:
-            grads = dict(grads, W_dec=optim.remove_parallel_grad(grads["W_dec"], params["W_dec"]))
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
+            g = dict(g, W_dec=optim.remove_parallel_grad(g["W_dec"], params["W_dec"]))
+        updates, opt_state = tx.update(g, state["opt_state"], params)
         new_params = jax.tree_util.tree_map(jnp.add, params, updates)
         if spec.unit_decoder:
             new_params = dict(new_params, W_dec=optim.unit_rows(new_params["W_dec"]))
