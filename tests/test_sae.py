@@ -43,6 +43,29 @@ def test_step_pseudo_gradients_and_no_grad_to_z():
     np.testing.assert_allclose(dtheta, np.sum(-(1.0 / EPS) * _kernel(Z, THETA, EPS) * g, 0), rtol=1e-6)
 
 
+def test_fused_jumprelu_l0_is_jumprelu_and_step():
+    """The training form (latents and row L0 in one op) has the values and pseudo-gradients of both."""
+    g_f = jnp.asarray([[1.0, -2.0, 3.0, 0.5], [-1.5, 2.5, 1.0, 4.0]])
+    g_l0 = jnp.asarray([0.7, -1.3])
+
+    def fused(z, t):
+        f, l0 = jr.jumprelu_l0(z, t, EPS)
+        return jnp.sum(f * g_f) + jnp.sum(l0 * g_l0), (f, l0)
+
+    def apart(z, t):
+        f, l0 = jr.jumprelu(z, t, EPS), jnp.sum(jr.step(z, t, EPS), -1)
+        return jnp.sum(f * g_f) + jnp.sum(l0 * g_l0), (f, l0)
+
+    for theta in (jnp.asarray(THETA), jnp.broadcast_to(jnp.asarray(THETA), Z.shape)):
+        (got, got_aux), got_g = jax.value_and_grad(fused, (0, 1), has_aux=True)(jnp.asarray(Z), theta)
+        (want, want_aux), want_g = jax.value_and_grad(apart, (0, 1), has_aux=True)(jnp.asarray(Z), theta)
+        np.testing.assert_array_equal(got_aux[0], want_aux[0])
+        np.testing.assert_array_equal(got_aux[1], want_aux[1])
+        for a, b in zip(got_g, want_g):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+        assert np.count_nonzero(np.asarray(got_g[1])) >= 2
+
+
 @pytest.mark.parametrize("param", ["log", "raw"])
 def test_threshold_gradient_through_parameterization(param):
     """d loss / d log_theta = theta * d loss / d theta (chain rule through exp); raw is the identity."""

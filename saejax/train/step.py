@@ -87,15 +87,21 @@ def recon_metrics(x, f, x_hat):
 
 def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x):
     """Per-SAE loss terms and diagnostics for x [T, B, d] (normalized). Returns (total, aux)."""
-    module = SAEGroup(spec)
-    pre, f, x_hat = module.apply({"params": params}, x, state["bt_threshold"], True)
+    module, variables = SAEGroup(spec), {"params": params}
+    if spec.arch == "jumprelu":  # latents and each row's L0 in one op (jumprelu.jumprelu_l0)
+        pre = module.apply(variables, x, method=SAEGroup.pre_activations)
+        f, row_l0 = jr.jumprelu_l0(pre, thresholds(spec, params)[:, :, None, :], spec.bandwidth)
+        x_hat = module.apply(variables, f, method=SAEGroup.decode)
+    else:
+        pre, f, x_hat = module.apply(variables, x, state["bt_threshold"], True)
+    fired = jnp.any(f > 0, axis=2)  # [T, K, M]
     mse, fvu, l0 = recon_metrics(x, f, x_hat)  # [T, K] each
     lam = state["lam"] * optim.sparsity_scale(hp, state["step"])
     zero = jnp.zeros_like(mse)
     sparsity, aux = zero, zero
     if spec.arch == "jumprelu":
-        theta = thresholds(spec, params)[:, :, None, :]
-        l0_pseudo = jnp.mean(jnp.sum(jr.step(pre, theta, spec.bandwidth), -1), -1)
+        l0_pseudo = jnp.mean(row_l0, -1)  # its value is the L0 (f > 0 exactly where z > theta > 0)
+        l0 = lax.stop_gradient(l0_pseudo)
         if hp.target_l0:  # lam * t * (L0/t - 1)^2: an L0 penalty 2 lam (L0/t - 1) that turns to a bonus below t
             target = jnp.asarray(hp.target_l0, jnp.float32)[None, :]
             sparsity = lam * target * jnp.square(l0_pseudo / target - 1.0)
@@ -115,7 +121,6 @@ def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x):
         aux = spec.auxk_coeff * jnp.mean(jnp.sum(jnp.square(e - e_hat), -1), -1) * jnp.any(dead, -1)
     per_sae = mse + sparsity + aux
     total = jnp.sum(jnp.where(state["frozen"], 0.0, per_sae))
-    active = f > 0
     out = {
         "loss": per_sae,
         "mse": mse,
@@ -123,8 +128,10 @@ def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x):
         "aux_loss": aux,
         "fvu": fvu,
         "l0": l0,
-        "fired": jnp.any(active, axis=2),  # [T, K, M]
-        "min_active": jnp.min(jnp.where(active, f, jnp.inf), axis=(2, 3)),  # [T, K]
+        "fired": fired,  # [T, K, M]
+        # BatchTopK's inference threshold follows the smallest latent that fired (other archs: inf).
+        "min_active": jnp.min(jnp.where(f > 0, f, jnp.inf), axis=(2, 3)) if spec.arch == "batchtopk"
+        else jnp.full_like(mse, jnp.inf),  # [T, K]
         "lam": lam,
     }
     return total, out
