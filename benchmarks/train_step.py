@@ -1,6 +1,6 @@
 """Train-step speed of a JumpReLU SAE against the dense-matmul roofline, SAELens, and stacking.
 
-    python benchmarks/train_step.py                 # d=576, width 4608, batch 4096; ~2-3 min on 2 quiet cores
+    python benchmarks/train_step.py                 # d=576, width 4608, batch 4096; ~1-2 min on 2 quiet cores
     python benchmarks/train_step.py --stack 18      # the stacked group's size (sites x sweep members)
 
 Printed, all measured in this one run on one device:
