@@ -1,4 +1,4 @@
-"""The Quick start suite: SmolLM2-135M-Instruct over Shakespeare, on a 2-core CPU in about 15 minutes.
+"""The Quick start suite: SmolLM2-135M-Instruct over Shakespeare, on a 2-core CPU in about 10 minutes.
 
     bash setup.sh && .venv/bin/saejax run                      # = saejax run --config experiments/default.py
 
