@@ -34,36 +34,32 @@ def test_jumprelu_forward_and_pseudo_gradients():
     np.testing.assert_allclose(dtheta, want, rtol=1e-6)
 
 
-def test_step_pseudo_gradients_and_no_grad_to_z():
-    g = np.array([[1.0, 1.0, 2.0, 1.0], [1.0, 3.0, 1.0, 1.0]], np.float32)
-    out, vjp = jax.vjp(lambda z, t: jr.step(z, t, EPS), jnp.asarray(Z), jnp.asarray(THETA))
-    np.testing.assert_array_equal(out, (Z > THETA).astype(np.float32))
-    dz, dtheta = vjp(jnp.asarray(g))
+def test_l0_pseudo_gradients_and_no_grad_to_z():
+    g = np.array([1.5, 3.0], np.float32)  # upstream cotangent of each row's L0
+    (f, l0), vjp = jax.vjp(lambda z, t: jr.jumprelu_l0(z, t, EPS), jnp.asarray(Z), jnp.asarray(THETA))
+    np.testing.assert_array_equal(l0, (Z > THETA).sum(-1).astype(np.float32))
+    dz, dtheta = vjp((jnp.zeros_like(f), jnp.asarray(g)))
     np.testing.assert_array_equal(dz, np.zeros_like(Z))
-    np.testing.assert_allclose(dtheta, np.sum(-(1.0 / EPS) * _kernel(Z, THETA, EPS) * g, 0), rtol=1e-6)
+    want = np.sum(-(1.0 / EPS) * _kernel(Z, THETA, EPS) * g[:, None], 0)
+    assert np.count_nonzero(want) >= 2
+    np.testing.assert_allclose(dtheta, want, rtol=1e-6)
 
 
-def test_fused_jumprelu_l0_is_jumprelu_and_step():
-    """The training form (latents and row L0 in one op) has the values and pseudo-gradients of both."""
-    g_f = jnp.asarray([[1.0, -2.0, 3.0, 0.5], [-1.5, 2.5, 1.0, 4.0]])
-    g_l0 = jnp.asarray([0.7, -1.3])
-
-    def fused(z, t):
-        f, l0 = jr.jumprelu_l0(z, t, EPS)
-        return jnp.sum(f * g_f) + jnp.sum(l0 * g_l0), (f, l0)
-
-    def apart(z, t):
-        f, l0 = jr.jumprelu(z, t, EPS), jnp.sum(jr.step(z, t, EPS), -1)
-        return jnp.sum(f * g_f) + jnp.sum(l0 * g_l0), (f, l0)
-
-    for theta in (jnp.asarray(THETA), jnp.broadcast_to(jnp.asarray(THETA), Z.shape)):
-        (got, got_aux), got_g = jax.value_and_grad(fused, (0, 1), has_aux=True)(jnp.asarray(Z), theta)
-        (want, want_aux), want_g = jax.value_and_grad(apart, (0, 1), has_aux=True)(jnp.asarray(Z), theta)
-        np.testing.assert_array_equal(got_aux[0], want_aux[0])
-        np.testing.assert_array_equal(got_aux[1], want_aux[1])
-        for a, b in zip(got_g, want_g):
-            np.testing.assert_allclose(a, b, rtol=1e-6)
-        assert np.count_nonzero(np.asarray(got_g[1])) >= 2
+def test_jumprelu_l0_both_cotangents_and_broadcast_theta():
+    """Latents and row L0 from one op: values, and theta's two pseudo-derivative terms summed, for a
+    theta broadcast over rows (summed back) and one given per element."""
+    g_f = np.array([[1.0, -2.0, 3.0, 0.5], [-1.5, 2.5, 1.0, 4.0]], np.float32)
+    g_l0 = np.array([0.7, -1.3], np.float32)
+    k = _kernel(Z, THETA, EPS)
+    per_element = -(THETA / EPS) * k * g_f - (1.0 / EPS) * k * g_l0[:, None]
+    for theta, want in ((THETA, per_element.sum(0)), (np.broadcast_to(THETA, Z.shape), per_element)):
+        (f, l0), vjp = jax.vjp(lambda z, t: jr.jumprelu_l0(z, t, EPS), jnp.asarray(Z), jnp.asarray(theta))
+        np.testing.assert_array_equal(f, Z * (Z > THETA))
+        np.testing.assert_array_equal(l0, (Z > THETA).sum(-1).astype(np.float32))
+        dz, dtheta = vjp((jnp.asarray(g_f), jnp.asarray(g_l0)))
+        np.testing.assert_allclose(dz, g_f * (Z > THETA), rtol=1e-6)
+        assert np.count_nonzero(want) >= 2
+        np.testing.assert_allclose(dtheta, want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("param", ["log", "raw"])
@@ -79,9 +75,9 @@ def test_threshold_gradient_through_parameterization(param):
     lam = 0.7
 
     def loss(p):  # sum of latents + lam * L0 with both pseudo-derivatives
-        pre, f, _ = SAEGroup(spec).apply({"params": p}, x)
-        theta = thresholds(spec, p)[:, :, None, :]
-        return jnp.sum(f) + lam * jnp.sum(jr.step(pre, theta, EPS))
+        pre = SAEGroup(spec).apply({"params": p}, x, method=SAEGroup.pre_activations)
+        f, l0 = jr.jumprelu_l0(pre, thresholds(spec, p)[:, :, None, :], EPS)
+        return jnp.sum(f) + lam * jnp.sum(l0)
 
     got = np.asarray(jax.grad(loss)(params)[name][0, 0])
     k = _kernel(Z, THETA, EPS)

@@ -1,22 +1,21 @@
-"""JumpReLU and its step function with straight-through pseudo-derivatives (Rajamanoharan et al. 2024).
+"""JumpReLU and its L0 with straight-through pseudo-derivatives (Rajamanoharan et al. 2024).
 
     jumprelu(z, theta) = z * H(z - theta)
-    step(z, theta)     = H(z - theta)
+    L0(z, theta)       = sum_i H(z_i - theta_i)      (over the last axis: the latents of a row)
 
 H has zero derivative almost everywhere, so the threshold gets a pseudo-derivative through a kernel
 K of bandwidth eps (the rectangle: K(u) = 1 for |u| < 1/2):
 
     d jumprelu / d theta = -(theta / eps) K((z - theta) / eps)
-    d step     / d theta = -(1 / eps)     K((z - theta) / eps)
+    d L0       / d theta_i = -(1 / eps)   K((z_i - theta_i) / eps)
 
 z gets the ordinary derivative of z * H(z - theta) with H held fixed (H for jumprelu) and nothing
-through the step (0 for step). ``theta`` may broadcast against ``z``: its cotangent is summed back
-to its own shape.
+through the L0. ``theta`` may broadcast against ``z``: its cotangent is summed back to its own shape.
 
-``jumprelu_l0`` is the training form: the latents and each row's L0 = sum_i step(z_i, theta_i)
-together, with one pass for the z cotangent and one reduction for theta's. Written as ``jumprelu``
-and ``step`` apart, XLA:CPU wrote eight [B, M] arrays per step instead of four (about 50 ms of a
-500 ms step at B=4096, M=4608; docs/training.md).
+Training takes both from one op, ``jumprelu_l0``, whose backward pass writes the z cotangent once
+and sums theta's two terms in one reduction; ``jumprelu`` is its first output. (The L0 as a sum of
+a separate elementwise step function, with the L0 metric counted again from f, made XLA:CPU write
+twice as many [B, M] arrays per train step; docs/training.md.)
 """
 from __future__ import annotations
 
@@ -39,51 +38,13 @@ def _sum_to(x, shape):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
-def jumprelu(z, theta, eps):
-    return z * (z > theta).astype(z.dtype)
-
-
-def _jumprelu_fwd(z, theta, eps):
-    return jumprelu(z, theta, eps), (z, theta)
-
-
-def _jumprelu_bwd(eps, res, g):
-    z, theta = res
-    dz = g * (z > theta).astype(z.dtype)
-    dtheta = -(theta / eps) * _sum_to(rectangle((z - theta) / eps) * g, jnp.shape(theta))
-    return dz, dtheta
-
-
-jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def step(z, theta, eps):
-    return (z > theta).astype(z.dtype)
-
-
-def _step_fwd(z, theta, eps):
-    return step(z, theta, eps), (z, theta)
-
-
-def _step_bwd(eps, res, g):
-    z, theta = res
-    dtheta = -(1.0 / eps) * _sum_to(rectangle((z - theta) / eps) * g, jnp.shape(theta))
-    return jnp.zeros_like(z), dtheta
-
-
-step.defvjp(_step_fwd, _step_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
 def jumprelu_l0(z, theta, eps):
-    """(jumprelu(z, theta), sum over the last axis of step(z, theta)): latents [..., M], L0 [...].
+    """(jumprelu(z, theta), L0(z, theta)): latents [..., M] and each row's L0 [...].
 
     For theta > 0 (SAE thresholds always are): then a latent fires exactly where it is positive,
     and the L0 is counted from the latents themselves, in the reduction that reads them anyway.
     """
-    fires = z > theta
-    f = jnp.where(fires, z, 0.0)
+    f = jnp.where(z > theta, z, 0.0)
     return f, jnp.sum(jnp.sign(f), -1)
 
 
@@ -95,11 +56,17 @@ def _jumprelu_l0_bwd(eps, res, g):
     z, theta = res
     g_f, g_l0 = g
     dz = jnp.where(z > theta, g_f, 0.0)
-    # jumprelu's -(theta/eps) K g_f plus step's -(1/eps) K g_l0 in one reduction, theta multiplied
-    # in after the sum (the sum of a [B, M] product with theta in it ran 10x slower on XLA:CPU).
+    # jumprelu's -(theta/eps) K g_f plus the L0's -(1/eps) K g_l0 in one reduction, with theta
+    # multiplied in after the sum (a sum of a [B, M] product with theta in it was far slower in
+    # XLA:CPU's reduction kernels).
     window = rectangle((z - theta) / eps)
     d = _sum_to(window * (g_f + g_l0[..., None] / theta), jnp.shape(theta))
     return dz, -(theta * d) / eps
 
 
 jumprelu_l0.defvjp(_jumprelu_l0_fwd, _jumprelu_l0_bwd)
+
+
+def jumprelu(z, theta, eps):
+    """z * H(z - theta), with the pseudo-derivative for theta (``jumprelu_l0``'s latents)."""
+    return jumprelu_l0(z, theta, eps)[0]
