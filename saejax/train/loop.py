@@ -159,8 +159,8 @@ def state_memory(spec: GroupSpec, hp: optim.Hyper, mesh) -> dict:
     the state parts, and the activations estimated as 7 live [K,B,M] fp32 buffers of the one site
     per stack shard that the step works on at a time (``step.map_sites``: pre, f, masks and window
     products of the JumpReLU pseudo-derivatives, their cotangents) plus x_hat and its cotangent
-    [K,B,d] and the batch [T,B,d]. An upper bound: the step takes a site's K members one by one, and
-    XLA:CPU's compiled step (d 576, width 4,608) held ~4.4 [B,M] buffers for one member, ~9 for three."""
+    [K,B,d] and the batch [T,B,d]. An upper bound: the step takes a site's K members one by one
+    (``Trainer.memory`` adds XLA's own figure for the compiled step where the backend reports it)."""
     def total(tree, shardings):
         leaves = jax.tree_util.tree_leaves(tree)
         shards = jax.tree_util.tree_leaves(shardings)

@@ -150,8 +150,7 @@ def map_sites(fn, spec: GroupSpec, *trees):
     over the mesh's ``stack`` axis. The scan's step j hands ``fn`` site j of every block (a
     [S, ...] slice, still one site per stack shard) and a spec of S sites, and the leaves of fn's
     result, each with S leading, are put back in site order. So the [T, K, B, M] pre-activations
-    of a step never exist at once, only those of the site each device works on (a 1.4 GB
-    [6, 3, 4096, 4608] buffer spent a third of the step in page faults on CPU).
+    of a step never exist at once, only those of the site each device works on.
     """
     S = stack_shards()
     T = spec.T
@@ -180,8 +179,8 @@ def grads(spec: GroupSpec, hp: optim.Hyper, params, state, x):
         return jax.grad(lambda q: losses(one_k, hp_k, q, st, xs), has_aux=True)(p)
 
     def one(sub, p, st, xs):
-        # Member by member: the K members batched into [K, B, d] x [K, d, M] matmuls ran 15% slower
-        # per SAE on XLA:CPU than K two-dimensional ones (benchmarks/train_step.py --stack).
+        # Member by member: with the K members batched into [K, B, d] x [K, d, M] matmuls, XLA:CPU's
+        # stacked per-SAE throughput was 0.85 of a single SAE's, 1.04 this way (benchmarks/train_step.py).
         parts = [member(sub, k, p, st, xs) for k in range(sub.K)]
         return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=1), *parts)
 
