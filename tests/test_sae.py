@@ -62,6 +62,46 @@ def test_jumprelu_l0_both_cotangents_and_broadcast_theta():
         np.testing.assert_allclose(dtheta, want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_mse_l0_equals_autodiff_through_jumprelu_l0(blocks):
+    """The row-blocked training op gives the values and gradients of plain matmuls with
+    ``jumprelu_l0`` (its per-latent counts are the L0 of the transposed [M, B] pre-activations),
+    for any cotangents on the mse and on each latent's count."""
+    T, K, B, d, M, eps = 2, 2, 12, 5, 7, 0.5
+    r = np.random.default_rng(0)
+    x = jnp.asarray(r.normal(size=(T, B, d)), jnp.float32)
+    p = {"w_enc": r.normal(size=(T, K, d, M)), "b_enc": 0.3 * r.normal(size=(T, K, M)),
+         "w_dec": r.normal(size=(T, K, M, d)), "b_dec": r.normal(size=(T, K, d)),
+         "theta": r.uniform(0.2, 1.5, size=(T, K, M))}
+    p = {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
+    a = jnp.asarray(r.normal(size=(T, K)), jnp.float32)  # cotangent of each SAE's mse
+    c = jnp.asarray(r.normal(size=(T, K, M)), jnp.float32)  # cotangent of each latent's count
+    hi = jax.lax.Precision.HIGHEST
+
+    def reference(p):
+        pre = jnp.matmul(x[:, None], p["w_enc"], precision=hi) + p["b_enc"][:, :, None, :]
+        f_t, counts = jr.jumprelu_l0(jnp.swapaxes(pre, -1, -2), p["theta"][..., None], eps)  # [T, K, M, B]
+        x_hat = jnp.matmul(jnp.swapaxes(f_t, -1, -2), p["w_dec"], precision=hi) + p["b_dec"][:, :, None, :]
+        mse = jnp.mean(jnp.sum(jnp.square(x_hat - x[:, None]), -1), -1)
+        return mse, counts, pre
+
+    def fused(p):  # row block c: rows c*b .. (c+1)*b - 1
+        xb = jnp.moveaxis(x.reshape(T, blocks, B // blocks, d), 1, 0)
+        return jr.mse_l0(xb, p["w_enc"], p["b_enc"], p["w_dec"], p["b_dec"], p["theta"], eps, hi)
+
+    mse, counts, pre = reference(p)
+    window = np.abs((np.asarray(pre) - np.asarray(p["theta"])[:, :, None, :]) / eps) < 0.5
+    assert 0 < np.mean(np.asarray(counts)) < B and window.sum() >= 20  # latents fire and sit in the window
+    got_mse, got_counts = fused(p)
+    np.testing.assert_allclose(got_mse, mse, rtol=1e-5)
+    np.testing.assert_array_equal(got_counts, counts)
+    want = jax.grad(lambda q: jnp.sum(a * reference(q)[0]) + jnp.sum(c * reference(q)[1]))(p)
+    got = jax.grad(lambda q: jnp.sum(a * fused(q)[0]) + jnp.sum(c * fused(q)[1]))(p)
+    for k in p:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    assert np.count_nonzero(want["theta"]) >= 10
+
+
 @pytest.mark.parametrize("param", ["log", "raw"])
 def test_threshold_gradient_through_parameterization(param):
     """d loss / d log_theta = theta * d loss / d theta (chain rule through exp); raw is the identity."""

@@ -116,13 +116,18 @@ class SAEGroup(nn.Module):
         """Positive thresholds [T, K, M] (jumprelu)."""
         return jnp.exp(self.theta_param) if self.spec.threshold_param == "log" else self.theta_param
 
+    def encoder_bias(self):
+        """[T, K, M]: b_enc, minus b_dec W_enc with ``pre_encoder_bias`` ((x - b_dec) W_enc + b_enc
+        without materializing K copies of x)."""
+        s = self.spec
+        if s.pre_encoder_bias:
+            return self.b_enc - jnp.einsum("tkd,tkdm->tkm", self.b_dec, self.W_enc, precision=PRECISIONS[s.precision])
+        return self.b_enc
+
     def pre_activations(self, x):
         """x [T, B, d] -> pre [T, K, B, M]."""
-        s = self.spec
-        prec = PRECISIONS[s.precision]
-        b_enc = self.b_enc
-        if s.pre_encoder_bias:  # (x - b_dec) @ W_enc without materializing K copies of x
-            b_enc = b_enc - jnp.einsum("tkd,tkdm->tkm", self.b_dec, self.W_enc, precision=prec)
+        prec = PRECISIONS[self.spec.precision]
+        b_enc = self.encoder_bias()
         # A broadcast matmul, not einsum("tbd,tkdm->tkbm"): XLA:CPU lowers the einsum with the batch
         # dims first and then transposes [B, M]; this form ran the whole step 1.5-1.7x faster (docs/training.md).
         return jnp.matmul(x[:, None], self.W_enc, precision=prec) + b_enc[:, :, None, :]

@@ -12,10 +12,10 @@ K of bandwidth eps (the rectangle: K(u) = 1 for |u| < 1/2):
 z gets the ordinary derivative of z * H(z - theta) with H held fixed (H for jumprelu) and nothing
 through the L0. ``theta`` may broadcast against ``z``: its cotangent is summed back to its own shape.
 
-Training takes both from one op, ``jumprelu_l0``, whose backward pass writes the z cotangent once
-and sums theta's two terms in one reduction; ``jumprelu`` is its first output. (The L0 as a sum of
-a separate elementwise step function, with the L0 metric counted again from f, made XLA:CPU write
-twice as many [B, M] arrays per train step; docs/training.md.)
+``jumprelu_l0`` is both as one elementwise op (its backward pass sums theta's two terms in one
+reduction); ``jumprelu`` is its first output. Training uses ``mse_l0``: a whole JumpReLU SAE's
+reconstruction error and per-latent firing counts, over the batch in row blocks, with exactly the
+gradients of autodiff through ``jumprelu_l0`` (tests/test_sae.py checks them against it).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 def rectangle(u):
@@ -70,3 +71,78 @@ jumprelu_l0.defvjp(_jumprelu_l0_fwd, _jumprelu_l0_bwd)
 def jumprelu(z, theta, eps):
     """z * H(z - theta), with the pseudo-derivative for theta (``jumprelu_l0``'s latents)."""
     return jumprelu_l0(z, theta, eps)[0]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def mse_l0(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision):
+    """A JumpReLU SAE's reconstruction error and firing counts, over a batch given in row blocks.
+
+        pre = x W_enc + b_enc,  f = jumprelu(pre, theta),  x_hat = f W_dec + b_dec
+        mse    [T, K]     mean over the batch's rows of ||x - x_hat||^2
+        counts [T, K, M]  rows each latent fires on (their sum over M / rows is the L0)
+
+    for a batch xb [n, T, b, d] (n blocks of b rows; ``saejax.train.step.row_blocks``) and the
+    parameters of T x K SAEs (W_enc [T, K, d, M], b_enc [T, K, M], W_dec [T, K, M, d],
+    b_dec [T, K, d], theta [T, K, M]). The gradients are those of autodiff through ``jumprelu_l0``
+    (z, theta pseudo-derivatives as above; nothing to x). The blocks are a ``lax.scan``, so the
+    step's [b, M] temporaries are small enough to be reused from step to step (allocated for the
+    whole batch, XLA:CPU maps each [B, M] buffer fresh every step and pays a page fault per 4 KiB
+    of it; docs/training.md). Under ``jax.grad`` the forward pass also computes the parameter
+    gradients and the backward pass only scales them by the cotangents: the five matmuls run once.
+    """
+    return _mse_l0_scan(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, False)[0]
+
+
+def _mse_l0_scan(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, with_grads):
+    B = xb.shape[0] * xb.shape[2]
+    mm = partial(jnp.matmul, precision=precision)
+    tr = partial(jnp.swapaxes, axis1=-1, axis2=-2)
+    th = theta[:, :, None, :]
+    w_dec_t = tr(w_dec)  # once per step: XLA:CPU transposed it in every block otherwise
+
+    def block(acc, xc):  # xc [T, b, d]
+        pre = mm(xc[:, None], w_enc) + b_enc[:, :, None, :]  # [T, K, b, M]
+        fired = pre > th
+        f = jnp.where(fired, pre, 0.0)
+        e = mm(f, w_dec) + b_dec[:, :, None, :] - xc[:, None]  # [T, K, b, d]
+        out = {"sq": acc["sq"] + jnp.sum(jnp.square(e), (-2, -1)),
+               "counts": acc["counts"] + jnp.sum(jnp.sign(f), -2, dtype=jnp.float32)}
+        if with_grads:  # cotangent 1 on the mse: d mse / d x_hat = 2 e / B
+            g = (2.0 / B) * e
+            g_f = mm(g, w_dec_t)  # [T, K, b, M]
+            dz = jnp.where(fired, g_f, 0.0)
+            window = rectangle((pre - th) / eps)
+            out.update(
+                # W_dec's gradient transposed, g^T f: transposing the [b, M] f was slower (the [M, d] sum
+                # is transposed once at the end).
+                w_dec_t=acc["w_dec_t"] + mm(tr(g), f), b_dec=acc["b_dec"] + jnp.sum(g, -2),
+                w_enc=acc["w_enc"] + mm(tr(xc)[:, None], dz), b_enc=acc["b_enc"] + jnp.sum(dz, -2),
+                window_g=acc["window_g"] + jnp.sum(window * g_f, -2), window=acc["window"] + jnp.sum(window, -2))
+        return out, None
+
+    TK, M = theta.shape[:2], theta.shape[-1]
+    acc = {"sq": jnp.zeros(TK, jnp.float32), "counts": jnp.zeros(theta.shape, jnp.float32)}
+    if with_grads:
+        acc.update(w_enc=jnp.zeros_like(w_enc), b_enc=jnp.zeros_like(b_enc), w_dec_t=jnp.zeros_like(w_dec_t),
+                   b_dec=jnp.zeros_like(b_dec), window_g=jnp.zeros_like(theta), window=jnp.zeros_like(theta))
+    acc, _ = lax.scan(block, acc, xb)
+    return (acc["sq"] / B, acc["counts"]), acc
+
+
+def _mse_l0_fwd(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision):
+    out, acc = _mse_l0_scan(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, True)
+    return out, (acc, theta, xb)
+
+
+def _mse_l0_bwd(eps, precision, res, g):
+    acc, theta, xb = res
+    g_mse, g_counts = g
+    s = lambda a: g_mse.reshape(g_mse.shape + (1,) * (a.ndim - 2)) * a  # noqa: E731
+    # theta: jumprelu's -(theta/eps) sum K g_f (scaled by the mse cotangent) and the counts'
+    # -(1/eps) sum K (by theirs).
+    d_theta = -(theta * s(acc["window_g"]) + g_counts * acc["window"]) / eps
+    w_dec = jnp.swapaxes(acc["w_dec_t"], -1, -2)
+    return jnp.zeros_like(xb), s(acc["w_enc"]), s(acc["b_enc"]), s(w_dec), s(acc["b_dec"]), d_theta
+
+
+mse_l0.defvjp(_mse_l0_fwd, _mse_l0_bwd)

@@ -80,27 +80,59 @@ def recon_metrics(x, f, x_hat):
     """x [T, B, d], f [T, K, B, M], x_hat [T, K, B, d] -> per-SAE (mse, fvu, l0), each [T, K]; FVU is
     the squared error over the variance around the batch mean."""
     mse = jnp.mean(jnp.sum(jnp.square(x_hat - x[:, None]), -1), -1)
-    var = jnp.mean(jnp.sum(jnp.square(x - jnp.mean(x, axis=1, keepdims=True)), -1), -1)  # [T]
     # Counted in float32: an int32 sum made XLA:CPU write out a [T, K, B, M] int array first.
-    return mse, mse / var[:, None], jnp.mean(jnp.sum((f > 0).astype(jnp.float32), -1), -1)
+    return mse, mse / batch_variance(x)[:, None], jnp.mean(jnp.sum((f > 0).astype(jnp.float32), -1), -1)
+
+
+def batch_variance(x):
+    """x [T, B, d] -> [T]: the mean squared distance of the rows from their mean (FVU's denominator)."""
+    return jnp.mean(jnp.sum(jnp.square(x - jnp.mean(x, axis=1, keepdims=True)), -1), -1)
+
+
+def row_block_count(B: int, M: int, max_bytes: int = 10 << 20) -> int:
+    """Into how many row blocks the JumpReLU step splits a batch of B rows (``row_blocks``): the
+    fewest whose per-device [rows, M] float32 block is at most ``max_bytes``. On XLA:CPU ~10 MiB
+    (512 rows at width 4,608) ran the step fastest (benchmarks/train_step.py; docs/training.md)."""
+    D, L = _mesh_sizes("data", "latent")
+    fits = [n for n in range(1, B // D + 1) if (B // D) % n == 0]
+    return next((n for n in fits if (B // D // n) * -(-M // L) * 4 <= max_bytes), fits[-1])
+
+
+def row_blocks(x, n: int):
+    """x [T, B, d] -> [n, T, B / n, d]. Block c takes the c-th n-th of each ``data`` shard's rows,
+    so a batch sharded over its rows stays sharded the same way within every block, and with one
+    data shard the blocks are consecutive rows (a reshape, no copy)."""
+    T, B, d = x.shape
+    D = _mesh_sizes("data")[0]
+    return jnp.moveaxis(x.reshape(T, D, n, B // (D * n), d), 2, 0).reshape(n, T, B // n, d)
+
+
+def _mesh_sizes(*axes: str) -> tuple[int, ...]:
+    """Sizes of the current mesh's ``axes`` (1 without a mesh or without the axis)."""
+    mesh = sharded.current_mesh()
+    sizes = dict(mesh.shape) if mesh is not None else {}
+    return tuple(sizes.get(a, 1) for a in axes)
 
 
 def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x):
     """Per-SAE loss terms and diagnostics for x [T, B, d] (normalized). Returns (total, aux)."""
     module, variables = SAEGroup(spec), {"params": params}
-    if spec.arch == "jumprelu":  # latents and each row's L0 in one op (jumprelu.jumprelu_l0)
-        pre = module.apply(variables, x, method=SAEGroup.pre_activations)
-        f, row_l0 = jr.jumprelu_l0(pre, thresholds(spec, params)[:, :, None, :], spec.bandwidth)
-        x_hat = module.apply(variables, f, method=SAEGroup.decode)
+    if spec.arch == "jumprelu":  # the batch in row blocks, in one op (jumprelu.mse_l0)
+        xb = row_blocks(x, row_block_count(x.shape[1], spec.width))
+        mse, counts = jr.mse_l0(xb, params["W_enc"], module.apply(variables, method=SAEGroup.encoder_bias),
+                                params["W_dec"], params["b_dec"], thresholds(spec, params), spec.bandwidth,
+                                PRECISIONS[spec.precision])
+        fired = counts > 0
+        fvu = mse / batch_variance(x)[:, None]
     else:
         pre, f, x_hat = module.apply(variables, x, state["bt_threshold"], True)
-    fired = jnp.any(f > 0, axis=2)  # [T, K, M]
-    mse, fvu, l0 = recon_metrics(x, f, x_hat)  # [T, K] each
+        fired = jnp.any(f > 0, axis=2)  # [T, K, M]
+        mse, fvu, l0 = recon_metrics(x, f, x_hat)  # [T, K] each
     lam = state["lam"] * optim.sparsity_scale(hp, state["step"])
     zero = jnp.zeros_like(mse)
     sparsity, aux = zero, zero
     if spec.arch == "jumprelu":
-        l0_pseudo = jnp.mean(row_l0, -1)  # its value is the L0 (f > 0 exactly where z > theta > 0)
+        l0_pseudo = jnp.sum(counts, -1) / x.shape[1]  # the L0, with theta's pseudo-derivative
         l0 = lax.stop_gradient(l0_pseudo)
         if hp.target_l0:  # lam * t * (L0/t - 1)^2: an L0 penalty 2 lam (L0/t - 1) that turns to a bonus below t
             target = jnp.asarray(hp.target_l0, jnp.float32)[None, :]
@@ -139,8 +171,7 @@ def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x):
 
 def stack_shards() -> int:
     """How many devices the ``stack`` axis of the current mesh has (1 without a mesh)."""
-    mesh = sharded.current_mesh()
-    return dict(mesh.shape).get("stack", 1) if mesh is not None else 1
+    return _mesh_sizes("stack")[0]
 
 
 def map_sites(fn, spec: GroupSpec, *trees):
