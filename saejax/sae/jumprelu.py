@@ -94,19 +94,20 @@ def mse_l0(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision):
 
 
 def _mse_l0_scan(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, with_grads):
+    """(mse, counts) and the sums over the blocks (with the gradients' parts if ``with_grads``)."""
     B = xb.shape[0] * xb.shape[2]
     mm = partial(jnp.matmul, precision=precision)
     tr = partial(jnp.swapaxes, axis1=-1, axis2=-2)
     th = theta[:, :, None, :]
     w_dec_t = tr(w_dec)  # once per step: XLA:CPU transposed it in every block otherwise
 
-    def block(acc, xc):  # xc [T, b, d]
+    def block(xc):  # one block's terms of the sums; xc [T, b, d]
         pre = mm(xc[:, None], w_enc) + b_enc[:, :, None, :]  # [T, K, b, M]
         fired = pre > th
         f = jnp.where(fired, pre, 0.0)
         e = mm(f, w_dec) + b_dec[:, :, None, :] - xc[:, None]  # [T, K, b, d]
-        out = {"sq": acc["sq"] + jnp.sum(jnp.square(e), (-2, -1)),
-               "counts": acc["counts"] + jnp.sum(jnp.sign(f), -2, dtype=jnp.float32)}
+        out = {"sq": jnp.sum(jnp.square(e), (-2, -1), dtype=jnp.float32),
+               "counts": jnp.sum(jnp.sign(f), -2, dtype=jnp.float32)}
         if with_grads:  # cotangent 1 on the mse: d mse / d x_hat = 2 e / B
             g = (2.0 / B) * e
             g_f = mm(g, w_dec_t)  # [T, K, b, M]
@@ -115,17 +116,13 @@ def _mse_l0_scan(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, with_gra
             out.update(
                 # W_dec's gradient transposed, g^T f: transposing the [b, M] f was slower (the [M, d] sum
                 # is transposed once at the end).
-                w_dec_t=acc["w_dec_t"] + mm(tr(g), f), b_dec=acc["b_dec"] + jnp.sum(g, -2),
-                w_enc=acc["w_enc"] + mm(tr(xc)[:, None], dz), b_enc=acc["b_enc"] + jnp.sum(dz, -2),
-                window_g=acc["window_g"] + jnp.sum(window * g_f, -2), window=acc["window"] + jnp.sum(window, -2))
-        return out, None
+                w_dec_t=mm(tr(g), f), b_dec=jnp.sum(g, -2),
+                w_enc=mm(tr(xc)[:, None], dz), b_enc=jnp.sum(dz, -2),
+                window_g=jnp.sum(window * g_f, -2), window=jnp.sum(window, -2))
+        return out
 
-    TK, M = theta.shape[:2], theta.shape[-1]
-    acc = {"sq": jnp.zeros(TK, jnp.float32), "counts": jnp.zeros(theta.shape, jnp.float32)}
-    if with_grads:
-        acc.update(w_enc=jnp.zeros_like(w_enc), b_enc=jnp.zeros_like(b_enc), w_dec_t=jnp.zeros_like(w_dec_t),
-                   b_dec=jnp.zeros_like(b_dec), window_g=jnp.zeros_like(theta), window=jnp.zeros_like(theta))
-    acc, _ = lax.scan(block, acc, xb)
+    # The sums start from the first block's terms (zero-filled [d, M] sums cost two extra passes each).
+    acc, _ = lax.scan(lambda acc, xc: (jax.tree_util.tree_map(jnp.add, acc, block(xc)), None), block(xb[0]), xb[1:])
     return (acc["sq"] / B, acc["counts"]), acc
 
 
