@@ -57,6 +57,12 @@ def sparsity_scale(hp: Hyper, step):
 
 
 def optimizer(hp: Hyper) -> optax.GradientTransformation:
+    """Adam. With b1 = 0 (Gemma Scope's) the first moment is the gradient itself, so it is not
+    stored: optax's scale_by_rms with Adam's bias correction and eps is that Adam exactly, in two
+    thirds of the memory (optax documents the equivalence)."""
+    if hp.b1 == 0:
+        return optax.chain(optax.scale_by_rms(hp.b2, hp.eps, eps_in_sqrt=False, bias_correction=True),
+                           optax.scale_by_learning_rate(lr_schedule(hp)))
     return optax.adam(lr_schedule(hp), b1=hp.b1, b2=hp.b2, eps=hp.eps)
 
 
