@@ -70,8 +70,10 @@ def _two_stage(values, ks: tuple[int, ...], axes: tuple[str, ...]):
     return _pick(lax.top_k(cand, kmax)[0], ks)
 
 
-def _sizes(mesh) -> dict:
-    return dict(mesh.shape)
+def axis_sizes(mesh, *axes: str) -> tuple[int, ...]:
+    """Sizes of ``mesh``'s ``axes``: 1 for an axis the mesh lacks, and for every axis without a mesh."""
+    sizes = dict(mesh.shape) if mesh is not None else {}
+    return tuple(sizes.get(a, 1) for a in axes)
 
 
 def row_kth(pre, ks: tuple[int, ...]):
@@ -81,7 +83,7 @@ def row_kth(pre, ks: tuple[int, ...]):
     """
     pre = lax.stop_gradient(pre)
     mesh = current_mesh()
-    if mesh is None or _sizes(mesh).get("latent", 1) == 1:
+    if axis_sizes(mesh, "latent") == (1,):
         return _local_kth(pre, ks)
     fn = jax.shard_map(lambda v: _two_stage(v, ks, ("latent",)), mesh=mesh,
                        in_specs=PRE_SPEC, out_specs=P("stack", None, "data", None))
@@ -94,8 +96,7 @@ def batch_kth(pre, ks: tuple[int, ...]):
     T, K, B, M = pre.shape
     kb = tuple(k * B for k in ks)
     mesh = current_mesh()
-    sizes = _sizes(mesh) if mesh is not None else {}
-    if sizes.get("latent", 1) * sizes.get("data", 1) == 1:
+    if axis_sizes(mesh, "latent", "data") == (1, 1):
         return _local_kth(pre.reshape(T, K, 1, B * M), kb)
 
     def local(v):  # v [t, K, b, m] -> this shard's flat block [t, K, 1, b * m]

@@ -156,11 +156,12 @@ class Trainer:
 
 def state_memory(spec: GroupSpec, hp: optim.Hyper, mesh) -> dict:
     """Per-device bytes of one step, from shapes and shardings alone (``mesh`` may be an AbstractMesh):
-    the state parts, and the activations estimated as 7 live [K,B,M] fp32 buffers of the one site
-    per stack shard that the step works on at a time (``step.map_sites``: pre, f, masks and window
-    products of the JumpReLU pseudo-derivatives, their cotangents) plus x_hat and its cotangent
-    [K,B,d] and the batch [T,B,d]. An upper bound: the step takes a site's K members one by one
-    (``Trainer.memory`` adds XLA's own figure for the compiled step where the backend reports it)."""
+    the state parts, and the activations of the one SAE per stack shard that the step works on at a
+    time (``step.scan_saes``), estimated as 7 live [B,M] fp32 buffers (pre, f, masks and window
+    products of the JumpReLU pseudo-derivatives, their cotangents), x_hat and its cotangent [B,d],
+    that SAE's gradient and Adam temporaries (3 x its parameters) and the batch [T,B,d]. An upper
+    bound: the JumpReLU step holds [B,M] buffers a row block at a time (``Trainer.memory`` adds XLA's
+    own figure for the compiled step where the backend reports it)."""
     def total(tree, shardings):
         leaves = jax.tree_util.tree_leaves(tree)
         shards = jax.tree_util.tree_leaves(shardings)
@@ -173,10 +174,11 @@ def state_memory(spec: GroupSpec, hp: optim.Hyper, mesh) -> dict:
     pre = NamedSharding(mesh, sharded.PRE_SPEC)
     rec = NamedSharding(mesh, P("stack", None, "data", None))
     xs = NamedSharding(mesh, P("stack", "data", None))
-    S = dict(mesh.shape).get("stack", 1)  # sites in flight: one per stack shard
-    out["activations"] = (7 * meshlib.shard_bytes((S, spec.K, hp.batch_size, spec.width), np.float32, pre)
-                          + 2 * meshlib.shard_bytes((S, spec.K, hp.batch_size, spec.d), np.float32, rec)
-                          + meshlib.shard_bytes((spec.T, hp.batch_size, spec.d), np.float32, xs))
+    S, = sharded.axis_sizes(mesh, "stack")  # SAEs in flight: one per stack shard
+    one_sae = out["params"] * S // (spec.T * spec.K)  # a device's part of one SAE's parameters
+    out["activations"] = (7 * meshlib.shard_bytes((S, 1, hp.batch_size, spec.width), np.float32, pre)
+                          + 2 * meshlib.shard_bytes((S, 1, hp.batch_size, spec.d), np.float32, rec)
+                          + 3 * one_sae + meshlib.shard_bytes((spec.T, hp.batch_size, spec.d), np.float32, xs))
     return out
 
 

@@ -93,7 +93,7 @@ def row_block_count(B: int, M: int, max_bytes: int = 10 << 20) -> int:
     """Into how many row blocks the JumpReLU step splits a batch of B rows (``row_blocks``): the
     fewest whose per-device [rows, M] float32 block is at most ``max_bytes``. On XLA:CPU ~10 MiB
     (512 rows at width 4,608) ran the step fastest (benchmarks/train_step.py; docs/training.md)."""
-    D, L = _mesh_sizes("data", "latent")
+    D, L = sharded.axis_sizes(sharded.current_mesh(), "data", "latent")
     fits = [n for n in range(1, B // D + 1) if (B // D) % n == 0]
     return next((n for n in fits if (B // D // n) * -(-M // L) * 4 <= max_bytes), fits[-1])
 
@@ -103,15 +103,8 @@ def row_blocks(x, n: int):
     so a batch sharded over its rows stays sharded the same way within every block, and with one
     data shard the blocks are consecutive rows (a reshape, no copy)."""
     T, B, d = x.shape
-    D = _mesh_sizes("data")[0]
+    D = sharded.axis_sizes(sharded.current_mesh(), "data")[0]
     return jnp.moveaxis(x.reshape(T, D, n, B // (D * n), d), 2, 0).reshape(n, T, B // n, d)
-
-
-def _mesh_sizes(*axes: str) -> tuple[int, ...]:
-    """Sizes of the current mesh's ``axes`` (1 without a mesh or without the axis)."""
-    mesh = sharded.current_mesh()
-    sizes = dict(mesh.shape) if mesh is not None else {}
-    return tuple(sizes.get(a, 1) for a in axes)
 
 
 def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x):
@@ -171,7 +164,7 @@ def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x):
 
 def stack_shards() -> int:
     """How many devices the ``stack`` axis of the current mesh has (1 without a mesh)."""
-    return _mesh_sizes("stack")[0]
+    return sharded.axis_sizes(sharded.current_mesh(), "stack")[0]
 
 
 def map_sites(fn, spec: GroupSpec, *trees):
@@ -196,26 +189,68 @@ def map_sites(fn, spec: GroupSpec, *trees):
     return jax.tree_util.tree_map(merge, out)
 
 
-def grads(spec: GroupSpec, hp: optim.Hyper, params, state, x):
-    """(gradients of the summed loss, per-SAE diagnostics), computed site by site (``map_sites``):
-    each SAE's loss depends on its own parameters only, so each site's gradient is its own."""
-    per_site = {k: v for k, v in state.items() if k not in ("params", "opt_state", "step", "l0_ema")}
+def scan_saes(fn, spec: GroupSpec, carry, per_sae, per_site):
+    """``fn(k, one, carry_k, per_sae_k, per_site_k) -> (new carry_k, out)`` for every SAE of the group,
+    one SAE per stack shard at a time, each new carry slice written back into ``carry``.
 
-    def member(sub, k, p, st, xs):
-        """SAE k of every site in ``sub``: its own spec (TopK's k) and target L0."""
-        one_k = dataclasses.replace(sub, sparsity=(sub.sparsity[k],))
-        hp_k = dataclasses.replace(hp, target_l0=(hp.target_l0[k],)) if hp.target_l0 else hp
-        p, st = jax.tree_util.tree_map(lambda a: a[:, k:k + 1], (p, st))
-        st = dict(st, step=state["step"])
-        return jax.grad(lambda q: losses(one_k, hp_k, q, st, xs), has_aux=True)(p)
+    Leaves of ``carry`` and ``per_sae`` have leading [T, K] axes, those of ``per_site`` [T]; a scalar
+    leaf of ``carry`` is shared by all SAEs (an optimizer's step count): every call gets its value
+    on entry and must return the same new value, which is kept. The T sites lie in S contiguous
+    blocks over the mesh's ``stack`` axis. ``fn`` gets member k of site j of every block: [S, 1, ...]
+    slices (per_site: [S, ...]) and ``one``, the spec of those S sites with member k alone. The outs,
+    [S, 1, ...] each, come back as [T, K, ...].
 
-    def one(sub, p, st, xs):
-        # Member by member: with the K members batched into [K, B, d] x [K, d, M] matmuls, XLA:CPU's
-        # stacked per-SAE throughput was 0.85 of a single SAE's, 1.04 this way (benchmarks/train_step.py).
-        parts = [member(sub, k, p, st, xs) for k in range(sub.K)]
-        return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=1), *parts)
+    With several sites per stack shard this is a ``lax.scan`` over them per member, with the state
+    as the carry: a donated state is then updated in place, and a step holds no [T, K, d, M] buffer
+    besides it, nor the activations of more than the SAE in flight (docs/training.md).
+    """
+    S, T, K = stack_shards(), spec.T, spec.K
+    n = T // S
+    sub = dataclasses.replace(spec, sites=spec.sites[:S])
+    members = [dataclasses.replace(sub, sparsity=(s,)) for s in spec.sparsity]
+    member = lambda a, k: a[:, k:k + 1] if a.ndim else a  # noqa: E731
+    if n == 1:  # one site per stack shard: no scan; the members' new slices are joined
+        news, outs = zip(*(fn(k, members[k], *jax.tree_util.tree_map(lambda a: member(a, k), (carry, per_sae)),
+                              per_site) for k in range(K)))
+        join = lambda *v: jnp.concatenate(v, axis=1) if v[0].ndim else v[0]  # noqa: E731
+        return jax.tree_util.tree_map(join, *news), jax.tree_util.tree_map(join, *outs)
 
-    return map_sites(one, spec, params, per_site, x)
+    # Leaves [T, ...] -> [S, n, ...]: site j of every stack shard is [:, j]. One scan over the sites
+    # per member, so that each scan step reads and writes the carry once: with several writes, or a
+    # read after a write, XLA:CPU copied the whole carry instead of updating it in place.
+    take = lambda a, j: lax.dynamic_index_in_dim(a, j, axis=1, keepdims=False)  # noqa: E731
+    c, per_sae, per_site = jax.tree_util.tree_map(
+        lambda a: a.reshape((S, n) + a.shape[1:]) if a.ndim else a, (carry, per_sae, per_site))
+    outs = []
+    for k in range(K):
+        def body(c, j, k=k):
+            ck = jax.tree_util.tree_map(lambda a, a0: member(take(a, j), k) if a.ndim else a0, c, carry)
+            new, out = fn(k, members[k], ck, jax.tree_util.tree_map(lambda a: member(take(a, j), k), per_sae),
+                          jax.tree_util.tree_map(lambda a: take(a, j), per_site))
+            put = lambda a, v: lax.dynamic_update_slice(a, v[:, None], (0, j, k) + (0,) * (a.ndim - 3))  # noqa: E731
+            return jax.tree_util.tree_map(lambda a, v: put(a, v) if a.ndim else v, c, new), out
+
+        c, out = lax.scan(body, c, jnp.arange(n))
+        outs.append(out)  # [n, S, 1, ...]
+    c = jax.tree_util.tree_map(lambda a: a.reshape((T,) + a.shape[2:]) if a.ndim else a, c)
+    return c, jax.tree_util.tree_map(lambda *o: jnp.swapaxes(jnp.concatenate(o, axis=2), 0, 1).reshape(
+        (T, K) + o[0].shape[3:]), *outs)
+
+
+def sae_update(spec: GroupSpec, hp: optim.Hyper, tx, params, opt_state, st, x):
+    """One optimizer step of the SAEs in ``params`` (slices of a group) on x [T, B, d]: the
+    gradient of their summed loss (each SAE's loss depends on its own parameters only), Adam, the
+    decoder constraints and the frozen mask. Returns (params, opt_state, per-SAE diagnostics)."""
+    g, out = jax.grad(lambda q: losses(spec, hp, q, st, x), has_aux=True)(params)
+    if spec.unit_decoder:
+        g = dict(g, W_dec=optim.remove_parallel_grad(g["W_dec"], params["W_dec"]))
+    updates, new_opt = tx.update(g, opt_state, params)
+    new = jax.tree_util.tree_map(jnp.add, params, updates)
+    if spec.unit_decoder:
+        new = dict(new, W_dec=optim.unit_rows(new["W_dec"]))
+    if spec.arch == "jumprelu" and "threshold" in new:  # raw theta stays positive
+        new = dict(new, threshold=jnp.maximum(new["threshold"], 1e-6))
+    return _mask_frozen(st["frozen"], new, params), _mask_frozen(st["frozen"], new_opt, opt_state), out
 
 
 def make_train_step(spec: GroupSpec, hp: optim.Hyper):
@@ -229,18 +264,36 @@ def make_train_step(spec: GroupSpec, hp: optim.Hyper):
             params = lax.cond(state["step"] == 0,
                               lambda p: map_sites(lambda sub, q, xs: calibrate_thresholds(sub, q, xs), spec, p, x),
                               lambda p: p, params)
-        g, out = grads(spec, hp, params, state, x)
-        if spec.unit_decoder:
-            g = dict(g, W_dec=optim.remove_parallel_grad(g["W_dec"], params["W_dec"]))
-        updates, opt_state = tx.update(g, state["opt_state"], params)
-        new_params = jax.tree_util.tree_map(jnp.add, params, updates)
-        if spec.unit_decoder:
-            new_params = dict(new_params, W_dec=optim.unit_rows(new_params["W_dec"]))
-        if spec.arch == "jumprelu" and "threshold" in new_params:  # raw theta stays positive
-            new_params = dict(new_params, threshold=jnp.maximum(new_params["threshold"], 1e-6))
+        per_sae = {k: state[k] for k in ("lam", "since_fired", "bt_threshold", "frozen")}
+        # The optimizer's scalar leaves (its step counts) are shared by all SAEs: their next values,
+        # from an update of no parameters, for the SAEs that skip theirs.
+        none = lambda a: a[:, :0] if a.ndim else a  # noqa: E731
+        _, opt_next = tx.update(*jax.tree_util.tree_map(none, (params, state["opt_state"], params)))
+
+        def one_sae(k, one, carry, st, xs):
+            """SAE k of the sites in flight, with its own spec (TopK's k) and target L0. Frozen SAEs
+            are not computed at all (NaN metrics). The branch also makes XLA read the state's slices
+            once, into buffers of their own: with the slices' reads fused into the update, XLA:CPU
+            copied the [T, K, d, M] state on every SAE instead of updating it in place."""
+            hp_k = dataclasses.replace(hp, target_l0=(hp.target_l0[k],)) if hp.target_l0 else hp
+            st = dict(st, step=state["step"])
+
+            def train(c):
+                p, o, out = sae_update(one, hp_k, tx, *c, st, xs)
+                return (p, o), out
+
+            def skip(c):
+                out = jax.eval_shape(train, c)[1]
+                o = jax.tree_util.tree_map(lambda a, n: a if a.ndim else n, c[1], opt_next)
+                return (c[0], o), jax.tree_util.tree_map(
+                    lambda s: jnp.full(s.shape, jnp.nan if jnp.issubdtype(s.dtype, jnp.floating) else 0, s.dtype), out)
+
+            if spec.K == 1 and spec.T == stack_shards():  # the slices are the whole state
+                return train(carry)
+            return lax.cond(jnp.all(st["frozen"]), skip, train, carry)
+
+        (new_params, opt_state), out = scan_saes(one_sae, spec, (params, state["opt_state"]), per_sae, x)
         frozen = state["frozen"]
-        new_params = _mask_frozen(frozen, new_params, params)
-        opt_state = _mask_frozen(frozen, opt_state, state["opt_state"])
 
         step = state["step"]
         l0_ema = jnp.where(step == 0, out["l0"], 0.99 * state["l0_ema"] + 0.01 * out["l0"])
