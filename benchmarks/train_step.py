@@ -10,7 +10,9 @@ Printed, all measured in this one run on one device:
   saejax     tokens/s of the compiled train step (saejax.train.loop.Trainer) and its fraction of
              the roofline time;
   sae-lens   tokens/s of SAELens' JumpReLU training step (forward, backward, Adam) on the same
-             shape in torch (CPU), and saejax's speed-up over it;
+             shape in torch (CPU), and saejax's speed-up over it; with it, the same five matmuls
+             timed in torch, since torch's BLAS and XLA's differ by CPU (MKL on AMD CPUs is far
+             slower than XLA), so that the speed-up can be read apart from the BLAS;
   stacked    per-SAE tokens/s when ``--stack`` SAEs (sites x sweep members) train in one step,
              as a fraction of the single SAE's.
 Memory does not grow with the store: the step holds one batch [T, B, d]; the reader's buffer is a
@@ -124,6 +126,23 @@ def saelens_step(B: int, d: int, M: int):
     return one
 
 
+def torch_roofline(B: int, d: int, M: int):
+    """The same five matmuls in torch (fp32, whole batch): a callable, or None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    x, g = torch.randn(B, d, generator=gen), torch.randn(B, d, generator=gen)
+    w_enc, w_dec = torch.randn(d, M, generator=gen), torch.randn(M, d, generator=gen)
+
+    def five():
+        f = x @ w_enc
+        return (f @ w_dec).sum(), g.T @ f, x.T @ (g @ w_dec.T)
+
+    return five
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--d", type=int, default=576)
@@ -143,7 +162,7 @@ def main():
     fns = {"roof_whole": roofs["whole"], "roof_blocked": roofs["blocked"], "saejax": saejax_step(1, 1, B, d, M)}
     lens_fn = saelens_step(B, d, M)
     if lens_fn is not None:
-        fns["lens"] = lens_fn
+        fns["lens"], fns["roof_torch"] = lens_fn, torch_roofline(B, d, M)
     if a.stack:
         fns["stack"] = saejax_step(a.stack // K, K, B, d, M)
     t = measure(fns, a.rounds)
@@ -156,7 +175,11 @@ def main():
         lens = t["lens"]
         print(f"sae-lens : train step         {lens * 1e3:8.1f} ms  {B / lens:>10,.0f} tok/s  "
               f"roofline fraction {roof / lens:.2f}")
-        print(f"saejax / sae-lens speed-up: {lens / one:.2f}x  (target >= 2)")
+        tr = t["roof_torch"]
+        print(f"torch    : five dense matmuls {tr * 1e3:8.1f} ms  ({flops / tr / 1e9:.1f} GFLOP/s); sae-lens at "
+              f"{tr / lens:.2f} of torch's own roofline")
+        print(f"saejax / sae-lens speed-up: {lens / one:.2f}x  (target >= 2); of it, XLA's matmuls over torch's "
+              f"{tr / roof:.2f}x")
     if a.stack:
         many = t["stack"]
         total = B * a.stack / many  # SAE-tokens per second: each SAE reads B rows per step
