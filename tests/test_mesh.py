@@ -24,7 +24,7 @@ MESHES = {
     "one": (dict(data=1, stack=1, latent=1), 1),
     "data2_latent4": (dict(data=2, stack=1, latent=4), 8),
     "stack4_data2": (dict(data=2, stack=4, latent=1), 8),
-    # Two sites per stack shard: the step's scan over sites (step.map_sites) runs on a sharded stack.
+    # Two sites per stack shard: the step's scan over sites (step.scan_saes) runs on a sharded stack.
     "stack2_data2_latent2": (dict(data=2, stack=2, latent=2), 8),
 }
 
