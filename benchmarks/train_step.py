@@ -11,8 +11,9 @@ Printed, all measured in this one run on one device:
              the roofline time;
   sae-lens   tokens/s of SAELens' JumpReLU training step (forward, backward, Adam) on the same
              shape in torch (CPU), and saejax's speed-up over it; with it, the same five matmuls
-             timed in torch, since torch's BLAS and XLA's differ by CPU (MKL on AMD CPUs is far
-             slower than XLA), so that the speed-up can be read apart from the BLAS;
+             timed in torch, since torch's BLAS and XLA's differ by CPU (on the AMD EPYC of
+             docs/training.md, torch's MKL ran at under half XLA's FLOP/s), so that the speed-up
+             can be read apart from the BLAS;
   stacked    per-SAE tokens/s when ``--stack`` SAEs (sites x sweep members) train in one step,
              as a fraction of the single SAE's over as many of its steps in a row: both timed
              calls then do the same work for as long, so the minimum over rounds favours neither
@@ -131,11 +132,9 @@ def saelens_step(B: int, d: int, M: int):
 
 
 def torch_roofline(B: int, d: int, M: int):
-    """The same five matmuls in torch (fp32, whole batch): a callable, or None without torch."""
-    try:
-        import torch
-    except ImportError:
-        return None
+    """The same five matmuls in torch (fp32, whole batch): a blocking callable (torch on CPU is eager)."""
+    import torch
+
     gen = torch.Generator().manual_seed(0)
     x, g = torch.randn(B, d, generator=gen), torch.randn(B, d, generator=gen)
     w_enc, w_dec = torch.randn(d, M, generator=gen), torch.randn(M, d, generator=gen)
