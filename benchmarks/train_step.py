@@ -19,7 +19,9 @@ Printed, all measured in this one run on one device:
              calls then do the same work for as long, so the minimum over rounds favours neither
              (the minimum of one short step is likelier to fall in a quiet moment of a shared
              machine than that of a long one). The ratio to the single step's own minimum is
-             printed too.
+             printed too, and the compiled steps' temporary buffers (XLA's memory_analysis):
+             the stacked step updates one SAE at a time in place, so they do not grow with the
+             number of SAEs as the parameters do.
 Memory does not grow with the store: the step holds one batch [T, B, d]; the reader's buffer is a
 few blocks; nothing accumulates over steps (metrics are written out at logging steps).
 """
@@ -85,7 +87,8 @@ def roofline(B: int, d: int, M: int, blocks: int):
 
 
 def saejax_step(T: int, K: int, B: int, d: int, M: int):
-    """One train step of a T x K JumpReLU group on one device: a blocking callable."""
+    """One train step of a T x K JumpReLU group on one device: a blocking callable, and XLA's
+    temporary-buffer bytes of the compiled step (``Trainer.memory``; None if not reported)."""
     spec = GroupSpec(arch="jumprelu", sites=tuple(f"res.{i}" for i in range(T)), d=d, width=M,
                      sparsity=tuple(1e-3 * (i + 1) for i in range(K)))
     hp = optim.Hyper(total_steps=10 ** 6, batch_size=B, lr_warmup=10, sparsity_warmup=10)
@@ -99,7 +102,7 @@ def saejax_step(T: int, K: int, B: int, d: int, M: int):
         box[0], m = trainer.step(box[0], x)
         jax.block_until_ready(m["loss"])
 
-    return one
+    return one, trainer.memory().get("compiled_temp")
 
 
 def saelens_step(B: int, d: int, M: int):
@@ -163,12 +166,13 @@ def main():
     K = 3 if a.stack % 3 == 0 else 1
     blocks = step.row_block_count(B, M)
     roofs = roofline(B, d, M, blocks)
-    fns = {"roof_whole": roofs["whole"], "roof_blocked": roofs["blocked"], "saejax": saejax_step(1, 1, B, d, M)}
+    single_fn, single_temp = saejax_step(1, 1, B, d, M)
+    fns = {"roof_whole": roofs["whole"], "roof_blocked": roofs["blocked"], "saejax": single_fn}
     lens_fn = saelens_step(B, d, M)
     if lens_fn is not None:
         fns["lens"], fns["roof_torch"] = lens_fn, torch_roofline(B, d, M)
     if a.stack:
-        fns["stack"] = saejax_step(a.stack // K, K, B, d, M)
+        fns["stack"], stack_temp = saejax_step(a.stack // K, K, B, d, M)
         fns["single_run"] = lambda f=fns["saejax"], n=a.stack: [f() for _ in range(n)]
     t = measure(fns, a.rounds)
     roof, one = min(t["roof_whole"], t["roof_blocked"]), t["saejax"]
@@ -194,6 +198,9 @@ def main():
         print(f"single   : {a.stack} steps in a row {run * 1e3:8.1f} ms        {B * a.stack / run:>10,.0f} tok/s")
         print(f"per-SAE throughput stacked / single: {run / many:.2f}  (target >= 0.90; "
               f"{total / (B / one):.2f} against the single step's minimum)")
+        if single_temp and stack_temp:
+            print(f"compiled step temp buffers: stacked {stack_temp / 2 ** 20:,.0f} MiB, single "
+                  f"{single_temp / 2 ** 20:,.0f} MiB: {stack_temp / single_temp:.2f}x for {a.stack}x the SAEs")
 
 
 if __name__ == "__main__":
