@@ -1,4 +1,4 @@
-"""The device mesh and the one place where shardings are derived.
+"""The device mesh, and shardings from partition rules.
 
 The mesh has three named axes:
   data    splits the batch (pure data parallelism: narrow SAEs, Gemma Scope's default);
@@ -6,10 +6,13 @@ The mesh has three named axes:
   latent  splits the SAE latent dimension (Megatron-style, for wide SAEs); language models use it
           for their heads and MLP hidden dimension (tensor parallelism).
 
-Modules and steps never place arrays by hand: they publish partition rules, a list of
-``(regex over the parameter path, PartitionSpec)``, and ``tree_shardings`` turns those into
-NamedShardings for a pytree. Axis types are given explicitly (Auto: XLA propagates shardings
-inside jit) so the code means the same on jax 0.10 and on newer JAX whose default is Explicit.
+How an array is split is decided by the module that owns it: a model publishes its partition rules
+(``model.partition_rules()``), an SAE group its rules (``saejax.sae.group``) and the specs of the
+step's intermediates (``saejax.sae.sharded``), a released SAE its specs (``saejax.release.sae``),
+and the stage that feeds a batch (train, harvest) writes the batch's spec where it feeds it. A rule
+list is ``(regex over the parameter path, PartitionSpec)``; ``tree_shardings`` turns it into
+NamedShardings for a pytree. Axis types are given explicitly (Auto: XLA propagates shardings inside
+jit) so the code means the same on jax 0.10 and on newer JAX whose default is Explicit.
 """
 from __future__ import annotations
 
@@ -157,16 +160,3 @@ def tree_shardings(tree, rules, mesh: Mesh):
         return NamedSharding(mesh, spec_for(path_str(path), tuple(np.shape(leaf)), rules, mesh))
     return jax.tree_util.tree_map_with_path(one, tree)
 
-
-def shard_tree(tree, rules, mesh: Mesh):
-    """Place a pytree of host or device arrays on the mesh by ``rules``."""
-    return jax.device_put(tree, tree_shardings(tree, rules, mesh))
-
-
-def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0, stack_axis: int | None = None) -> NamedSharding:
-    """Sharding of a data batch: batch dim over ``data``, optional stack dim over ``stack``."""
-    spec = [None] * ndim
-    spec[batch_axis] = "data"
-    if stack_axis is not None:
-        spec[stack_axis] = "stack"
-    return NamedSharding(mesh, P(*spec))
