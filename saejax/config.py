@@ -71,8 +71,9 @@ def defaults() -> ml_collections.ConfigDict:
     # The sparsity sweep: one SAE per value, per site and width. For jumprelu the L0 coefficient
     # lambda, for relu the L1 coefficient, for topk/batchtopk the k.
     c.sae.sparsity = (0.001,)
-    # Target L0s (jumprelu): when set, they replace c.sae.sparsity as the sweep and each SAE's L0 term
-    # becomes target_l0_coeff * t * (L0/t - 1)^2, which pulls L0 to t from either side (docs/training.md).
+    # Target L0s (jumprelu): when set, they replace c.sae.sparsity as the sweep (which must then keep its
+    # default) and each SAE's L0 term becomes target_l0_coeff * t * (L0/t - 1)^2, which pulls L0 to t
+    # from either side (docs/training.md).
     c.sae.target_l0 = ()
     c.sae.target_l0_coeff = 0.1
     c.sae.pre_encoder_bias = False  # subtract b_dec before the encoder
@@ -248,6 +249,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(len(c.sae.widths) > 0, "sae.widths", "needs at least one width")
     for w in c.sae.widths:
         _check(isinstance(w, int) and w > 0, "sae.widths", f"{w!r} is not a positive int")
+    if c.sae.target_l0 and c.sae.sparsity != defaults().sae.sparsity:
+        raise ConfigError("config keys 'sae.sparsity' and 'sae.target_l0' are both set: the targets replace "
+                          "the sparsity sweep (each member's L0 term is weighted by sae.target_l0_coeff); "
+                          "set one of them")
     sweep = c.sae.target_l0 or c.sae.sparsity
     _check(len(sweep) > 0, "sae.sparsity", "needs at least one value")
     if c.sae.arch in ("topk", "batchtopk") and not c.sae.target_l0:

@@ -43,3 +43,9 @@ def test_cli_error_is_one_line_and_before_compilation():
     assert r.returncode == 2
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "sae.arch" in lines[0], r.stderr
+
+
+def test_target_l0_with_a_sparsity_is_refused():
+    with pytest.raises(cfg.ConfigError, match=r"'sae\.sparsity' and 'sae\.target_l0'"):
+        cfg.load("experiments/default.py", ["--config.sae.sparsity=(0.01,)"])
+    assert cfg.load("experiments/default.py").sae.target_l0  # targets with the default sparsity load
