@@ -6,13 +6,15 @@ a comma list of variants (``runlocal``) and ``key=value`` pairs, as in big_visio
 
 The default tree is *locked*: a typo in an experiment file or an override (``--config.trian.lr``)
 is an error naming the key, as is a value of the wrong type. ``validate`` then checks ranges and
-choices. All of this happens before anything is compiled or written.
+choices. An experiment file that does not compile or raises is an error naming the file and line.
+Each is one ConfigError of one line, raised before anything is compiled or written.
 """
 from __future__ import annotations
 
 import ast
 import importlib.util
 import os
+import traceback
 from typing import Sequence
 
 import ml_collections
@@ -187,16 +189,14 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
-    except AttributeError as e:  # a locked ConfigDict raises AttributeError for unknown keys
-        raise ConfigError(f"{path}: {first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - whatever the file does wrong is reported in one line
+        raise _file_error(path, e) from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config(arg)")
     try:
         config = module.get_config(arg)
-    except AttributeError as e:
-        raise ConfigError(f"{path}: {first_line(e)}") from None
-    except TypeError as e:
-        raise ConfigError(f"{path}: {first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001
+        raise _file_error(path, e) from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
     config.unlock()
@@ -212,7 +212,27 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
 
 
 def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _file_error(path: str, e: Exception) -> ConfigError:
+    """``<path>:<line>: <message>`` for an exception raised while running the experiment file ``path``.
+
+    The line is the deepest one of ``path`` in the traceback (for a syntax error in ``path``, its own
+    line); the message is the exception's first line, prefixed with its type's name unless it is a
+    ConfigError.
+    """
+    here = os.path.abspath(path)
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == here]
+    message = first_line(e)
+    if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == here:
+        lines += [e.lineno] if e.lineno else []
+        message = e.msg  # str(e) repeats the file and line
+    if not isinstance(e, ConfigError) and message != type(e).__name__:
+        message = f"{type(e).__name__}: {message}"
+    where = f"{path}:{lines[-1]}" if lines else path
+    return ConfigError(f"{where}: {message}")
 
 
 def parse_variants(arg: str) -> dict:

@@ -49,3 +49,38 @@ def test_target_l0_with_a_sparsity_is_refused():
     with pytest.raises(cfg.ConfigError, match=r"'sae\.sparsity' and 'sae\.target_l0'"):
         cfg.load("experiments/default.py", ["--config.sae.sparsity=(0.01,)"])
     assert cfg.load("experiments/default.py").sae.target_l0  # targets with the default sparsity load
+
+
+# ---------------------------------------------------------------------------------------------
+# An experiment file that does not compile or raises: one line naming the file and line.
+
+RAISES = ("from saejax import config as cfg\n"
+          "def get_config(arg):\n"
+          "    c = cfg.defaults()\n"
+          "    c.train.lr = 1 / 0\n"
+          "    return c\n")
+
+
+@pytest.mark.parametrize("text, line, message", [
+    (RAISES, 4, "ZeroDivisionError: division by zero"),
+    ("from saejax import config as cfg\ndef get_config(arg):\n    return cfg.defaults(\n", 3, "SyntaxError"),
+    ("import json\nLAYERS = json.loads('[1,')\n", 2, "JSONDecodeError"),  # raised at import, inside json
+    ("from saejax import config as cfg\ndef get_config(arg):\n    return cfg.layer_range('x')\n", 3, "ValueError"),
+])
+def test_experiment_file_error_names_file_and_line(tmp_path, text, line, message):
+    f = tmp_path / "bad.py"
+    f.write_text(text)
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.load(str(f))
+    assert str(e.value).startswith(f"{f}:{line}: {message}"), str(e.value)
+    assert len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("text", [RAISES, "def get_config(arg):\n    return (\n"])
+def test_cli_experiment_file_error_is_one_line(tmp_path, text):
+    f = tmp_path / "bad.py"
+    f.write_text(text)
+    r = subprocess.run([sys.executable, "-m", "saejax.cli", "train", "--config", str(f)],
+                       capture_output=True, text=True, timeout=120)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and f"{f}:" in lines[0], r.stderr
