@@ -29,9 +29,11 @@ Tiny mode for the tests: saejax run --config experiments/default.py:runlocal
 """
 from saejax import config as cfg
 
+VARIANTS = {"runlocal": bool}
+
 
 def get_config(arg: str = ""):
-    v = cfg.parse_variants(arg)
+    v = cfg.parse_variants(arg, VARIANTS)
     c = cfg.defaults()
     c.workdir = "runs/default"
     c.model.source = "smollm2"

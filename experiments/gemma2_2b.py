@@ -31,10 +31,11 @@ Tiny mode for CPU tests (a random 2-layer Gemma 2, a few thousand tokens, second
 from saejax import config as cfg
 
 WIDTHS = {"16k": 2 ** 14, "65k": 2 ** 16}
+VARIANTS = {"runlocal": bool, "width": cfg.choices(*WIDTHS), "layers": cfg.layer_range, "corpus": str}
 
 
 def get_config(arg: str = ""):
-    v = cfg.parse_variants(arg)
+    v = cfg.parse_variants(arg, VARIANTS)
     c = cfg.defaults()
     c.workdir = "runs/gemma2_2b"
     c.model.source = "hf:google/gemma-2-2b"  # config.json + safetensors through huggingface_hub
@@ -42,7 +43,7 @@ def get_config(arg: str = ""):
     c.data.corpus = v.get("corpus", "monology/pile-uncopyrighted")  # streamed; any text dataset works
     c.data.context_len = 1024
     c.data.heldout_contexts = 2048
-    c.harvest.layers = cfg.layer_range(v.get("layers", "0-25"))
+    c.harvest.layers = v.get("layers", cfg.layer_range("0-25"))
     c.harvest.kinds = ("res", "att", "mlp")
     c.harvest.max_tokens = 8_000_000_000  # the widest group's budget; narrower groups read a prefix
     c.harvest.dtype = "float32"  # Gemma Scope stored fp32
@@ -50,7 +51,7 @@ def get_config(arg: str = ""):
     c.harvest.shard_bytes = 16 * 2 ** 30  # Gemma Scope: 10-20 GiB shards
     c.harvest.shuffle_bytes = 32 * 2 ** 30
     c.sae.arch = "jumprelu"
-    c.sae.widths = tuple(WIDTHS[w] for w in v.get("width", "16k+65k").split("+"))
+    c.sae.widths = tuple(WIDTHS[w] for w in v.get("width", tuple(WIDTHS)))
     c.sae.target_l0 = (20.0, 40.0, 80.0, 160.0, 320.0)  # Gemma Scope's levels were about 22..445
     c.train.tokens = 4_000_000_000  # 16k-wide
     c.train.tokens_wide = 8_000_000_000  # wider

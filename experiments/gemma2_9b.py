@@ -21,17 +21,18 @@ Tiny mode for CPU tests:  saejax run --config experiments/gemma2_9b.py:runlocal
 from saejax import config as cfg
 
 WIDTHS = {"16k": 2 ** 14, "131k": 2 ** 17}
+VARIANTS = {"runlocal": bool, "width": cfg.choices(*WIDTHS), "layers": cfg.layer_range, "corpus": str}
 
 
 def get_config(arg: str = ""):
-    v = cfg.parse_variants(arg)
+    v = cfg.parse_variants(arg, VARIANTS)
     c = cfg.defaults()
     c.workdir = "runs/gemma2_9b"
     c.model.source = "hf:google/gemma-2-9b"
     c.data.corpus = v.get("corpus", "monology/pile-uncopyrighted")
     c.data.context_len = 1024
     c.data.heldout_contexts = 2048
-    c.harvest.layers = cfg.layer_range(v.get("layers", "0-41"))
+    c.harvest.layers = v.get("layers", cfg.layer_range("0-41"))
     c.harvest.kinds = ("res", "att", "mlp")
     c.harvest.max_tokens = 8_000_000_000
     c.harvest.dtype = "float32"
@@ -39,7 +40,7 @@ def get_config(arg: str = ""):
     c.harvest.shard_bytes = 16 * 2 ** 30
     c.harvest.shuffle_bytes = 32 * 2 ** 30
     c.sae.arch = "jumprelu"
-    c.sae.widths = tuple(WIDTHS[w] for w in v.get("width", "16k+131k").split("+"))
+    c.sae.widths = tuple(WIDTHS[w] for w in v.get("width", tuple(WIDTHS)))
     c.sae.target_l0 = (20.0, 40.0, 80.0, 160.0, 320.0)
     c.train.tokens = 4_000_000_000
     c.train.tokens_wide = 8_000_000_000

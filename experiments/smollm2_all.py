@@ -15,9 +15,11 @@ Tiny mode for the tests: saejax run --config experiments/smollm2_all.py:runlocal
 """
 from saejax import config as cfg
 
+VARIANTS = {"runlocal": bool, "layers": cfg.layer_range, "corpus": str, "tokens": int}
+
 
 def get_config(arg: str = ""):
-    v = cfg.parse_variants(arg)
+    v = cfg.parse_variants(arg, VARIANTS)
     c = cfg.defaults()
     c.workdir = "runs/smollm2_all"
     c.model.source = "smollm2"
@@ -25,9 +27,9 @@ def get_config(arg: str = ""):
     c.data.corpus = corpus
     c.data.context_len = 1024
     c.data.heldout_contexts = 64
-    c.harvest.layers = cfg.layer_range(v.get("layers", "0-29"))
+    c.harvest.layers = v.get("layers", cfg.layer_range("0-29"))
     c.harvest.kinds = ("res", "att", "mlp")
-    c.harvest.max_tokens = int(v.get("tokens", 100_000_000))
+    c.harvest.max_tokens = v.get("tokens", 100_000_000)
     c.harvest.dtype = "bfloat16"
     c.harvest.batch_contexts = 32
     c.harvest.shuffle_bytes = 32 * 2 ** 20  # per site: 90 sites x 2 chunks in flight = 5.9 GB of host memory

@@ -9,9 +9,11 @@ non-negative mix of 4 of them with Zipf-like frequencies. A good SAE recovers th
 """
 from saejax import config as cfg
 
+VARIANTS = {"runlocal": bool, "arch": str}  # validate checks the arch as sae.arch
+
 
 def get_config(arg: str = ""):
-    v = cfg.parse_variants(arg)
+    v = cfg.parse_variants(arg, VARIANTS)
     c = cfg.defaults()
     c.workdir = "runs/synthetic"
     c.train.source = "synthetic"

@@ -2,20 +2,23 @@
 
 An experiment file (``experiments/<name>.py``) defines ``get_config(arg)``; it starts from
 ``saejax.config.defaults()`` and sets what it needs. ``arg`` is the part of the spec after ``:``,
-a comma list of variants (``runlocal``) and ``key=value`` pairs, as in big_vision.
+a comma list of flags (``runlocal``) and ``name=value`` variants, as in big_vision; the file
+declares the variants it accepts and reads them with ``parse_variants``.
 
 The default tree is *locked*: a typo in an experiment file or an override (``--config.trian.lr``)
-is an error naming the key, as is a value of the wrong type. ``validate`` then checks ranges and
-choices. An experiment file that does not compile or raises is an error naming the file and line.
-Each is one ConfigError of one line, raised before anything is compiled or written.
+is an error naming the key, as is a value of the wrong type, an unknown variant or a bad variant
+value. ``validate`` then checks ranges and choices. An experiment file that does not compile or
+raises is an error naming the file and line. Each is one ConfigError of one line, raised before
+anything is compiled or written.
 """
 from __future__ import annotations
 
 import ast
 import importlib.util
 import os
+import re
 import traceback
-from typing import Sequence
+from typing import Callable, Sequence
 
 import ml_collections
 
@@ -235,13 +238,48 @@ def _file_error(path: str, e: Exception) -> ConfigError:
     return ConfigError(f"{where}: {message}")
 
 
-def parse_variants(arg: str) -> dict:
-    """``"runlocal,layers=3"`` -> ``{"runlocal": True, "layers": "3"}``."""
+def parse_variants(arg: str, accepted: dict[str, Callable]) -> dict:
+    """The variants in ``arg`` (``"runlocal,layers=0-11"``), checked against those an experiment accepts.
+
+    ``accepted`` maps each variant's name to ``bool`` for a flag, given bare (``runlocal`` -> True),
+    or to a parser of its value's text that raises ValueError for a bad value (``str``, ``int``,
+    ``layer_range``, ``choices(...)``). Returns the given variants, parsed; variants not given are
+    absent. An unknown variant, a bad value, a flag with a value, a variant without one, or one given
+    twice is a ConfigError naming it and what is accepted.
+    """
     out = {}
     for item in filter(None, (s.strip() for s in arg.split(","))):
-        key, eq, value = item.partition("=")
-        out[key] = value if eq else True
+        name, eq, text = item.partition("=")
+        if name not in accepted:
+            names = ", ".join(n if p is bool else f"{n}=..." for n, p in accepted.items()) or "none"
+            raise ConfigError(f"unknown variant {name!r} (accepted: {names})")
+        if name in out:
+            raise ConfigError(f"variant {name!r} given twice")
+        parse = accepted[name]
+        if parse is bool:
+            if eq:
+                raise ConfigError(f"variant {name!r} is a flag and takes no value (got {item!r})")
+            out[name] = True
+        elif not eq:
+            raise ConfigError(f"variant {name!r} needs a value ({name}=...)")
+        else:
+            try:
+                out[name] = parse(text)
+            except ValueError as e:
+                why = f"expected {parse.__name__}" if isinstance(parse, type) else first_line(e)
+                raise ConfigError(f"variant {item!r}: {why}") from None
     return out
+
+
+def choices(*names: str) -> Callable[[str], tuple[str, ...]]:
+    """A variant parser: one of ``names``, or several joined by ``+`` -> the tuple of names given."""
+    def parse(text: str) -> tuple[str, ...]:
+        picked = tuple(text.split("+"))
+        for name in picked:
+            if name not in names:
+                raise ValueError(f"{name!r} is not one of {', '.join(names)} (join several with +)")
+        return picked
+    return parse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,11 +361,15 @@ def schedule_steps(value: float, total_steps: int) -> int:
 
 
 def layer_range(spec) -> tuple[int, ...]:
-    """``"0-25"`` -> (0, ..., 25); ``"12"`` -> (12,); ``"3+9+15"`` -> (3, 9, 15)."""
+    """``"0-25"`` -> (0, ..., 25); ``"12"`` -> (12,); ``"3+9+15"`` -> (3, 9, 15); else a ValueError.
+
+    A variant parser (``parse_variants``) as well."""
     out = []
     for part in str(spec).split("+"):
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
+        m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part)
+        if not m or int(m[2] or m[1]) < int(m[1]):
+            raise ValueError(f"{str(spec)!r} is not a layer range like 0-25, 12 or 3+9+15")
+        out.extend(range(int(m[1]), int(m[2] or m[1]) + 1))
     return tuple(out)
 
 

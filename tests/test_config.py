@@ -1,4 +1,6 @@
 """Bad configuration is a one-line error naming the key, raised before anything compiles."""
+import glob
+import importlib.util
 import subprocess
 import sys
 
@@ -43,6 +45,62 @@ def test_cli_error_is_one_line_and_before_compilation():
     assert r.returncode == 2
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "sae.arch" in lines[0], r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants: each experiment declares those it accepts; anything else is one line naming it.
+
+EXPERIMENTS = sorted(glob.glob("experiments/*.py"))
+# A value for every variant an experiment declares (a new variant needs one here).
+SAMPLE_VALUES = {"width": "16k", "layers": "0-3", "corpus": "my/corpus", "tokens": "100_000", "arch": "topk"}
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS)
+def test_every_experiment_loads_in_each_variant(path):
+    accepted = _module(path).VARIANTS
+    cfg.load(path)
+    for name, parse in accepted.items():
+        c = cfg.load(f"{path}:{name}" if parse is bool else f"{path}:{name}={SAMPLE_VALUES[name]}")
+        assert c != cfg.load(path), f"variant {name} changes nothing"
+    given = [n if p is bool else f"{n}={SAMPLE_VALUES[n]}" for n, p in accepted.items()]
+    cfg.load(f"{path}:{','.join(given)}")
+
+
+def _module(path):
+    spec = importlib.util.spec_from_file_location("experiment_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("spec, named, accepted", [
+    ("experiments/synthetic.py:runlocl", "'runlocl'", "runlocal"),
+    ("experiments/gemma2_2b.py:width=32k", "width=32k", "16k, 65k"),
+    ("experiments/gemma2_2b.py:layers=abc", "layers=abc", "0-25"),
+    ("experiments/gemma2_2b.py:width=16k,layrs=0-11", "'layrs'", "layers=..."),
+    ("experiments/gemma2_9b.py:width=65k", "width=65k", "16k, 131k"),
+    ("experiments/smollm2_all.py:tokens=1e6", "tokens=1e6", "expected int"),
+    ("experiments/default.py:runlocal=yes", "'runlocal'", "takes no value"),
+])
+def test_bad_variant_is_one_line_naming_it_and_the_accepted(spec, named, accepted):
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.load(spec)
+    message = str(e.value)
+    assert len(message.splitlines()) == 1 and named in message and accepted in message, message
+    assert message.startswith(spec.partition(":")[0] + ":"), message
+
+
+def test_parse_variants():
+    accepted = {"runlocal": bool, "width": cfg.choices("16k", "65k"), "layers": cfg.layer_range, "steps": int}
+    assert cfg.parse_variants("", accepted) == {}
+    assert cfg.parse_variants("runlocal, width=65k+16k,layers=3+9-10,steps=40", accepted) == {
+        "runlocal": True, "width": ("65k", "16k"), "layers": (3, 9, 10), "steps": 40}
+    for bad, match in [("layers", "needs a value"), ("width=16k,width=65k", "given twice"),
+                       ("layers=5-2", "layer range"), ("steps=", "expected int"), ("x=1", "unknown variant 'x'")]:
+        with pytest.raises(cfg.ConfigError, match=match):
+            cfg.parse_variants(bad, accepted)
+    with pytest.raises(cfg.ConfigError, match=r"accepted: none"):
+        cfg.parse_variants("runlocal", {})
 
 
 def test_target_l0_with_a_sparsity_is_refused():
