@@ -25,7 +25,7 @@ CONFIG = textwrap.dedent(f'''
     from saejax import config as cfg
 
     def get_config(arg=""):
-        v = cfg.parse_variants(arg, {"workdir": str, "steps": int})
+        v = cfg.parse_variants(arg, {{"workdir": str, "steps": int}})
         c = cfg.defaults()
         c.workdir = v["workdir"]
         c.train.source = "synthetic"
