@@ -8,6 +8,7 @@ import pytest
 
 from saejax import config as cfg
 from saejax.store import StoreError, check_store, open_store, write_store
+from saejax.store import writer
 
 
 def make(tmp_path, n=1000, w=8, dtype="float32", shard_rows=300, name="s"):
@@ -155,3 +156,114 @@ def test_check_store_names_site_width_and_model(tmp_path):
         check_store(st, c)
     with pytest.raises(StoreError, match="site 'att.3' is not in the store"):
         st.reader().batch(["att.3"], 0, 4)
+
+
+# --- hostile and inconsistent manifests (issue #18): refused at open, in one line naming the entry --
+
+def _edit_manifest(path, fn):
+    import json
+    mp = os.path.join(path, "manifest.json")
+    m = json.load(open(mp))
+    fn(m)
+    json.dump(m, open(mp, "w"))
+
+
+def _npy_entry(path, rel, arr):
+    """Write ``arr`` as ``rel`` (may point anywhere) and return (sha256, bytes) of the file."""
+    f = os.path.normpath(os.path.join(path, rel))
+    os.makedirs(os.path.dirname(f), exist_ok=True)
+    np.save(f, arr)
+    data = open(f, "rb").read()
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+@pytest.mark.parametrize("rel", ["/etc/passwd", "../outside/stolen.npy", "train/../../outside/x.npy",
+                                 "./train/res.0/00000.npy", "C:/x.npy"])
+def test_manifest_paths_must_stay_inside_the_store(tmp_path, rel):
+    path, _ = make(tmp_path)
+    if not rel.startswith(("/", "C:")):  # a valid .npy with matching bytes and sha256 outside the store
+        sha, n = _npy_entry(path, rel, np.zeros((300, 8), np.float32))
+
+        def fix(m):
+            m["shards"][0].update(file=rel, sha256=sha, bytes=n)
+    else:
+        def fix(m):
+            m["shards"][0]["file"] = rel
+    _edit_manifest(path, fix)
+    before = tree_digest(path)
+    with pytest.raises(StoreError, match="manifest.json: shard entry 'file': path .* not a plain relative path") as e:
+        open_store(path)
+    assert "\n" not in str(e.value)
+    assert tree_digest(path) == before
+
+
+def test_symlink_leaving_the_store_is_refused(tmp_path):
+    path, _ = make(tmp_path)
+    outside = tmp_path / "outside.npy"
+    f = os.path.join(path, "train/res.0/00000.npy")
+    os.replace(f, outside)
+    os.symlink(outside, f)
+    with pytest.raises(StoreError, match="train/res.0/00000.npy resolves outside the store"):
+        open_store(path)
+
+
+def test_shard_listed_twice_is_refused(tmp_path):
+    path, _ = make(tmp_path)
+    _edit_manifest(path, lambda m: m["shards"].append(dict(m["shards"][0])))
+    with pytest.raises(StoreError, match="train/res.0/00000.npy is listed more than once"):
+        open_store(path)
+
+
+def test_meta_rows_and_width_must_agree_with_the_manifest(tmp_path):
+    path, _ = make(tmp_path)
+    rel = "train/res.0/00001.meta.npy"  # meta of 299 rows for a 300-row shard
+    sha, n = _npy_entry(path, rel, np.zeros((299, 3), np.int32))
+    _edit_manifest(path, lambda m: m["shards"][1].update(meta_sha256=sha, meta_bytes=n,
+                                                         meta_chunks=[writer.crc(open(os.path.join(path, rel), "rb").read())]))
+    with pytest.raises(StoreError, match=r"00001.meta.npy: shape \(299, 3\), the manifest implies \(300, 3\)"):
+        open_store(path)
+    path, _ = make(tmp_path, name="w")
+    rel = "train/res.1/00000.npy"  # a shard of width 4 in a site of width 8
+    sha, n = _npy_entry(path, rel, np.zeros((300, 4), np.float32))
+    _edit_manifest(path, lambda m: [sh.update(sha256=sha, bytes=n) for sh in m["shards"] if sh["file"] == rel])
+    with pytest.raises(StoreError, match=r"res.1/00000.npy: shape \(300, 4\), the manifest implies \(300, 8\)"):
+        open_store(path)
+
+
+def test_flipped_bytes_are_caught_when_read(tmp_path, monkeypatch):
+    """Corruption that keeps the size: found by the chunk checksums as the reader reaches it, naming
+    the shard and chunk, with no full pass over the store first."""
+    monkeypatch.setattr(writer, "CHUNK_BYTES", 4096)
+    path, arrays = make(tmp_path, n=3000, shard_rows=1000)  # 32 KB shards: 8 chunks each
+    f = os.path.join(path, "train/res.1/00001.npy")
+    data = bytearray(open(f, "rb").read())
+    data[3 * 4096:4 * 4096] = bytes(b ^ 0x5A for b in data[3 * 4096:4 * 4096])  # 4 KiB flipped: chunk 3
+    open(f, "wb").write(bytes(data))
+    st = open_store(path)  # sizes and headers are fine
+    r = st.reader(seed=0, block_rows=100, prefetch=2)
+    np.testing.assert_array_equal(st.rows("res.0", "train")[0], arrays["train"]["res.0"][0])  # other sites read
+    with pytest.raises(StoreError, match=r"train/res.1/00001.npy: chunk 3 .*does not match its checksum"):
+        for step in range(30):  # one epoch reaches every block
+            r.batch(["res.0", "res.1"], step, 100)
+    r.close()
+    assert len(st._verified) < 2 * 3 * 8 + 2  # chunks are checked as read, not all at open
+
+
+def test_format_1_store_is_verified_in_full_before_training_reads_it(tmp_path, capsys):
+    path, _ = make(tmp_path)
+
+    def old(m):
+        m["format"] = "saejax-store/1"
+        for sh in m["shards"]:
+            for k in ("chunk_bytes", "chunks", "meta_chunks"):
+                del sh[k]
+    _edit_manifest(path, old)
+    r = open_store(path).reader(prefetch=0)
+    r.batch(["res.0"], 0, 10)
+    assert "format /1 store without chunk checksums: verifying every shard of res.0" in capsys.readouterr().err
+    f = os.path.join(path, "train/res.1/00000.npy")
+    data = bytearray(open(f, "rb").read())
+    data[-5] ^= 0xFF
+    open(f, "wb").write(bytes(data))
+    with pytest.raises(StoreError, match="train/res.1/00000.npy: sha256 does not match"):
+        open_store(path).reader(prefetch=0).batch(["res.1"], 0, 10)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 
-FORMAT = "saejax-store/1"
+FORMAT = "saejax-store/2"  # /2 added per-chunk crc32 checksums of every shard file
+READABLE = ("saejax-store/1", FORMAT)  # /1 stores are read after a full sha256 verify (reader.py)
 SPLITS = ("train", "heldout")
 DTYPES = ("float32", "float16", "bfloat16")
 REQUIRED = ("format", "model", "corpus", "context_len", "context_start_id", "special_ids", "dtype",
@@ -62,8 +64,8 @@ def validate(m: dict, path: str) -> None:
     for key in REQUIRED:
         if key not in m:
             raise StoreError(f"{path}: missing field {key!r}")
-    if m["format"] != FORMAT:
-        raise StoreError(f"{path}: format {m['format']!r} is not {FORMAT!r}")
+    if m["format"] not in READABLE:
+        raise StoreError(f"{path}: format {m['format']!r} is not one of {READABLE}")
     if m["dtype"] not in DTYPES:
         raise StoreError(f"{path}: dtype {m['dtype']!r} is not one of {DTYPES}")
     for site, s in m["sites"].items():
@@ -80,3 +82,35 @@ def validate(m: dict, path: str) -> None:
             raise StoreError(f"{path}: shard {sh['file']} names site {sh['site']!r}, which the manifest does not list")
         if sh["split"] not in SPLITS:
             raise StoreError(f"{path}: shard {sh['file']} has split {sh['split']!r}")
+        if not (isinstance(sh["rows"], int) and sh["rows"] >= 0):
+            raise StoreError(f"{path}: shard {sh['file']} has rows {sh['rows']!r}")
+    seen = set()
+    for sh in m["shards"]:
+        for key in ("file", "meta"):
+            rel = confined(sh[key], f"{path}: shard entry {key!r}")
+            if rel in seen:
+                raise StoreError(f"{path}: {rel} is listed more than once")
+            seen.add(rel)
+        if m["format"] != "saejax-store/1":
+            for key in ("chunk_bytes", "chunks", "meta_chunks", "bytes", "meta_bytes"):
+                if key not in sh:
+                    raise StoreError(f"{path}: shard {sh['file']} has no {key!r}")
+            cb = sh["chunk_bytes"]
+            if not (isinstance(cb, int) and cb > 0):
+                raise StoreError(f"{path}: shard {sh['file']} has chunk_bytes {cb!r}")
+            for n, key in (("bytes", "chunks"), ("meta_bytes", "meta_chunks")):
+                if not isinstance(sh[key], list) or len(sh[key]) != -(-sh[n] // cb):
+                    raise StoreError(f"{path}: shard {sh['file']}: {key!r} does not cover its {sh[n]} bytes "
+                                     f"in chunks of {cb}")
+
+
+def confined(rel, where: str) -> str:
+    """A store-relative path as listed in a manifest: a normalized relative posix path that stays
+    inside the store (no absolute path, no '..'); StoreError naming ``where`` and the path otherwise.
+    Symbolic links are resolved when the store is opened (reader.Store)."""
+    if not isinstance(rel, str) or not rel:
+        raise StoreError(f"{where}: path {rel!r} is not a file name")
+    if rel.startswith("/") or "\\" in rel or ":" in rel or posixpath.normpath(rel) != rel \
+            or rel.split("/")[0] == "..":
+        raise StoreError(f"{where}: path {rel!r} is not a plain relative path inside the store")
+    return rel

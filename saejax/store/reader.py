@@ -11,6 +11,14 @@ takes the rows ``[s*B + p*B/P, s*B + (p+1)*B/P)``. So a batch is a pure function
 only its own rows. Rows are read from ``np.load(mmap_mode="r")`` views, so memory holds only the
 batches in flight: the one returned plus ``prefetch`` ahead, computed in one background thread
 when steps are asked for in order.
+
+Checks. Opening a store checks the manifest (every listed path relative, inside the store after
+resolving symbolic links, and listed once) and every shard's .npy header against it (shape, dtype,
+meta rows = data rows; the headers are read by a thread pool, as a store on gcsfuse has thousands of
+shards), so a bad store fails before training creates anything. Reading checks the crc32 of every
+``chunk_bytes`` chunk of a shard file the first time a read touches it (in the prefetch thread, so
+corruption is found during training without a pass over the store first); a store of format /1,
+which has no chunk checksums, gets a full sha256 verify of each site when training first reads it.
 """
 from __future__ import annotations
 
@@ -23,7 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from saejax.store.manifest import SPLITS, StoreError, local_path, read_json, sha256_file, validate
-from saejax.store.writer import from_storage
+from saejax.store.writer import STORAGE, crc, from_storage
+
+HEADER_THREADS = 16  # .npy headers read at once when a store is opened
 
 
 class Store:
@@ -40,18 +50,93 @@ class Store:
         self.sites = list(m["sites"])
         self.model = m["model"]
         self._shards = {(site, split): [] for site in self.sites for split in SPLITS}
+        real_root = os.path.realpath(path)
         for sh in m["shards"]:
             for key in ("file", "meta"):
                 f = os.path.join(path, sh[key])
+                real = os.path.realpath(f)
+                if os.path.commonpath([real, real_root]) != real_root:
+                    raise StoreError(f"{mpath}: {sh[key]} resolves outside the store (to {real})")
                 if not os.path.isfile(f):
                     raise StoreError(f"{f}: listed in the manifest but missing (site {sh['site']})")
-            size = os.path.getsize(os.path.join(path, sh["file"]))
-            if "bytes" in sh and size != sh["bytes"]:
-                raise StoreError(f"{os.path.join(path, sh['file'])}: {size} bytes, the manifest says "
-                                 f"{sh['bytes']} (truncated or replaced)")
+            for key, nb in (("file", "bytes"), ("meta", "meta_bytes")):
+                f = os.path.join(path, sh[key])
+                if nb in sh and os.path.getsize(f) != sh[nb]:
+                    raise StoreError(f"{f}: {os.path.getsize(f)} bytes, the manifest says "
+                                     f"{sh[nb]} (truncated or replaced)")
             self._shards[(sh["site"], sh["split"])].append(sh)
+        self.chunked = m["format"] != "saejax-store/1"
         self._mmaps: dict[str, np.ndarray] = {}
+        self._raw: dict[str, np.ndarray] = {}
+        self._verified: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
+        self._offsets = self._check_headers(m["shards"])
+
+    def _check_headers(self, shards) -> dict[str, int]:
+        """Every shard file's .npy header against the manifest (rows, width, dtype; meta [rows, 3]
+        int32), read in parallel; returns each file's data offset. StoreError naming the first bad file."""
+        want_dtype = np.dtype(np.uint16 if self.dtype == "bfloat16" else STORAGE[self.dtype])
+        jobs = []
+        for sh in shards:
+            w = int(self.manifest["sites"][sh["site"]]["width"])
+            jobs.append((sh["file"], (sh["rows"], w), want_dtype, sh["site"]))
+            jobs.append((sh["meta"], (sh["rows"], 3), np.dtype(np.int32), sh["site"]))
+
+        def one(job):
+            rel, shape, dtype, site = job
+            f = os.path.join(self.path, rel)
+            try:
+                with open(f, "rb") as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                        else np.lib.format.read_array_header_2_0
+                    got, fortran, got_dtype = read(fh)
+                    offset = fh.tell()
+            except (ValueError, OSError, EOFError) as e:
+                raise StoreError(f"{f}: not a readable .npy file ({first_line(e)})") from None
+            if tuple(got) != shape:
+                raise StoreError(f"{f}: shape {tuple(got)}, the manifest implies {shape} (site {site}: "
+                                 f"{shape[0]} rows of width {shape[1]})")
+            if got_dtype != dtype or fortran:
+                raise StoreError(f"{f}: dtype {got_dtype}{' (Fortran order)' if fortran else ''}, "
+                                 f"the manifest implies {dtype} (site {site})")
+            return rel, offset
+
+        with ThreadPoolExecutor(max_workers=HEADER_THREADS) as pool:
+            return dict(pool.map(one, jobs))
+
+    def check_chunks(self, sh: dict, key: str, b0: int, b1: int) -> None:
+        """Check the crc32 of the chunks of shard file ``sh[key]`` that bytes [b0, b1) lie in, each
+        once per Store. StoreError naming the file and chunk on a mismatch."""
+        if not self.chunked or b1 <= b0:
+            return
+        rel, cb = sh[key], int(sh["chunk_bytes"])
+        sums = sh["chunks" if key == "file" else "meta_chunks"]
+        for c in range(b0 // cb, (b1 - 1) // cb + 1):
+            if (rel, c) in self._verified:
+                continue
+            raw = self._open_raw(rel)
+            if crc(raw[c * cb:(c + 1) * cb]) != sums[c]:
+                raise StoreError(f"{os.path.join(self.path, rel)}: chunk {c} (bytes {c * cb}-"
+                                 f"{min((c + 1) * cb, len(raw))}) does not match its checksum in the manifest "
+                                 f"(corrupted; site {sh['site']}); `saejax` cannot train on it: re-harvest the store")
+            with self._lock:
+                self._verified.add((rel, c))
+
+    def _open_raw(self, rel: str) -> np.ndarray:
+        """The whole file as read-only uint8 memory (cached; shares pages with ``_open``'s map)."""
+        with self._lock:
+            a = self._raw.get(rel)
+            if a is None:
+                a = self._raw[rel] = np.memmap(os.path.join(self.path, rel), np.uint8, mode="r")
+            return a
+
+    def check_rows(self, sh: dict, key: str, r0: int, r1: int) -> None:
+        """``check_chunks`` for rows [r0, r1) of shard ``sh``'s data (key "file") or meta file."""
+        a = self._open(sh[key])
+        row = a.dtype.itemsize * (a.shape[1] if a.ndim > 1 else 1)
+        off = self._offsets[sh[key]]
+        self.check_chunks(sh, key, off + r0 * row if r0 else 0, off + r1 * row)
 
     # -- identity and statistics ------------------------------------------------------------------
     def _site(self, site: str) -> dict:
@@ -92,6 +177,7 @@ class Store:
                         a = self._open(sh[key])
                         if a.shape != shape:
                             raise StoreError(f"{f}: shape {a.shape}, the manifest implies {shape} (site {site})")
+                        self.check_rows(sh, key, 0, sh["rows"])
 
     def _open(self, rel: str) -> np.ndarray:
         """The shard file as a read-only memory map (cached)."""
@@ -113,6 +199,9 @@ class Store:
         if split not in SPLITS:
             raise StoreError(f"split {split!r} is not one of {SPLITS}")
         shards = self._shards[(site, split)]
+        for sh in shards:
+            self.check_rows(sh, "file", 0, sh["rows"])
+            self.check_rows(sh, "meta", 0, sh["rows"])
         xs = [from_storage(np.asarray(self._open(sh["file"])), self.dtype) for sh in shards]
         ms = [np.asarray(self._open(sh["meta"]), np.int32) for sh in shards]
         x = np.concatenate(xs) if xs else np.zeros((0, w), np.float32)
@@ -184,6 +273,7 @@ class _SiteStream:
                 e = min(g1, int(self.starts[s + 1]))
                 a = self.store._open(self.shards[s]["file"])
                 lo = g0 - int(self.starts[s])
+                self.store.check_rows(self.shards[s], "file", lo, lo + e - g0)
                 out[i:i + e - g0] = from_storage(a[lo:lo + e - g0], self.store.dtype)
                 i += e - g0
                 g0 = e
@@ -215,6 +305,12 @@ class Reader:
         with self._stream_lock:
             if site not in self._streams:
                 self.store._site(site)
+                if not self.store.chunked:
+                    n = sum(sh.get("bytes", 0) for sp in SPLITS for sh in self.store._shards[(site, sp)])
+                    print(f"saejax store: {self.store.path} is a format /1 store without chunk checksums: "
+                          f"verifying every shard of {site} ({n / 2 ** 30:.2f} GiB) before reading it",
+                          file=sys.stderr, flush=True)
+                    self.store.verify([site])
                 self._streams[site] = _SiteStream(self.store, site, self.split, self.seed, self.block_rows)
             return self._streams[site]
 
@@ -285,8 +381,13 @@ class Reader:
             self._pool = None
 
 
+def first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def open_store(path: str) -> Store:
-    """Open and validate a store (manifest fields, listed files present, shard sizes)."""
+    """Open and validate a store (manifest fields and paths, listed files present, shard sizes and
+    .npy headers)."""
     return Store(path)
 
 

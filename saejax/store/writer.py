@@ -1,14 +1,16 @@
-"""Writing shards: atomic ``.npy`` files with their sha256, and whole stores from arrays.
+"""Writing shards: atomic ``.npy`` files with their checksums, and whole stores from arrays.
 
 Every file is written to ``<name>.tmp-<pid>`` and renamed into place, so a reader (or a resumed
-harvest) never sees a half-written file under a final name. The sha256 is computed from the bytes
-as they are written (no second read).
+harvest) never sees a half-written file under a final name. The file's sha256 and the crc32 of each
+``CHUNK_BYTES`` chunk of it (which the reader checks as training reads them) are computed from the
+bytes as they are written (no second read).
 """
 from __future__ import annotations
 
 import glob
 import hashlib
 import os
+import zlib
 
 import ml_dtypes
 import numpy as np
@@ -16,30 +18,55 @@ import numpy as np
 from saejax.store.manifest import FORMAT, StoreError, write_json
 
 STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+CHUNK_BYTES = 1 << 22  # 4 MiB: the unit of the reader's checks (one block of rows spans one or two)
+
+
+def crc(b) -> str:
+    """The checksum of one chunk as the manifest records it (crc32, 8 hex digits)."""
+    return f"{zlib.crc32(b):08x}"
 
 
 class _HashingFile:
-    """A write-only file object that also feeds a sha256."""
+    """A write-only file object that also feeds a sha256 and the crc32 of each ``chunk``-byte chunk."""
 
-    def __init__(self, f):
-        self.f, self.h, self.n = f, hashlib.sha256(), 0
+    def __init__(self, f, chunk: int):
+        self.f, self.h, self.n, self.chunk = f, hashlib.sha256(), 0, chunk
+        self.crcs, self._crc = [], 0
 
     def write(self, b):
+        b = memoryview(b).cast("B")
         self.h.update(b)
-        self.n += len(b)
+        i = 0
+        while i < len(b):  # split at chunk boundaries
+            take = min(len(b) - i, self.chunk - self.n % self.chunk)
+            self._crc = zlib.crc32(b[i:i + take], self._crc)
+            self.n += take
+            i += take
+            if self.n % self.chunk == 0:
+                self.crcs.append(f"{self._crc:08x}")
+                self._crc = 0
         return self.f.write(b)
 
+    def chunks(self) -> list[str]:
+        return self.crcs + ([f"{self._crc:08x}"] if self.n % self.chunk else [])
 
-def save_npy(path: str, arr: np.ndarray) -> tuple[str, int]:
-    """``np.save`` to ``path`` atomically; returns (sha256 hex, bytes)."""
+
+def save_npy(path: str, arr: np.ndarray, chunk: int = CHUNK_BYTES) -> tuple[str, int, list[str]]:
+    """``np.save`` to ``path`` atomically; returns (sha256 hex, bytes, crc32 of each ``chunk`` bytes).
+    A failed write (a full disk) leaves no temporary file behind."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        hf = _HashingFile(f)
-        np.lib.format.write_array(hf, np.ascontiguousarray(arr), allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return hf.h.hexdigest(), hf.n
+    try:
+        with open(tmp, "wb") as f:
+            hf = _HashingFile(f, chunk)
+            np.lib.format.write_array(hf, np.ascontiguousarray(arr), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return hf.h.hexdigest(), hf.n, hf.chunks()
 
 
 def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -66,10 +93,12 @@ def write_shard(root: str, name: str, rows: np.ndarray, meta: np.ndarray, site: 
     if rows.shape[0] != meta.shape[0] or meta.ndim != 2 or meta.shape[1] != 3:
         raise StoreError(f"{name}: rows {rows.shape} and meta {meta.shape} do not match ([n, w] and [n, 3])")
     os.makedirs(os.path.join(root, os.path.dirname(name)), exist_ok=True)
-    sha, nbytes = save_npy(os.path.join(root, name + ".npy"), rows)
-    msha, mbytes = save_npy(os.path.join(root, name + ".meta.npy"), meta.astype(np.int32, copy=False))
+    cb = CHUNK_BYTES
+    sha, nbytes, chunks = save_npy(os.path.join(root, name + ".npy"), rows, cb)
+    msha, mbytes, mchunks = save_npy(os.path.join(root, name + ".meta.npy"), meta.astype(np.int32, copy=False), cb)
     return {"site": site, "split": split, "file": name + ".npy", "meta": name + ".meta.npy",
-            "rows": int(rows.shape[0]), "sha256": sha, "bytes": nbytes, "meta_sha256": msha, "meta_bytes": mbytes}
+            "rows": int(rows.shape[0]), "sha256": sha, "bytes": nbytes, "meta_sha256": msha, "meta_bytes": mbytes,
+            "chunk_bytes": cb, "chunks": chunks, "meta_chunks": mchunks}
 
 
 def remove_uncommitted(root: str, pattern: str, committed: set[str]) -> int:

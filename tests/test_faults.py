@@ -1,0 +1,66 @@
+"""Faults and bad input through the CLI (issue #18): each is one line on stderr with rc 2, raised
+before anything is created, and nothing on disk is damaged."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from saejax.store import write_store
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "tests", "configs", "tiny.py")
+
+
+def _store(workdir, width_of=lambda site: 16, n=2048):
+    """A store of sites res.0 and res.3 for the tiny config's model, written from arrays."""
+    rng = np.random.default_rng(0)
+    arrays = {split: {site: (rng.standard_normal((rows, width_of(site))).astype(np.float32),
+                             np.zeros((rows, 3), np.int32)) for site in ("res.0", "res.3")}
+              for split, rows in (("train", n), ("heldout", 64))}
+    path = os.path.join(workdir, "store")
+    write_store(path, arrays, model="tiny", context_len=16, shard_rows=512,
+                heldout_tokens=np.zeros((4, 16), np.int32), extra={"model_source": "random:tiny-llama"})
+    return path
+
+
+def _train(workdir, *extra):
+    args = [sys.executable, "-m", "saejax.cli", "train", "--config", CONFIG, f"--config.workdir={workdir}",
+            "--config.harvest.kinds=('res',)", "--config.sae.widths=(32,)", "--config.train.tokens=2048",
+            "--config.train.batch_size=256", "--config.mesh.data=1", *extra]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _one_line(p):
+    """The error: the last line of stderr, rc 2, no traceback (progress lines may come before it)."""
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and "Traceback" not in p.stderr, (p.returncode, p.stderr[-3000:])
+    assert lines[-1].startswith("saejax "), lines[-1]
+    return lines[-1]
+
+
+def test_width_mismatch_between_shard_and_manifest_creates_nothing(tmp_path):
+    work = str(tmp_path / "w")
+    store = _store(work)
+    import json
+    mp = os.path.join(store, "manifest.json")
+    m = json.load(open(mp))
+    m["sites"]["res.3"]["width"] = 32  # the shards hold width 16
+    json.dump(m, open(mp, "w"))
+    p = _train(work)
+    line = _one_line(p)
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert "train/res.3/00000.npy: shape (512, 16), the manifest implies (512, 32)" in line
+    assert sorted(os.listdir(work)) == ["store"]  # no train/ folder, no metrics, no checkpoints
+
+
+def test_flipped_bytes_in_a_shard_stop_training_in_one_line(tmp_path):
+    work = str(tmp_path / "w")
+    store = _store(work)
+    f = os.path.join(store, "train/res.3/00002.npy")
+    data = bytearray(open(f, "rb").read())
+    data[8192:12288] = bytes(b ^ 0xA5 for b in data[8192:12288])  # 4 KiB, same size
+    open(f, "wb").write(bytes(data))
+    line = _one_line(_train(work))
+    assert "train/res.3/00002.npy: chunk 0" in line and "does not match its checksum" in line
