@@ -39,7 +39,7 @@ HEADER_THREADS = 16  # .npy headers read at once when a store is opened
 class Store:
     """An opened store (``open_store``); see docs/store.md."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, check_chunks: bool = True):
         self.path = path = local_path(path)
         mpath = os.path.join(path, "manifest.json")
         if not os.path.exists(mpath):
@@ -66,6 +66,7 @@ class Store:
                                      f"{sh[nb]} (truncated or replaced)")
             self._shards[(sh["site"], sh["split"])].append(sh)
         self.chunked = m["format"] != "saejax-store/1"
+        self.check_reads = check_chunks  # False: no chunk checks (benchmarks/store_checks.py measures them)
         self._mmaps: dict[str, np.ndarray] = {}
         self._raw: dict[str, np.ndarray] = {}
         self._verified: set[tuple[str, int]] = set()
@@ -108,7 +109,7 @@ class Store:
     def check_chunks(self, sh: dict, key: str, b0: int, b1: int) -> None:
         """Check the crc32 of the chunks of shard file ``sh[key]`` that bytes [b0, b1) lie in, each
         once per Store. StoreError naming the file and chunk on a mismatch."""
-        if not self.chunked or b1 <= b0:
+        if not (self.chunked and self.check_reads) or b1 <= b0:
             return
         rel, cb = sh[key], int(sh["chunk_bytes"])
         sums = sh["chunks" if key == "file" else "meta_chunks"]
@@ -385,10 +386,10 @@ def first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def open_store(path: str) -> Store:
+def open_store(path: str, check_chunks: bool = True) -> Store:
     """Open and validate a store (manifest fields and paths, listed files present, shard sizes and
-    .npy headers)."""
-    return Store(path)
+    .npy headers); reads check chunk checksums unless ``check_chunks`` is False."""
+    return Store(path, check_chunks)
 
 
 def check_store(store: Store, config, sites=None, widths: dict | None = None, model_name: str | None = None) -> None:
