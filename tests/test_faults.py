@@ -64,3 +64,45 @@ def test_flipped_bytes_in_a_shard_stop_training_in_one_line(tmp_path):
     open(f, "wb").write(bytes(data))
     line = _one_line(_train(work))
     assert "train/res.3/00002.npy: chunk 0" in line and "does not match its checksum" in line
+
+
+SYNTH = os.path.join(REPO, "experiments", "synthetic.py") + ":runlocal"
+
+
+def _synth(workdir, steps, *extra):
+    args = [sys.executable, "-m", "saejax.cli", "train", "--config", SYNTH, f"--config.workdir={workdir}",
+            f"--config.train.tokens={2048 * steps}", "--config.train.checkpoint_every=20",
+            "--config.train.keep_checkpoints=2", "--config.mesh.data=1", *extra]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _final(workdir):
+    from safetensors.numpy import load_file
+    (path,) = [os.path.join(r, "params.safetensors") for r, _, f in os.walk(workdir)
+               if r.endswith("final") and "params.safetensors" in f]
+    return path, load_file(path)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_newest_good_one(tmp_path):
+    work = str(tmp_path / "w")
+    p = _synth(work, 40)
+    assert p.returncode == 0, p.stderr[-2000:]
+    path, want = _final(work)
+    import shutil
+    shutil.rmtree(os.path.dirname(path))  # as if killed after the step-40 checkpoint
+    ckpts = os.path.join(os.path.dirname(os.path.dirname(path)), "checkpoints")
+    assert sorted(os.listdir(ckpts)) == ["20", "40"]
+    for root, _, files in os.walk(os.path.join(ckpts, "40")):
+        for f in files:
+            fp = os.path.join(root, f)
+            if os.path.getsize(fp) > 64:
+                with open(fp, "r+b") as fh:  # same size, garbage bytes
+                    fh.write(b"\x5a" * os.path.getsize(fp))
+    p = _synth(work, 40)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "the checkpoint at step 40" in p.stderr and "falling back to step 20" in p.stderr
+    assert "Traceback" not in p.stderr
+    _, got = _final(work)
+    for k in want:  # the resumed run is the uninterrupted one, bit for bit
+        np.testing.assert_array_equal(got[k], want[k])

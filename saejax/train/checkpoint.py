@@ -8,7 +8,8 @@ data-reader position is the step itself, since every source's batch is a pure fu
 (seed, step), and the state holds no RNG (initialization is the only random draw, from the seed).
 
 Restoring reads into the shardings of the *current* mesh, so a run may resume on another mesh
-shape or process count.
+shape or process count. A latest checkpoint that cannot be read (its files corrupted) is skipped
+with a warning for the newest one that can; none readable is an error naming the folder.
 
 Preemption: SIGTERM only sets a flag. The save happens at a step every process agrees on:
     one process      the next step boundary;
@@ -38,10 +39,15 @@ class Preempted(SystemExit):
         self.step = step
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint of a group can be read; the message names the folder."""
+
+
 class Checkpoints:
     """An orbax CheckpointManager for one group's train state."""
 
     def __init__(self, directory: str, every: int, keep: int, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=async_save,
             create=True)
@@ -51,11 +57,37 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def restore(self, abstract_state, shardings, step: int | None = None):
-        """The state at ``step`` (default: latest) placed by ``shardings`` (the current mesh's)."""
-        step = self.latest_step() if step is None else step
+        """The state at ``step`` placed by ``shardings`` (the current mesh's). Without ``step``, the
+        newest checkpoint that reads back: unreadable newer ones are reported and passed over."""
         target = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-        return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+        if step is not None:
+            return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for i, s in enumerate(steps):
+            try:
+                state = self.manager.restore(s, args=ocp.args.StandardRestore(target))
+            except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types for bad files
+                why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                nxt = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint"
+                log(f"saejax train: warning: the checkpoint at step {s} in {self.directory} cannot be read "
+                    f"({why}); {nxt}")
+                continue
+            if i:  # the unreadable newer ones move aside (kept for a look), out of the manager's way
+                self.manager.wait_until_finished()
+                if jax.process_index() == 0:
+                    aside = f"{self.directory}.unreadable"
+                    os.makedirs(aside, exist_ok=True)
+                    for bad in steps[:i]:
+                        os.replace(os.path.join(self.directory, str(bad)), os.path.join(aside, f"{bad}-{os.getpid()}"))
+                    log(f"saejax train: moved the unreadable checkpoints {steps[:i]} to {aside}")
+                if jax.process_count() > 1:
+                    from jax.experimental import multihost_utils
+                    multihost_utils.sync_global_devices("saejax-checkpoint-fallback")
+                self.manager.reload()
+            return state
+        raise CheckpointError(f"{self.directory}: no checkpoint can be read (steps {steps}); move the folder "
+                              f"away to train this group from the start")
 
     def save(self, step: int, state, force: bool = False) -> bool:
         """Start an async save of ``state`` if ``step`` is a checkpoint step (or ``force``)."""
