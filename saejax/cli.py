@@ -103,7 +103,8 @@ def _input_errors() -> tuple:
     errors = []
     for mod, name in (("saejax.store", "StoreError"), ("saejax.mesh", "MeshError"),
                       ("saejax.models", "ModelError"), ("saejax.evaluate", "EvaluateError"),
-                      ("saejax.release", "ReleaseError"), ("saejax.train.checkpoint", "CheckpointError")):
+                      ("saejax.release", "ReleaseError"), ("saejax.train.checkpoint", "CheckpointError"),
+                      ("saejax.space", "DiskFull")):
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))
         except (ImportError, AttributeError):

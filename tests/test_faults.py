@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from saejax.store import write_store
 
@@ -33,8 +34,9 @@ def _train(workdir, *extra):
 
 
 def _one_line(p):
-    """The error: the last line of stderr, rc 2, no traceback (progress lines may come before it)."""
-    lines = p.stderr.strip().splitlines()
+    """The error: the last line of stderr, rc 2, no traceback (progress lines may come before it;
+    a progress line ending in a carriage return is overwritten by the next on a terminal)."""
+    lines = p.stderr.strip().replace("\r", "\n").splitlines()
     assert p.returncode == 2 and "Traceback" not in p.stderr, (p.returncode, p.stderr[-3000:])
     assert lines[-1].startswith("saejax "), lines[-1]
     return lines[-1]
@@ -106,3 +108,76 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_newest_good_one(tmp_path):
     _, got = _final(work)
     for k in want:  # the resumed run is the uninterrupted one, bit for bit
         np.testing.assert_array_equal(got[k], want[k])
+
+
+# --- a full disk: one line naming the path and the bytes, no temporary file left behind ----------
+
+def _tmp_files(root):
+    return [os.path.join(r, f) for r, _, fs in os.walk(root) for f in fs if ".tmp-" in f]
+
+
+def test_enospc_while_writing_a_shard_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import errno
+
+    from saejax import space
+    real = np.lib.format.write_array
+
+    def full(fp, arr, **kw):  # half the bytes reach the disk, then it is full
+        fp.write(b"\0" * (arr.nbytes // 2))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    path = str(tmp_path / "s")
+    monkeypatch.setattr(np.lib.format, "write_array", full)
+    with pytest.raises(space.DiskFull, match=r"train/res.0/00000.npy: disk full while writing it: it needs about "):
+        _store(path)
+    monkeypatch.setattr(np.lib.format, "write_array", real)
+    assert _tmp_files(path) == []
+
+
+def test_full_disk_before_a_checkpoint_is_one_line(tmp_path, monkeypatch):
+    import jax.numpy as jnp
+
+    from saejax import space
+    from saejax.train import checkpoint as ckpt
+    c = ckpt.Checkpoints(str(tmp_path / "ck"), every=1, keep=1, async_save=False)
+    state = {"w": jnp.zeros((256, 256))}
+    monkeypatch.setattr(space, "free_bytes", lambda path: 1000)
+    with pytest.raises(space.DiskFull, match=r"ck: disk full: the checkpoint of step 1 needs 256.0 KiB, 1000 bytes free"):
+        c.save(1, state, force=True)
+    assert c.latest_step() is None
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (root can mount one; elsewhere the test is skipped)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield str(mnt)
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_harvest_on_a_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path, small_disk):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"{i}.txt").write_text("Now, fair Hippolyta, our nuptial hour draws on apace; " * 40)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    p = subprocess.run([sys.executable, "-m", "saejax.cli", "harvest", "--config", CONFIG,
+                        f"--config.data.corpus={corpus}", f"--config.workdir={small_disk}/w", "--config.mesh.data=1",
+                        "--config.harvest.batch_contexts=1"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    line = _one_line(p)
+    assert "disk full while writing it" in line and small_disk in line
+    assert _tmp_files(small_disk) == []
+
+
+def test_training_on_a_full_disk_is_one_line(tmp_path, small_disk):
+    store = _store(str(tmp_path / "elsewhere"))
+    work = os.path.join(small_disk, "w")
+    os.makedirs(work)
+    os.symlink(store, os.path.join(work, "store"))
+    line = _one_line(_train(work, "--config.sae.widths=(1024,)"))
+    assert "disk full: the checkpoint of step" in line
+    assert _tmp_files(small_disk) == []

@@ -15,6 +15,7 @@ import zlib
 import ml_dtypes
 import numpy as np
 
+from saejax import space
 from saejax.store.manifest import FORMAT, StoreError, write_json
 
 STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -56,7 +57,7 @@ def save_npy(path: str, arr: np.ndarray, chunk: int = CHUNK_BYTES) -> tuple[str,
     A failed write (a full disk) leaves no temporary file behind."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        with space.writing(path, arr.nbytes), open(tmp, "wb") as f:
             hf = _HashingFile(f, chunk)
             np.lib.format.write_array(hf, np.ascontiguousarray(arr), allow_pickle=False)
             f.flush()

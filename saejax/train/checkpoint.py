@@ -28,6 +28,8 @@ import threading
 import jax
 import orbax.checkpoint as ocp
 
+from saejax import space
+
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): preempted after a checkpoint; rerun to resume
 
 
@@ -90,7 +92,12 @@ class Checkpoints:
                               f"away to train this group from the start")
 
     def save(self, step: int, state, force: bool = False) -> bool:
-        """Start an async save of ``state`` if ``step`` is a checkpoint step (or ``force``)."""
+        """Start an async save of ``state`` if ``step`` is a checkpoint step (or ``force``). A disk
+        without room for it is a DiskFull before anything is written (an async save that runs out of
+        space fails in orbax's threads with a traceback per file)."""
+        if force or self.manager.should_save(step):
+            need = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(state))
+            space.ensure_free(self.directory, need, f"the checkpoint of step {step}")
         return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
     def should_save(self, step: int) -> bool:
