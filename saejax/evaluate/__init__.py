@@ -12,7 +12,6 @@ rows training never drew.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ import sys
 
 import numpy as np
 
+from saejax import workdir as wd
 from saejax.evaluate import cards, metrics, splice
 from saejax.sae import io as sae_io
 
@@ -32,18 +32,9 @@ class EvaluateError(ValueError):
     """Missing or inconsistent evaluation inputs; the message names the folder or file."""
 
 
-def out_dir(config) -> str:
-    return os.path.join(config.workdir, "evaluate")
-
-
-def trained_groups(config) -> list[str]:
-    """The finished groups' folders, <workdir>/train/<group>/final, sorted."""
-    return sorted(glob.glob(os.path.join(config.workdir, "train", "*", "final")))
-
-
 def is_complete(config) -> bool:
     """results.json exists and covers every trained group (``saejax run`` then skips evaluate)."""
-    path = os.path.join(out_dir(config), "results.json")
+    path = wd.results_path(config)
     if not os.path.isfile(path):
         return False
     try:
@@ -51,14 +42,14 @@ def is_complete(config) -> bool:
             done = set(json.load(fh).get("groups", []))
     except (OSError, json.JSONDecodeError):
         return False
-    names = {os.path.basename(os.path.dirname(p)) for p in trained_groups(config)}
+    names = {wd.group_of(p) for p in wd.final_dirs(config)}
     return bool(names) and names <= done
 
 
 def _load_groups(config) -> list[tuple[str, dict, dict]]:
-    paths = trained_groups(config)
+    paths = wd.final_dirs(config)
     if not paths:
-        raise EvaluateError(f"no trained SAE groups under {os.path.join(config.workdir, 'train')} "
+        raise EvaluateError(f"no trained SAE groups under {wd.train_dir(config)} "
                             f"(expected <group>/final/; run saejax train first)")
     out = []
     for p in paths:
@@ -66,7 +57,7 @@ def _load_groups(config) -> list[tuple[str, dict, dict]]:
             arrays, meta = sae_io.load_group(p)
         except (FileNotFoundError, KeyError, ValueError) as e:
             raise EvaluateError(str(e).strip("'\"")) from None
-        out.append((os.path.basename(os.path.dirname(p)), arrays, meta))
+        out.append((wd.group_of(p), arrays, meta))
     return out
 
 
@@ -82,8 +73,8 @@ class _Rows:
             self.model_name = ""
             return
         from saejax import store as storelib
-        path = os.path.join(config.workdir, "store")
-        if not os.path.isfile(os.path.join(path, "manifest.json")):
+        path = wd.store_dir(config)
+        if not os.path.isfile(wd.manifest_path(config)):
             raise EvaluateError(f"no activation store at {path} (run saejax harvest first)")
         self.store = storelib.open_store(path)
         self.manifest = self.store.manifest
@@ -156,11 +147,11 @@ def run(config, dry_run: bool = False) -> dict | None:
         from saejax import models
         model = models.load(config.model.source, dtype=config.model.dtype)
         if data.model_name and model.name != data.model_name:
-            raise EvaluateError(f"{os.path.join(config.workdir, 'store')}: harvested from model "
+            raise EvaluateError(f"{wd.store_dir(config)}: harvested from model "
                                 f"{data.model_name!r}, but config.model.source loads {model.name!r}")
-    final, tmp = out_dir(config), f"{out_dir(config)}.tmp-{os.getpid()}"
+    final, tmp = wd.evaluate_dir(config), f"{wd.evaluate_dir(config)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, "cards"))
+    os.makedirs(os.path.join(tmp, wd.CARDS))
     rng = np.random.default_rng(config.seed)
     results = []
     for name, arrays, meta in groups:
@@ -168,13 +159,13 @@ def run(config, dry_run: bool = False) -> dict | None:
     doc = {"format": "saejax-eval/1", "model": data.model_name, "contexts": data.n_contexts,
            "heldout_contexts": 0 if data.synthetic else len(data.all_tokens),
            "synthetic": data.synthetic, "groups": [g[0] for g in groups], "saes": results}
-    with open(os.path.join(tmp, "results.json"), "w") as fh:
+    with open(os.path.join(tmp, wd.RESULTS), "w") as fh:
         json.dump(finite(doc), fh, indent=1, allow_nan=False)
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp, final)
     print(table(results))
-    print(f"saejax evaluate: wrote {os.path.join(final, 'results.json')}", file=sys.stderr)
+    print(f"saejax evaluate: wrote {wd.results_path(config)}", file=sys.stderr)
     return doc
 
 

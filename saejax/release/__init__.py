@@ -10,19 +10,12 @@ import json
 import os
 import sys
 
+from saejax import workdir as wd
 from saejax.release.errors import ReleaseError
 from saejax.release.load import Entry, Suite, load_suite
 from saejax.release.sae import SAE
 
 __all__ = ["ReleaseError", "Entry", "Suite", "SAE", "load_suite", "run", "is_complete"]
-
-
-def out_dir(config) -> str:
-    return os.path.join(config.workdir, "release")
-
-
-def _results_path(config) -> str:
-    return os.path.join(config.workdir, "evaluate", "results.json")
 
 
 def _digest(path: str) -> str:
@@ -33,19 +26,19 @@ def _digest(path: str) -> str:
 
 def is_complete(config) -> bool:
     """A release exists and was made from the current evaluation results (``saejax run`` skips it)."""
-    path = os.path.join(out_dir(config), "suite.json")
-    if not (os.path.isfile(path) and os.path.isfile(_results_path(config))):
+    path = wd.suite_path(config)
+    if not (os.path.isfile(path) and os.path.isfile(wd.results_path(config))):
         return False
     try:
         with open(path) as fh:
             made_from = json.load(fh).get("results_sha256")
     except (OSError, json.JSONDecodeError):
         return False
-    return made_from == _digest(_results_path(config))
+    return made_from == _digest(wd.results_path(config))
 
 
 def _results(config) -> dict:
-    path = _results_path(config)
+    path = wd.results_path(config)
     if not os.path.isfile(path):
         raise ReleaseError(f"no evaluation results at {path} (run saejax evaluate first)")
     try:
@@ -67,9 +60,9 @@ def run(config, dry_run: bool = False) -> dict | None:
     for note in notes:
         print(f"saejax release: {note}", file=sys.stderr)
     if not picked:
-        raise ReleaseError(f"{os.path.join(config.workdir, 'evaluate', 'results.json')}: no SAE to release "
+        raise ReleaseError(f"{wd.results_path(config)}: no SAE to release "
                            f"(all frozen or unmeasured)")
-    print(f"saejax release: {len(picked)} of {len(doc['saes'])} SAEs -> {out_dir(config)} "
+    print(f"saejax release: {len(picked)} of {len(doc['saes'])} SAEs -> {wd.release_dir(config)} "
           f"({', '.join(config.release.formats)})", file=sys.stderr)
     if dry_run:
         for r in picked:
@@ -80,17 +73,17 @@ def run(config, dry_run: bool = False) -> dict | None:
         return None
     groups = {}
     for name in sorted({r["group"] for r in picked}):
-        path = os.path.join(config.workdir, "train", name, "final")
+        path = wd.final_dir(config, name)
         try:
             groups[name] = sae_io.load_group(path)
         except (FileNotFoundError, KeyError, ValueError) as e:
             raise ReleaseError(str(e).strip("'\"")) from None
-    suite = writer.write(out_dir(config), picked, groups, name=config.release.name, model=doc.get("model", ""),
+    suite = writer.write(wd.release_dir(config), picked, groups, name=config.release.name, model=doc.get("model", ""),
                          formats=tuple(config.release.formats),
-                         cards_dir=os.path.join(config.workdir, "evaluate"), contexts=doc.get("contexts", 0),
+                         cards_dir=wd.evaluate_dir(config), contexts=doc.get("contexts", 0),
                          context_size=int(config.data.context_len),
-                         extra={"results_sha256": _digest(_results_path(config)),
+                         extra={"results_sha256": _digest(wd.results_path(config)),
                                 "heldout_contexts": doc.get("heldout_contexts", 0),
                                 "context_size": int(config.data.context_len)})
-    print(f"saejax release: wrote {os.path.join(out_dir(config), 'suite.json')}", file=sys.stderr)
+    print(f"saejax release: wrote {wd.suite_path(config)}", file=sys.stderr)
     return suite
