@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 
 import jax
@@ -139,8 +138,3 @@ class PreemptionWatch:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
             self._old = None
-
-
-def log(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(msg, file=sys.stderr, flush=True)

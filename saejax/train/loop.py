@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 
 import jax
@@ -19,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from saejax import config as cfg
 from saejax import mesh as meshlib
+from saejax.log import log
 from saejax.sae import io as sae_io
 from saejax.sae import sharded
 from saejax.sae.group import PARTITION_RULES, GroupSpec, SAEGroup
@@ -233,12 +233,12 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
     ckpts = ckpt.Checkpoints(ckpt_dir, checkpoint_every, keep_checkpoints) if ckpt_dir else None
     if state is None and ckpts is not None and ckpts.latest_step() is not None:
         state = ckpts.restore(trainer.abstract, trainer.state_shardings)
-        ckpt.log(f"[{spec.name}] resumed from the checkpoint at step {int(jax.device_get(state['step']))}")
+        log(f"[{spec.name}] resumed from the checkpoint at step {int(jax.device_get(state['step']))}")
     state = trainer.init_state() if state is None else state
     scales = _scales(source, spec.sites)
     start = int(jax.device_get(state["step"]))
     _truncate_log(log_path, start)
-    log = open(log_path, "a") if log_path and jax.process_index() == 0 else None
+    records = open(log_path, "a") if log_path and jax.process_index() == 0 else None
     watch = ckpt.PreemptionWatch() if ckpts is not None else None
     held = trainer.local_heldout(source, scales) if log_path or progress else None
     held = None if held is None else trainer.put_batch(held)
@@ -258,17 +258,16 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
                 state = _freeze_nonfinite(spec, state, trainer, m["loss"], done)
                 record = {"step": done, "tokens": done * hp.batch_size,
                           **{k: np.asarray(v).tolist() for k, v in m.items()}}
-                if log:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                if progress and jax.process_index() == 0:
+                if records:
+                    records.write(json.dumps(record) + "\n")
+                    records.flush()
+                if progress:
                     rate = (done - last) * hp.batch_size / max(time.time() - t0, 1e-9)
                     t0, last = time.time(), done
-                    print(f"[{spec.name}] step {done}/{hp.total_steps} {rate:,.0f} tok/s "
-                          f"L0 {_span(m['l0'])} FVU {_span(m['fvu'])} dead {_span(m['dead_frac'])}"
-                          + (f" | held-out L0 {_span(m['heldout_l0'])} FVU {_span(m['heldout_fvu'])}"
-                             if "heldout_fvu" in m else ""),
-                          file=sys.stderr, flush=True)
+                    log(f"[{spec.name}] step {done}/{hp.total_steps} {rate:,.0f} tok/s "
+                        f"L0 {_span(m['l0'])} FVU {_span(m['fvu'])} dead {_span(m['dead_frac'])}"
+                        + (f" | held-out L0 {_span(m['heldout_l0'])} FVU {_span(m['heldout_fvu'])}"
+                           if "heldout_fvu" in m else ""))
             elif save:
                 state = _freeze_nonfinite(spec, state, trainer, None, done)
             if save:
@@ -278,12 +277,12 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
                 ckpts.save(done, state, force=True)
             if preempt:
                 ckpts.wait()
-                ckpt.log(f"[{spec.name}] preempted: checkpoint at step {done} saved; "
-                         f"exit {ckpt.EXIT_PREEMPTED}, rerun the same command to resume")
+                log(f"[{spec.name}] preempted: checkpoint at step {done} saved; "
+                    f"exit {ckpt.EXIT_PREEMPTED}, rerun the same command to resume")
                 raise ckpt.Preempted(done)
     finally:
-        if log:
-            log.close()
+        if records:
+            records.close()
         if ckpts is not None:
             ckpts.wait()
             ckpts.close()
@@ -307,8 +306,8 @@ def _freeze_nonfinite(spec, state, trainer, loss, step):
     new = bad & ~frozen
     if new.any():
         for t, k in zip(*np.nonzero(new)):
-            ckpt.log(f"[{spec.name}] SAE site={spec.sites[t]} sparsity={spec.sparsity[k]} went non-finite "
-                     f"by step {step}: frozen, the rest of the group trains on")
+            log(f"[{spec.name}] SAE site={spec.sites[t]} sparsity={spec.sparsity[k]} went non-finite "
+                f"by step {step}: frozen, the rest of the group trains on")
         sharding = state["frozen"].sharding
         state = dict(state, frozen=jax.device_put(jnp.asarray(frozen | bad), sharding))
     return state
@@ -407,8 +406,8 @@ def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> li
             raise
         mesh = meshlib.abstract_mesh(config.mesh)  # plan for the slice's devices from here
         n_devices = mesh.size
-        ckpt.log(f"saejax train: {e}; the dry run plans for that mesh from its shape alone "
-                 f"(per-device memory without XLA's compiled-step figure)")
+        log(f"saejax train: {e}; the dry run plans for that mesh from its shape alone "
+            f"(per-device memory without XLA's compiled-step figure)")
     plans = plan_groups(config, source)
     for spec, hp in plans:
         meshlib.validate_group(config.mesh, spec.T, spec.width, hp.batch_size, n_devices=n_devices,
@@ -419,13 +418,13 @@ def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> li
     for spec, hp in plans:
         gdir = os.path.join(out_root, spec.name)
         final = os.path.join(gdir, "final")
-        ckpt.log(f"[{spec.name}] {spec.T} sites x {spec.K} sweep members, {hp.total_steps} steps of "
-                 f"{hp.batch_size} tokens ({hp.total_steps * hp.batch_size:,} tokens), mesh {dict(mesh.shape)}")
+        log(f"[{spec.name}] {spec.T} sites x {spec.K} sweep members, {hp.total_steps} steps of "
+            f"{hp.batch_size} tokens ({hp.total_steps * hp.batch_size:,} tokens), mesh {dict(mesh.shape)}")
         if dry_run:
-            ckpt.log(dry_run_report(spec, hp, mesh))
+            log(dry_run_report(spec, hp, mesh))
             continue
         if os.path.isdir(final):
-            ckpt.log(f"[{spec.name}] already trained: {final}")
+            log(f"[{spec.name}] already trained: {final}")
             finished.append(final)
             continue
         os.makedirs(gdir, exist_ok=True)
