@@ -68,8 +68,8 @@ class _Rows:
         self.synthetic = config.train.source == "synthetic"
         self.n_contexts = 0
         if self.synthetic:
-            from saejax.train.loop import make_source
-            self.source = make_source(config)
+            from saejax.sources import synthetic_source
+            self.source = synthetic_source(config)
             self.model_name = ""
             return
         from saejax import store as storelib

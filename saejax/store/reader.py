@@ -223,8 +223,10 @@ class Store:
             raise StoreError(f"{f}: no such file")
         return np.load(f, allow_pickle=False)
 
-    def reader(self, seed: int = 0, split: str = "train", block_rows: int = 4096, prefetch: int = 2) -> "Reader":
-        return Reader(self, seed, split, block_rows, prefetch)
+    def reader(self, seed: int = 0, split: str = "train", block_rows: int = 4096, prefetch: int = 2,
+               sites=None) -> "Reader":
+        """A training Source over ``split``; its ``sites`` are ``sites`` (default: every site of the store)."""
+        return Reader(self, seed, split, block_rows, prefetch, sites)
 
 
 class _SiteStream:
@@ -283,13 +285,13 @@ class _SiteStream:
 class Reader:
     """A training Source over one split of a store (docs/architecture.md: Training sources)."""
 
-    def __init__(self, store: Store, seed: int, split: str, block_rows: int, prefetch: int):
+    def __init__(self, store: Store, seed: int, split: str, block_rows: int, prefetch: int, sites=None):
         if split not in SPLITS:
             raise StoreError(f"split {split!r} is not one of {SPLITS}")
         if block_rows < 1 or prefetch < 0:
             raise StoreError(f"block_rows={block_rows} must be >= 1 and prefetch={prefetch} >= 0")
         self.store, self.seed, self.split, self.block_rows, self.prefetch = store, seed, split, block_rows, prefetch
-        self.sites, self.model = store.sites, store.model
+        self.sites, self.model = store.sites if sites is None else list(sites), store.model
         self._streams: dict[str, _SiteStream] = {}
         self._pending: dict[tuple, object] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saejax-prefetch") if prefetch else None

@@ -22,6 +22,7 @@ from saejax.log import log
 from saejax.sae import io as sae_io
 from saejax.sae import sharded
 from saejax.sae.group import PARTITION_RULES, GroupSpec, SAEGroup
+from saejax.sources import PlannedSource, make_source
 from saejax.train import checkpoint as ckpt
 from saejax.train import optim
 from saejax.train.step import init_state, make_train_step, map_sites, recon_metrics
@@ -325,32 +326,6 @@ def group_meta(spec: GroupSpec, hp: optim.Hyper, source, state, model: str = "")
         "bandwidth": spec.bandwidth, "model": model, "steps": int(jax.device_get(state["step"])),
         "tokens": int(jax.device_get(state["step"])) * hp.batch_size, "batch_size": hp.batch_size,
     }
-
-
-def make_source(config):
-    """The training source named by the config: the activation store, or synthetic data."""
-    if config.train.source == "synthetic":
-        from saejax.data.synthetic import SyntheticSource
-        s = config.synthetic
-        sites = [f"res.{i}" for i in range(s.sites)]
-        return SyntheticSource(sites, d=s.d, n_features=s.n_features, active=s.active, zipf=s.zipf,
-                               noise=s.noise, seed=config.seed)
-    from saejax import store
-    st = store.open_store(os.path.join(config.workdir, "store"))
-    store.check_store(st, config)  # written from this config's model, every configured site present
-    reader = st.reader(seed=config.seed, split="train")
-    reader.sites = cfg.sites(config)  # a store may hold more sites than this run trains
-    return reader
-
-
-class PlannedSource:
-    """Sites and widths of a store not yet harvested (from the harvest plan): enough for a dry run."""
-
-    def __init__(self, widths: dict):
-        self.sites, self._widths, self.model = list(widths), dict(widths), ""
-
-    def width(self, site: str) -> int:
-        return self._widths[site]
 
 
 def gather(tree):
