@@ -7,7 +7,7 @@ Printed, all measured in this one run on one device:
   roofline   the five dense matmuls a step needs (encoder and decoder forward, latent gradient,
              decoder and encoder weight gradients: 5 x 2*B*d*M = 10*B*d*M FLOPs), timed alone in XLA,
              both for the whole batch at once and in the row blocks the step uses; the faster counts;
-  saejax     tokens/s of the compiled train step (saejax.train.loop.Trainer) and its fraction of
+  saejax     tokens/s of the compiled train step (saejax.train.trainer.Trainer) and its fraction of
              the roofline time;
   sae-lens   tokens/s of SAELens' JumpReLU training step (forward, backward, Adam) on the same
              shape in torch (CPU), and saejax's speed-up over it; with it, the same five matmuls
@@ -36,7 +36,8 @@ import numpy as np
 
 from saejax import mesh as meshlib
 from saejax.sae.group import GroupSpec
-from saejax.train import loop, optim, step
+from saejax.train import optim, step
+from saejax.train.trainer import Trainer
 
 
 def _once(fn) -> float:
@@ -93,7 +94,7 @@ def saejax_step(T: int, K: int, B: int, d: int, M: int):
                      sparsity=tuple(1e-3 * (i + 1) for i in range(K)))
     hp = optim.Hyper(total_steps=10 ** 6, batch_size=B, lr_warmup=10, sparsity_warmup=10)
     mesh = meshlib.make_mesh(dict(data=1, stack=1, latent=1), jax.devices()[:1])
-    trainer = loop.Trainer(spec, hp, mesh)
+    trainer = Trainer(spec, hp, mesh)
     rng = np.random.default_rng(0)
     x = trainer.put_batch((rng.standard_normal((T, B, d), dtype=np.float32) / np.sqrt(d)))
     box = [trainer.init_state()]

@@ -18,6 +18,7 @@ from saejax.sae import sharded
 from saejax.sae.group import GroupSpec
 from saejax.train import loop, optim
 from saejax.train.step import losses
+from saejax.train.trainer import Trainer, norm_scales, to_host
 
 SITES = tuple(f"res.{i}" for i in range(4))
 MESHES = {
@@ -55,8 +56,8 @@ def _rel(a, b):
 
 def _one_step(spec, hp, src, name):
     """(gradient of the group loss, state after one train step, metrics) on mesh ``name``."""
-    t = loop.Trainer(spec, hp, _mesh(name))
-    x = t.put_batch(t.local_batch(src, 0, loop._scales(src, SITES)))
+    t = Trainer(spec, hp, _mesh(name))
+    x = t.put_batch(t.local_batch(src, 0, norm_scales(src, SITES)))
     state = t.init_state()
 
     def grad(st, xb):
@@ -64,9 +65,9 @@ def _one_step(spec, hp, src, name):
             return jax.grad(lambda p: losses(spec, hp, p, st, xb)[0])(st["params"])
 
     g = jax.jit(grad, in_shardings=(t.state_shardings, t.x_sharding))(state, x)
-    g = loop.to_host(g)
+    g = to_host(g)
     new, m = t.step(state, x)
-    return g, loop.to_host(new), loop.to_host(m)
+    return g, to_host(new), to_host(m)
 
 
 @pytest.mark.parametrize("arch", ["jumprelu", "topk", "batchtopk"])
@@ -100,8 +101,8 @@ def test_hundred_steps_same_l0_and_fvu(arch):
         mesh = _mesh(name)
         state = loop.train_group(spec, hp, src, mesh, progress=False, log_every=100)
         # L0 and FVU of every SAE on the same fresh batch (a step training never saw).
-        t = loop.Trainer(spec, dataclasses.replace(hp, total_steps=10 ** 6), mesh)
-        _, m = t.step(state, t.put_batch(t.local_batch(src, 10 ** 5, loop._scales(src, SITES))))
+        t = Trainer(spec, dataclasses.replace(hp, total_steps=10 ** 6), mesh)
+        _, m = t.step(state, t.put_batch(t.local_batch(src, 10 ** 5, norm_scales(src, SITES))))
         final[name] = {k: np.asarray(m[k]) for k in ("l0", "fvu")}
     assert final["one"]["fvu"].max() < 0.9  # it trained
     for name in ("data2_latent4", "stack4_data2"):
@@ -198,10 +199,10 @@ def test_target_l0_lands_within_ten_percent():
     src = SyntheticSource(SITES[:1], d=32, n_features=128, active=4, seed=0)
     mesh = _mesh("one")
     state = loop.train_group(spec, hp, src, mesh, progress=False, log_every=1500)
-    t = loop.Trainer(spec, dataclasses.replace(hp, total_steps=10 ** 6), mesh)
+    t = Trainer(spec, dataclasses.replace(hp, total_steps=10 ** 6), mesh)
     l0 = []
     for s in range(4):  # measured on fresh batches
-        state, m = t.step(state, t.put_batch(t.local_batch(src, 10 ** 5 + s, loop._scales(src, SITES[:1]))))
+        state, m = t.step(state, t.put_batch(t.local_batch(src, 10 ** 5 + s, norm_scales(src, SITES[:1]))))
         l0.append(np.asarray(m["l0"])[0])
     l0 = np.mean(l0, axis=0)
     np.testing.assert_allclose(l0, targets, rtol=0.10)

@@ -23,6 +23,7 @@ from saejax.data.synthetic import SyntheticSource
 from saejax.sae.group import GroupSpec
 from saejax.train import checkpoint as ckpt
 from saejax.train import loop, optim
+from saejax.train.trainer import Trainer, to_host
 
 SLOW_OK = "--xla_cpu_collective_call_terminate_timeout_seconds=600"  # see conftest.py
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,9 +161,9 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     spec, hp, src = _group()
     mesh_a = meshlib.make_mesh(dict(data=2, stack=1, latent=4))
     state = loop.train_group(spec, hp, src, mesh_a, progress=False, ckpt_dir=str(tmp_path), checkpoint_every=10)
-    want = loop.to_host(state)
+    want = to_host(state)
     mesh_b = meshlib.make_mesh(dict(data=2, stack=4, latent=1))
-    trainer = loop.Trainer(spec, hp, mesh_b)
+    trainer = Trainer(spec, hp, mesh_b)
     store = ckpt.Checkpoints(str(tmp_path), 10, 2)
     assert store.latest_step() == 20
     got = store.restore(trainer.abstract, trainer.state_shardings)
@@ -184,11 +185,11 @@ def test_nonfinite_sae_is_frozen_and_a_dead_group_keeps_its_last_checkpoint(tmp_
     state = loop.train_group(spec, hp, src, mesh, progress=False, ckpt_dir=str(tmp_path), checkpoint_every=10,
                              log_every=5)
     # One SAE's parameters go NaN: it is frozen at the next logging step, the others train on.
-    host = loop.to_host(state)  # (the train step donates its input state: rebuild from host copies)
+    host = to_host(state)  # (the train step donates its input state: rebuild from host copies)
     p = {k: np.array(v) for k, v in host["params"].items()}
     p["W_enc"][1, 0, 3, 7] = np.nan
     hp2 = dataclasses.replace(hp, total_steps=25)
-    trainer = loop.Trainer(spec, hp2, mesh)
+    trainer = Trainer(spec, hp2, mesh)
     one = jax.device_put(dict(host, params=p), trainer.state_shardings)
     out = loop.train_group(spec, hp2, src, mesh, progress=False, state=one, log_every=5, trainer=trainer)
     frozen = np.asarray(out["frozen"])

@@ -12,7 +12,7 @@ from saejax import config as cfg
 from saejax.data.synthetic import SyntheticSource
 from saejax.sae.group import GroupSpec, SAEGroup
 from saejax.train import optim
-from saejax.train.loop import plan_groups
+from saejax.train.plan import plan_groups
 from saejax.train.step import calibrate_thresholds, init_state, losses, make_train_step
 
 SWEEP = {"jumprelu": (0.01, 0.03), "relu": (0.01, 0.05), "topk": (2.0, 5.0), "batchtopk": (3.0, 2.0)}

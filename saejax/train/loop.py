@@ -1,203 +1,30 @@
-"""The training loop: plan the groups of a suite, train each in compiled steps, write the results.
+"""The train stage: train each group of the suite in compiled steps, logging and checkpointing.
 
-Output under ``<workdir>/train``:
+Output under ``<workdir>/train`` (paths from saejax.workdir):
     <group>/metrics.jsonl   one JSON record per logging step, per-SAE arrays [T][K]
-    <group>/final/          the trained group (saejax.sae.io format) once the group is done
+    <group>/checkpoints/    the train state every ``train.checkpoint_every`` steps (checkpoint.py)
+    <group>/final/          the trained group (saejax.sae.io format, export.py) once the group is done
+The groups and their memory come from plan.py, the compiled step from trainer.py, the data from
+saejax.sources.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from saejax import config as cfg
 from saejax import mesh as meshlib
+from saejax import workdir as wd
 from saejax.log import log
-from saejax.sae import io as sae_io
-from saejax.sae import sharded
-from saejax.sae.group import PARTITION_RULES, GroupSpec, SAEGroup
 from saejax.sources import PlannedSource, make_source
 from saejax.train import checkpoint as ckpt
-from saejax.train import optim
-from saejax.train.step import init_state, make_train_step, map_sites, recon_metrics
-
-WIDE = 16384  # Gemma Scope: 4B tokens up to 16k latents, 8B above
-
-
-def plan_groups(config, source) -> list[tuple[GroupSpec, optim.Hyper]]:
-    """One group per (input width, latent width): every site of that input width x the sweep."""
-    by_d: dict[int, list[str]] = {}
-    for site in source.sites:
-        by_d.setdefault(source.width(site), []).append(site)
-    s, t = config.sae, config.train
-    sweep = tuple(float(v) for v in (s.target_l0 or s.sparsity))
-    plans = []
-    for d, sites in sorted(by_d.items()):
-        for width in s.widths:
-            sparsity = sweep
-            if s.target_l0:  # every member's L0 term has the same coefficient, its own target
-                sparsity = (float(s.target_l0_coeff),) * len(sweep)
-            spec = GroupSpec(
-                arch=s.arch, sites=tuple(sites), d=d, width=width, sparsity=sparsity,
-                pre_encoder_bias=s.pre_encoder_bias, threshold_param=s.threshold_param,
-                threshold_init=s.threshold_init, bandwidth=s.bandwidth, auxk_k=s.auxk_k,
-                encoder_init_scale=s.encoder_init_scale, threshold_init_l0=s.threshold_init_l0,
-                auxk_coeff=s.auxk_coeff, dtype=s.dtype, precision=t.matmul_precision)
-            tokens = t.tokens_wide if width > WIDE else t.tokens
-            total = max(1, math.ceil(tokens / t.batch_size))
-            hp = optim.Hyper(
-                total_steps=total, batch_size=t.batch_size, lr=t.lr, b1=t.b1, b2=t.b2, eps=t.eps,
-                lr_warmup=cfg.schedule_steps(t.lr_warmup, total), lr_warmup_start=t.lr_warmup_start,
-                lr_decay=t.lr_decay, lr_decay_end=t.lr_decay_end,
-                sparsity_warmup=cfg.schedule_steps(t.sparsity_warmup, total),
-                dead_steps=max(1, math.ceil(t.dead_tokens / t.batch_size)),
-                target_l0=tuple(float(v) for v in s.target_l0))
-            plans.append((spec, hp))
-    return plans
-
-
-class Trainer:
-    """Trains one group on a mesh: the compiled step with shardings derived from partition rules.
-
-    State shardings come from ``PARTITION_RULES`` (SAEs over ``stack``, latents over ``latent``);
-    the batch x [T, B, d] is laid out ``P("stack", "data", None)``. The step is traced under
-    ``sharded.use_mesh`` so that top-k thresholds are computed shard by shard.
-    """
-
-    def __init__(self, spec: GroupSpec, hp: optim.Hyper, mesh, seed: int = 0):
-        self.spec, self.hp, self.mesh, self.seed = spec, hp, mesh, seed
-        self.abstract = jax.eval_shape(lambda k: init_state(spec, hp, k), jax.random.key(0))
-        self.state_shardings = meshlib.tree_shardings(self.abstract, PARTITION_RULES, mesh)
-        self.x_sharding = NamedSharding(mesh, P("stack", "data", None))
-        self.x_shape = (spec.T, hp.batch_size, spec.d)
-        replicated = NamedSharding(mesh, P())
-        step_fn = make_train_step(spec, hp)
-
-        def traced_step(state, x):
-            with sharded.use_mesh(mesh):
-                return step_fn(state, x)
-
-        self.init = jax.jit(lambda k: init_state(spec, hp, k), out_shardings=self.state_shardings)
-        self.step = jax.jit(traced_step, in_shardings=(self.state_shardings, self.x_sharding),
-                            out_shardings=(self.state_shardings, replicated), donate_argnums=0)
-        self.finite = jax.jit(_finite_per_sae, out_shardings=replicated)
-
-        def heldout_metrics(state, x):
-            """Per-SAE L0 and FVU on a fixed held-out batch, inference mode (BatchTopK: its threshold)."""
-            def one(sub, p, bt, xs):
-                _, f, x_hat = SAEGroup(sub).apply({"params": p}, xs, bt, False)
-                _, fvu, l0 = recon_metrics(xs, f, x_hat)
-                return {"heldout_fvu": fvu, "heldout_l0": l0}
-
-            with sharded.use_mesh(mesh):
-                return map_sites(one, spec, state["params"], state["bt_threshold"], x)
-
-        self.heldout_metrics = jax.jit(heldout_metrics, in_shardings=(self.state_shardings, self.x_sharding),
-                                       out_shardings=replicated)
-        self.replicate = jax.jit(lambda a: a, out_shardings=replicated)
-        self.site_range, self.rows = self._local_block()
-        # XLA:CPU with several devices: let one step finish before the next program is dispatched.
-        # With async dispatch, consecutive programs with collectives could start in different orders
-        # on different virtual devices and wait on each other for good (seen in the tests: device
-        # launch threads parked on the in-flight semaphore, one all-reduce participant waiting alone).
-        self.serialize = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
-
-    def _local_block(self):
-        """This process's block of the global batch: ((t0, t1) its sites, (part index, parts) of the rows)."""
-        idx = self.x_sharding.addressable_devices_indices_map(self.x_shape).values()
-        T, B, _ = self.x_shape
-        t0, t1 = min(i[0].start or 0 for i in idx), max(i[0].stop or T for i in idx)
-        b0, b1 = min(i[1].start or 0 for i in idx), max(i[1].stop or B for i in idx)
-        n = b1 - b0
-        assert B % n == 0 and b0 % n == 0, (b0, b1, B)
-        return (t0, t1), (b0 // n, B // n)
-
-    def init_state(self):
-        return self.init(jax.random.key(self.seed))
-
-    def local_batch(self, source, step: int, scales: np.ndarray) -> np.ndarray:
-        """This process's normalized rows of ``step``: [T_local, B_local, d]."""
-        (t0, t1), (part, parts) = self.site_range, self.rows
-        x = source.batch(list(self.spec.sites[t0:t1]), step, self.hp.batch_size, part, parts)
-        return x * scales[t0:t1]
-
-    def local_heldout(self, source, scales: np.ndarray):
-        """This process's normalized held-out rows (one batch, fixed), or None without a held-out split."""
-        fn = getattr(source, "heldout_batch", None)
-        if fn is None:
-            return None
-        (t0, t1), (part, parts) = self.site_range, self.rows
-        x = fn(list(self.spec.sites[t0:t1]), self.hp.batch_size, part, parts)
-        return None if x is None else x * scales[t0:t1]
-
-    def put_batch(self, x_local: np.ndarray):
-        """This process's rows [T_local, B_local, d] -> a global mesh-sharded array [T, B, d]."""
-        return jax.make_array_from_process_local_data(self.x_sharding, x_local, self.x_shape)
-
-    def memory(self) -> dict:
-        """``state_memory`` of this group and mesh, plus XLA's own temp-buffer figure for the
-        compiled step when the backend reports it."""
-        out = state_memory(self.spec, self.hp, self.mesh)
-        try:
-            a, sh = self.abstract, self.state_shardings
-            x = jax.ShapeDtypeStruct(self.x_shape, np.float32, sharding=self.x_sharding)
-            st = jax.tree_util.tree_map(lambda v, h: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=h), a, sh)
-            ma = self.step.lower(st, x).compile().memory_analysis()
-            out["compiled_temp"] = int(ma.temp_size_in_bytes)
-        except Exception:  # noqa: BLE001 - not every backend reports memory
-            pass
-        return out
-
-
-def state_memory(spec: GroupSpec, hp: optim.Hyper, mesh) -> dict:
-    """Per-device bytes of one step, from shapes and shardings alone (``mesh`` may be an AbstractMesh):
-    the state parts, and the activations of the one SAE per stack shard that the step works on at a
-    time (``step.scan_saes``), estimated as 7 live [B,M] fp32 buffers (pre, f, masks and window
-    products of the JumpReLU pseudo-derivatives, their cotangents), x_hat and its cotangent [B,d],
-    that SAE's gradient and Adam temporaries (3 x its parameters) and the batch [T,B,d]. An upper
-    bound: the JumpReLU step holds [B,M] buffers a row block at a time (``Trainer.memory`` adds XLA's
-    own figure for the compiled step where the backend reports it)."""
-    def total(tree, shardings):
-        leaves = jax.tree_util.tree_leaves(tree)
-        shards = jax.tree_util.tree_leaves(shardings)
-        return sum(meshlib.shard_bytes(a.shape, a.dtype, s) for a, s in zip(leaves, shards))
-
-    a = jax.eval_shape(lambda k: init_state(spec, hp, k), jax.random.key(0))
-    sh = meshlib.tree_shardings(a, PARTITION_RULES, mesh)
-    out = {"params": total(a["params"], sh["params"]), "optimizer": total(a["opt_state"], sh["opt_state"]),
-           "counters": sum(total(a[k], sh[k]) for k in a if k not in ("params", "opt_state"))}
-    pre = NamedSharding(mesh, sharded.PRE_SPEC)
-    rec = NamedSharding(mesh, P("stack", None, "data", None))
-    xs = NamedSharding(mesh, P("stack", "data", None))
-    S, = sharded.axis_sizes(mesh, "stack")  # SAEs in flight: one per stack shard
-    one_sae = out["params"] * S // (spec.T * spec.K)  # a device's part of one SAE's parameters
-    out["activations"] = (7 * meshlib.shard_bytes((S, 1, hp.batch_size, spec.width), np.float32, pre)
-                          + 2 * meshlib.shard_bytes((S, 1, hp.batch_size, spec.d), np.float32, rec)
-                          + 3 * one_sae + meshlib.shard_bytes((spec.T, hp.batch_size, spec.d), np.float32, xs))
-    return out
-
-
-def _finite_per_sae(params):
-    """[T, K] bool: every parameter of SAE (t, k) is finite."""
-    ok = None
-    for leaf in jax.tree_util.tree_leaves(params):
-        f = jnp.all(jnp.isfinite(leaf).reshape(leaf.shape[:2] + (-1,)), axis=-1)
-        ok = f if ok is None else ok & f
-    return ok
-
-
-def _scales(source, sites) -> np.ndarray:
-    return np.asarray([source.norm_scale(s) for s in sites], np.float32)[:, None, None]
-
-
-def to_host(tree):
-    return jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a)), tree)
+from saejax.train.export import save_final
+from saejax.train.plan import dry_run_report, plan_groups, state_memory
+from saejax.train.trainer import Trainer, norm_scales, to_host
 
 
 def _truncate_log(path: str, step: int) -> None:
@@ -236,7 +63,7 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
         state = ckpts.restore(trainer.abstract, trainer.state_shardings)
         log(f"[{spec.name}] resumed from the checkpoint at step {int(jax.device_get(state['step']))}")
     state = trainer.init_state() if state is None else state
-    scales = _scales(source, spec.sites)
+    scales = norm_scales(source, spec.sites)
     start = int(jax.device_get(state["step"]))
     _truncate_log(log_path, start)
     records = open(log_path, "a") if log_path and jax.process_index() == 0 else None
@@ -314,51 +141,13 @@ def _freeze_nonfinite(spec, state, trainer, loss, step):
     return state
 
 
-def group_meta(spec: GroupSpec, hp: optim.Hyper, source, state, model: str = "") -> dict:
-    return {
-        "arch": spec.arch, "sites": list(spec.sites), "d": spec.d, "width": spec.width,
-        "sparsity": list(spec.sparsity), "k": list(spec.ks) if spec.arch in ("topk", "batchtopk") else [],
-        "target_l0": list(hp.target_l0), "lam": np.asarray(jax.device_get(state["lam"])).tolist(),
-        "l0_ema": np.asarray(jax.device_get(state["l0_ema"])).tolist(),
-        "frozen": np.asarray(jax.device_get(state["frozen"])).tolist(),
-        "norm_scale": [float(source.norm_scale(s)) for s in spec.sites],
-        "pre_encoder_bias": spec.pre_encoder_bias, "threshold_param": spec.threshold_param,
-        "bandwidth": spec.bandwidth, "model": model, "steps": int(jax.device_get(state["step"])),
-        "tokens": int(jax.device_get(state["step"])) * hp.batch_size, "batch_size": hp.batch_size,
-    }
-
-
-def gather(tree):
-    """A pytree of (possibly multi-process) global arrays as host numpy arrays, on every process."""
-    if jax.process_count() == 1:
-        return to_host(tree)
-    from jax.experimental import multihost_utils
-    return to_host(multihost_utils.process_allgather(tree, tiled=True))
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2 ** 20:,.1f} MiB"
-
-
-def dry_run_report(spec, hp, mesh) -> str:
-    """One group's plan: steps, tokens, per-device memory of state and of one step's activations
-    (from the mesh's shape alone when ``mesh`` is an AbstractMesh: devices of another machine)."""
-    mem = Trainer(spec, hp, mesh).memory() if isinstance(mesh, jax.sharding.Mesh) else state_memory(spec, hp, mesh)
-    line = (f"[{spec.name}] dry run: {hp.total_steps} steps, {hp.total_steps * hp.batch_size:,} tokens; "
-            f"per device: params {_mib(mem['params'])}, optimizer {_mib(mem['optimizer'])}, "
-            f"counters {_mib(mem['counters'])}, activations ~{_mib(mem['activations'])}")
-    if "compiled_temp" in mem:
-        line += f" (compiled step temp {_mib(mem['compiled_temp'])})"
-    return line
-
-
 def is_complete(config) -> bool:
     """Every group of the suite has its ``final/`` folder (``saejax run`` then skips training)."""
     try:
         plans = plan_groups(config, make_source(config))
     except Exception:  # noqa: BLE001 - no readable source: not complete; the train stage reports why
         return False
-    return all(os.path.isdir(os.path.join(config.workdir, "train", spec.name, "final")) for spec, _ in plans)
+    return all(os.path.isdir(wd.final_dir(config, spec.name)) for spec, _ in plans)
 
 
 def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> list[str]:
@@ -368,7 +157,7 @@ def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> li
     plan and memory (from shapes and shardings only) and reads no data. ``planned_widths`` (site ->
     width, from the harvest dry run) stands in for a store that does not exist yet.
     """
-    store_missing = not os.path.isfile(os.path.join(config.workdir, "store", "manifest.json"))
+    store_missing = not os.path.isfile(wd.manifest_path(config))
     if dry_run and planned_widths and config.train.source != "synthetic" and store_missing:
         source = PlannedSource(planned_widths)
     else:
@@ -387,29 +176,26 @@ def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> li
     for spec, hp in plans:
         meshlib.validate_group(config.mesh, spec.T, spec.width, hp.batch_size, n_devices=n_devices,
                                process_count=1 if n_devices else None, name=spec.name)
-    out_root = os.path.join(config.workdir, "train")
     t = config.train
     finished = []
     for spec, hp in plans:
-        gdir = os.path.join(out_root, spec.name)
-        final = os.path.join(gdir, "final")
+        final = wd.final_dir(config, spec.name)
         log(f"[{spec.name}] {spec.T} sites x {spec.K} sweep members, {hp.total_steps} steps of "
             f"{hp.batch_size} tokens ({hp.total_steps * hp.batch_size:,} tokens), mesh {dict(mesh.shape)}")
-        if dry_run:
-            log(dry_run_report(spec, hp, mesh))
+        if dry_run:  # from shapes alone on an AbstractMesh (devices of another machine)
+            mem = Trainer(spec, hp, mesh).memory() if isinstance(mesh, jax.sharding.Mesh) \
+                else state_memory(spec, hp, mesh)
+            log(dry_run_report(spec, hp, mem))
             continue
         if os.path.isdir(final):
             log(f"[{spec.name}] already trained: {final}")
             finished.append(final)
             continue
-        os.makedirs(gdir, exist_ok=True)
+        os.makedirs(wd.group_dir(config, spec.name), exist_ok=True)
         state = train_group(spec, hp, source, mesh, seed=config.seed, log_every=t.log_every,
-                            log_path=os.path.join(gdir, "metrics.jsonl"),
-                            ckpt_dir=os.path.join(gdir, "checkpoints"), checkpoint_every=t.checkpoint_every,
+                            log_path=wd.metrics_path(config, spec.name),
+                            ckpt_dir=wd.checkpoint_dir(config, spec.name), checkpoint_every=t.checkpoint_every,
                             keep_checkpoints=t.keep_checkpoints)
-        host = gather({k: v for k, v in state.items() if k != "opt_state"})
-        if jax.process_index() == 0:
-            arrays = sae_io.export_params(spec.arch, host["params"], host["bt_threshold"])
-            sae_io.save_group(final, arrays, group_meta(spec, hp, source, host, getattr(source, "model", "")))
+        save_final(final, spec, hp, source, state)
         finished.append(final)
     return finished

@@ -1,0 +1,32 @@
+"""Export of a trained group: ``<workdir>/train/<group>/final/`` (saejax.sae.io format, docs/formats.md)."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from saejax.sae import io as sae_io
+from saejax.sae.group import GroupSpec
+from saejax.train import optim
+from saejax.train.trainer import gather
+
+
+def group_meta(spec: GroupSpec, hp: optim.Hyper, source, state, model: str = "") -> dict:
+    return {
+        "arch": spec.arch, "sites": list(spec.sites), "d": spec.d, "width": spec.width,
+        "sparsity": list(spec.sparsity), "k": list(spec.ks) if spec.arch in ("topk", "batchtopk") else [],
+        "target_l0": list(hp.target_l0), "lam": np.asarray(jax.device_get(state["lam"])).tolist(),
+        "l0_ema": np.asarray(jax.device_get(state["l0_ema"])).tolist(),
+        "frozen": np.asarray(jax.device_get(state["frozen"])).tolist(),
+        "norm_scale": [float(source.norm_scale(s)) for s in spec.sites],
+        "pre_encoder_bias": spec.pre_encoder_bias, "threshold_param": spec.threshold_param,
+        "bandwidth": spec.bandwidth, "model": model, "steps": int(jax.device_get(state["step"])),
+        "tokens": int(jax.device_get(state["step"])) * hp.batch_size, "batch_size": hp.batch_size,
+    }
+
+
+def save_final(final: str, spec: GroupSpec, hp: optim.Hyper, source, state) -> None:
+    """Write the trained ``state`` to the folder ``final``: gathered on every process, written by process 0."""
+    host = gather({k: v for k, v in state.items() if k != "opt_state"})
+    if jax.process_index() == 0:
+        arrays = sae_io.export_params(spec.arch, host["params"], host["bt_threshold"])
+        sae_io.save_group(final, arrays, group_meta(spec, hp, source, host, getattr(source, "model", "")))
