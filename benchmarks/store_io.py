@@ -40,10 +40,12 @@ import numpy as np
 def bench_harvest(args, tmp):
     import jax
 
-    from saejax import config as cfg, models
+    from saejax import config as cfg, models, workdir as wd
     from saejax.mesh import make_mesh
     from saejax.store import harvest
-    from saejax.store.harvest import Plan, _contexts, make_forward
+    from saejax.store.harvest import make_forward
+    from saejax.store.manifest import read_json
+    from saejax.store.plan import Plan, contexts
 
     c = cfg.defaults()
     c.workdir = os.path.join(tmp, "h")
@@ -62,7 +64,7 @@ def bench_harvest(args, tmp):
     mesh = make_mesh(c.mesh)
     fwd, params, tok_sh = make_forward(model, plan.sites, c.harvest.dtype, mesh)
     batches = []
-    ctx = [t for _, t in _contexts(c, model, 0, plan.stop)]
+    ctx = [t for _, t in contexts(c, model, 0, plan.stop)]
     for i in range(0, len(ctx) - plan.Bc + 1, plan.Bc):
         batches.append(np.stack(ctx[i:i + plan.Bc]))
     jax.block_until_ready(fwd(params, jax.device_put(batches[0], tok_sh)))  # compile
@@ -85,7 +87,7 @@ def bench_harvest(args, tmp):
         harvest.run(c, max_tokens=max_tokens, model=model)
         rates.append(harvest.last_run["steady_tokens"] / harvest.last_run["steady_seconds"])
     bare, rate = max(bares), max(rates)
-    size = sum(sh["bytes"] for sh in harvest.read_json(os.path.join(c.workdir, "store", "manifest.json"))["shards"])
+    size = sum(sh["bytes"] for sh in read_json(wd.manifest_path(c))["shards"])
     print(f"harvest  model {c.model.source}, sites {len(plan.sites)}, {len(batches)} batches of "
           f"{plan.Bc}x{plan.L} tokens, {size / 1e6:.1f} MB written")
     print(f"  bare forward {bare:,.0f} tok/s   harvest {rate:,.0f} tok/s   "
@@ -144,7 +146,7 @@ def massive(args):
 
     from saejax import models
     from saejax.data import corpus
-    from saejax.store.harvest import separator
+    from saejax.store.plan import separator
 
     m = models.load(args.model)
     sep = separator(m)

@@ -18,6 +18,7 @@ import pytest
 from saejax import config as cfg, models
 from saejax.data import corpus
 from saejax.store import StoreError, check_store, harvest, open_store
+from saejax.store.plan import Plan, print_plan, separator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "configs", "tiny.py")
@@ -48,7 +49,7 @@ def base(setup):
     """One uninterrupted single-process harvest (the reference of the other tests)."""
     c = load(setup, setup["tmp"] / "base")
     out = io.StringIO()
-    plan = harvest.print_plan(c, setup["model"], harvest.Plan(c, setup["model"], None, 1), out=out)
+    plan = print_plan(c, setup["model"], Plan(c, setup["model"], None, 1), out=out)
     assert not os.path.exists(c.workdir)  # the dry run writes nothing
     harvest.run(c, model=setup["model"])
     return {"config": c, "store": open_store(os.path.join(c.workdir, "store")), "plan": plan}
@@ -58,7 +59,7 @@ def expected(setup, c):
     """Every context of the corpus and the model's activations at every site: tokens [N, L], {site: [N, L, w]}."""
     m = setup["model"]
     toks = np.stack([t for _, t in corpus.corpus_contexts(c, m.tokenizer.encode, m.context_start_id,
-                                                          harvest.separator(m))])
+                                                          separator(m))])
     _, acts = jax.jit(lambda p, t: m.apply(p, t, tuple(cfg.sites(c)), logits=False))(m.params, toks)
     return toks, {s: np.asarray(a, np.float32) for s, a in acts.items()}
 

