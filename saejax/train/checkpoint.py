@@ -28,6 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from saejax import space
+from saejax.log import log
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): preempted after a checkpoint; rerun to resume
 
