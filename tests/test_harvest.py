@@ -5,6 +5,7 @@ is tests/configs/tiny.py. Subprocesses run ``python -m saejax.cli harvest``.
 """
 import io
 import json
+import re
 import os
 import shutil
 import socket
@@ -163,6 +164,27 @@ def free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+def test_sigterm_commits_exits_75_and_resumes_exactly(setup, base):
+    work = setup["tmp"] / "sigterm"
+    p = cli(setup, work, {"SAEJAX_HARVEST_CRASH": "term:commit:0"})  # SIGTERM right after chunk 0's commit
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 75, err
+    assert re.search(r"preempted: batches up to \d+ committed; exit 75", err) and "Traceback" not in err
+    store = work / "store"
+    part = json.load(open(store / "parts" / "0.json"))
+    assert part["batches_done"] >= 1 and not part["done"]
+    # what a kill -9 in the middle of a commit leaves: temp files of the part record and the manifest
+    (store / "parts" / "0.json.tmp-99999").write_text("{")
+    (store / "manifest.json.tmp-99999").write_text("{")
+    p = cli(setup, work)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    st = open_store(str(store))
+    assert shard_digests(st) == shard_digests(base["store"])  # the uninterrupted run's shards
+    left = [f for d, _, fs in os.walk(store) for f in fs if ".tmp-" in f]
+    assert left == []
 
 
 def test_two_processes_equal_one(setup, base):

@@ -37,6 +37,8 @@ import numpy as np
 from saejax import config as cfg
 from saejax import workdir as wd
 from saejax.data import corpus as corpus_mod
+from saejax.log import log
+from saejax.preempt import EXIT_PREEMPTED, Preempted, PreemptionWatch
 from saejax.store import parts
 from saejax.store.manifest import SPLITS, local_path, read_json, write_json
 from saejax.store.plan import Plan, contexts, corpus_files, count_contexts, fmt_bytes, print_plan
@@ -52,9 +54,13 @@ def is_complete(config) -> bool:
 
 
 def _crash_hook(point: str) -> None:
-    """Tests: ``SAEJAX_HARVEST_CRASH=<point>`` kills the process (SIGKILL) when it reaches ``point``."""
-    if os.environ.get("SAEJAX_HARVEST_CRASH") == point:
+    """Tests: ``SAEJAX_HARVEST_CRASH=<point>`` kills the process (SIGKILL) when it reaches ``point``;
+    ``SAEJAX_HARVEST_CRASH=term:<point>`` sends it SIGTERM there instead."""
+    want = os.environ.get("SAEJAX_HARVEST_CRASH", "")
+    if want == point:
         os.kill(os.getpid(), signal.SIGKILL)
+    if want == f"term:{point}":
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _barrier(name: str, timeout_s: float = 3600.0) -> None:
@@ -90,9 +96,12 @@ def run(config, dry_run: bool = False, max_tokens: int | None = None, model=None
         print(f"saejax harvest: {root}/manifest.json is complete; nothing to do", file=sys.stderr)
         return read_json(wd.manifest_path(config))
     lock = parts.lock(root, pi)
+    watch = PreemptionWatch()
     try:
-        return _Harvest(config, model, plan, root, pi, pc).run()
+        parts.remove_temp_files(root, pi)  # what a killed harvest left (its lock is ours now)
+        return _Harvest(config, model, plan, root, pi, pc).run(watch)
     finally:
+        watch.close()
         lock.close()
 
 
@@ -151,6 +160,7 @@ class _Harvest:
         self.row0 = min(i[0].start or 0 for i in idx)  # this process's rows of a global batch: [row0, row0 + local)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saejax-writer")
         self.pending = None
+        self.progress_shown = False  # a progress line without its newline is on stderr
 
     # -- one batch --------------------------------------------------------------------------------
     def _local(self, arr) -> np.ndarray:
@@ -238,7 +248,15 @@ class _Harvest:
         self.pending = self.pool.submit(self._flush, *args)
 
     # -- the loop ---------------------------------------------------------------------------------
-    def run(self) -> dict | None:
+    def run(self, watch) -> dict | None:
+        """Harvest to the end; on preemption (``watch``) stop after the next committed chunk."""
+        try:
+            return self._run(watch)
+        finally:
+            if self.progress_shown:  # end the progress line, so an error or notice starts on its own
+                print(file=sys.stderr, flush=True)
+
+    def _run(self, watch) -> dict | None:
         import jax
         p = self.plan
         start = parts.resume_point(self.root, self.pc)
@@ -261,6 +279,7 @@ class _Harvest:
         b = start
         prev = None
         exhausted = False
+        preempt = False
         while True:
             # assemble the next global batch (every process tokenizes it; each keeps its rows)
             tokens = np.zeros((p.Bc, p.L), np.int32)
@@ -288,11 +307,21 @@ class _Harvest:
                     for key, val in self._select(ptok, pctx, acts, norms, median).items():
                         buffers.setdefault(key, []).append(val)
                     done_tokens += int((pctx >= 0).sum()) * (p.L - 1)
+                preempt = watch.reached(pb + 1) or preempt  # every process calls it at every batch
                 if (pb + 1) % p.K == 0 or cur is None:
                     if pb >= own_done:
                         snap = copy.deepcopy(self.live)
                         self._submit(pb // p.K, buffers, pb + 1, snap)
                     buffers = {}
+                    if preempt and cur is not None:  # the chunk just submitted is the last one
+                        if self.pending is not None:
+                            self.pending.result()
+                        self.pool.shutdown()
+                        log(f"{chr(10) if self.progress_shown else ''}saejax harvest: preempted: batches up to "
+                            f"{pb + 1} committed; "
+                            f"exit {EXIT_PREEMPTED}, rerun the same command to resume")
+                        self.progress_shown = False
+                        raise Preempted(pb + 1)
                 now = time.time()
                 if now - last > 2 or cur is None:
                     last = now
@@ -309,7 +338,9 @@ class _Harvest:
         t_end = time.time()
         last_run.update(tokens=done_tokens, seconds=t_end - t0, steady_tokens=done_tokens,
                         steady_seconds=t_end - t1)
-        print(file=sys.stderr)
+        if self.progress_shown:
+            print(file=sys.stderr)
+            self.progress_shown = False
         return self._finish()
 
     def _progress(self, tokens, dt, batches, total_ctx):
@@ -319,6 +350,7 @@ class _Harvest:
             left = max(0, total_ctx - batches * self.plan.Bc) * (self.plan.L - 1)
             msg += f"  ETA {left / rate:,.0f}s" if rate > 0 else ""
         print("\r" + msg, end="", file=sys.stderr, flush=True)
+        self.progress_shown = True
 
     def _finish(self) -> dict | None:
         """Barrier, then process 0 writes the held-out tokens and the merged manifest."""

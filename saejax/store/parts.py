@@ -41,6 +41,19 @@ def lock(root: str, process: int):
     return f
 
 
+def remove_temp_files(root: str, process: int) -> None:
+    """Delete the temporary files a killed harvest left outside the shard folders (those are
+    ``writer.remove_uncommitted``'s): this process's part record's, and on process 0 the manifest's
+    and the held-out tokens'. Call with this process's lock held."""
+    import glob
+    pats = [os.path.join(root, PART_DIR, f"{process}.json.tmp-*")]
+    if process == 0:
+        pats += [os.path.join(root, "manifest.json.tmp-*"), os.path.join(root, "heldout", "*.tmp-*")]
+    for pat in pats:
+        for f in glob.glob(pat):
+            os.remove(f)
+
+
 def load_part(path: str, fingerprint: dict, sites) -> dict:
     """This process's part record (parts/<p>.json): shards, batches done, running statistics."""
     if not os.path.isfile(path):

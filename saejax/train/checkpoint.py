@@ -1,4 +1,4 @@
-"""Checkpoints of a group's training state (orbax), and preemption.
+"""Checkpoints of a group's training state (orbax); preemption (saejax.preempt) saves one.
 
 Layout: ``<workdir>/train/<group>/checkpoints/<step>/`` written by an orbax CheckpointManager:
 async saves (the step loop continues while files are written), every ``train.checkpoint_every``
@@ -11,35 +11,19 @@ Restoring reads into the shardings of the *current* mesh, so a run may resume on
 shape or process count. A latest checkpoint that cannot be read (its files corrupted) is skipped
 with a warning for the newest one that can; none readable is an error naming the folder.
 
-Preemption: SIGTERM only sets a flag. The save happens at a step every process agrees on:
-    one process      the next step boundary;
-    several          JAX's preemption sync point (the coordination service propagates the notice
-                     and picks max(step over processes) + 1; JAX's own SIGTERM handler sets the flag).
-The loop then waits for the save and exits with ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL: "try again";
-rerunning the same command resumes).
+Preemption: on SIGTERM the loop saves at a step every process agrees on (saejax.preempt), waits
+for the save and exits with ``EXIT_PREEMPTED`` (75); rerunning the same command resumes.
 """
 from __future__ import annotations
 
 import os
-import signal
-import threading
 
 import jax
 import orbax.checkpoint as ocp
 
 from saejax import space
 from saejax.log import log
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): preempted after a checkpoint; rerun to resume
-
-
-class Preempted(SystemExit):
-    """Raised after the preemption checkpoint is on disk; exits the process with code 75."""
-
-    def __init__(self, step: int):
-        super().__init__(EXIT_PREEMPTED)
-        self.step = step
-
+from saejax.preempt import EXIT_PREEMPTED, Preempted, PreemptionWatch  # noqa: F401 - the train loop's names
 
 class CheckpointError(RuntimeError):
     """No checkpoint of a group can be read; the message names the folder."""
@@ -108,34 +92,3 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
-
-
-class PreemptionWatch:
-    """Whether to stop at this step for a preemption checkpoint (see the module docstring)."""
-
-    def __init__(self):
-        self.multi = jax.process_count() > 1
-        self.flag = False
-        self._old = None
-        # Several processes: JAX's coordination service owns SIGTERM. Python signal handlers can
-        # only be set from the main thread; elsewhere (a library caller's thread) SIGTERM kills.
-        if not self.multi and threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handler)
-
-    def _handler(self, signum, frame):  # only sets a flag: the loop saves at the next step
-        self.flag = True
-
-    def reached(self, step: int) -> bool:
-        """Call at every step with the number of steps done; True at the agreed save step."""
-        if not self.multi:
-            return self.flag
-        from jax.experimental import multihost_utils
-        try:
-            return multihost_utils.reached_preemption_sync_point(step)
-        except RuntimeError:  # preemption service disabled (jax_enable_preemption_service=False)
-            return False
-
-    def close(self) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-            self._old = None
