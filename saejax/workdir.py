@@ -13,6 +13,7 @@ The layout inside the store and the release folders belongs to their own stages.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import os
 
@@ -73,3 +74,40 @@ def release_dir(config) -> str:
 
 def suite_path(config) -> str:
     return os.path.join(release_dir(config), SUITE)
+
+
+def fingerprint_path(config, group: str) -> str:
+    """What a group's training was started with (train/loop.py checks a resume against it)."""
+    return os.path.join(group_dir(config, group), "fingerprint.json")
+
+
+def lock_path(config, stage: str, process: int) -> str:
+    return os.path.join(config.workdir, ".locks", f"{stage}.{process}.lock")
+
+
+class WorkdirError(RuntimeError):
+    """The work directory is in use by another run, or holds another run's state; one line."""
+
+
+def lock(path: str, what: str):
+    """Hold an exclusive flock on ``path`` (created) until the returned file is closed or the
+    process ends (the kernel releases it even on kill -9). Another holder: WorkdirError naming
+    ``what`` and the file. Advisory: on gcsfuse, which has no flock, two runs are not kept apart."""
+    import fcntl
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.close()
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise WorkdirError(f"{path}: {what} (wait for it to finish, or use another workdir)") from None
+        return None  # a filesystem without locks (see above)
+    return f
+
+
+def lock_stage(config, stage: str):
+    """The lock of one stage's output in this workdir, for this process (``lock``)."""
+    import jax
+    pi = jax.process_index()
+    return lock(lock_path(config, stage, pi), f"another `saejax {stage}` (process {pi}) is writing this workdir")

@@ -181,3 +181,49 @@ def test_training_on_a_full_disk_is_one_line(tmp_path, small_disk):
     line = _one_line(_train(work, "--config.sae.widths=(1024,)"))
     assert "disk full: the checkpoint of step" in line
     assert _tmp_files(small_disk) == []
+
+
+# --- one writer per workdir, and no resume with another config -------------------------------------
+
+def test_two_trainers_on_one_workdir_second_is_refused(tmp_path):
+    work = str(tmp_path / "w")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    args = [sys.executable, "-m", "saejax.cli", "train", "--config", SYNTH, f"--config.workdir={work}",
+            "--config.mesh.data=1"]
+    first = subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        import time
+        deadline = time.time() + 120
+        while not os.path.isdir(os.path.join(work, "train")) and time.time() < deadline:
+            time.sleep(0.2)
+        second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        line = _one_line(second)
+        assert "another `saejax train` (process 0) is writing this workdir" in line
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_resume_with_another_config_is_refused_naming_the_keys(tmp_path):
+    work = str(tmp_path / "w")
+    p = _synth(work, 40)
+    assert p.returncode == 0, p.stderr[-2000:]
+    import shutil
+    path, _ = _final(work)
+    shutil.rmtree(os.path.dirname(path))  # a checkpoint at step 40 to resume from
+    before = tree_digest_of(work)
+    line = _one_line(_synth(work, 40, "--config.train.lr=0.002", "--config.sae.sparsity=(0.05,0.02)"))
+    assert "was trained with another config" in line and "hyper.lr: 0.003 -> 0.002" in line
+    assert "spec.sparsity: [0.01, 0.02] -> [0.05, 0.02]" in line and "move that folder away" in line
+    assert tree_digest_of(work) == before  # nothing touched
+    p = _synth(work, 40)  # the same config resumes
+    assert p.returncode == 0 and "resumed from the checkpoint at step 40" in p.stderr, p.stderr[-2000:]
+    # a finished group with another config is not silently kept either
+    line = _one_line(_synth(work, 40, "--config.train.lr=0.002"))
+    assert "was trained with another config" in line
+
+
+def tree_digest_of(root):
+    import hashlib
+    return {os.path.join(d, f): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, fs in os.walk(root) for f in fs if ".locks" not in d}

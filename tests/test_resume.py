@@ -194,7 +194,8 @@ def test_nonfinite_sae_is_frozen_and_a_dead_group_keeps_its_last_checkpoint(tmp_
     out = loop.train_group(spec, hp2, src, mesh, progress=False, state=one, log_every=5, trainer=trainer)
     frozen = np.asarray(out["frozen"])
     assert frozen.tolist() == [[False, False], [True, False]]
-    assert "SAE site=res.1 sparsity=0.003 went non-finite by step 25" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the SAE named fully: members of one site are told apart
+    assert "SAE res.1 member 0 (sparsity 0.003) went non-finite by step 25" in err and "member 1" not in err
     assert np.all(np.isfinite(np.asarray(out["params"]["W_enc"])[0]))
     assert not np.array_equal(np.asarray(out["params"]["W_enc"])[0], p["W_enc"][0])  # still training
     # Every SAE non-finite: no checkpoint of that state; the last good one (step 20) stays.

@@ -21,6 +21,9 @@ class SyntheticSource:
     def __init__(self, sites=("res.0",), d=64, n_features=512, active=4, zipf=1.0, noise=0.01, seed=0):
         self.sites = list(sites)
         self.d, self.n_features, self.active, self.noise, self.seed = d, n_features, active, noise, seed
+        # what the rows are, for a resumed run's check (docs/architecture.md: Training sources)
+        self.identity = {"synthetic": {"d": d, "n_features": n_features, "active": active, "zipf": zipf,
+                                       "noise": noise, "seed": seed}}
         p = np.arange(1, n_features + 1, dtype=np.float64) ** -zipf
         self.frequencies = p / p.sum()  # probability of each feature per draw
         self._cdf = np.cumsum(self.frequencies)

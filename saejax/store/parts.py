@@ -11,7 +11,6 @@ Imports no jax.
 from __future__ import annotations
 
 import os
-import sys
 
 from saejax.store.manifest import FORMAT, SPLITS, StoreError, read_json, write_json
 
@@ -24,21 +23,11 @@ def part_path(root: str, process: int) -> str:
 
 def lock(root: str, process: int):
     """Create ``parts/`` and hold an exclusive flock on ``parts/<process>.lock`` for this process's
-    lifetime (released by the kernel even on kill -9): two harvests writing one process's shards
-    would delete each other's files."""
-    import errno
-    import fcntl
-    os.makedirs(os.path.join(root, PART_DIR), exist_ok=True)
-    path = os.path.join(root, PART_DIR, f"{process}.lock")
-    f = open(path, "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            f.close()
-            raise StoreError(f"{path}: another harvest is writing this store (same process index)") from None
-        print(f"saejax harvest: cannot lock {path} ({e}); make sure no other harvest writes here", file=sys.stderr)
-    return f
+    lifetime (``saejax.workdir.lock``): two harvests writing one process's shards would delete each
+    other's files. The lock lives in the store, which may be written outside any workdir."""
+    from saejax import workdir
+    return workdir.lock(os.path.join(root, PART_DIR, f"{process}.lock"),
+                        f"another harvest is writing this store (process {process})")
 
 
 def remove_temp_files(root: str, process: int) -> None:

@@ -45,6 +45,7 @@ class Store:
         if not os.path.exists(mpath):
             raise StoreError(f"{mpath}: no such file (harvest not run, or not finished)")
         self.manifest = m = read_json(mpath)
+        self.manifest_sha256 = sha256_file(mpath)  # the store's identity (a resumed run checks it)
         validate(m, mpath)
         self.dtype = m["dtype"]
         self.sites = list(m["sites"])
@@ -292,6 +293,7 @@ class Reader:
             raise StoreError(f"block_rows={block_rows} must be >= 1 and prefetch={prefetch} >= 0")
         self.store, self.seed, self.split, self.block_rows, self.prefetch = store, seed, split, block_rows, prefetch
         self.sites, self.model = store.sites if sites is None else list(sites), store.model
+        self.identity = {"store_manifest_sha256": store.manifest_sha256}
         self._streams: dict[str, _SiteStream] = {}
         self._pending: dict[tuple, object] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saejax-prefetch") if prefetch else None

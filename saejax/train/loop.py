@@ -9,6 +9,7 @@ saejax.sources.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -83,7 +84,7 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
                 m = to_host(metrics)
                 if held is not None:  # the quick evaluation: the same held-out rows at every log step
                     m.update(to_host(trainer.heldout_metrics(state, held)))
-                state = _freeze_nonfinite(spec, state, trainer, m["loss"], done)
+                state = _freeze_nonfinite(spec, hp, state, trainer, m["loss"], done)
                 record = {"step": done, "tokens": done * hp.batch_size,
                           **{k: np.asarray(v).tolist() for k, v in m.items()}}
                 if records:
@@ -97,7 +98,7 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
                         + (f" | held-out L0 {_span(m['heldout_l0'])} FVU {_span(m['heldout_fvu'])}"
                            if "heldout_fvu" in m else ""))
             elif save:
-                state = _freeze_nonfinite(spec, state, trainer, None, done)
+                state = _freeze_nonfinite(spec, hp, state, trainer, None, done)
             if save:
                 if bool(np.all(jax.device_get(trainer.replicate(state["frozen"])))):
                     raise NonFinite(f"every SAE of group {spec.name} went non-finite by step {done}; "
@@ -124,7 +125,13 @@ def _span(a) -> str:
     return f"{a.min():.3g}" if a.size == 1 or a.min() == a.max() else f"{a.min():.3g}..{a.max():.3g}"
 
 
-def _freeze_nonfinite(spec, state, trainer, loss, step):
+def sae_label(spec, hp, t: int, k: int) -> str:
+    """One SAE of a group, fully: its site, member index and that member's target L0 or sweep value."""
+    what = f"target L0 {hp.target_l0[k]:g}" if hp.target_l0 else f"sparsity {spec.sparsity[k]:g}"
+    return f"SAE {spec.sites[t]} member {k} ({what})"
+
+
+def _freeze_nonfinite(spec, hp, state, trainer, loss, step):
     """Freeze SAEs whose loss or parameters went non-finite (checked at logging and checkpoint
     steps only: no per-step host sync). ``loss`` [T, K] or None."""
     bad = ~np.asarray(jax.device_get(trainer.finite(state["params"])))
@@ -134,20 +141,68 @@ def _freeze_nonfinite(spec, state, trainer, loss, step):
     new = bad & ~frozen
     if new.any():
         for t, k in zip(*np.nonzero(new)):
-            log(f"[{spec.name}] SAE site={spec.sites[t]} sparsity={spec.sparsity[k]} went non-finite "
-                f"by step {step}: frozen, the rest of the group trains on")
+            log(f"[{spec.name}] {sae_label(spec, hp, t, k)} went non-finite by step {step}: frozen, "
+                f"the rest of the group trains on")
         sharding = state["frozen"].sharding
         state = dict(state, frozen=jax.device_put(jnp.asarray(frozen | bad), sharding))
     return state
 
 
+def fingerprint(spec, hp, seed: int, source) -> dict:
+    """Everything that changes a group's result: its spec and hyper-parameters, the seed, and what
+    the rows are (the store manifest's sha256, or the synthetic source's parameters). Not the mesh
+    (a run may resume on another), nor logging and checkpointing intervals."""
+    fp = {"spec": dataclasses.asdict(spec), "hyper": dataclasses.asdict(hp), "seed": seed,
+          "source": getattr(source, "identity", None)}
+    return json.loads(json.dumps(fp))  # tuples as lists, as read back
+
+
+def _changes(old, new, prefix="") -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two fingerprints."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted(set(old) | set(new)) for c in _changes(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def check_fingerprint(config, name: str, fp: dict) -> bool:
+    """Whether group ``name``'s folder holds training started with ``fp``: True when it does, or when
+    it holds nothing to resume. A checkpoint or final/ made with another fingerprint: WorkdirError
+    naming the keys that differ and how to start afresh."""
+    path = wd.fingerprint_path(config, name)
+    started = os.path.isdir(wd.final_dir(config, name)) or bool(
+        os.path.isdir(wd.checkpoint_dir(config, name)) and any(
+            d.isdigit() for d in os.listdir(wd.checkpoint_dir(config, name))))
+    if not started or not os.path.isfile(path):
+        return True
+    with open(path) as fh:
+        old = json.load(fh)
+    if old == fp:
+        return True
+    changes = _changes(old, fp)
+    raise wd.WorkdirError(
+        f"{wd.group_dir(config, name)} was trained with another config ({'; '.join(changes[:6])}"
+        f"{'; ...' if len(changes) > 6 else ''}); to start this group afresh, move that folder away")
+
+
+def _write_fingerprint(config, name: str, fp: dict) -> None:
+    if jax.process_index() == 0:
+        path = wd.fingerprint_path(config, name)
+        with open(f"{path}.tmp-{os.getpid()}", "w") as fh:
+            json.dump(fp, fh, indent=1)
+        os.replace(f"{path}.tmp-{os.getpid()}", path)
+
+
 def is_complete(config) -> bool:
-    """Every group of the suite has its ``final/`` folder (``saejax run`` then skips training)."""
+    """Every group of the suite has its ``final/`` folder, trained with this config (``saejax run``
+    then skips training; with another config the train stage runs and says what changed)."""
     try:
-        plans = plan_groups(config, make_source(config))
-    except Exception:  # noqa: BLE001 - no readable source: not complete; the train stage reports why
+        source = make_source(config)
+        plans = plan_groups(config, source)
+        return all(os.path.isdir(wd.final_dir(config, spec.name))
+                   and check_fingerprint(config, spec.name, fingerprint(spec, hp, config.seed, source))
+                   for spec, hp in plans)
+    except Exception:  # noqa: BLE001 - no readable source, or another config: the train stage reports why
         return False
-    return all(os.path.isdir(wd.final_dir(config, spec.name)) for spec, _ in plans)
 
 
 def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> list[str]:
@@ -176,26 +231,41 @@ def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> li
     for spec, hp in plans:
         meshlib.validate_group(config.mesh, spec.T, spec.width, hp.batch_size, n_devices=n_devices,
                                process_count=1 if n_devices else None, name=spec.name)
-    t = config.train
-    finished = []
-    for spec, hp in plans:
-        final = wd.final_dir(config, spec.name)
-        log(f"[{spec.name}] {spec.T} sites x {spec.K} sweep members, {hp.total_steps} steps of "
-            f"{hp.batch_size} tokens ({hp.total_steps * hp.batch_size:,} tokens), mesh {dict(mesh.shape)}")
-        if dry_run:  # from shapes alone on an AbstractMesh (devices of another machine)
+    if dry_run:
+        for spec, hp in plans:  # from shapes alone on an AbstractMesh (devices of another machine)
+            log(_header(spec, hp, mesh))
             mem = Trainer(spec, hp, mesh).memory() if isinstance(mesh, jax.sharding.Mesh) \
                 else state_memory(spec, hp, mesh)
             log(dry_run_report(spec, hp, mem))
-            continue
-        if os.path.isdir(final):
-            log(f"[{spec.name}] already trained: {final}")
-            finished.append(final)
-            continue
-        os.makedirs(wd.group_dir(config, spec.name), exist_ok=True)
-        state = train_group(spec, hp, source, mesh, seed=config.seed, log_every=t.log_every,
-                            log_path=wd.metrics_path(config, spec.name),
-                            ckpt_dir=wd.checkpoint_dir(config, spec.name), checkpoint_every=t.checkpoint_every,
-                            keep_checkpoints=t.keep_checkpoints)
-        save_final(final, spec, hp, source, state)
-        finished.append(final)
-    return finished
+        return []
+    lock = wd.lock_stage(config, "train")
+    try:
+        prints = [fingerprint(spec, hp, config.seed, source) for spec, hp in plans]
+        for (spec, _), fp in zip(plans, prints):  # every group, before any trains: a changed config is refused
+            check_fingerprint(config, spec.name, fp)
+        return [_train_one(config, spec, hp, fp, source, mesh) for (spec, hp), fp in zip(plans, prints)]
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _header(spec, hp, mesh) -> str:
+    return (f"[{spec.name}] {spec.T} sites x {spec.K} sweep members, {hp.total_steps} steps of "
+            f"{hp.batch_size} tokens ({hp.total_steps * hp.batch_size:,} tokens), mesh {dict(mesh.shape)}")
+
+
+def _train_one(config, spec, hp, fp, source, mesh) -> str:
+    """Train (or resume) one group to its ``final/`` folder; return that folder."""
+    t, final = config.train, wd.final_dir(config, spec.name)
+    log(_header(spec, hp, mesh))
+    if os.path.isdir(final):
+        log(f"[{spec.name}] already trained: {final}")
+        return final
+    os.makedirs(wd.group_dir(config, spec.name), exist_ok=True)
+    _write_fingerprint(config, spec.name, fp)
+    state = train_group(spec, hp, source, mesh, seed=config.seed, log_every=t.log_every,
+                        log_path=wd.metrics_path(config, spec.name),
+                        ckpt_dir=wd.checkpoint_dir(config, spec.name), checkpoint_every=t.checkpoint_every,
+                        keep_checkpoints=t.keep_checkpoints)
+    save_final(final, spec, hp, source, state)
+    return final
