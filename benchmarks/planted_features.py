@@ -62,7 +62,7 @@ def train(spec: GroupSpec, hp: optim.Hyper, source: SyntheticSource, seed=0, log
 
 def run(arch, sparsity, steps=2000, batch=1024, width=1024, lr=3e-3, seed=0, log_every=0, spec_kw=None, hp_kw=None):
     source = SyntheticSource(("res.0",), seed=seed)
-    spec = GroupSpec(arch=arch, sites=("res.0",), d=64, width=width, sparsity=(float(sparsity),), **(spec_kw or {}))
+    spec = GroupSpec(arch=arch, sites=("res.0",), d=64, width=width, sweep=(float(sparsity),), **(spec_kw or {}))
     hp_args = dict(total_steps=steps, batch_size=batch, lr=lr, lr_warmup=int(0.05 * steps),
                    sparsity_warmup=int(0.3 * steps), dead_steps=200)
     hp_args.update(hp_kw or {})
@@ -92,7 +92,7 @@ def adam_memory(spec_kw=None, steps=400, lr=1e-3, at=(0, 20, 50, 100, 200, 399))
     """Print, at steps ``at``: L0, FVU, rms of the W_dec gradient and of Adam's sqrt(v_hat), and their
     ratio (the decoder's effective step as a fraction of lr under b1 = 0)."""
     source = SyntheticSource(("res.0",))
-    spec = GroupSpec(arch="jumprelu", sites=("res.0",), d=64, width=1024, sparsity=(0.01,), **(spec_kw or {}))
+    spec = GroupSpec(arch="jumprelu", sites=("res.0",), d=64, width=1024, sweep=(0.01,), **(spec_kw or {}))
     hp = optim.Hyper(total_steps=1000, batch_size=1024, lr=lr, lr_warmup=50, sparsity_warmup=300, dead_steps=200)
     scale = source.norm_scale("res.0")
     state, step = init_state(spec, hp, jax.random.key(0)), jax.jit(make_train_step(spec, hp))

@@ -30,7 +30,7 @@ from saejax.train import loop, optim
 path, width, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 src = store.open_store(path).reader(seed=0, split="train")
 d = src.width(src.sites[0])
-spec = GroupSpec(arch="jumprelu", sites=tuple(src.sites), d=d, width=width, sparsity=(0.001,))
+spec = GroupSpec(arch="jumprelu", sites=tuple(src.sites), d=d, width=width, sweep=(0.001,))
 hp = optim.Hyper(total_steps=steps, batch_size=batch, lr=1e-3, lr_warmup=0, sparsity_warmup=0)
 mesh = meshlib.make_mesh({"data": 1, "stack": 1, "latent": 1}, jax.devices()[:1])
 state = loop.train_group(spec, hp, src, mesh, progress=False, log_every=steps)

@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from saejax import mesh as meshlib
+from saejax.sae import jumprelu as jr
 from saejax.sae.group import GroupSpec
-from saejax.train import optim, step
+from saejax.train import optim
 from saejax.train.trainer import Trainer
 
 
@@ -91,7 +92,7 @@ def saejax_step(T: int, K: int, B: int, d: int, M: int):
     """One train step of a T x K JumpReLU group on one device: a blocking callable, and XLA's
     temporary-buffer bytes of the compiled step (``Trainer.memory``; None if not reported)."""
     spec = GroupSpec(arch="jumprelu", sites=tuple(f"res.{i}" for i in range(T)), d=d, width=M,
-                     sparsity=tuple(1e-3 * (i + 1) for i in range(K)))
+                     sweep=tuple(1e-3 * (i + 1) for i in range(K)))
     hp = optim.Hyper(total_steps=10 ** 6, batch_size=B, lr_warmup=10, sparsity_warmup=10)
     mesh = meshlib.make_mesh(dict(data=1, stack=1, latent=1), jax.devices()[:1])
     trainer = Trainer(spec, hp, mesh)
@@ -165,7 +166,7 @@ def main():
           f"devices {jax.devices()[0].platform} x1")
 
     K = 3 if a.stack % 3 == 0 else 1
-    blocks = step.row_block_count(B, M)
+    blocks = jr.row_block_count(B, M)
     roofs = roofline(B, d, M, blocks)
     single_fn, single_temp = saejax_step(1, 1, B, d, M)
     fns = {"roof_whole": roofs["whole"], "roof_blocked": roofs["blocked"], "saejax": single_fn}

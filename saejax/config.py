@@ -22,7 +22,6 @@ from typing import Callable, Sequence
 
 import ml_collections
 
-ARCHS = ("jumprelu", "topk", "batchtopk", "relu")
 SITE_KINDS = ("res", "att", "mlp")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -303,7 +302,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.harvest.dtype in DTYPES, "harvest.dtype", f"{c.harvest.dtype!r} is not one of {DTYPES}")
     _check(c.harvest.skip_first >= 0, "harvest.skip_first", "must be >= 0")
     _check(c.harvest.max_norm_ratio >= 0, "harvest.max_norm_ratio", "must be >= 0")
-    _check(c.sae.arch in ARCHS, "sae.arch", f"{c.sae.arch!r} is not one of {ARCHS}")
+    from saejax.sae import kinds  # imported here: the kinds import jax, ``import saejax.config`` does not
+    _check(c.sae.arch in kinds.names(), "sae.arch", f"{c.sae.arch!r} is not one of {kinds.names()}")
     _check(len(c.sae.widths) > 0, "sae.widths", "needs at least one width")
     for w in c.sae.widths:
         _check(isinstance(w, int) and w > 0, "sae.widths", f"{w!r} is not a positive int")
@@ -313,14 +313,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
                           "set one of them")
     sweep = c.sae.target_l0 or c.sae.sparsity
     _check(len(sweep) > 0, "sae.sparsity", "needs at least one value")
-    if c.sae.arch in ("topk", "batchtopk") and not c.sae.target_l0:
-        for k in c.sae.sparsity:
-            _check(float(k).is_integer() and k >= 1, "sae.sparsity", f"k={k!r} must be a positive integer")
-            _check(all(k <= w for w in c.sae.widths), "sae.sparsity", f"k={k} exceeds a width")
+    kinds.get(c.sae.arch).check_config(c.sae, _check)
     if c.sae.target_l0:
-        _check(c.sae.arch == "jumprelu", "sae.target_l0",
-               "targets are for jumprelu (its L0 is trained directly); for topk set sae.sparsity to the k "
-               "values, for relu sweep sae.sparsity")
         _check(c.sae.target_l0_coeff > 0, "sae.target_l0_coeff", "must be positive")
         for t in c.sae.target_l0:
             _check(t > 0, "sae.target_l0", f"{t!r} must be positive")

@@ -214,7 +214,7 @@ def test_resume_with_another_config_is_refused_naming_the_keys(tmp_path):
     before = tree_digest_of(work)
     line = _one_line(_synth(work, 40, "--config.train.lr=0.002", "--config.sae.sparsity=(0.05,0.02)"))
     assert "was trained with another config" in line and "hyper.lr: 0.003 -> 0.002" in line
-    assert "spec.sparsity: [0.01, 0.02] -> [0.05, 0.02]" in line and "move that folder away" in line
+    assert "spec.sweep: [0.01, 0.02] -> [0.05, 0.02]" in line and "move that folder away" in line
     assert tree_digest_of(work) == before  # nothing touched
     p = _synth(work, 40)  # the same config resumes
     assert p.returncode == 0 and "resumed from the checkpoint at step 40" in p.stderr, p.stderr[-2000:]

@@ -41,7 +41,7 @@ def _source():
 
 def _spec(arch):
     sparsity = (4.0, 12.0) if arch in ("topk", "batchtopk") else (0.003, 0.01)
-    return GroupSpec(arch=arch, sites=SITES, d=32, width=128, sparsity=sparsity, auxk_k=32)
+    return GroupSpec(arch=arch, sites=SITES, d=32, width=128, sweep=sparsity, auxk_k=32)
 
 
 def _hp(steps=100, **kw):
@@ -193,7 +193,7 @@ def test_target_l0_lands_within_ten_percent():
     """Target mode: the L0 term lam * t * (L0/t - 1)^2 pulls each member to its own target, from
     above (the dense start) and, after an overshoot, from below."""
     targets = (6.0, 20.0)
-    spec = dataclasses.replace(_spec("jumprelu"), sites=SITES[:1], sparsity=(0.1,) * 2, threshold_param="raw",
+    spec = dataclasses.replace(_spec("jumprelu"), sites=SITES[:1], sweep=(0.1,) * 2, threshold_param="raw",
                                encoder_init_scale=32 / 128)
     hp = dataclasses.replace(_hp(1500, target_l0=targets), sparsity_warmup=100)
     src = SyntheticSource(SITES[:1], d=32, n_features=128, active=4, seed=0)

@@ -24,7 +24,7 @@ D, M = 16, 32
 
 def make_group(arch, sites=("res.0",), sparsity=(0.01, 0.02), pre_encoder_bias=True, seed=0, scales=None):
     """A trained-looking group: Gemma Scope init, then random biases and thresholds."""
-    spec = GroupSpec(arch=arch, sites=tuple(sites), d=D, width=M, sparsity=tuple(sparsity),
+    spec = GroupSpec(arch=arch, sites=tuple(sites), d=D, width=M, sweep=tuple(sparsity),
                      pre_encoder_bias=pre_encoder_bias)
     params = jax.tree_util.tree_map(np.asarray, init_params(spec, jax.random.key(seed)))
     rng = np.random.default_rng(seed)

@@ -152,7 +152,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_75(reference, tmp_path):
 
 def _group(T=4):
     spec = GroupSpec(arch="jumprelu", sites=tuple(f"res.{i}" for i in range(T)), d=32, width=128,
-                     sparsity=(0.003, 0.01))
+                     sweep=(0.003, 0.01))
     hp = optim.Hyper(total_steps=20, batch_size=256, lr=1e-3, lr_warmup=2, sparsity_warmup=5)
     return spec, hp, SyntheticSource(spec.sites, d=32, n_features=128)
 
@@ -195,7 +195,7 @@ def test_nonfinite_sae_is_frozen_and_a_dead_group_keeps_its_last_checkpoint(tmp_
     frozen = np.asarray(out["frozen"])
     assert frozen.tolist() == [[False, False], [True, False]]
     err = capsys.readouterr().err  # the SAE named fully: members of one site are told apart
-    assert "SAE res.1 member 0 (sparsity 0.003) went non-finite by step 25" in err and "member 1" not in err
+    assert "SAE res.1 member 0 (lambda 0.003) went non-finite by step 25" in err and "member 1" not in err
     assert np.all(np.isfinite(np.asarray(out["params"]["W_enc"])[0]))
     assert not np.array_equal(np.asarray(out["params"]["W_enc"])[0], p["W_enc"][0])  # still training
     # Every SAE non-finite: no checkpoint of that state; the last good one (step 20) stays.

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from saejax.sae import jumprelu as jr
-from saejax.sae.group import GroupSpec, SAEGroup, init_params, thresholds
+from saejax.sae.group import GroupSpec, SAEGroup, init_params
+from saejax.sae.kinds.jumprelu import theta
 from saejax.train import optim
 
 EPS = 0.1
@@ -105,7 +106,7 @@ def test_mse_l0_equals_autodiff_through_jumprelu_l0(blocks):
 @pytest.mark.parametrize("param", ["log", "raw"])
 def test_threshold_gradient_through_parameterization(param):
     """d loss / d log_theta = theta * d loss / d theta (chain rule through exp); raw is the identity."""
-    spec = GroupSpec(arch="jumprelu", sites=("a",), d=4, width=4, sparsity=(0.0,), threshold_param=param,
+    spec = GroupSpec(arch="jumprelu", sites=("a",), d=4, width=4, sweep=(0.0,), threshold_param=param,
                      bandwidth=EPS)
     params = init_params(spec, jax.random.key(0))
     name = "log_threshold" if param == "log" else "threshold"
@@ -116,7 +117,7 @@ def test_threshold_gradient_through_parameterization(param):
 
     def loss(p):  # sum of latents + lam * L0 with both pseudo-derivatives
         pre = SAEGroup(spec).apply({"params": p}, x, method=SAEGroup.pre_activations)
-        f, l0 = jr.jumprelu_l0(pre, thresholds(spec, p)[:, :, None, :], EPS)
+        f, l0 = jr.jumprelu_l0(pre, theta(p)[:, :, None, :], EPS)
         return jnp.sum(f) + lam * jnp.sum(l0)
 
     got = np.asarray(jax.grad(loss)(params)[name][0, 0])
@@ -129,14 +130,14 @@ def test_threshold_gradient_through_parameterization(param):
 
 @pytest.mark.parametrize("param", ["log", "raw"])
 def test_gemma_scope_init(param):
-    spec = GroupSpec(arch="jumprelu", sites=("a", "b"), d=16, width=64, sparsity=(1e-3, 2e-3), threshold_param=param)
+    spec = GroupSpec(arch="jumprelu", sites=("a", "b"), d=16, width=64, sweep=(1e-3, 2e-3), threshold_param=param)
     p = init_params(spec, jax.random.key(1))
     assert p["W_dec"].shape == (2, 2, 64, 16) and p["W_enc"].shape == (2, 2, 16, 64)
     np.testing.assert_allclose(np.linalg.norm(p["W_dec"], axis=-1), 1.0, rtol=1e-6)
     np.testing.assert_array_equal(p["W_enc"], np.swapaxes(p["W_dec"], -1, -2))
     np.testing.assert_array_equal(p["b_enc"], 0.0)
     np.testing.assert_array_equal(p["b_dec"], 0.0)
-    np.testing.assert_allclose(thresholds(spec, p), 0.001, rtol=1e-6)
+    np.testing.assert_allclose(theta(p), 0.001, rtol=1e-6)
     assert ("log_threshold" in p) == (param == "log")
     # Every SAE of the stack has its own random dictionary.
     assert not np.allclose(p["W_dec"][0, 0], p["W_dec"][0, 1]) and not np.allclose(p["W_dec"][0, 0], p["W_dec"][1, 0])
@@ -153,14 +154,14 @@ def test_remove_parallel_grad_hand_case():
 
 
 def test_topk_and_batchtopk_activations():
-    spec = GroupSpec(arch="topk", sites=("a",), d=4, width=6, sparsity=(2.0, 3.0))
+    spec = GroupSpec(arch="topk", sites=("a",), d=4, width=6, sweep=(2.0, 3.0))
     pre = jnp.asarray([[0.5, -1.0, 0.9, 0.1, 0.7, 0.2], [-0.3, -0.2, 0.4, -0.1, -0.5, -0.6]])
     pre = jnp.broadcast_to(pre, (1, 2, 2, 6))
     f = np.asarray(SAEGroup(spec).apply({"params": init_params(spec, jax.random.key(0))}, pre,
                                         method=SAEGroup.activate))
     np.testing.assert_allclose(f[0, 0], [[0, 0, 0.9, 0, 0.7, 0], [0, 0, 0.4, 0, 0, 0]])  # k=2, relu'd
     np.testing.assert_allclose(f[0, 1], [[0.5, 0, 0.9, 0, 0.7, 0], [0, 0, 0.4, 0, 0, 0]])  # k=3
-    spec = GroupSpec(arch="batchtopk", sites=("a",), d=4, width=6, sparsity=(2.0,))
+    spec = GroupSpec(arch="batchtopk", sites=("a",), d=4, width=6, sweep=(2.0,))
     pre1 = pre[:, :1]
     f = np.asarray(SAEGroup(spec).apply({"params": init_params(spec, jax.random.key(0))}, pre1,
                                         method=SAEGroup.activate))
@@ -169,7 +170,7 @@ def test_topk_and_batchtopk_activations():
 
 
 def test_encoder_init_scale():
-    spec = GroupSpec(arch="jumprelu", sites=("a",), d=16, width=64, sparsity=(1e-3,), encoder_init_scale=0.25)
+    spec = GroupSpec(arch="jumprelu", sites=("a",), d=16, width=64, sweep=(1e-3,), encoder_init_scale=0.25)
     p = init_params(spec, jax.random.key(1))
     np.testing.assert_allclose(np.linalg.norm(p["W_dec"], axis=-1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(p["W_enc"], 0.25 * np.swapaxes(p["W_dec"], -1, -2), rtol=1e-7)

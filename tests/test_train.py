@@ -12,8 +12,9 @@ from saejax import config as cfg
 from saejax.data.synthetic import SyntheticSource
 from saejax.sae.group import GroupSpec, SAEGroup
 from saejax.train import optim
+from saejax.sae import kinds
 from saejax.train.plan import plan_groups
-from saejax.train.step import calibrate_thresholds, init_state, losses, make_train_step
+from saejax.train.step import init_state, losses, make_train_step
 
 SWEEP = {"jumprelu": (0.01, 0.03), "relu": (0.01, 0.05), "topk": (2.0, 5.0), "batchtopk": (3.0, 2.0)}
 
@@ -39,7 +40,7 @@ def test_stacked_group_equals_separate_saes(arch):
     d, M, B = 8, 32, 64
     src, x = _data(2, B, d)
     kw = dict(bandwidth=0.05, threshold_init=0.05) if arch == "jumprelu" else {}
-    spec = GroupSpec(arch=arch, sites=tuple(src.sites), d=d, width=M, sparsity=SWEEP[arch], **kw)
+    spec = GroupSpec(arch=arch, sites=tuple(src.sites), d=d, width=M, sweep=SWEEP[arch], **kw)
     # lr warmup 0 and sparsity warmup 0: full lr and lambda; dead_steps 0: AuxK on from the first step.
     hp = optim.Hyper(total_steps=10, batch_size=B, lr=1e-2, lr_warmup=0, sparsity_warmup=0, dead_steps=0)
     state = init_state(spec, hp, jax.random.key(3))
@@ -48,7 +49,7 @@ def test_stacked_group_equals_separate_saes(arch):
     assert float(jnp.max(jnp.abs(new["params"]["W_dec"] - state["params"]["W_dec"]))) > 1e-3  # it moved
     for t in range(2):
         for k in range(2):
-            one = GroupSpec(arch=arch, sites=(src.sites[t],), d=d, width=M, sparsity=(SWEEP[arch][k],), **kw)
+            one = GroupSpec(arch=arch, sites=(src.sites[t],), d=d, width=M, sweep=(SWEEP[arch][k],), **kw)
             s1 = _slice(state, t, k, (2, 2))
             s1["opt_state"] = optim.optimizer(hp).init(s1["params"])
             n1, m1 = jax.jit(make_train_step(one, hp))(s1, x[t:t + 1])
@@ -67,7 +68,7 @@ def test_stacked_group_equals_separate_saes(arch):
 def test_decoder_rows_unit_norm_after_steps(arch):
     d, M, B = 8, 32, 64
     src, _ = _data(1, B, d)
-    spec = GroupSpec(arch=arch, sites=tuple(src.sites), d=d, width=M, sparsity=SWEEP[arch][:1])
+    spec = GroupSpec(arch=arch, sites=tuple(src.sites), d=d, width=M, sweep=SWEEP[arch][:1])
     hp = optim.Hyper(total_steps=5, batch_size=B, lr=3e-2, lr_warmup=0, sparsity_warmup=0)
     scale = src.norm_scale(src.sites[0])
     state, step = init_state(spec, hp, jax.random.key(0)), jax.jit(make_train_step(spec, hp))
@@ -82,7 +83,7 @@ def test_decoder_rows_unit_norm_after_steps(arch):
 
 def test_relu_l1_is_weighted_by_decoder_norm():
     d, M, B, lam = 6, 10, 16, 0.3
-    spec = GroupSpec(arch="relu", sites=("a",), d=d, width=M, sparsity=(lam,))
+    spec = GroupSpec(arch="relu", sites=("a",), d=d, width=M, sweep=(lam,))
     hp = optim.Hyper(total_steps=10, batch_size=B, sparsity_warmup=0)
     state = init_state(spec, hp, jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -102,7 +103,7 @@ def test_relu_l1_is_weighted_by_decoder_norm():
 def test_batchtopk_inference_uses_running_threshold():
     d, M, B = 8, 32, 64
     src, x = _data(1, B, d)
-    spec = GroupSpec(arch="batchtopk", sites=tuple(src.sites), d=d, width=M, sparsity=(3.0,))
+    spec = GroupSpec(arch="batchtopk", sites=tuple(src.sites), d=d, width=M, sweep=(3.0,))
     hp = optim.Hyper(total_steps=10, batch_size=B, lr=1e-2, lr_warmup=0)
     state, step = init_state(spec, hp, jax.random.key(0)), jax.jit(make_train_step(spec, hp))
     mins = []
@@ -157,7 +158,7 @@ def _recovery(w_dec, features):
 def _train_planted(arch, sparsity, spec_kw, steps=1000, B=512):
     """d=64, 128 planted directions (4 active per row, Zipf 1), 256 latents; returns eval numbers."""
     src = SyntheticSource(("res.0",), d=64, n_features=128, active=4, zipf=1.0, noise=0.01, seed=0)
-    spec = GroupSpec(arch=arch, sites=("res.0",), d=64, width=256, sparsity=(sparsity,), **spec_kw)
+    spec = GroupSpec(arch=arch, sites=("res.0",), d=64, width=256, sweep=(sparsity,), **spec_kw)
     hp = optim.Hyper(total_steps=steps, batch_size=B, lr=3e-3, lr_warmup=50, sparsity_warmup=300, dead_steps=200)
     scale = src.norm_scale("res.0")
     state, step = init_state(spec, hp, jax.random.key(0)), jax.jit(make_train_step(spec, hp), donate_argnums=0)
@@ -186,11 +187,11 @@ def test_jumprelu_recovers_planted_features():
 def test_calibrated_thresholds_fire_on_target_fraction(param):
     d, M, B = 8, 16, 64
     _, x = _data(1, B, d)
-    spec = GroupSpec(arch="jumprelu", sites=("s0",), d=d, width=M, sparsity=(0.0,), threshold_param=param,
+    spec = GroupSpec(arch="jumprelu", sites=("s0",), d=d, width=M, sweep=(0.0,), threshold_param=param,
                      threshold_init=1e-6, threshold_init_l0=2.0)  # n = 64 * 2 / 16 = 8 rows per latent
     hp = optim.Hyper(total_steps=3, batch_size=B, lr=1e-9, lr_warmup=0)
     state = init_state(spec, hp, jax.random.key(0))
-    params = calibrate_thresholds(spec, state["params"], x)
+    params = kinds.get("jumprelu").calibrate(spec, state["params"], x)
     pre, f, _ = SAEGroup(spec).apply({"params": params}, x)
     np.testing.assert_array_equal(np.sum(np.asarray(f) > 0, axis=2), 8)
     # The train step applies it at step 0 only (lr ~ 0: thresholds stay where step 0 put them).
@@ -213,7 +214,7 @@ def test_auxk_loss_and_gradient_reach_dead_latents():
     since = np.array([0, 0, 10, 0, 12, 20])  # dead_steps 10: latents 2, 4, 5 are dead
 
     def run(c):
-        spec = GroupSpec(arch="topk", sites=("a",), d=d, width=M, sparsity=(1.0,), auxk_k=2, auxk_coeff=c)
+        spec = GroupSpec(arch="topk", sites=("a",), d=d, width=M, sweep=(1.0,), auxk_k=2, auxk_coeff=c)
         hp = optim.Hyper(total_steps=10, batch_size=B, dead_steps=10)
         state = init_state(spec, hp, jax.random.key(0))
         state["params"] = {k: jnp.asarray(v[None, None], jnp.float32) for k, v in p.items()}

@@ -131,13 +131,13 @@ def run(config, dry_run: bool = False) -> dict | None:
     groups = _load_groups(config)
     data = _Rows(config)
     _check(groups, data)
-    n_sae = sum(len(m["sites"]) * len(m["sparsity"]) for _, _, m in groups)
+    n_sae = sum(len(m["sites"]) * len(m["sweep"]) for _, _, m in groups)
     print(f"saejax evaluate: {len(groups)} groups, {n_sae} SAEs"
           + (" on synthetic rows" if data.synthetic else f" on {len(data.all_tokens)} held-out contexts, "
              f"{data.n_contexts} of them spliced"), file=sys.stderr)
     if dry_run:
         for name, _, meta in groups:
-            print(f"  {name}: sites {meta['sites']}, {len(meta['sparsity'])} sweep members, "
+            print(f"  {name}: sites {meta['sites']}, {len(meta['sweep'])} sweep members, "
                   f"{len(meta['sites'])} spliced passes per context batch", file=sys.stderr)
         return None
     import jax
@@ -181,7 +181,7 @@ def run(config, dry_run: bool = False) -> dict | None:
 
 def _evaluate_group(name, arrays, meta, data, model, config, rng, out) -> list[dict]:
     results = []
-    frozen = np.asarray(meta.get("frozen") or np.zeros((len(meta["sites"]), len(meta["sparsity"])), bool))
+    frozen = np.asarray(meta.get("frozen") or np.zeros((len(meta["sites"]), len(meta["sweep"])), bool))
     for t, site in enumerate(meta["sites"]):
         rows, rmeta = data.rows(site)
         recon, density = metrics.site_metrics(meta, arrays, t, rows, return_density=True)
@@ -196,10 +196,10 @@ def _evaluate_group(name, arrays, meta, data, model, config, rng, out) -> list[d
             results.append({
                 "id": sae_id(name, site, k), "group": name, "site": site, "kind": site.split(".")[0],
                 "layer": int(site.split(".")[1]), "t": t, "member": k, "arch": meta["arch"], "d": meta["d"],
-                "width": meta["width"], "sparsity": meta["sparsity"][k],
+                "width": meta["width"], "sparsity": meta["sweep"][k],
                 "target_l0": meta["target_l0"][k] if meta.get("target_l0") else None,
                 "lam": meta["lam"][t][k] if meta.get("lam") else None,
-                "k": int(meta["k"][k]) if meta["arch"] in ("topk", "batchtopk") else None,
+                "k": int(meta["k"][k]) if meta["k"] else None,
                 "frozen": bool(frozen[t][k]), "steps": meta.get("steps"), "tokens": meta.get("tokens"),
                 **r, **lo, "card": card_of.get(k)})
     return results
@@ -231,7 +231,7 @@ def _cards(name, site, t, meta, arrays, rows, rmeta, density, recon, data, model
             lats.append({"latent": int(latents[k, s]), "density": float(density[k, latents[k, s]]), "examples": ex})
         rel = f"cards/{sae_id(name, site, k)}.html"
         summary = {"site": site, "group": name, "arch": meta["arch"], "width": meta["width"],
-                   "sparsity": meta["sparsity"][k], "L0": recon[k]["l0"], "FVU": recon[k]["fvu"]}
+                   "sparsity": meta["sweep"][k], "L0": recon[k]["l0"], "FVU": recon[k]["fvu"]}
         cards.write_card(os.path.join(out, rel), f"{site} {meta['arch']} {meta['width']} (member {k})",
                          summary, lats, decode)
         paths[k] = rel

@@ -24,21 +24,12 @@ from saejax.sae import apply
 HIST_BINS = np.linspace(-6.0, 0.0, 25)  # log10 firing frequency
 
 
-def _site_arrays(meta: dict, arrays: dict, t: int) -> dict:
-    """Site t's K SAEs as stacked [1, K, ...] jax arrays, pre-encoder bias folded into b_enc."""
-    return apply.fold_pre_bias({k: jnp.asarray(v[t:t + 1]) for k, v in arrays.items()}, meta["pre_encoder_bias"])
-
-
 ROW_BUDGET = 2 ** 28  # bytes of one [K, rows, M] float32 latent array per chunk
 
 
 def _rows_per_chunk(chunk: int, K: int, M: int) -> int:
     """Rows per chunk so that the latents of all K SAEs stay within ROW_BUDGET (wide SAEs)."""
     return max(16, min(chunk, ROW_BUDGET // (4 * K * M)))
-
-
-def _ks(meta: dict):
-    return tuple(int(k) for k in meta["k"]) if meta["arch"] == "topk" else None
 
 
 @partial(jax.jit, static_argnames=("arch", "ks"))
@@ -58,7 +49,7 @@ def site_metrics(meta: dict, arrays: dict, t: int, rows, chunk: int = 4096, retu
     frequency of every latent, [K, M] float64.
     """
     arch = meta["arch"]
-    folded = _site_arrays(meta, arrays, t)
+    folded = apply.site_arrays(meta, arrays, t)
     scale = np.float32(meta["norm_scale"][t])
     K, M = folded["b_enc"].shape[1], folded["b_enc"].shape[2]
     chunk = _rows_per_chunk(chunk, K, M)
@@ -66,7 +57,7 @@ def site_metrics(meta: dict, arrays: dict, t: int, rows, chunk: int = 4096, retu
     n, sum_x, sum_x2 = 0, 0.0, 0.0
     for start in range(0, len(rows), chunk):
         x = np.asarray(rows[start:start + chunk], np.float32) * scale
-        e, a, f = _chunk_stats(arch, _ks(meta), folded, jnp.asarray(x))
+        e, a, f = _chunk_stats(arch, apply.inference_ks(meta), folded, jnp.asarray(x))
         sq_err += np.asarray(e, np.float64)
         active += np.asarray(a, np.float64)
         fires += np.asarray(f, np.float64)
@@ -107,7 +98,7 @@ def top_activations(meta: dict, arrays: dict, t: int, rows, latents: np.ndarray,
     """For latents [K, S] of site t's K SAEs, the ``n_top`` rows of ``rows`` [N, d] (raw) where each
     fires most: (activations [K, S, n] in the training (normalized) scale, row indices [K, S, n]).
     Entries with activation 0 mean the latent fired on fewer than n rows."""
-    folded = _site_arrays(meta, arrays, t)
+    folded = apply.site_arrays(meta, arrays, t)
     scale = np.float32(meta["norm_scale"][t])
     lat = jnp.asarray(latents, jnp.int32)
     chunk = _rows_per_chunk(chunk, *folded["b_enc"].shape[1:])
@@ -118,7 +109,7 @@ def top_activations(meta: dict, arrays: dict, t: int, rows, latents: np.ndarray,
         x = np.asarray(rows[start:start + chunk], np.float32) * scale
         if len(x) < n:  # top_k needs n rows: pad with rows that cannot win (never selected below)
             x = np.concatenate([x, np.zeros((n - len(x), x.shape[1]), np.float32)])
-        v, i = _chunk_top(meta["arch"], _ks(meta), n, folded, lat, jnp.asarray(x), start)
+        v, i = _chunk_top(meta["arch"], apply.inference_ks(meta), n, folded, lat, jnp.asarray(x), start)
         v, i = np.asarray(v), np.asarray(i)
         v = np.where(i < len(rows), v, -np.inf)
         allv, alli = np.concatenate([best_v, v], -1), np.concatenate([best_i, i], -1)

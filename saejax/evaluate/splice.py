@@ -119,10 +119,9 @@ def site_losses(model, params, site: str, meta: dict, arrays: dict, t: int, toke
     """Delta LM loss, CE score and KL of the K SAEs of site index ``t`` of a group on held-out
     ``tokens`` [n, L]; one list entry per sweep member."""
     arch = meta["arch"]
-    folded = apply.fold_pre_bias({k: jnp.asarray(v[t:t + 1]) for k, v in arrays.items()},
-                                 meta["pre_encoder_bias"])
+    folded = apply.site_arrays(meta, arrays, t)
     K, M = folded["b_enc"].shape[1:]
-    ks = tuple(int(k) for k in meta["k"]) if arch == "topk" else None
+    ks = apply.inference_ks(meta)
     vocab = int(getattr(model.config, "vocab_size", 0) or 0)
     b, kc = plan(K, batch, tokens.shape[1], vocab, M, folded["b_dec"].shape[-1], budget)
     scale = jnp.float32(meta["norm_scale"][t])

@@ -4,10 +4,10 @@ Training sees normalized rows x = s * x_raw (s = norm_scale of the site, E||x||^
 trained as
 
     pre   = (x - p * b_dec) @ W_enc + b_enc        p = 1 with a pre-encoder bias, else 0
-    f     = act(pre; theta)                        jumprelu: pre * (pre > theta); relu; topk
+    f     = act(pre; theta)                        the kind's inference formula (saejax.sae.kinds)
     x_hat = f @ W_dec + b_dec
 
-is released, with C = 1 / s, as
+is released (as its kind's ``release_name``: BatchTopK as a JumpReLU), with C = 1 / s, as
 
     W_enc' = W_enc                W_dec' = W_dec
     b_enc' = C (b_enc - p * b_dec @ W_enc)
@@ -22,8 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from saejax.release.errors import ReleaseError
-
-RELEASE_ARCH = {"jumprelu": "jumprelu", "batchtopk": "jumprelu", "relu": "relu", "topk": "topk"}
+from saejax.sae import forward, kinds
 
 
 def fold(arrays: dict, norm_scale: float, pre_encoder_bias: bool) -> dict[str, np.ndarray]:
@@ -36,7 +35,7 @@ def fold(arrays: dict, norm_scale: float, pre_encoder_bias: bool) -> dict[str, n
     b_enc = np.asarray(arrays["b_enc"], np.float64)
     b_dec = np.asarray(arrays["b_dec"], np.float64)
     if pre_encoder_bias:
-        b_enc = b_enc - b_dec @ w_enc
+        b_enc = forward.fold_pre_bias(b_enc, b_dec, w_enc)
     out = {
         "W_enc": np.asarray(arrays["W_enc"], np.float32),
         "W_dec": np.asarray(arrays["W_dec"], np.float32),
@@ -50,13 +49,16 @@ def fold(arrays: dict, norm_scale: float, pre_encoder_bias: bool) -> dict[str, n
 
 
 def group_sae(arrays: dict, meta: dict, t: int, k: int) -> tuple[dict[str, np.ndarray], str, int | None]:
-    """SAE (t, k) of a trained group, folded: (arrays, released arch, k of topk or None)."""
+    """SAE (t, k) of a trained group, folded: (arrays, released kind's name, its k when the kind
+    infers with k, else None)."""
     one = {name: np.asarray(a[t, k]) for name, a in arrays.items()}
     arch = meta["arch"]
-    if arch not in RELEASE_ARCH:
-        raise ReleaseError(f"group {meta.get('sites')}: unknown architecture {arch!r}")
-    if arch in ("jumprelu", "batchtopk") and "threshold" not in one:
+    try:
+        kind = kinds.get(arch)
+    except ValueError:
+        raise ReleaseError(f"group {meta.get('sites')}: unknown architecture {arch!r}") from None
+    if kind.uses_threshold and "threshold" not in one:
         raise ReleaseError(f"{arch} group of sites {meta.get('sites')} has no threshold array")
     folded = fold(one, float(meta["norm_scale"][t]), bool(meta.get("pre_encoder_bias", False)))
-    top_k = int(meta["k"][k]) if arch == "topk" else None
-    return folded, RELEASE_ARCH[arch], top_k
+    top_k = int(meta["k"][k]) if kind.infers_with_k else None
+    return folded, kind.release_name, top_k

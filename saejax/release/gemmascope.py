@@ -10,7 +10,7 @@ not powers of two, or below 1,000, are written exactly (width_1500, width_128).
 
 params.npz (float32, no pickled objects):
     W_enc [d, M]   W_dec [M, d]   b_enc [M]   b_dec [d]   threshold [M]
-    k      int64 scalar, only in TopK releases (their threshold is 0 and unused)
+    k      int64 scalar, only in releases of a kind that infers with k (TopK; threshold 0, unused)
 A released SAE computes, on raw activations x (Gemma Scope's tutorial formula):
     pre = x @ W_enc + b_enc;  f = (pre > threshold) * relu(pre);  x_hat = f @ W_dec + b_dec
 """
@@ -25,6 +25,7 @@ import numpy as np
 from saejax.release.errors import ReleaseError
 
 KINDS = ("res", "att", "mlp")
+ARCH = "jumprelu"  # the SAE kind of Gemma Scope's own releases (folders without a suite.json)
 KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 _WIDTH = re.compile(r"^width_(\d+)(k|m)?$")
 _LAYER = re.compile(r"^layer_(\d+)$")

@@ -26,6 +26,7 @@ import numpy as np
 from saejax.release import gemmascope as gs
 from saejax.release.errors import ReleaseError
 from saejax.release.sae import SAE
+from saejax.sae import forward, kinds
 
 CANONICAL_L0 = 100.0
 
@@ -39,7 +40,7 @@ class Entry:
     width: int  # nominal latent width (from the folder name or suite.json)
     l0: float | None  # average L0 (None: a Gemma Scope "canonical" folder)
     path: str | None  # release-relative posix path of params.npz (None: SAELens folder only)
-    arch: str = "jumprelu"
+    arch: str = gs.ARCH  # the released kind (saejax.sae.kinds)
     saelens: str | None = None  # release-relative SAELens folder
     k: int | None = None
     metrics: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
@@ -139,9 +140,9 @@ class Suite:
         else:
             path = self._fetch(f"{e.saelens}/sae_weights.safetensors")
             arrays, k = _read_saelens(path, self._fetch(f"{e.saelens}/cfg.json"))
-        arch, k = ("topk", k) if k is not None else (e.arch, e.k)
-        if arch == "topk" and k is None:
-            raise ReleaseError(f"{path}: a TopK SAE without k")
+        arch, k = (kinds.released_with_k().name, k) if k is not None else (e.arch, e.k)
+        if kinds.get(arch).infers_with_k and k is None:
+            raise ReleaseError(f"{path}: a {arch} SAE without k")
         return SAE(arch=arch, arrays={n: jnp.asarray(a) for n, a in arrays.items()}, k=k, site=e.site,
                    path=path, info={"l0": e.l0, "width": e.width, **e.metrics})
 
@@ -156,7 +157,8 @@ def _site(site: str, layer: int | None) -> str:
 
 
 def _read_saelens(weights: str, cfg_path: str):
-    """A SAELens folder's float32 arrays (threshold 0 when absent) and k (topk) or None."""
+    """A SAELens folder's float32 arrays (threshold 0 when absent) and its k (an architecture whose
+    kind infers with k) or None."""
     from safetensors.numpy import load_file
     try:
         with open(cfg_path) as fh:
@@ -173,8 +175,9 @@ def _read_saelens(weights: str, cfg_path: str):
     arrays["threshold"] = np.asarray(t["threshold"], np.float32) if "threshold" in t \
         else np.zeros(arrays["b_enc"].shape, np.float32)
     if cfg.get("apply_b_dec_to_input"):  # (x - b_dec) @ W_enc + b_enc
-        arrays["b_enc"] = arrays["b_enc"] - arrays["b_dec"] @ arrays["W_enc"]
-    return arrays, (int(cfg["k"]) if cfg.get("architecture") == "topk" else None)
+        arrays["b_enc"] = forward.fold_pre_bias(arrays["b_enc"], arrays["b_dec"], arrays["W_enc"])
+    kind = kinds.from_saelens(cfg.get("architecture"))
+    return arrays, (int(cfg["k"]) if kind is not None and kind.infers_with_k else None)
 
 
 def _local(root: str):
@@ -205,7 +208,7 @@ def _index(files: list[str], read_json, source: str, default_kind: str | None):
                     raise ReleaseError(f"{where}: entry {i} has neither 'path' nor 'saelens'")
                 entries.append(Entry(kind=s["kind"], layer=int(s["layer"]), width=int(s["width"]),
                                      l0=None if s.get("l0") is None else float(s["l0"]), path=rel,
-                                     arch=s.get("arch", "jumprelu"), k=s.get("k"), saelens=sl,
+                                     arch=s.get("arch", gs.ARCH), k=s.get("k"), saelens=sl,
                                      metrics=dict(s.get("metrics") or {}), source=dict(s.get("source") or {})))
             except (KeyError, TypeError, ValueError) as e:
                 if isinstance(e, ReleaseError):

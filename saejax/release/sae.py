@@ -1,8 +1,8 @@
 """A released SAE in memory: encode, decode, and splice into a saejax model.
 
     pre   = x @ W_enc + b_enc                       x raw activations [..., d]
-    f     = jumprelu: pre * (pre > threshold)       relu: max(pre, 0)
-            topk: the k largest of max(pre, 0)
+    f     = the released kind's inference formula (saejax.sae.kinds; jumprelu: pre * (pre > threshold),
+            relu: max(pre, 0), topk: the k largest of max(pre, 0))
     x_hat = f @ W_dec + b_dec                       [..., d]
 
 Arrays: W_enc [d, M], b_enc [M], W_dec [M, d], b_dec [d], threshold [M] (float32, jax arrays).
@@ -25,9 +25,9 @@ SHARDING = {"W_enc": P(None, "latent"), "W_dec": P("latent", None), "b_enc": P("
 
 @dataclasses.dataclass
 class SAE:
-    arch: str  # jumprelu | relu | topk
+    arch: str  # the released kind (saejax.sae.kinds): jumprelu | relu | topk
     arrays: dict
-    k: int | None = None
+    k: int | None = None  # for a kind that infers with k
     site: str | None = None
     path: str = ""
     info: dict = dataclasses.field(default_factory=dict)

@@ -72,7 +72,7 @@ def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str,
             arrays, meta = groups[r["group"]]
             folded, arch, k = fold.group_sae(arrays, meta, r["t"], r["member"])
             rel = gs.sae_dir(r["kind"], r["layer"], r["width"], r["l0"])
-            if arch == "jumprelu" and (folded["threshold"] < 0).any():
+            if (folded["threshold"] < 0).any():
                 print(f"saejax release: {r['id']}: {int((folded['threshold'] < 0).sum())} negative thresholds; "
                       f"Gemma Scope's formula and SAELens rectify, so those latents differ there", file=sys.stderr)
             e = {"site": r["site"], "kind": r["kind"], "layer": r["layer"], "width": r["width"], "d": r["d"],
@@ -88,7 +88,7 @@ def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str,
                 cfg = saelens.config(r["kind"], r["layer"], arch, r["d"], r["width"], k, model=model,
                                      context_size=context_size,
                                      extra={"saejax_l0": r["l0"], "saejax_fvu": r["fvu"]})
-                saelens.write(os.path.join(tmp, "saelens", rel), folded, cfg)
+                saelens.write(os.path.join(tmp, "saelens", rel), folded, cfg, arch)
                 e["saelens"] = f"saelens/{rel}"
             if cards_dir and r.get("card") and os.path.isfile(os.path.join(cards_dir, r["card"])):
                 os.makedirs(os.path.join(tmp, "cards"), exist_ok=True)

@@ -1,66 +1,66 @@
 """Inference with exported SAE arrays (the saejax.sae.io format), stacked [T, K] or single.
 
-These are the formulas a released SAE is used with, written once for every consumer:
+These are the formulas a released SAE is used with, written once for every consumer (evaluation,
+released SAEs):
 
     pre   = x @ W_enc + b_enc                   (b_enc already includes -b_dec @ W_enc when
-                                                 pre_encoder_bias; see ``fold_pre_bias``)
-    f     = jumprelu / batchtopk: pre * (pre > threshold)
-            topk: the k largest of max(pre, 0)      relu: max(pre, 0)
+                                                 pre_encoder_bias; see ``site_arrays``)
+    f     = the kind's inference formula (saejax.sae.kinds: ``Kind.activate``)
     x_hat = f @ W_dec + b_dec
 
-Arrays of one SAE: W_enc [d, M], b_enc [M], W_dec [M, d], b_dec [d], threshold [M].
-Stacked arrays carry leading [T, K] axes; ``x`` is then [T, N, d] and results [T, K, N, ...].
+Stacked arrays: W_enc [T, K, d, M], b_enc [T, K, M], W_dec [T, K, M, d], b_dec [T, K, d],
+threshold [T, K, M]; ``x`` is then [T, N, d] and results [T, K, N, ...]. One SAE: the same
+without the [T, K] axes, ``x`` [..., d].
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from saejax.sae.group import topk_activation
+from saejax.sae import forward, kinds
 
 HIGHEST = lax.Precision.HIGHEST
 
 
-def fold_pre_bias(arrays: dict, pre_encoder_bias: bool) -> dict:
-    """Move a pre-encoder bias into b_enc: (x - b_dec) @ W_enc + b_enc = x @ W_enc + b_enc'."""
-    if not pre_encoder_bias:
-        return arrays
-    b = arrays["b_enc"] - jnp.einsum("...d,...dm->...m", arrays["b_dec"], arrays["W_enc"], precision=HIGHEST)
-    return dict(arrays, b_enc=b)
+def site_arrays(meta: dict, arrays: dict, t: int) -> dict:
+    """Site t's K SAEs of a group (arrays and group.json from saejax.sae.io) as stacked [1, K, ...]
+    jax arrays, the pre-encoder bias folded into b_enc (``forward.fold_pre_bias``)."""
+    site = {k: jnp.asarray(v[t:t + 1]) for k, v in arrays.items()}
+    if meta["pre_encoder_bias"]:
+        site["b_enc"] = forward.fold_pre_bias(site["b_enc"], site["b_dec"], site["W_enc"], HIGHEST)
+    return site
 
 
-def activate(arch: str, pre, threshold=None, k=None):
-    """Latents from pre-activations; ``threshold`` broadcasts against ``pre``; ``k`` an int."""
-    if arch in ("jumprelu", "batchtopk"):
-        return jnp.where(pre > threshold, pre, 0.0)
-    if arch == "relu":
-        return jax.nn.relu(pre)
-    if arch == "topk":
-        kth = lax.top_k(pre, k)[0][..., -1:]
-        return jnp.where(pre >= kth, jax.nn.relu(pre), 0.0)
-    raise ValueError(f"unknown architecture {arch!r}")
-
-
-def encode(arch: str, arrays: dict, x, k=None):
-    """One SAE: x [..., d] -> f [..., M]. ``arrays`` with the pre-encoder bias already folded."""
-    pre = jnp.einsum("...d,dm->...m", x, arrays["W_enc"], precision=HIGHEST) + arrays["b_enc"]
-    return activate(arch, pre, arrays.get("threshold"), k)
-
-
-def decode(arrays: dict, f):
-    return jnp.einsum("...m,md->...d", f, arrays["W_dec"], precision=HIGHEST) + arrays["b_dec"]
+def inference_ks(meta: dict) -> tuple[int, ...] | None:
+    """The ``ks`` argument of ``encode_stacked`` for a group: each member's k if its kind infers
+    with k, else None."""
+    return tuple(int(k) for k in meta["k"]) if kinds.get(meta["arch"]).infers_with_k else None
 
 
 def encode_stacked(arch: str, arrays: dict, x, ks=None):
     """A group: x [T, N, d] -> f [T, K, N, M] (pre-encoder bias already folded)."""
+    # An einsum here, a broadcast matmul in training (forward.pre_activations): the sums agree to
+    # rounding; this one gives evaluation's numbers.
     pre = jnp.einsum("tnd,tkdm->tknm", x, arrays["W_enc"], precision=HIGHEST) + arrays["b_enc"][:, :, None, :]
-    if arch == "topk":
-        return topk_activation(pre, tuple(int(k) for k in ks))
-    thr = arrays.get("threshold")
-    return activate(arch, pre, None if thr is None else thr[:, :, None, :])
+    return kinds.get(arch).activate(pre, arrays.get("threshold"), ks)
 
 
 def decode_stacked(arrays: dict, f):
     """A group: f [T, K, N, M] -> x_hat [T, K, N, d]."""
-    return jnp.einsum("tknm,tkmd->tknd", f, arrays["W_dec"], precision=HIGHEST) + arrays["b_dec"][:, :, None, :]
+    return forward.decode(f, arrays["W_dec"], arrays["b_dec"], HIGHEST)
+
+
+def _one(arrays: dict) -> dict:
+    return {name: a[None, None] for name, a in arrays.items()}
+
+
+def encode(arch: str, arrays: dict, x, k=None):
+    """One SAE: x [..., d] -> f [..., M]. ``arrays`` with the pre-encoder bias already folded."""
+    f = encode_stacked(arch, _one(arrays), x.reshape(1, -1, x.shape[-1]), None if k is None else (k,))
+    return f.reshape(x.shape[:-1] + f.shape[-1:])
+
+
+def decode(arrays: dict, f):
+    """One SAE: f [..., M] -> x_hat [..., d]."""
+    x_hat = decode_stacked(_one(arrays), f.reshape(1, 1, -1, f.shape[-1]))
+    return x_hat.reshape(f.shape[:-1] + x_hat.shape[-1:])

@@ -2,10 +2,11 @@
 
 A group folder holds two files (docs/formats.md):
     params.safetensors   float32 W_enc [T,K,d,M], b_enc [T,K,M], W_dec [T,K,M,d], b_dec [T,K,d],
-                         and threshold [T,K,M] (positive theta) for jumprelu and batchtopk
-    group.json           arch, sites, sparsity, k, norm_scale, pre_encoder_bias, d, width, model,
-                         steps, tokens, lam, ...
-The weights act on normalized inputs x = x_raw * norm_scale[t]; release folds that in.
+                         and the threshold [T,K,M] of kinds that infer with one (jumprelu, batchtopk)
+    group.json           arch, sites, sweep, sweep_name, k, norm_scale, pre_encoder_bias, d, width,
+                         model, steps, tokens, lam, ...
+The weights act on normalized inputs x = x_raw * norm_scale[t]; release folds that in. Files written
+before the sweep had its kind's name hold ``sparsity`` instead of ``sweep``; ``load_group`` reads both.
 """
 from __future__ import annotations
 
@@ -16,19 +17,20 @@ import shutil
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from saejax.sae import kinds
+
 PARAM_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
-def export_params(arch: str, params, bt_threshold=None) -> dict[str, np.ndarray]:
-    """Training parameters -> the file's float32 arrays (log thresholds exponentiated)."""
-    out = {k: np.asarray(params[k], np.float32) for k in PARAM_KEYS}
-    if "log_threshold" in params:
-        out["threshold"] = np.exp(np.asarray(params["log_threshold"], np.float32))
-    elif "threshold" in params:
-        out["threshold"] = np.asarray(params["threshold"], np.float32)
-    elif arch == "batchtopk" and bt_threshold is not None:
-        thr = np.asarray(bt_threshold, np.float32)[:, :, None]
-        out["threshold"] = np.broadcast_to(thr, out["b_enc"].shape).copy()
+def export_params(arch: str, params, bt_threshold) -> dict[str, np.ndarray]:
+    """Training parameters -> the file's float32 arrays: the four of every SAE and, for kinds that
+    infer with one, the threshold (``Kind.inference_threshold``; ``bt_threshold`` [T, K] from the
+    train state)."""
+    params = {k: np.asarray(v, np.float32) for k, v in params.items()}
+    out = {k: params[k] for k in PARAM_KEYS}
+    threshold = kinds.get(arch).inference_threshold(params, bt_threshold)
+    if threshold is not None:
+        out["threshold"] = np.asarray(threshold, np.float32)
     return out
 
 
@@ -64,4 +66,6 @@ def load_group(path: str) -> tuple[dict[str, np.ndarray], dict]:
     for k in PARAM_KEYS:
         if k not in params:
             raise KeyError(f"{params_path}: missing key {k!r}")
+    if "sweep" not in meta:  # written before the sweep had its kind's name
+        meta["sweep"] = meta.pop("sparsity")
     return params, meta

@@ -15,7 +15,8 @@ through the L0. ``theta`` may broadcast against ``z``: its cotangent is summed b
 ``jumprelu_l0`` is both as one elementwise op (its backward pass sums theta's two terms in one
 reduction); ``jumprelu`` is its first output. Training uses ``mse_l0``: a whole JumpReLU SAE's
 reconstruction error and per-latent firing counts, over the batch in row blocks, with exactly the
-gradients of autodiff through ``jumprelu_l0`` (tests/test_sae.py checks them against it).
+gradients of autodiff through ``jumprelu_l0`` (tests/test_sae.py checks them against it), with the
+batch given in row blocks (``row_blocks``). Why it is written this way: docs/training.md, XLA:CPU notes.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from saejax.sae import sharded
 
 
 def rectangle(u):
@@ -58,8 +61,7 @@ def _jumprelu_l0_bwd(eps, res, g):
     g_f, g_l0 = g
     dz = jnp.where(z > theta, g_f, 0.0)
     # jumprelu's -(theta/eps) K g_f plus the L0's -(1/eps) K g_l0 in one reduction, with theta
-    # multiplied in after the sum (a sum of a [B, M] product with theta in it was far slower in
-    # XLA:CPU's reduction kernels).
+    # multiplied in after the sum (docs/training.md, XLA:CPU notes).
     window = rectangle((z - theta) / eps)
     d = _sum_to(window * (g_f + g_l0[..., None] / theta), jnp.shape(theta))
     return dz, -(theta * d) / eps
@@ -81,14 +83,13 @@ def mse_l0(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision):
         mse    [T, K]     mean over the batch's rows of ||x - x_hat||^2
         counts [T, K, M]  rows each latent fires on (their sum over M / rows is the L0)
 
-    for a batch xb [n, T, b, d] (n blocks of b rows; ``saejax.train.step.row_blocks``) and the
-    parameters of T x K SAEs (W_enc [T, K, d, M], b_enc [T, K, M], W_dec [T, K, M, d],
-    b_dec [T, K, d], theta [T, K, M]). The gradients are those of autodiff through ``jumprelu_l0``
-    (z, theta pseudo-derivatives as above; nothing to x). The blocks are a ``lax.scan``, so the
-    step's [b, M] temporaries are small enough to be reused from step to step (allocated for the
-    whole batch, XLA:CPU maps each [B, M] buffer fresh every step and pays a page fault per 4 KiB
-    of it; docs/training.md). Under ``jax.grad`` the forward pass also computes the parameter
-    gradients and the backward pass only scales them by the cotangents: the five matmuls run once.
+    for a batch xb [n, T, b, d] (n blocks of b rows; ``row_blocks``) and the parameters of T x K
+    SAEs (W_enc [T, K, d, M], b_enc [T, K, M], W_dec [T, K, M, d], b_dec [T, K, d],
+    theta [T, K, M]). The gradients are those of autodiff through ``jumprelu_l0`` (z, theta
+    pseudo-derivatives as above; nothing to x). The blocks are a ``lax.scan``, so the step's [b, M]
+    temporaries are small enough to be reused from step to step (docs/training.md, row blocks).
+    Under ``jax.grad`` the forward pass also computes the parameter gradients and the backward pass
+    only scales them by the cotangents: the five matmuls run once.
     """
     return _mse_l0_scan(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, False)[0]
 
@@ -99,7 +100,7 @@ def _mse_l0_scan(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, with_gra
     mm = partial(jnp.matmul, precision=precision)
     tr = partial(jnp.swapaxes, axis1=-1, axis2=-2)
     th = theta[:, :, None, :]
-    w_dec_t = tr(w_dec)  # once per step: XLA:CPU transposed it in every block otherwise
+    w_dec_t = tr(w_dec)  # once per step, not in every block (docs/training.md, XLA:CPU notes)
 
     def block(xc):  # one block's terms of the sums; xc [T, b, d]
         pre = mm(xc[:, None], w_enc) + b_enc[:, :, None, :]  # [T, K, b, M]
@@ -114,14 +115,13 @@ def _mse_l0_scan(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, with_gra
             dz = jnp.where(fired, g_f, 0.0)
             window = rectangle((pre - th) / eps)
             out.update(
-                # W_dec's gradient transposed, g^T f: transposing the [b, M] f was slower (the [M, d] sum
-                # is transposed once at the end).
+                # W_dec's gradient transposed, g^T f, transposed once at the end (docs/training.md, XLA:CPU notes).
                 w_dec_t=mm(tr(g), f), b_dec=jnp.sum(g, -2),
                 w_enc=mm(tr(xc)[:, None], dz), b_enc=jnp.sum(dz, -2),
                 window_g=jnp.sum(window * g_f, -2), window=jnp.sum(window, -2))
         return out
 
-    # The sums start from the first block's terms (zero-filled [d, M] sums cost two extra passes each).
+    # The sums start from the first block's terms, not from zeros (docs/training.md, XLA:CPU notes).
     acc, _ = lax.scan(lambda acc, xc: (jax.tree_util.tree_map(jnp.add, acc, block(xc)), None), block(xb[0]), xb[1:])
     return (acc["sq"] / B, acc["counts"]), acc
 
@@ -143,3 +143,21 @@ def _mse_l0_bwd(eps, precision, res, g):
 
 
 mse_l0.defvjp(_mse_l0_fwd, _mse_l0_bwd)
+
+
+def row_block_count(B: int, M: int, max_bytes: int = 10 << 20) -> int:
+    """Into how many row blocks ``mse_l0`` takes a batch of B rows: the fewest whose per-device
+    [rows, M] float32 block is at most ``max_bytes`` (~10 MiB ran the step fastest on XLA:CPU;
+    docs/training.md, row blocks)."""
+    D, L = sharded.axis_sizes(sharded.current_mesh(), "data", "latent")
+    fits = [n for n in range(1, B // D + 1) if (B // D) % n == 0]
+    return next((n for n in fits if (B // D // n) * -(-M // L) * 4 <= max_bytes), fits[-1])
+
+
+def row_blocks(x, n: int):
+    """x [T, B, d] -> [n, T, B / n, d]. Block c takes the c-th n-th of each ``data`` shard's rows,
+    so a batch sharded over its rows stays sharded the same way within every block, and with one
+    data shard the blocks are consecutive rows (a reshape, no copy)."""
+    T, B, d = x.shape
+    D = sharded.axis_sizes(sharded.current_mesh(), "data")[0]
+    return jnp.moveaxis(x.reshape(T, D, n, B // (D * n), d), 2, 0).reshape(n, T, B // n, d)

@@ -13,7 +13,7 @@ from saejax.train.trainer import gather
 def group_meta(spec: GroupSpec, hp: optim.Hyper, source, state, model: str = "") -> dict:
     return {
         "arch": spec.arch, "sites": list(spec.sites), "d": spec.d, "width": spec.width,
-        "sparsity": list(spec.sparsity), "k": list(spec.ks) if spec.arch in ("topk", "batchtopk") else [],
+        "sweep": list(spec.sweep), "sweep_name": spec.kind.sweep_name, "k": list(spec.kind.ks(spec.sweep)),
         "target_l0": list(hp.target_l0), "lam": np.asarray(jax.device_get(state["lam"])).tolist(),
         "l0_ema": np.asarray(jax.device_get(state["l0_ema"])).tolist(),
         "frozen": np.asarray(jax.device_get(state["frozen"])).tolist(),

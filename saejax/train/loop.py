@@ -127,7 +127,7 @@ def _span(a) -> str:
 
 def sae_label(spec, hp, t: int, k: int) -> str:
     """One SAE of a group, fully: its site, member index and that member's target L0 or sweep value."""
-    what = f"target L0 {hp.target_l0[k]:g}" if hp.target_l0 else f"sparsity {spec.sparsity[k]:g}"
+    what = f"target L0 {hp.target_l0[k]:g}" if hp.target_l0 else f"{spec.kind.sweep_name} {spec.sweep[k]:g}"
     return f"SAE {spec.sites[t]} member {k} ({what})"
 
 

@@ -28,11 +28,11 @@ def plan_groups(config, source) -> list[tuple[GroupSpec, optim.Hyper]]:
     plans = []
     for d, sites in sorted(by_d.items()):
         for width in s.widths:
-            sparsity = sweep
+            values = sweep
             if s.target_l0:  # every member's L0 term has the same coefficient, its own target
-                sparsity = (float(s.target_l0_coeff),) * len(sweep)
+                values = (float(s.target_l0_coeff),) * len(sweep)
             spec = GroupSpec(
-                arch=s.arch, sites=tuple(sites), d=d, width=width, sparsity=sparsity,
+                arch=s.arch, sites=tuple(sites), d=d, width=width, sweep=values,
                 pre_encoder_bias=s.pre_encoder_bias, threshold_param=s.threshold_param,
                 threshold_init=s.threshold_init, bandwidth=s.bandwidth, auxk_k=s.auxk_k,
                 encoder_init_scale=s.encoder_init_scale, threshold_init_l0=s.threshold_init_l0,

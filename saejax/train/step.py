@@ -4,18 +4,23 @@ State (a pytree; every array with leading [T, K] axes belongs to one SAE each):
     params        the SAEGroup parameters
     opt_state     optax Adam state
     step          int32 scalar
-    lam           [T, K]    sparsity coefficient (before its warmup factor)
+    lam           [T, K]    each SAE's sweep value (before its warmup factor): the coefficient of
+                            its sparsity term (jumprelu lambda, relu l1_coeff; topk and batchtopk
+                            keep their k here, which their losses do not read)
     l0_ema        [T, K]    running L0 (for logs)
     since_fired   [T, K, M] steps since each latent last fired (dead-latent counters)
     bt_threshold  [T, K]    BatchTopK's global inference threshold (running mean of the batch minimum)
     frozen        [T, K]    SAEs masked out after going non-finite
 
 Loss of SAE (t, k), averaged over the batch (the group's total is the sum, so each SAE's gradient
-is exactly its own):
+is exactly its own): mse + sparsity + aux, the terms its kind gives (``Kind.loss``, saejax.sae.kinds):
     jumprelu   ||x - x_hat||^2 + lam * ||f||_0          (pseudo-derivatives for theta)
                with target L0s t: ||x - x_hat||^2 + lam * t * (||f||_0 / t - 1)^2
     relu       ||x - x_hat||^2 + lam * sum_i f_i ||W_dec_i||   (Anthropic, April 2024)
     topk       ||x - x_hat||^2 + auxk_coeff * ||e - e_hat_dead||^2   (Gao et al. AuxK)
+
+Why the step is laid out as it is (site and member scans, a ``lax.cond`` per SAE): docs/training.md,
+XLA:CPU notes.
 """
 from __future__ import annotations
 
@@ -25,16 +30,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from saejax.sae import jumprelu as jr
 from saejax.sae import sharded
-from saejax.sae.group import PRECISIONS, GroupSpec, SAEGroup, init_params, thresholds
+from saejax.sae.group import GroupSpec, init_params
 from saejax.train import optim
 
 
 def init_state(spec: GroupSpec, hp: optim.Hyper, key, lam=None) -> dict:
-    """Fresh state; ``lam`` [K] overrides the per-member sparsity coefficients."""
+    """Fresh state; ``lam`` [K] overrides the per-member sweep values."""
     params = init_params(spec, key)
-    lam = jnp.asarray(spec.sparsity if lam is None else lam, jnp.float32)
+    lam = jnp.asarray(spec.sweep if lam is None else lam, jnp.float32)
     TK = (spec.T, spec.K)
     return {
         "params": params,
@@ -57,106 +61,21 @@ def _mask_frozen(frozen, new, old):
     return jax.tree_util.tree_map(one, new, old)
 
 
-def calibrate_thresholds(spec: GroupSpec, params, x) -> dict:
-    """JumpReLU thresholds from data (opt-in, ``spec.threshold_init_l0`` = L0_init > 0).
-
-    theta_i = max(q_i, threshold_init), q_i the midpoint of the n-th and (n+1)-th largest
-    pre-activations of latent i over the batch x [T, B, d], n = clip(round(B * L0_init / M), 1, B - 1):
-    every latent starts firing on n of the B rows (pre > theta), so the SAE starts at L0 ~ L0_init
-    instead of ~M/2 (docs/sae.md).
-    """
-    pre = SAEGroup(spec).apply({"params": params}, x, method=SAEGroup.pre_activations)  # [T, K, B, M]
-    B = pre.shape[2]
-    n = max(1, min(B - 1, round(B * spec.threshold_init_l0 / spec.width)))
-    top = lax.top_k(jnp.swapaxes(pre, -1, -2), n + 1)[0]  # [T, K, M, n + 1]
-    q = 0.5 * (top[..., -2] + top[..., -1])  # [T, K, M]
-    theta = jnp.maximum(q, spec.threshold_init).astype(pre.dtype)
-    if "log_threshold" in params:
-        return dict(params, log_threshold=jnp.log(theta))
-    return dict(params, threshold=theta)
-
-
-def recon_metrics(x, f, x_hat):
-    """x [T, B, d], f [T, K, B, M], x_hat [T, K, B, d] -> per-SAE (mse, fvu, l0), each [T, K]; FVU is
-    the squared error over the variance around the batch mean."""
-    mse = jnp.mean(jnp.sum(jnp.square(x_hat - x[:, None]), -1), -1)
-    # Counted in float32: an int32 sum made XLA:CPU write out a [T, K, B, M] int array first.
-    return mse, mse / batch_variance(x)[:, None], jnp.mean(jnp.sum((f > 0).astype(jnp.float32), -1), -1)
-
-
-def batch_variance(x):
-    """x [T, B, d] -> [T]: the mean squared distance of the rows from their mean (FVU's denominator)."""
-    return jnp.mean(jnp.sum(jnp.square(x - jnp.mean(x, axis=1, keepdims=True)), -1), -1)
-
-
-def row_block_count(B: int, M: int, max_bytes: int = 10 << 20) -> int:
-    """Into how many row blocks the JumpReLU step splits a batch of B rows (``row_blocks``): the
-    fewest whose per-device [rows, M] float32 block is at most ``max_bytes``. On XLA:CPU ~10 MiB
-    (512 rows at width 4,608) ran the step fastest (benchmarks/train_step.py; docs/training.md)."""
-    D, L = sharded.axis_sizes(sharded.current_mesh(), "data", "latent")
-    fits = [n for n in range(1, B // D + 1) if (B // D) % n == 0]
-    return next((n for n in fits if (B // D // n) * -(-M // L) * 4 <= max_bytes), fits[-1])
-
-
-def row_blocks(x, n: int):
-    """x [T, B, d] -> [n, T, B / n, d]. Block c takes the c-th n-th of each ``data`` shard's rows,
-    so a batch sharded over its rows stays sharded the same way within every block, and with one
-    data shard the blocks are consecutive rows (a reshape, no copy)."""
-    T, B, d = x.shape
-    D = sharded.axis_sizes(sharded.current_mesh(), "data")[0]
-    return jnp.moveaxis(x.reshape(T, D, n, B // (D * n), d), 2, 0).reshape(n, T, B // n, d)
-
-
 def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x):
     """Per-SAE loss terms and diagnostics for x [T, B, d] (normalized). Returns (total, aux)."""
-    module, variables = SAEGroup(spec), {"params": params}
-    if spec.arch == "jumprelu":  # the batch in row blocks, in one op (jumprelu.mse_l0)
-        xb = row_blocks(x, row_block_count(x.shape[1], spec.width))
-        mse, counts = jr.mse_l0(xb, params["W_enc"], module.apply(variables, method=SAEGroup.encoder_bias),
-                                params["W_dec"], params["b_dec"], thresholds(spec, params), spec.bandwidth,
-                                PRECISIONS[spec.precision])
-        fired = counts > 0
-        fvu = mse / batch_variance(x)[:, None]
-    else:
-        pre, f, x_hat = module.apply(variables, x, state["bt_threshold"], True)
-        fired = jnp.any(f > 0, axis=2)  # [T, K, M]
-        mse, fvu, l0 = recon_metrics(x, f, x_hat)  # [T, K] each
     lam = state["lam"] * optim.sparsity_scale(hp, state["step"])
-    zero = jnp.zeros_like(mse)
-    sparsity, aux = zero, zero
-    if spec.arch == "jumprelu":
-        l0_pseudo = jnp.sum(counts, -1) / x.shape[1]  # the L0, with theta's pseudo-derivative
-        l0 = lax.stop_gradient(l0_pseudo)
-        if hp.target_l0:  # lam * t * (L0/t - 1)^2: an L0 penalty 2 lam (L0/t - 1) that turns to a bonus below t
-            target = jnp.asarray(hp.target_l0, jnp.float32)[None, :]
-            sparsity = lam * target * jnp.square(l0_pseudo / target - 1.0)
-        else:
-            sparsity = lam * l0_pseudo
-    elif spec.arch == "relu":
-        dec_norm = jnp.linalg.norm(params["W_dec"], axis=-1)[:, :, None, :]
-        sparsity = lam * jnp.mean(jnp.sum(f * dec_norm, -1), -1)
-    else:  # topk, batchtopk: AuxK on the dead latents (Gao et al. 2024)
-        dead = state["since_fired"] >= hp.dead_steps  # [T, K, M]
-        kaux = min(spec.auxk_k, spec.width)
-        masked = jnp.where(dead[:, :, None, :], pre, -jnp.inf)
-        kth = sharded.row_kth(masked, (kaux,))  # two-stage under latent sharding
-        f_aux = jnp.where(dead[:, :, None, :] & (masked >= kth), jax.nn.relu(pre), 0.0)
-        e = lax.stop_gradient(x[:, None] - x_hat)
-        e_hat = jnp.einsum("tkbm,tkmd->tkbd", f_aux, params["W_dec"], precision=PRECISIONS[spec.precision])
-        aux = spec.auxk_coeff * jnp.mean(jnp.sum(jnp.square(e - e_hat), -1), -1) * jnp.any(dead, -1)
-    per_sae = mse + sparsity + aux
+    terms = spec.kind.loss(spec, hp, params, state, x, lam)
+    per_sae = terms["mse"] + terms["sparsity"] + terms["aux"]
     total = jnp.sum(jnp.where(state["frozen"], 0.0, per_sae))
     out = {
         "loss": per_sae,
-        "mse": mse,
-        "sparsity_loss": sparsity,
-        "aux_loss": aux,
-        "fvu": fvu,
-        "l0": l0,
-        "fired": fired,  # [T, K, M]
-        # BatchTopK's inference threshold follows the smallest latent that fired (other archs: inf).
-        "min_active": jnp.min(jnp.where(f > 0, f, jnp.inf), axis=(2, 3)) if spec.arch == "batchtopk"
-        else jnp.full_like(mse, jnp.inf),  # [T, K]
+        "mse": terms["mse"],
+        "sparsity_loss": terms["sparsity"],
+        "aux_loss": terms["aux"],
+        "fvu": terms["fvu"],
+        "l0": terms["l0"],
+        "fired": terms["fired"],  # [T, K, M]
+        "min_active": terms["min_active"],  # [T, K]: BatchTopK's inference threshold follows it (else inf)
         "lam": lam,
     }
     return total, out
@@ -202,12 +121,12 @@ def scan_saes(fn, spec: GroupSpec, carry, per_sae, per_site):
 
     With several sites per stack shard this is a ``lax.scan`` over them per member, with the state
     as the carry: a donated state is then updated in place, and a step holds no [T, K, d, M] buffer
-    besides it, nor the activations of more than the SAE in flight (docs/training.md).
+    besides it, nor the activations of more than the SAE in flight (docs/training.md, stacked).
     """
     S, T, K = stack_shards(), spec.T, spec.K
     n = T // S
     sub = dataclasses.replace(spec, sites=spec.sites[:S])
-    members = [dataclasses.replace(sub, sparsity=(s,)) for s in spec.sparsity]
+    members = [dataclasses.replace(sub, sweep=(s,)) for s in spec.sweep]
     member = lambda a, k: a[:, k:k + 1] if a.ndim else a  # noqa: E731
     if n == 1:  # one site per stack shard: no scan; the members' new slices are joined
         news, outs = zip(*(fn(k, members[k], *jax.tree_util.tree_map(lambda a: member(a, k), (carry, per_sae)),
@@ -216,8 +135,7 @@ def scan_saes(fn, spec: GroupSpec, carry, per_sae, per_site):
         return jax.tree_util.tree_map(join, *news), jax.tree_util.tree_map(join, *outs)
 
     # Leaves [T, ...] -> [S, n, ...]: site j of every stack shard is [:, j]. One scan over the sites
-    # per member, so that each scan step reads and writes the carry once: with several writes, or a
-    # read after a write, XLA:CPU copied the whole carry instead of updating it in place.
+    # per member, each scan step reading and writing the carry once (docs/training.md, XLA:CPU notes).
     take = lambda a, j: lax.dynamic_index_in_dim(a, j, axis=1, keepdims=False)  # noqa: E731
     c, per_sae, per_site = jax.tree_util.tree_map(
         lambda a: a.reshape((S, n) + a.shape[1:]) if a.ndim else a, (carry, per_sae, per_site))
@@ -240,16 +158,16 @@ def scan_saes(fn, spec: GroupSpec, carry, per_sae, per_site):
 def sae_update(spec: GroupSpec, hp: optim.Hyper, tx, params, opt_state, st, x):
     """One optimizer step of the SAEs in ``params`` (slices of a group) on x [T, B, d]: the
     gradient of their summed loss (each SAE's loss depends on its own parameters only), Adam, the
-    decoder constraints and the frozen mask. Returns (params, opt_state, per-SAE diagnostics)."""
+    decoder constraints, the kind's constraint and the frozen mask. Returns (params, opt_state,
+    per-SAE diagnostics)."""
     g, out = jax.grad(lambda q: losses(spec, hp, q, st, x), has_aux=True)(params)
-    if spec.unit_decoder:
+    if spec.kind.unit_decoder:
         g = dict(g, W_dec=optim.remove_parallel_grad(g["W_dec"], params["W_dec"]))
     updates, new_opt = tx.update(g, opt_state, params)
     new = jax.tree_util.tree_map(jnp.add, params, updates)
-    if spec.unit_decoder:
+    if spec.kind.unit_decoder:
         new = dict(new, W_dec=optim.unit_rows(new["W_dec"]))
-    if spec.arch == "jumprelu" and "threshold" in new:  # raw theta stays positive
-        new = dict(new, threshold=jnp.maximum(new["threshold"], 1e-6))
+    new = spec.kind.constrain(spec, new)
     return _mask_frozen(st["frozen"], new, params), _mask_frozen(st["frozen"], new_opt, opt_state), out
 
 
@@ -260,9 +178,8 @@ def make_train_step(spec: GroupSpec, hp: optim.Hyper):
 
     def step_fn(state, x):
         params = state["params"]
-        if spec.arch == "jumprelu" and spec.threshold_init_l0 > 0:
-            params = lax.cond(state["step"] == 0,
-                              lambda p: map_sites(lambda sub, q, xs: calibrate_thresholds(sub, q, xs), spec, p, x),
+        if spec.kind.calibrates(spec):
+            params = lax.cond(state["step"] == 0, lambda p: map_sites(spec.kind.calibrate, spec, p, x),
                               lambda p: p, params)
         per_sae = {k: state[k] for k in ("lam", "since_fired", "bt_threshold", "frozen")}
         # The optimizer's scalar leaves (its step counts) are shared by all SAEs: their next values,
@@ -272,9 +189,8 @@ def make_train_step(spec: GroupSpec, hp: optim.Hyper):
 
         def one_sae(k, one, carry, st, xs):
             """SAE k of the sites in flight, with its own spec (TopK's k) and target L0. Frozen SAEs
-            are not computed at all (NaN metrics). The branch also makes XLA read the state's slices
-            once, into buffers of their own: with the slices' reads fused into the update, XLA:CPU
-            copied the [T, K, d, M] state on every SAE instead of updating it in place."""
+            are not computed at all (NaN metrics). The branch also keeps the state's update in place
+            (docs/training.md, XLA:CPU notes)."""
             hp_k = dataclasses.replace(hp, target_l0=(hp.target_l0[k],)) if hp.target_l0 else hp
             st = dict(st, step=state["step"])
 

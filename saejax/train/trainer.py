@@ -11,7 +11,8 @@ from saejax.sae import sharded
 from saejax.sae.group import PARTITION_RULES, GroupSpec, SAEGroup
 from saejax.train import optim
 from saejax.train.plan import state_memory
-from saejax.train.step import init_state, make_train_step, map_sites, recon_metrics
+from saejax.sae.forward import recon_metrics
+from saejax.train.step import init_state, make_train_step, map_sites
 
 
 class Trainer:

@@ -1,0 +1,68 @@
+"""The forward pass of stacked SAEs around their kind's activation, written once.
+
+For x [T, B, d] (site t's rows) and the parameters of T x K SAEs (leading [T, K] axes):
+
+    pre   = (x - b_dec * pre_encoder_bias) @ W_enc + b_enc      = x @ W_enc + encoder_bias   [T, K, B, M]
+    f     = the kind's activation of pre (saejax.sae.kinds)                                   [T, K, B, M]
+    x_hat = f @ W_dec + b_dec                                                                 [T, K, B, d]
+
+The pre-encoder bias is folded into the encoder bias (``fold_pre_bias``) rather than subtracted
+from x, so the K members of a site share their rows without K copies of them.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+PRECISIONS = {"default": lax.Precision.DEFAULT, "high": lax.Precision.HIGH, "highest": lax.Precision.HIGHEST}
+
+
+def fold_pre_bias(b_enc, b_dec, w_enc, precision=lax.Precision.HIGHEST):
+    """b_enc - b_dec @ W_enc: then (x - b_dec) @ W_enc + b_enc = x @ W_enc + that.
+
+    b_enc [..., M], b_dec [..., d], W_enc [..., d, M] with any leading stack axes. numpy arrays are
+    computed by numpy in their own dtype (a release folds in float64), jax arrays by XLA.
+    """
+    if isinstance(w_enc, np.ndarray):
+        return b_enc - np.matmul(b_dec[..., None, :], w_enc)[..., 0, :]
+    return b_enc - jnp.einsum("...d,...dm->...m", b_dec, w_enc, precision=precision)
+
+
+def encoder_bias(spec, params):
+    """[T, K, M]: the group's b_enc, with its pre-encoder bias folded in when ``spec.pre_encoder_bias``."""
+    if spec.pre_encoder_bias:
+        return fold_pre_bias(params["b_enc"], params["b_dec"], params["W_enc"], PRECISIONS[spec.precision])
+    return params["b_enc"]
+
+
+def pre_activations(spec, params, x):
+    """x [T, B, d] -> pre [T, K, B, M] of a group in training layout (``spec``: a GroupSpec)."""
+    # A broadcast matmul, not an einsum: faster on XLA:CPU (docs/training.md, XLA:CPU notes).
+    return jnp.matmul(x[:, None], params["W_enc"], precision=PRECISIONS[spec.precision]) \
+        + encoder_bias(spec, params)[:, :, None, :]
+
+
+def decode(f, w_dec, b_dec, precision=lax.Precision.HIGHEST):
+    """f [T, K, N, M] -> x_hat [T, K, N, d]."""
+    return jnp.einsum("tknm,tkmd->tknd", f, w_dec, precision=precision) + b_dec[:, :, None, :]
+
+
+def reconstruct(spec, params, x, activation):
+    """x [T, B, d] -> (pre, f, x_hat) of a group, with f = activation(pre)."""
+    pre = pre_activations(spec, params, x)
+    f = activation(pre)
+    return pre, f, decode(f, params["W_dec"], params["b_dec"], PRECISIONS[spec.precision])
+
+
+def batch_variance(x):
+    """x [T, B, d] -> [T]: the mean squared distance of the rows from their mean (FVU's denominator)."""
+    return jnp.mean(jnp.sum(jnp.square(x - jnp.mean(x, axis=1, keepdims=True)), -1), -1)
+
+
+def recon_metrics(x, f, x_hat):
+    """x [T, B, d], f [T, K, B, M], x_hat [T, K, B, d] -> per-SAE (mse, fvu, l0), each [T, K]; FVU is
+    the squared error over the variance around the batch mean."""
+    mse = jnp.mean(jnp.sum(jnp.square(x_hat - x[:, None]), -1), -1)
+    # L0 counted in float32 (docs/training.md, XLA:CPU notes).
+    return mse, mse / batch_variance(x)[:, None], jnp.mean(jnp.sum((f > 0).astype(jnp.float32), -1), -1)
