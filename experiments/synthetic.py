@@ -8,6 +8,7 @@ non-negative mix of 4 of them with Zipf-like frequencies. A good SAE recovers th
     saejax train --config experiments/synthetic.py:arch=topk
 """
 from saejax import config as cfg
+from saejax.sae import kinds
 
 VARIANTS = {"runlocal": bool, "arch": str}  # validate checks the arch as sae.arch
 
@@ -20,7 +21,7 @@ def get_config(arg: str = ""):
     c.synthetic.sites = 2
     c.sae.arch = v.get("arch", "jumprelu")
     c.sae.widths = (1024,)
-    if c.sae.arch in ("topk", "batchtopk"):
+    if kinds.get(c.sae.arch).sweep_name == "k":  # a sweep of k (topk, batchtopk), else of coefficients
         c.sae.sparsity = (4.0,)
     else:
         c.sae.sparsity = (0.01, 0.02)

@@ -229,7 +229,7 @@ def _cards(name, site, t, meta, arrays, rows, rmeta, density, recon, data, model
                 ctx, pos = int(rmeta[i, 1]), int(rmeta[i, 2])
                 ex.append({"act": float(a) * scale, "tokens": data.all_tokens[row_of[ctx]], "pos": pos, "context": ctx})
             lats.append({"latent": int(latents[k, s]), "density": float(density[k, latents[k, s]]), "examples": ex})
-        rel = f"cards/{sae_id(name, site, k)}.html"
+        rel = f"{wd.CARDS}/{sae_id(name, site, k)}.html"
         summary = {"site": site, "group": name, "arch": meta["arch"], "width": meta["width"],
                    "sparsity": meta["sweep"][k], "L0": recon[k]["l0"], "FVU": recon[k]["fvu"]}
         cards.write_card(os.path.join(out, rel), f"{site} {meta['arch']} {meta['width']} (member {k})",
