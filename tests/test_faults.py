@@ -119,7 +119,7 @@ def _tmp_files(root):
 def test_enospc_while_writing_a_shard_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch):
     import errno
 
-    from saejax import space
+    from saejax import files
     real = np.lib.format.write_array
 
     def full(fp, arr, **kw):  # half the bytes reach the disk, then it is full
@@ -128,7 +128,7 @@ def test_enospc_while_writing_a_shard_is_one_line_and_leaves_no_temp_file(tmp_pa
 
     path = str(tmp_path / "s")
     monkeypatch.setattr(np.lib.format, "write_array", full)
-    with pytest.raises(space.DiskFull, match=r"train/res.0/00000.npy: disk full while writing it: it needs about "):
+    with pytest.raises(files.DiskFull, match=r"train/res.0/00000.npy: disk full while writing it: it needs about "):
         _store(path)
     monkeypatch.setattr(np.lib.format, "write_array", real)
     assert _tmp_files(path) == []
@@ -137,12 +137,12 @@ def test_enospc_while_writing_a_shard_is_one_line_and_leaves_no_temp_file(tmp_pa
 def test_full_disk_before_a_checkpoint_is_one_line(tmp_path, monkeypatch):
     import jax.numpy as jnp
 
-    from saejax import space
+    from saejax import files
     from saejax.train import checkpoint as ckpt
     c = ckpt.Checkpoints(str(tmp_path / "ck"), every=1, keep=1, async_save=False)
     state = {"w": jnp.zeros((256, 256))}
-    monkeypatch.setattr(space, "free_bytes", lambda path: 1000)
-    with pytest.raises(space.DiskFull, match=r"ck: disk full: the checkpoint of step 1 needs 256.0 KiB, 1000 bytes free"):
+    monkeypatch.setattr(files, "free_bytes", lambda path: 1000)
+    with pytest.raises(files.DiskFull, match=r"ck: disk full: the checkpoint of step 1 needs 256.0 KiB, 1000 bytes free"):
         c.save(1, state, force=True)
     assert c.latest_step() is None
 

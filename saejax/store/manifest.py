@@ -33,19 +33,10 @@ def local_path(path: str) -> str:
 
 def write_json(path: str, obj) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (temp name, fsync, rename)."""
-    from saejax import space
-    tmp = f"{path}.tmp-{os.getpid()}"
+    from saejax import files
     text = json.dumps(obj, indent=1)
-    try:
-        with space.writing(path, len(text)), open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with files.atomic(path, len(text), "w") as f:
+        f.write(text)
 
 
 def read_json(path: str) -> dict:

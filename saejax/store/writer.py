@@ -15,7 +15,7 @@ import zlib
 import ml_dtypes
 import numpy as np
 
-from saejax import space
+from saejax import files
 from saejax.store.manifest import FORMAT, StoreError, write_json
 
 STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -55,18 +55,9 @@ class _HashingFile:
 def save_npy(path: str, arr: np.ndarray, chunk: int = CHUNK_BYTES) -> tuple[str, int, list[str]]:
     """``np.save`` to ``path`` atomically; returns (sha256 hex, bytes, crc32 of each ``chunk`` bytes).
     A failed write (a full disk) leaves no temporary file behind."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with space.writing(path, arr.nbytes), open(tmp, "wb") as f:
-            hf = _HashingFile(f, chunk)
-            np.lib.format.write_array(hf, np.ascontiguousarray(arr), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with files.atomic(path, arr.nbytes) as f:
+        hf = _HashingFile(f, chunk)
+        np.lib.format.write_array(hf, np.ascontiguousarray(arr), allow_pickle=False)
     return hf.h.hexdigest(), hf.n, hf.chunks()
 
 

@@ -21,7 +21,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from saejax import space
+from saejax import files
 from saejax.log import log
 from saejax.preempt import EXIT_PREEMPTED, Preempted, PreemptionWatch  # noqa: F401 - the train loop's names
 
@@ -81,7 +81,7 @@ class Checkpoints:
         space fails in orbax's threads with a traceback per file)."""
         if force or self.manager.should_save(step):
             need = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(state))
-            space.ensure_free(self.directory, need, f"the checkpoint of step {step}")
+            files.ensure_free(self.directory, need, f"the checkpoint of step {step}")
         return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
     def should_save(self, step: int) -> bool:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saejax import files
 from saejax import mesh as meshlib
 from saejax import workdir as wd
 from saejax.log import log
@@ -40,10 +41,8 @@ def _truncate_log(path: str, step: int) -> None:
                     keep.append(ln)
             except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill
                 pass
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
+    with files.atomic(path, sum(map(len, keep)), "w") as fh:
         fh.writelines(keep)
-    os.replace(tmp, path)
 
 
 class NonFinite(RuntimeError):
@@ -186,10 +185,9 @@ def check_fingerprint(config, name: str, fp: dict) -> bool:
 
 def _write_fingerprint(config, name: str, fp: dict) -> None:
     if jax.process_index() == 0:
-        path = wd.fingerprint_path(config, name)
-        with open(f"{path}.tmp-{os.getpid()}", "w") as fh:
-            json.dump(fp, fh, indent=1)
-        os.replace(f"{path}.tmp-{os.getpid()}", path)
+        text = json.dumps(fp, indent=1)
+        with files.atomic(wd.fingerprint_path(config, name), len(text), "w") as fh:
+            fh.write(text)
 
 
 def is_complete(config) -> bool:

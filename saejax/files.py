@@ -1,11 +1,13 @@
-"""A full disk as one line: what was being written, how many bytes it needed, how many were free.
+"""Writing files: atomically, and a full disk as one line (what was being written, how many bytes
+it needed, how many were free).
 
-    with space.writing(path, nbytes):      # ENOSPC / EDQUOT inside -> DiskFull naming path and bytes
+    with files.atomic(path, nbytes) as f:   # a temp file, fsynced and renamed to ``path`` at the end;
+        f.write(...)                        # removed if anything fails (ENOSPC -> DiskFull)
+    with files.writing(path, nbytes):       # ENOSPC / EDQUOT inside -> DiskFull naming path and bytes
         ...
-    space.ensure_free(folder, nbytes, "a checkpoint")   # DiskFull before a write that cannot fit
+    files.ensure_free(folder, nbytes, "a checkpoint")   # DiskFull before a write that cannot fit
 
-Writers clean up their own temporary files when a write fails (store/writer.py, store/manifest.py,
-sae/io.py); the CLI prints a DiskFull as one line with exit code 2.
+The CLI prints a DiskFull as one line with exit code 2.
 """
 from __future__ import annotations
 
@@ -44,6 +46,24 @@ def ensure_free(path: str, nbytes: int, what: str) -> None:
     free = free_bytes(path)
     if free < nbytes:
         raise DiskFull(errno.ENOSPC, f"{path}: disk full: {what} needs {_gib(nbytes)}, {_gib(free)} free")
+
+
+@contextlib.contextmanager
+def atomic(path: str, nbytes: int, mode: str = "wb"):
+    """A file object writing ``<path>.tmp-<pid>``, renamed to ``path`` (after an fsync) when the block
+    ends; on any failure the temp file is removed and nothing lands under ``path``. ``nbytes``: about
+    what the write needs, for a DiskFull message."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with writing(path, nbytes), open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 @contextlib.contextmanager
