@@ -13,9 +13,12 @@ The layout inside the store and the release folders belongs to their own stages.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import os
+import shutil
+import sys
 
 RESULTS = "results.json"  # in the evaluate folder
 CARDS = "cards"  # in the evaluate folder
@@ -89,25 +92,31 @@ class WorkdirError(RuntimeError):
     """The work directory is in use by another run, or holds another run's state; one line."""
 
 
-def lock(path: str, what: str):
-    """Hold an exclusive flock on ``path`` (created) until the returned file is closed or the
-    process ends (the kernel releases it even on kill -9). Another holder: WorkdirError naming
-    ``what`` and the file. Advisory: on gcsfuse, which has no flock, two runs are not kept apart."""
+@contextlib.contextmanager
+def locked(path: str, what: str):
+    """Hold an exclusive flock on ``path`` (created) for the block (the kernel releases it even on
+    kill -9). Another holder: WorkdirError naming ``what`` and the file. Advisory: on a filesystem
+    without flock (gcsfuse) the block runs unlocked, with a warning, and two runs are not kept apart."""
     import fcntl
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    f = open(path, "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        f.close()
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise WorkdirError(f"{path}: {what} (wait for it to finish, or use another workdir)") from None
-        return None  # a filesystem without locks (see above)
-    return f
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise WorkdirError(f"{path}: {what} (wait for it to finish, or use another workdir)") from None
+            print(f"saejax: cannot lock {path} ({e}); make sure no other run writes here", file=sys.stderr)
+        yield
 
 
-def lock_stage(config, stage: str):
-    """The lock of one stage's output in this workdir, for this process (``lock``)."""
+@contextlib.contextmanager
+def stage_lock(config, stage: str, output: str | None = None):
+    """Hold this process's lock of one stage's output in this workdir (``locked``) for the block.
+    ``output``: the folder the stage builds as ``<output>.tmp-<pid>`` and renames; the temporary
+    folders a killed run left are removed once the lock is held."""
     import jax
     pi = jax.process_index()
-    return lock(lock_path(config, stage, pi), f"another `saejax {stage}` (process {pi}) is writing this workdir")
+    with locked(lock_path(config, stage, pi), f"another `saejax {stage}` (process {pi}) is writing this workdir"):
+        for old in glob.glob(f"{output}.tmp-*") if output else ():
+            shutil.rmtree(old, ignore_errors=True)
+        yield

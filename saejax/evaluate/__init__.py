@@ -12,7 +12,6 @@ rows training never drew.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -151,29 +150,24 @@ def run(config, dry_run: bool = False) -> dict | None:
             raise EvaluateError(f"{wd.store_dir(config)}: harvested from model "
                                 f"{data.model_name!r}, but config.model.source loads {model.name!r}")
     final, tmp = wd.evaluate_dir(config), f"{wd.evaluate_dir(config)}.tmp-{os.getpid()}"
-    lock = wd.lock_stage(config, "evaluate")
-    try:
-        for old in glob.glob(f"{final}.tmp-*"):  # what a killed evaluation left
-            shutil.rmtree(old, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, wd.CARDS))
-        rng = np.random.default_rng(config.seed)
-        results = []
-        for name, arrays, meta in groups:
-            results += _evaluate_group(name, arrays, meta, data, model, config, rng, tmp)
-        doc = {"format": "saejax-eval/1", "model": data.model_name, "contexts": data.n_contexts,
-               "heldout_contexts": 0 if data.synthetic else len(data.all_tokens),
-               "synthetic": data.synthetic, "groups": [g[0] for g in groups], "saes": results}
-        with open(os.path.join(tmp, wd.RESULTS), "w") as fh:
-            json.dump(finite(doc), fh, indent=1, allow_nan=False)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if lock is not None:
-            lock.close()
+    with wd.stage_lock(config, "evaluate", output=final):
+        try:
+            os.makedirs(os.path.join(tmp, wd.CARDS))
+            rng = np.random.default_rng(config.seed)
+            results = []
+            for name, arrays, meta in groups:
+                results += _evaluate_group(name, arrays, meta, data, model, config, rng, tmp)
+            doc = {"format": "saejax-eval/1", "model": data.model_name, "contexts": data.n_contexts,
+                   "heldout_contexts": 0 if data.synthetic else len(data.all_tokens),
+                   "synthetic": data.synthetic, "groups": [g[0] for g in groups], "saes": results}
+            with open(os.path.join(tmp, wd.RESULTS), "w") as fh:
+                json.dump(finite(doc), fh, indent=1, allow_nan=False)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     print(table(results))
     print(f"saejax evaluate: wrote {wd.results_path(config)}", file=sys.stderr)
     return doc

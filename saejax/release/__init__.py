@@ -6,10 +6,8 @@ release folder (with suite.json) is the completion marker.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
 import sys
 
 from saejax import workdir as wd
@@ -80,10 +78,7 @@ def run(config, dry_run: bool = False) -> dict | None:
             groups[name] = sae_io.load_group(path)
         except (FileNotFoundError, KeyError, ValueError) as e:
             raise ReleaseError(str(e).strip("'\"")) from None
-    lock = wd.lock_stage(config, "release")
-    try:
-        for old in glob.glob(f"{wd.release_dir(config)}.tmp-*"):  # what a killed release left
-            shutil.rmtree(old, ignore_errors=True)
+    with wd.stage_lock(config, "release", output=wd.release_dir(config)):
         suite = writer.write(wd.release_dir(config), picked, groups, name=config.release.name,
                              model=doc.get("model", ""), formats=tuple(config.release.formats),
                              cards_dir=wd.evaluate_dir(config), contexts=doc.get("contexts", 0),
@@ -91,8 +86,5 @@ def run(config, dry_run: bool = False) -> dict | None:
                              extra={"results_sha256": _digest(wd.results_path(config)),
                                     "heldout_contexts": doc.get("heldout_contexts", 0),
                                     "context_size": int(config.data.context_len)})
-    finally:
-        if lock is not None:
-            lock.close()
     print(f"saejax release: wrote {wd.suite_path(config)}", file=sys.stderr)
     return suite

@@ -95,14 +95,13 @@ def run(config, dry_run: bool = False, max_tokens: int | None = None, model=None
     if is_complete(config):
         print(f"saejax harvest: {root}/manifest.json is complete; nothing to do", file=sys.stderr)
         return read_json(wd.manifest_path(config))
-    lock = parts.lock(root, pi)
-    watch = PreemptionWatch()
-    try:
+    with parts.lock(root, pi):
         parts.remove_temp_files(root, pi)  # what a killed harvest left (its lock is ours now)
-        return _Harvest(config, model, plan, root, pi, pc).run(watch)
-    finally:
-        watch.close()
-        lock.close()
+        watch = PreemptionWatch()
+        try:
+            return _Harvest(config, model, plan, root, pi, pc).run(watch)
+        finally:
+            watch.close()
 
 
 def make_forward(model, sites, dtype: str, mesh):

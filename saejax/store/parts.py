@@ -22,11 +22,11 @@ def part_path(root: str, process: int) -> str:
 
 
 def lock(root: str, process: int):
-    """Create ``parts/`` and hold an exclusive flock on ``parts/<process>.lock`` for this process's
-    lifetime (``saejax.workdir.lock``): two harvests writing one process's shards would delete each
+    """Create ``parts/`` and hold an exclusive flock on ``parts/<process>.lock`` for the block
+    (``saejax.workdir.locked``): two harvests writing one process's shards would delete each
     other's files. The lock lives in the store, which may be written outside any workdir."""
     from saejax import workdir
-    return workdir.lock(os.path.join(root, PART_DIR, f"{process}.lock"),
+    return workdir.locked(os.path.join(root, PART_DIR, f"{process}.lock"),
                         f"another harvest is writing this store (process {process})")
 
 

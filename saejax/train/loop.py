@@ -236,15 +236,11 @@ def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> li
                 else state_memory(spec, hp, mesh)
             log(dry_run_report(spec, hp, mem))
         return []
-    lock = wd.lock_stage(config, "train")
-    try:
+    with wd.stage_lock(config, "train"):
         prints = [fingerprint(spec, hp, config.seed, source) for spec, hp in plans]
         for (spec, _), fp in zip(plans, prints):  # every group, before any trains: a changed config is refused
             check_fingerprint(config, spec.name, fp)
         return [_train_one(config, spec, hp, fp, source, mesh) for (spec, hp), fp in zip(plans, prints)]
-    finally:
-        if lock is not None:
-            lock.close()
 
 
 def _header(spec, hp, mesh) -> str:
