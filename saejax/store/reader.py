@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from saejax import config as cfg
 from saejax.store.manifest import SPLITS, StoreError, local_path, read_json, sha256_file, validate
 from saejax.store.writer import STORAGE, crc, from_storage
 
@@ -51,20 +52,7 @@ class Store:
         self.sites = list(m["sites"])
         self.model = m["model"]
         self._shards = {(site, split): [] for site in self.sites for split in SPLITS}
-        real_root = os.path.realpath(path)
         for sh in m["shards"]:
-            for key in ("file", "meta"):
-                f = os.path.join(path, sh[key])
-                real = os.path.realpath(f)
-                if os.path.commonpath([real, real_root]) != real_root:
-                    raise StoreError(f"{mpath}: {sh[key]} resolves outside the store (to {real})")
-                if not os.path.isfile(f):
-                    raise StoreError(f"{f}: listed in the manifest but missing (site {sh['site']})")
-            for key, nb in (("file", "bytes"), ("meta", "meta_bytes")):
-                f = os.path.join(path, sh[key])
-                if nb in sh and os.path.getsize(f) != sh[nb]:
-                    raise StoreError(f"{f}: {os.path.getsize(f)} bytes, the manifest says "
-                                     f"{sh[nb]} (truncated or replaced)")
             self._shards[(sh["site"], sh["split"])].append(sh)
         self.chunked = m["format"] != "saejax-store/1"
         self.check_reads = check_chunks  # False: no chunk checks (benchmarks/store_checks.py measures them)
@@ -75,18 +63,28 @@ class Store:
         self._offsets = self._check_headers(m["shards"])
 
     def _check_headers(self, shards) -> dict[str, int]:
-        """Every shard file's .npy header against the manifest (rows, width, dtype; meta [rows, 3]
-        int32), read in parallel; returns each file's data offset. StoreError naming the first bad file."""
+        """Every shard file against the manifest, in parallel: inside the store once symbolic links
+        are resolved, present, of its recorded size, and its .npy header (rows, width, dtype; meta
+        [rows, 3] int32). Returns each file's data offset; StoreError naming the first bad file."""
         want_dtype = np.dtype(np.uint16 if self.dtype == "bfloat16" else STORAGE[self.dtype])
+        mpath = os.path.join(self.path, "manifest.json")
+        real_root = os.path.realpath(self.path)
         jobs = []
         for sh in shards:
             w = int(self.manifest["sites"][sh["site"]]["width"])
-            jobs.append((sh["file"], (sh["rows"], w), want_dtype, sh["site"]))
-            jobs.append((sh["meta"], (sh["rows"], 3), np.dtype(np.int32), sh["site"]))
+            jobs.append((sh["file"], (sh["rows"], w), want_dtype, sh["site"], sh.get("bytes")))
+            jobs.append((sh["meta"], (sh["rows"], 3), np.dtype(np.int32), sh["site"], sh.get("meta_bytes")))
 
         def one(job):
-            rel, shape, dtype, site = job
+            rel, shape, dtype, site, nbytes = job
             f = os.path.join(self.path, rel)
+            real = os.path.realpath(f)
+            if os.path.commonpath([real, real_root]) != real_root:
+                raise StoreError(f"{mpath}: {rel} resolves outside the store (to {real})")
+            if not os.path.isfile(f):
+                raise StoreError(f"{f}: listed in the manifest but missing (site {site})")
+            if nbytes is not None and os.path.getsize(f) != nbytes:
+                raise StoreError(f"{f}: {os.path.getsize(f)} bytes, the manifest says {nbytes} (truncated or replaced)")
             try:
                 with open(f, "rb") as fh:
                     version = np.lib.format.read_magic(fh)
@@ -95,7 +93,7 @@ class Store:
                     got, fortran, got_dtype = read(fh)
                     offset = fh.tell()
             except (ValueError, OSError, EOFError) as e:
-                raise StoreError(f"{f}: not a readable .npy file ({first_line(e)})") from None
+                raise StoreError(f"{f}: not a readable .npy file ({cfg.first_line(e)})") from None
             if tuple(got) != shape:
                 raise StoreError(f"{f}: shape {tuple(got)}, the manifest implies {shape} (site {site}: "
                                  f"{shape[0]} rows of width {shape[1]})")
@@ -386,10 +384,6 @@ class Reader:
             self._pool = None
 
 
-def first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
 def open_store(path: str, check_chunks: bool = True) -> Store:
     """Open and validate a store (manifest fields and paths, listed files present, shard sizes and
     .npy headers); reads check chunk checksums unless ``check_chunks`` is False."""
@@ -401,7 +395,6 @@ def check_store(store: Store, config, sites=None, widths: dict | None = None, mo
     ``model_name`` when given), holding every site of ``sites`` (default: the config's harvest
     sites) with train rows, at width ``widths[site]`` when given. StoreError naming the site or
     field, before anything compiles."""
-    from saejax import config as cfg
     m = store.manifest
     want_source = config.model.source
     if "model_source" in m and m["model_source"] != want_source:

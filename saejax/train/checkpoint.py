@@ -22,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from saejax import files
+from saejax.config import first_line
 from saejax.log import log
 from saejax.preempt import EXIT_PREEMPTED, Preempted, PreemptionWatch  # noqa: F401 - the train loop's names
 
@@ -54,7 +55,7 @@ class Checkpoints:
             try:
                 state = self.manager.restore(s, args=ocp.args.StandardRestore(target))
             except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types for bad files
-                why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                why = first_line(e)[:200]
                 nxt = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint"
                 log(f"saejax train: warning: the checkpoint at step {s} in {self.directory} cannot be read "
                     f"({why}); {nxt}")
