@@ -21,6 +21,7 @@ from safetensors.numpy import load_file
 from saejax import mesh as meshlib
 from saejax.data.synthetic import SyntheticSource
 from saejax.sae.group import GroupSpec
+from saejax.preempt import EXIT_PREEMPTED
 from saejax.train import checkpoint as ckpt
 from saejax.train import loop, optim
 from saejax.train.trainer import Trainer, to_host
@@ -140,7 +141,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_75(reference, tmp_path):
     time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == ckpt.EXIT_PREEMPTED == 75, err[-3000:]
+    assert proc.returncode == EXIT_PREEMPTED == 75, err[-3000:]
     saved = max(_finished_steps(work))
     assert f"preempted: checkpoint at step {saved} saved" in err
     assert 50 < saved < STEPS

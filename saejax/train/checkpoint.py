@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from saejax import files
 from saejax.config import first_line
 from saejax.log import log
-from saejax.preempt import EXIT_PREEMPTED, Preempted, PreemptionWatch  # noqa: F401 - the train loop's names
+
 
 class CheckpointError(RuntimeError):
     """No checkpoint of a group can be read; the message names the folder."""

@@ -22,6 +22,7 @@ from saejax import files
 from saejax import mesh as meshlib
 from saejax import workdir as wd
 from saejax.log import log
+from saejax.preempt import EXIT_PREEMPTED, Preempted, PreemptionWatch
 from saejax.sources import PlannedSource, make_source
 from saejax.train import checkpoint as ckpt
 from saejax.train.export import save_final
@@ -67,7 +68,7 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
     start = int(jax.device_get(state["step"]))
     _truncate_log(log_path, start)
     records = open(log_path, "a") if log_path and jax.process_index() == 0 else None
-    watch = ckpt.PreemptionWatch() if ckpts is not None else None
+    watch = PreemptionWatch() if ckpts is not None else None
     held = trainer.local_heldout(source, scales) if log_path or progress else None
     held = None if held is None else trainer.put_batch(held)
     t0, last = time.time(), start
@@ -106,8 +107,8 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
             if preempt:
                 ckpts.wait()
                 log(f"[{spec.name}] preempted: checkpoint at step {done} saved; "
-                    f"exit {ckpt.EXIT_PREEMPTED}, rerun the same command to resume")
-                raise ckpt.Preempted(done)
+                    f"exit {EXIT_PREEMPTED}, rerun the same command to resume")
+                raise Preempted(done)
     finally:
         if records:
             records.close()
