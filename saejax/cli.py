@@ -1,9 +1,9 @@
-"""The ``saejax`` command: harvest, train, evaluate, release, run.
+"""The ``saejax`` command: harvest, train, evaluate, release, analyze, run.
 
     saejax <stage> --config experiments/<name>.py[:variant,...] [--config.a.b=value ...] [--dry_run]
 
-Every stage reads and writes under ``config.workdir``; ``run`` chains the four stages and skips
-a stage whose output is complete.
+Every stage reads and writes under ``config.workdir``; ``run`` chains the four stages (and analyze
+when ``analyze.enabled``) and skips a stage whose output is complete.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 
 from saejax import config as cfg
 
-STAGES = ("harvest", "train", "evaluate", "release", "run")
+STAGES = ("harvest", "train", "evaluate", "release", "analyze", "run")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "default.py")
 
 
@@ -42,6 +42,9 @@ def _stage(name):
     if name == "release":
         from saejax import release
         return release.run
+    if name == "analyze":
+        from saejax import analyze
+        return analyze.run
     raise AssertionError(name)
 
 
@@ -63,6 +66,8 @@ def main(argv=None) -> int:
     from saejax.mesh import init_distributed
     init_distributed()  # multi-process runs join here, before any device is touched
     stages = ("harvest", "train", "evaluate", "release") if known.stage == "run" else (known.stage,)
+    if known.stage == "run" and config.analyze.enabled:
+        stages += ("analyze",)
     if known.stage == "run" and config.train.source == "synthetic":
         stages = ("train",)  # no model, no store: there is nothing to harvest, splice or release
     planned = None
@@ -71,7 +76,7 @@ def main(argv=None) -> int:
         if known.stage == "run" and not known.dry_run and _complete(name, config):
             print(f"saejax run: {name} is complete under {config.workdir}; skipped", file=sys.stderr)
             continue
-        if known.stage == "run" and known.dry_run and name in ("evaluate", "release") \
+        if known.stage == "run" and known.dry_run and name in ("evaluate", "release", "analyze") \
                 and not _complete(stages[i - 1], config):
             print(f"saejax run: {name} dry run needs {stages[i - 1]}'s output; it runs after "
                   f"{stages[i - 1]}", file=sys.stderr)
@@ -103,7 +108,7 @@ def _input_errors() -> tuple:
     errors = []
     for mod, name in (("saejax.store", "StoreError"), ("saejax.mesh", "MeshError"),
                       ("saejax.models", "ModelError"), ("saejax.evaluate", "EvaluateError"),
-                      ("saejax.release", "ReleaseError"), ("saejax.train.checkpoint", "CheckpointError"),
+                      ("saejax.release", "ReleaseError"), ("saejax.analyze", "AnalyzeError"), ("saejax.train.checkpoint", "CheckpointError"),
                       ("saejax.files", "DiskFull"), ("saejax.workdir", "WorkdirError")):
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))

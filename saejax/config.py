@@ -24,6 +24,7 @@ import ml_collections
 
 SITE_KINDS = ("res", "att", "mlp_in", "mlp")
 DTYPES = ("float32", "bfloat16", "float16")
+ANALYSES = ("dark_matter", "seeds", "layer_groups")  # saejax analyze (docs/analysis.md)
 
 
 class ConfigError(ValueError):
@@ -94,6 +95,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.sae.auxk_coeff = 1.0 / 32  # topk/batchtopk: AuxK loss weight (Gao et al.)
     c.sae.auxk_k = 512  # topk/batchtopk: latents in the AuxK reconstruction
     c.sae.dtype = "float32"  # parameter dtype; Gemma Scope trained in fp32
+    # Seeds per sweep value: members that differ only in their random init and read the same rows
+    # (seed stability, docs/analysis.md). 1: one SAE per sweep value.
+    c.sae.seeds = 1
 
     # --- training ----------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
@@ -143,6 +147,19 @@ def defaults() -> ml_collections.ConfigDict:
     c.release.name = "saejax-suite"
     c.release.l0 = ()  # publish the SAE nearest each of these L0s per site and width; () = all
     c.release.formats = ("gemmascope", "saelens")
+
+    # --- research analyses of the released suite (saejax analyze, docs/analysis.md) -----------------
+    c.analyze = ml_collections.ConfigDict()
+    c.analyze.enabled = False  # saejax run chains analyze after release
+    c.analyze.analyses = ("dark_matter", "seeds", "layer_groups")
+    c.analyze.release = ""  # the suite to analyze: "" = <workdir>/release, or a folder / HF repo id (load_suite)
+    c.analyze.rows = 16384  # held-out rows per site every analysis is measured on (at most)
+    c.analyze.fit_rows = 16384  # train rows per site the dark-matter regression is fit on
+    c.analyze.ridge = 1e-6  # dark matter: ridge, relative to the mean eigenvalue of the inputs' covariance
+    c.analyze.seed_threshold = 0.7  # seeds: a latent is shared when its match's cosine is at least this
+    c.analyze.match_full_max = 16384  # seeds: widths up to this get the full Hungarian matching (docs/analysis.md)
+    c.analyze.match_candidates = 16  # seeds: candidates per latent (each side) above match_full_max
+    c.analyze.layer_groups = 0  # layer groups: how many groups to cut the res layers into (0: n_layers // 4, at least 2)
 
     c.lock()
     return c
@@ -334,6 +351,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.sae.encoder_init_scale > 0, "sae.encoder_init_scale", "must be positive")
     _check(c.sae.threshold_init_l0 >= 0, "sae.threshold_init_l0", "must be >= 0 (0: theta = threshold_init)")
     _check(c.sae.dtype in DTYPES, "sae.dtype", f"{c.sae.dtype!r} is not one of {DTYPES}")
+    _check(isinstance(c.sae.seeds, int) and c.sae.seeds >= 1, "sae.seeds", "must be an int >= 1")
     _check(c.train.tokens > 0, "train.tokens", "must be positive")
     _check(c.train.batch_size > 0, "train.batch_size", "must be positive")
     _check(c.train.lr > 0, "train.lr", "must be positive")
@@ -352,6 +370,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check([c.mesh[a] for a in ("data", "latent", "stack")].count(-1) <= 1, "mesh", "at most one axis may be -1")
     for f in c.release.formats:
         _check(f in ("gemmascope", "saelens"), "release.formats", f"{f!r} is not 'gemmascope' or 'saelens'")
+    for a in c.analyze.analyses:
+        _check(a in ANALYSES, "analyze.analyses", f"{a!r} is not one of {ANALYSES}")
+    for key in ("rows", "fit_rows", "match_full_max", "match_candidates"):
+        _check(c.analyze[key] >= 1, f"analyze.{key}", "must be >= 1")
+    _check(c.analyze.ridge >= 0, "analyze.ridge", "must be >= 0")
+    _check(-1 <= c.analyze.seed_threshold <= 1, "analyze.seed_threshold", "must be a cosine in [-1, 1]")
+    _check(c.analyze.layer_groups >= 0, "analyze.layer_groups", "must be >= 0 (0: n_layers // 4)")
 
 
 def sites(c: ml_collections.ConfigDict) -> list[str]:

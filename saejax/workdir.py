@@ -8,6 +8,7 @@
     <workdir>/train/<group>/final/           the trained group (docs/formats.md)
     <workdir>/evaluate/                      results.json and cards/<sae>.html (docs/evaluate.md)
     <workdir>/release/                       the released suite and its suite.json (docs/formats.md)
+    <workdir>/analysis/                      research analyses of the released suite (docs/analysis.md)
 
 The layout inside the store and the release folders belongs to their own stages.
 """
@@ -77,6 +78,10 @@ def release_dir(config) -> str:
 
 def suite_path(config) -> str:
     return os.path.join(release_dir(config), SUITE)
+
+
+def analysis_dir(config) -> str:
+    return os.path.join(config.workdir, "analysis")
 
 
 def fingerprint_path(config, group: str) -> str:

@@ -176,6 +176,7 @@ def run(config, dry_run: bool = False) -> dict | None:
 def _evaluate_group(name, arrays, meta, data, model, config, rng, out) -> list[dict]:
     results = []
     frozen = np.asarray(meta.get("frozen") or np.zeros((len(meta["sites"]), len(meta["sweep"])), bool))
+    seed = sae_io.seeds(meta)
     for t, site in enumerate(meta["sites"]):
         rows, rmeta = data.rows(site)
         recon, density = metrics.site_metrics(meta, arrays, t, rows, return_density=True)
@@ -194,6 +195,7 @@ def _evaluate_group(name, arrays, meta, data, model, config, rng, out) -> list[d
                 "target_l0": meta["target_l0"][k] if meta.get("target_l0") else None,
                 "lam": meta["lam"][t][k] if meta.get("lam") else None,
                 "k": int(meta["k"][k]) if meta["k"] else None,
+                "seed": seed[k],
                 "frozen": bool(frozen[t][k]), "steps": meta.get("steps"), "tokens": meta.get("tokens"),
                 **r, **lo, "card": card_of.get(k)})
     return results

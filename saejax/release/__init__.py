@@ -11,11 +11,12 @@ import os
 import sys
 
 from saejax import workdir as wd
+from saejax.release.annotate import annotate
 from saejax.release.errors import ReleaseError
 from saejax.release.load import Entry, Suite, load_suite
 from saejax.release.sae import SAE
 
-__all__ = ["ReleaseError", "Entry", "Suite", "SAE", "load_suite", "run", "is_complete"]
+__all__ = ["annotate", "ReleaseError", "Entry", "Suite", "SAE", "load_suite", "run", "is_complete"]
 
 
 def _digest(path: str) -> str:

@@ -8,7 +8,8 @@
 
 suite.json: {"format": "saejax-suite/1", "name", "model", "contexts", "results_sha256", "saes": [{"site", "kind",
 "layer", "width", "d", "arch", "k", "l0", "path", "saelens", "card", "metrics": {...},
-"source": {"group", "member", "sparsity", "steps", "tokens"}}]}; paths are relative to the release.
+"source": {"group", "member", "sparsity", "target_l0", "seed", "steps", "tokens"}}]}; paths are relative
+to the release. A suite that was analyzed (saejax analyze) also holds "analysis" (annotate below).
 N in average_l0_N is the held-out L0, rounded, as Gemma Scope named theirs.
 """
 from __future__ import annotations
@@ -26,15 +27,22 @@ METRIC_KEYS = ("l0", "fvu", "explained_variance", "dead_frac", "dense_1pct", "de
                "n_tokens", "delta_lm_loss", "ce_score", "kl", "ce_clean", "ce_sae", "ce_ablate", "kl_ablate")
 
 
+def sae_dir(r: dict) -> str:
+    """A result's release folder: Gemma Scope's, with ``_seed<S>`` appended for seed S > 0
+    (``sae.seeds``; Gemma Scope's own parser skips those folders, suite.json lists them)."""
+    rel = gs.sae_dir(r["kind"], r["layer"], r["width"], r["l0"])
+    return f"{rel}_seed{r['seed']}" if r.get("seed") else rel
+
+
 def choose(results: list[dict], targets=()) -> tuple[list[dict], list[str]]:
-    """The SAEs to publish: per (site, width), the one nearest each target L0, or all of them.
+    """The SAEs to publish: per (site, width, seed), the one nearest each target L0, or all of them.
     Frozen (non-finite) SAEs and SAEs without a measured L0 are never published, and of SAEs whose
     rounded L0 would give the same folder name the one with the lowest FVU is. Returns (chosen,
     notes on what was left out)."""
     by = {}
     for r in results:
         if not r.get("frozen") and r.get("l0") is not None and r.get("fvu") is not None:
-            by.setdefault((r["site"], r["width"]), []).append(r)
+            by.setdefault((r["site"], r["width"], r.get("seed") or 0), []).append(r)
     out = []
     for _, cands in sorted(by.items()):
         if not targets:
@@ -47,7 +55,7 @@ def choose(results: list[dict], targets=()) -> tuple[list[dict], list[str]]:
         out += sorted(picked.values(), key=lambda r: r["l0"])
     best, notes = {}, []
     for r in out:
-        key = gs.sae_dir(r["kind"], r["layer"], r["width"], r["l0"])
+        key = sae_dir(r)
         if key in best:
             keep, drop = sorted((best[key], r), key=lambda x: x["fvu"])
             notes.append(f"{drop['id']} not released: {key} is {keep['id']} (same rounded L0, lower FVU)")
@@ -55,7 +63,7 @@ def choose(results: list[dict], targets=()) -> tuple[list[dict], list[str]]:
         best[key] = r
     skipped = [f"{r['id']} not released: frozen or unmeasured" for r in results
                if r.get("frozen") or r.get("l0") is None or r.get("fvu") is None]
-    return [r for r in out if best[gs.sae_dir(r["kind"], r["layer"], r["width"], r["l0"])] is r], notes + skipped
+    return [r for r in out if best[sae_dir(r)] is r], notes + skipped
 
 
 def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str, formats=("gemmascope", "saelens"),
@@ -71,7 +79,7 @@ def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str,
         for r in picked:
             arrays, meta = groups[r["group"]]
             folded, arch, k = fold.group_sae(arrays, meta, r["t"], r["member"])
-            rel = gs.sae_dir(r["kind"], r["layer"], r["width"], r["l0"])
+            rel = sae_dir(r)
             if (folded["threshold"] < 0).any():
                 print(f"saejax release: {r['id']}: {int((folded['threshold'] < 0).sum())} negative thresholds; "
                       f"Gemma Scope's formula and SAELens rectify, so those latents differ there", file=sys.stderr)
@@ -79,6 +87,7 @@ def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str,
                  "arch": arch, "k": k, "l0": r["l0"], "path": None, "saelens": None, "card": None,
                  "metrics": {m: r.get(m) for m in METRIC_KEYS},
                  "source": {"group": r["group"], "member": r["member"], "sparsity": r["sparsity"],
+                            "target_l0": r.get("target_l0"), "seed": r.get("seed") or 0,
                             "arch": meta["arch"], "steps": meta.get("steps"), "tokens": meta.get("tokens")}}
             if "gemmascope" in formats:
                 os.makedirs(os.path.join(tmp, rel))

@@ -34,6 +34,19 @@ def export_params(arch: str, params, bt_threshold) -> dict[str, np.ndarray]:
     return out
 
 
+def seeds(meta: dict) -> list[int]:
+    """Each member's seed index: how many earlier members of the group have the same sweep value and
+    L0 target (members that differ only in their random init, ``sae.seeds``); 0 for every member of a
+    group trained without repeats."""
+    targets = meta.get("target_l0") or [None] * len(meta["sweep"])
+    seen: dict = {}
+    out = []
+    for key in zip(meta["sweep"], targets):
+        out.append(seen.get(key, 0))
+        seen[key] = out[-1] + 1
+    return out
+
+
 def save_group(path: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
     """Write a group folder atomically (a temporary folder renamed into place)."""
     tmp = f"{path}.tmp-{os.getpid()}"

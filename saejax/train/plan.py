@@ -24,7 +24,10 @@ def plan_groups(config, source) -> list[tuple[GroupSpec, optim.Hyper]]:
     for site in source.sites:
         by_d.setdefault(source.width(site), []).append(site)
     s, t = config.sae, config.train
-    sweep = tuple(float(v) for v in (s.target_l0 or s.sparsity))
+    # sae.seeds: each sweep value (or target) repeated, seed-major within it: member i * seeds + j is
+    # seed j of value i. Members of one group draw independent inits (init_params), so repeats are seeds.
+    sweep = tuple(float(v) for v in (s.target_l0 or s.sparsity) for _ in range(s.seeds))
+    targets = tuple(float(v) for v in s.target_l0 for _ in range(s.seeds))
     plans = []
     for d, sites in sorted(by_d.items()):
         for width in s.widths:
@@ -45,7 +48,7 @@ def plan_groups(config, source) -> list[tuple[GroupSpec, optim.Hyper]]:
                 lr_decay=t.lr_decay, lr_decay_end=t.lr_decay_end,
                 sparsity_warmup=cfg.schedule_steps(t.sparsity_warmup, total),
                 dead_steps=max(1, math.ceil(t.dead_tokens / t.batch_size)),
-                target_l0=tuple(float(v) for v in s.target_l0))
+                target_l0=targets)
             plans.append((spec, hp))
     return plans
 
