@@ -46,9 +46,10 @@ class PlanError(ValueError):
 
 
 def sizes_of(mesh_or_sizes) -> dict:
-    if isinstance(mesh_or_sizes, dict):
-        return {a: int(mesh_or_sizes[a]) for a in AXES}
-    return {a: int(dict(mesh_or_sizes.shape).get(a, 1)) for a in AXES}
+    """{axis: size} of a Mesh, an AbstractMesh, or a mapping (a dict, ``config.mesh``)."""
+    if hasattr(mesh_or_sizes, "axis_names"):
+        return {a: int(dict(mesh_or_sizes.shape).get(a, 1)) for a in AXES}
+    return {a: int(mesh_or_sizes[a]) for a in AXES}
 
 
 def matmul_passes(spec) -> int:
@@ -225,7 +226,8 @@ def project(chip, *, flops: float, passes: int, hbm: float, wire: float, host: f
     serial = max(t["compute"] + t["HBM"] + t["interconnect"], t["host read"])
     overlap = max(t.values())
     useful = flops / chip.bf16_flops
-    limit = max(t, key=t.get)
+    inside = {k: t[k] for k in ("compute", "HBM", "interconnect")}
+    limit = "host read" if t["host read"] > sum(inside.values()) else max(inside, key=inside.get)
     return {"times": t, "serial": serial, "overlap": overlap, "limit": limit,
             "fraction": useful / serial if serial else 0.0, "fraction_overlap": useful / overlap if overlap else 0.0}
 
