@@ -95,12 +95,13 @@ def _from_json(cls, d: dict):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def measure(plans, sizes: dict) -> list[dict]:
+def measure(plans, sizes: dict, subprocess_only: bool = False) -> list[dict]:
     """``program`` of every (spec, hp) in ``plans`` on a mesh of ``sizes``: in this process when it
-    has the devices, else in one subprocess with that many virtual CPU devices."""
+    has the devices, else (or with ``subprocess_only``) in one subprocess with that many virtual CPU
+    devices."""
     import jax
     n = math.prod(sizes[a] for a in AXES)
-    if jax.device_count() >= n and jax.process_count() == 1:
+    if jax.device_count() >= n and jax.process_count() == 1 and not subprocess_only:
         from saejax import mesh as meshlib
         mesh = meshlib.make_mesh(sizes, jax.devices()[:n])
         return [program(spec, hp, mesh) for spec, hp in plans]
@@ -280,8 +281,9 @@ def job_time(plans, sizes: dict, chip, itemsize: int = 4) -> tuple[float, int, l
 
 def propose(plans, n_devices: int, chip, itemsize: int = 4, processes: int = 1) -> tuple[dict | None, dict]:
     """The mesh with the lowest projected job time (no overlap) that fits ``chip``'s memory, and
-    every candidate's (time, peak). Data sharding only while a device keeps ``MIN_ROWS`` rows (unless
-    nothing else fits); ties go to more stack, then less latent, sharding."""
+    every candidate's (time, peak). Data sharding only while a device keeps ``MIN_ROWS`` rows, latent
+    sharding only when no mesh without it fits (each unless nothing else fits); ties go to more stack,
+    then less latent, sharding."""
     table = {}
     for sizes in candidates(plans, n_devices, processes):
         t, peak, _ = job_time(plans, sizes, chip, itemsize)
@@ -289,6 +291,8 @@ def propose(plans, n_devices: int, chip, itemsize: int = 4, processes: int = 1) 
     fits = {k: v for k, v in table.items() if v[1] <= chip.hbm}
     many = {k: v for k, v in fits.items() if min(hp.batch_size for _, hp in plans) // k[0] >= MIN_ROWS}
     pool = many or fits
+    whole = {k: v for k, v in pool.items() if k[2] == 1}  # latent sharding only when nothing else fits
+    pool = whole or pool
     if not pool:
         return None, table
     best = min(pool, key=lambda k: (pool[k][0], -k[1], k[2]))
