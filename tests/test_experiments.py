@@ -79,8 +79,11 @@ def test_gemma_dry_run_plans_the_slice_offline(tmp_path, monkeypatch):
     assert "res.25: width 2304" in text and "att.25: width 2048" in text  # Gemma 2 2B's site widths
     assert "needs 64 devices" in text
     line = next(ln for ln in text.splitlines() if "[jumprelu_d2304_w16384] dry run:" in ln)
-    # 52 sites x 5 targets x (2 x 2304 x 16384 + 16384 + 16384 + 2304) fp32, over stack 2 x latent 4
-    assert "per device: params 9,365.2 MiB" in line, line
+    # 52 sites x 5 targets x (2 x 2304 x 16384 + 16384 + 16384 + 2304) fp32, over stack 2 x latent 16
+    assert "per device: params 2,342.2 MiB" in line, line
+    # the step compiled on 64 virtual devices, projected on v5p, and the planner's proposal
+    assert "[jumprelu_d2304_w16384] step cost per device, compiled program" in text
+    assert "[jumprelu_d2304_w16384] projected on v5p" in text and "mesh planner (64 v5p chips)" in text
     assert not any(tmp_path.iterdir())
 
 
