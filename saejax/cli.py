@@ -108,8 +108,9 @@ def _input_errors() -> tuple:
     errors = []
     for mod, name in (("saejax.store", "StoreError"), ("saejax.mesh", "MeshError"),
                       ("saejax.models", "ModelError"), ("saejax.evaluate", "EvaluateError"),
-                      ("saejax.release", "ReleaseError"), ("saejax.analyze", "AnalyzeError"), ("saejax.train.checkpoint", "CheckpointError"),
-                      ("saejax.files", "DiskFull"), ("saejax.workdir", "WorkdirError")):
+                      ("saejax.release", "ReleaseError"), ("saejax.analyze", "AnalyzeError"),
+                      ("saejax.train.checkpoint", "CheckpointError"), ("saejax.files", "DiskFull"),
+                      ("saejax.workdir", "WorkdirError"), ("saejax.train.cost", "PlanError")):
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))
         except (ImportError, AttributeError):

@@ -136,6 +136,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.latent = 1
     c.mesh.stack = 1
+    # The chip the dry run's step cost model and memory checks plan for (saejax/chips.py: v5p, v5e,
+    # v4, h100, h200); a plan that exceeds its device memory or one host's memory is refused.
+    c.mesh.target_chip = "v5p"
 
     # --- evaluation and release --------------------------------------------------------------
     c.evaluate = ml_collections.ConfigDict()
@@ -368,6 +371,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         size = c.mesh[axis]
         _check(size == -1 or size >= 1, f"mesh.{axis}", "must be -1 or a positive int")
     _check([c.mesh[a] for a in ("data", "latent", "stack")].count(-1) <= 1, "mesh", "at most one axis may be -1")
+    from saejax.chips import CHIPS
+    _check(c.mesh.target_chip in CHIPS, "mesh.target_chip", f"{c.mesh.target_chip!r} is not one of {tuple(CHIPS)}")
     for f in c.release.formats:
         _check(f in ("gemmascope", "saelens"), "release.formats", f"{f!r} is not 'gemmascope' or 'saelens'")
     for a in c.analyze.analyses:

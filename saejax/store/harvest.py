@@ -87,9 +87,14 @@ def run(config, dry_run: bool = False, max_tokens: int | None = None, model=None
         else:
             model = models.load(config.model.source, dtype=config.model.dtype)
     pc, pi = jax.process_count(), jax.process_index()
+    if dry_run:
+        pc = _target_processes(config, jax.device_count(), pc)
     plan = Plan(config, model, max_tokens, pc)
     if dry_run:
-        return print_plan(config, model, plan)
+        out = print_plan(config, model, plan)
+        plan.check_host_memory(config)  # after the plan is printed; before anything runs
+        return out
+    plan.check_host_memory(config)
     if next(iter(contexts(config, model, 0, 1)), None) is None:  # the corpus opens: checked before any write
         raise corpus_mod.CorpusError(f"data.corpus={config.data.corpus!r} holds no full context of "
                                      f"{plan.L} tokens")
@@ -104,6 +109,17 @@ def run(config, dry_run: bool = False, max_tokens: int | None = None, model=None
             return _Harvest(config, model, plan, root, pi, pc).run(watch)
         finally:
             watch.close()
+
+
+def _target_processes(config, devices: int, processes: int) -> int:
+    """The dry run plans for the slice the config's mesh names when this machine has fewer devices:
+    one process per host of mesh.target_chip (saejax/chips.py)."""
+    from saejax.chips import CHIPS
+    sizes = [config.mesh[a] for a in ("data", "stack", "latent")]
+    n = -1 if -1 in sizes else int(np.prod(sizes))
+    if n <= devices:
+        return processes
+    return max(1, n // CHIPS[config.mesh.target_chip].chips_per_host)
 
 
 def make_forward(model, sites, dtype: str, mesh):

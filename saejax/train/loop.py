@@ -25,6 +25,7 @@ from saejax.log import log
 from saejax.preempt import EXIT_PREEMPTED, Preempted, PreemptionWatch
 from saejax.sources import PlannedSource, make_source
 from saejax.train import checkpoint as ckpt
+from saejax.train import cost
 from saejax.train.export import save_final
 from saejax.train.plan import dry_run_report, plan_groups, state_memory
 from saejax.train.trainer import Trainer, norm_scales, to_host
@@ -224,19 +225,28 @@ def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> li
             raise
         mesh = meshlib.abstract_mesh(config.mesh)  # plan for the slice's devices from here
         n_devices = mesh.size
-        log(f"saejax train: {e}; the dry run plans for that mesh from its shape alone "
-            f"(per-device memory without XLA's compiled-step figure)")
+        log(f"saejax train: {e}; the dry run plans for that mesh from its shape and compiles the step "
+            f"on {mesh.size} virtual CPU devices")
     plans = plan_groups(config, source)
     for spec, hp in plans:
         meshlib.validate_group(config.mesh, spec.T, spec.width, hp.batch_size, n_devices=n_devices,
                                process_count=1 if n_devices else None, name=spec.name)
+    sizes = cost.sizes_of(mesh)
     if dry_run:
-        for spec, hp in plans:  # from shapes alone on an AbstractMesh (devices of another machine)
+        # The real step compiled for this mesh (here, or on virtual CPU devices in a subprocess): its
+        # FLOPs and collectives feed the cost model; nothing runs.
+        programs = cost.measure(plans, sizes)
+        for (spec, hp), prog in zip(plans, programs):
             log(_header(spec, hp, mesh))
-            mem = Trainer(spec, hp, mesh).memory() if isinstance(mesh, jax.sharding.Mesh) \
-                else state_memory(spec, hp, mesh)
+            mem = state_memory(spec, hp, mesh)
+            if "temp_bytes" in prog:
+                mem["compiled_temp"] = prog["temp_bytes"]
             log(dry_run_report(spec, hp, mem))
+        for line in cost.report(config, plans, sizes, programs):
+            log(line)
+        cost.check_memory(config, plans, sizes)
         return []
+    cost.check_memory(config, plans, sizes)  # before anything compiles or writes
     with wd.stage_lock(config, "train"):
         prints = [fingerprint(spec, hp, config.seed, source) for spec, hp in plans]
         for (spec, _), fp in zip(plans, prints):  # every group, before any trains: a changed config is refused
