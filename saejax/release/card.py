@@ -49,7 +49,7 @@ def _panels(saes, ylabel: str, sharey: bool = False):
     return fig, dict(zip(kinds, axes)), norm
 
 
-def _frontier(saes, path: str, metric: str, ylabel: str, yscale: str = "linear") -> None:
+def _frontier(saes, path: str, metric: str, ylabel: str, yscale: str = "linear"):
     """``metric`` against L0, one line per (layer, width) coloured by layer, a panel per kind."""
     import matplotlib
     cmap = matplotlib.colormaps["viridis"]
@@ -75,17 +75,18 @@ def _frontier(saes, path: str, metric: str, ylabel: str, yscale: str = "linear")
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=list(axes.values()), label="layer",
                  fraction=0.04, pad=0.02)
     _save(fig, path)
+    return fig
 
 
-def plot_l0_fvu(saes: list[dict], path: str) -> None:
-    _frontier(saes, path, "fvu", "fraction of variance unexplained")
+def plot_l0_fvu(saes: list[dict], path: str):
+    return _frontier(saes, path, "fvu", "fraction of variance unexplained")
 
 
-def plot_delta_loss(saes: list[dict], path: str) -> None:
-    _frontier(saes, path, "delta_lm_loss", "delta LM loss (nats)")
+def plot_delta_loss(saes: list[dict], path: str):
+    return _frontier(saes, path, "delta_lm_loss", "delta LM loss (nats)")
 
 
-def plot_density(saes: list[dict], path: str) -> None:
+def plot_density(saes: list[dict], path: str):
     """Per kind, a heat map: layer (x) by log10 firing frequency (y), the share of a site's live
     latents in each bin, averaged over the site's SAEs."""
     fig, axes, _ = _panels(saes, "log10 firing frequency", sharey=True)
@@ -113,6 +114,7 @@ def plot_density(saes: list[dict], path: str) -> None:
     if image is not None:
         fig.colorbar(image, ax=list(axes.values()), label="share of live latents", fraction=0.04, pad=0.02)
     _save(fig, path)
+    return fig
 
 
 def _f(v, fmt):
