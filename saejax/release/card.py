@@ -102,13 +102,15 @@ def plot_density(saes: list[dict], path: str):
             continue
         layers = sorted(per_layer)
         bins = per_layer[layers[0]][0][0]
-        grid = np.full((len(bins) - 1, max(layers) - min(layers) + 1), np.nan)
-        for layer in layers:
+        grid = np.full((len(bins) - 1, len(layers)), np.nan)  # a column per layer present (a suite may skip some)
+        for j, layer in enumerate(layers):
             same = [c for b, c in per_layer[layer] if len(b) == len(bins)]
             if same:
-                grid[:, layer - min(layers)] = np.mean(same, axis=0)
+                grid[:, j] = np.mean(same, axis=0)
         image = ax.imshow(grid, origin="lower", aspect="auto", cmap="magma", vmin=0.0, vmax=float(np.nanmax(grid)),
-                          extent=(min(layers) - 0.5, max(layers) + 0.5, bins[0], bins[-1]), interpolation="nearest")
+                          extent=(-0.5, len(layers) - 0.5, bins[0], bins[-1]), interpolation="nearest")
+        step = max(1, len(layers) // 8)
+        ax.set_xticks(range(0, len(layers), step), [str(layers[j]) for j in range(0, len(layers), step)])
         ax.set_xlabel("layer")
         ax.grid(False)
     if image is not None:
