@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import time
 
 from saejax import workdir as wd
 
@@ -58,16 +59,29 @@ class Tracker:
         """The run starts (or resumes) at ``step``: TensorBoard hides what an earlier attempt logged
         from there on (the event file is opened here, or at the first ``scalars``)."""
         if self._tb_dir is not None and self.tb is None:
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(self._tb_dir, purge_step=int(step) if step else None, flush_secs=30)
+            self._tb(lambda: setattr(self, "tb", _EventFile(self._tb_dir, int(step) if step else None)))
+
+    def _tb(self, fn) -> None:
+        """Run a TensorBoard call; one that fails (a full disk) stops TensorBoard logging with one
+        warning and never the run: the event files are a view, metrics.jsonl the record."""
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - OSError, and what tensorboardX's writer process raises after one
+            from saejax.log import log
+            log(f"saejax: warning: TensorBoard logging to {self._tb_dir} stopped ({type(e).__name__}: {e})"[:300])
+            tb, self.tb, self._tb_dir = self.tb, None, None
+            try:
+                if tb is not None:
+                    tb.close()
+            except Exception:  # noqa: BLE001 - the same failure again
+                pass
 
     def scalars(self, step: int, values: dict) -> None:
         """``values``: tag -> number; None and non-finite numbers (a frozen SAE) are left out."""
         values = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
         self.begin(0)
         if self.tb is not None:
-            for tag, v in values.items():
-                self.tb.add_scalar(tag, v, global_step=int(step))
+            self._tb(lambda: self.tb.scalars(int(step), values))
         if self.wb is not None and values:
             self.wb.log(values, step=int(step))
 
@@ -77,18 +91,18 @@ class Tracker:
         if self.tb is not None:
             lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
             lines += ["| " + " | ".join("-" if v is None else str(v) for v in r) + " |" for r in rows]
-            self.tb.add_text(tag, "\n".join(lines), global_step=0)
+            self._tb(lambda: self.tb.text(tag, "\n".join(lines)))
         if self.wb is not None:
             import wandb
             self.wb.log({tag: wandb.Table(columns=columns, data=rows)})
 
     def flush(self) -> None:
         if self.tb is not None:
-            self.tb.flush()
+            self._tb(lambda: self.tb.flush())
 
     def close(self) -> None:
         if self.tb is not None:
-            self.tb.close()
+            self._tb(lambda: self.tb.close())
         self.tb = self._tb_dir = None
         if self.wb is not None:
             self.wb.finish()
@@ -99,6 +113,39 @@ class Tracker:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _EventFile:
+    """One TensorBoard event file written synchronously with tensorboardX's record writer and
+    summary protos (its SummaryWriter writes from a background thread and at exit, where a full disk
+    becomes tracebacks that no caller can catch). ``purge_step``: as SummaryWriter's."""
+
+    def __init__(self, logdir: str, purge_step: int | None):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX import summary
+        self.Event, self.summary = Event, summary
+        os.makedirs(logdir, exist_ok=True)
+        self.w = EventsWriter(os.path.join(logdir, "events"))
+        if purge_step is not None:  # TensorBoard hides the steps >= purge_step of earlier files
+            self.w.write_event(Event(step=purge_step, wall_time=time.time(),
+                                     session_log=SessionLog(status=SessionLog.START)))
+        self.w.flush()
+
+    def scalars(self, step: int, values: dict) -> None:
+        for tag, v in values.items():
+            self.w.write_event(self.Event(step=step, wall_time=time.time(), summary=self.summary.scalar(tag, v)))
+        self.w.flush()
+
+    def text(self, tag: str, text: str) -> None:
+        self.w.write_event(self.Event(step=0, wall_time=time.time(), summary=self.summary.text(tag, text)))
+        self.w.flush()
+
+    def flush(self) -> None:
+        self.w.flush()
+
+    def close(self) -> None:
+        self.w.close()
 
 
 def group_scalars(group: str, sites, metrics: dict) -> dict:
