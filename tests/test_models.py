@@ -1,9 +1,10 @@
 """saejax.models against transformers' PyTorch models (the reference) and the real SmolLM2 GGUF.
 
-Tiny random configs are built in transformers, saved as checkpoint directories and loaded back
-with ``hf:<dir>``, so the same weights run in both; logits and every hook site must agree to
-1e-4 relative. Torch hooks: res = decoder layer output, att = input of o_proj, mlp = output of
-the MLP (Gemma 2: of post_feedforward_layernorm).
+Tiny random configs of every family are built in transformers (eager attention, the installed
+version's config names), saved as checkpoint directories and loaded back with ``hf:<dir>``, so the
+same weights run in both; logits and every hook site must agree to 1e-4 relative. Torch hooks:
+res = decoder layer output, att = input of o_proj, mlp = output of the MLP (Gemma 2/3 and OLMo 2:
+of post_feedforward_layernorm, the term added to the residual stream).
 """
 import dataclasses
 import glob
@@ -38,7 +39,23 @@ CONFIGS = {
     "gemma2": C.ModelConfig("gemma2", 3, 64, 4, 2, 24, 96, 300, 1e-6, 10000.0, None, tie_embeddings=True,
                             sliding_window=8, sliding_layers=(True, False, True), query_pre_attn_scalar=32.0,
                             attn_softcap=3.0, final_softcap=5.0),
+    # 5:1 local/global over 7 layers (layer 5 global, layer 6 local again), window 8 < L, local base 10k,
+    # global base 1M with linear scaling 8 (the test checks both bases matter), per-head QK-norm (1+w),
+    # query_pre_attn_scalar 20 != head_dim 24, GQA 4 on 2
+    "gemma3": C.ModelConfig("gemma3", 7, 64, 4, 2, 24, 96, 300, 1e-6, 1_000_000.0,
+                            {"rope_type": "linear", "factor": 8.0}, tie_embeddings=True, sliding_window=8,
+                            sliding_layers=(True,) * 5 + (False, True), query_pre_attn_scalar=20.0,
+                            rope_local_theta=10_000.0),
+    # GQA 4 on 2, per-head QK-norm, head_dim 32 so att width 128 != d 64, untied
+    "qwen3": C.ModelConfig("qwen3", 3, 64, 4, 2, 32, 96, 300, 1e-6, 1_000_000.0, None, tie_embeddings=False),
+    # q/k/v biases, GQA, tied
+    "qwen2": C.ModelConfig("qwen2", 2, 64, 4, 2, 16, 96, 300, 1e-6, 1_000_000.0, None, tie_embeddings=True),
+    # post-norms, no pre-norms, QK-norm over the whole q (64) and k (2 kv heads: 32) projections
+    "olmo2": C.ModelConfig("olmo2", 3, 64, 4, 2, 16, 96, 300, 1e-6, 500_000.0, None, tie_embeddings=False),
 }
+HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+              "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "olmo2": ("Olmo2Config", "Olmo2ForCausalLM")}
 
 
 def rel(a, b):
@@ -46,46 +63,63 @@ def rel(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+def perturb(model, arch):
+    """Weights away from their init so that everything matters: norms off 1 (or 0), biases non-zero,
+    embeddings and projections scaled up."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.2 * torch.randn_like(p))
+            elif n.endswith("bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+            elif "embed" in n:
+                p.mul_(50.0 if C.FAMILIES[arch].embed_scale else 30.0)
+            elif "proj" in n or "lm_head" in n:
+                p.mul_(10.0)
+    return model.eval()
+
+
 def make_reference(cfg, path):
     """A random transformers model of ``cfg`` saved to ``path``; returns the torch model."""
     torch.manual_seed(0)
     d = C.to_hf(cfg)
-    if cfg.arch == "gemma2":
-        hf_cfg = transformers.Gemma2Config(**{k: v for k, v in d.items() if k != "model_type"},
-                                           attn_implementation="eager")
-        model = transformers.Gemma2ForCausalLM(hf_cfg)
-    else:
-        hf_cfg = transformers.LlamaConfig(**{k: v for k, v in d.items() if k != "model_type"})
-        model = transformers.LlamaForCausalLM(hf_cfg)
-    with torch.no_grad():  # norms away from their init (1 or 0) so that they matter
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.add_(0.2 * torch.randn_like(p))
-            elif "embed" in n:
-                p.mul_(30.0 if cfg.arch == "llama" else 50.0)
-            elif "proj" in n or "lm_head" in n:
-                p.mul_(10.0)
-    model.eval()
+    conf_cls, model_cls = (getattr(transformers, n) for n in HF_CLASSES[cfg.arch])
+    hf_cfg = conf_cls(**{k: v for k, v in d.items() if k not in ("model_type", "architectures")},
+                      attn_implementation="eager")
+    if hf_cfg.bos_token_id is None:  # Qwen's and OLMo 2's configs name none by default; real checkpoints do
+        hf_cfg.bos_token_id = 1
+    model = perturb(model_cls(hf_cfg), cfg.arch)
     model.save_pretrained(path)
     return model
 
 
-def torch_run(model, ids, arch):
+def torch_run(model, ids, arch, layers=None):
     """(logits, {site: activation}) from the torch model with forward hooks."""
     acts, hooks = {}, []
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(layers if layers is not None else model.model.layers):
         def save(name):
             return lambda mod, inp, out: acts.__setitem__(name, (out[0] if isinstance(out, tuple) else out).detach())
         hooks.append(layer.register_forward_hook(save(f"res.{i}")))
         hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(
             lambda mod, inp, i=i: acts.__setitem__(f"att.{i}", inp[0].detach())))
-        mlp_out = layer.post_feedforward_layernorm if arch == "gemma2" else layer.mlp
+        mlp_out = layer.post_feedforward_layernorm if C.FAMILIES[arch].norms != "pre" else layer.mlp
         hooks.append(mlp_out.register_forward_hook(save(f"mlp.{i}")))
     with torch.no_grad():
         logits = model(torch.tensor(ids)).logits
     for h in hooks:
         h.remove()
     return logits.numpy(), {k: v.numpy() for k, v in acts.items()}
+
+
+def check_parity(model, ref, cfg, ids, layers=None):
+    want_logits, want = torch_run(ref, ids, cfg.arch, layers)
+    sites = tuple(f"{k}.{i}" for i in range(cfg.n_layers) for k in ("res", "att", "mlp"))
+    logits, acts = model.forward_fn(sites)(model.params, jnp.asarray(ids))
+    assert rel(logits, want_logits) < 1e-4, cfg.arch
+    for s in sites:
+        assert acts[s].shape == want[s].shape and acts[s].shape[-1] == model.site_width(s)
+        assert rel(acts[s], want[s]) < 1e-4, (cfg.arch, s)
+    return logits
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -95,20 +129,20 @@ def test_parity_with_transformers(name, tmp_path):
     model = M.load(f"hf:{tmp_path / name}")
     assert model.config == cfg  # config.json round trip
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, L))
-    want_logits, want = torch_run(ref, ids, cfg.arch)
-    sites = tuple(f"{k}.{i}" for i in range(cfg.n_layers) for k in ("res", "att", "mlp"))
-    logits, acts = model.forward_fn(sites)(model.params, jnp.asarray(ids))
-    assert rel(logits, want_logits) < 1e-4, name
-    for s in sites:
-        assert acts[s].shape == want[s].shape and acts[s].shape[-1] == model.site_width(s)
-        assert rel(acts[s], want[s]) < 1e-4, (name, s)
+    logits = check_parity(model, ref, cfg, ids)
     if cfg.final_softcap:  # both caps bite: logits reach near the cap; without the caps they differ
-        assert np.abs(want_logits).max() > 0.8 * cfg.final_softcap
         for field in ("attn_softcap", "final_softcap"):
             uncapped = M.transformer.forward(dataclasses.replace(cfg, **{field: None}), model.params, ids)[0]
             assert rel(uncapped, logits) > 1e-2, field
-    if cfg.arch == "gemma2":
+    if cfg.final_softcap:
+        assert np.abs(torch_run(ref, ids, cfg.arch)[0]).max() > 0.8 * cfg.final_softcap
+    if cfg.arch in ("gemma2", "gemma3"):
         assert model.site_width("att.0") == 96 != cfg.d_model
+    if cfg.arch == "gemma3":  # both RoPE bases and the global scaling change the logits
+        for change in (dict(rope_local_theta=None), dict(rope_local_theta=cfg.rope_theta),
+                       dict(rope_scaling=None), dict(sliding_layers=(False,) * cfg.n_layers)):
+            other = M.transformer.forward(dataclasses.replace(cfg, **change), model.params, ids)[0]
+            assert rel(other, logits) > 1e-3, change
     if name == "llama-tied":  # a bfloat16 checkpoint (numpy has no bf16) loads, into float32 too
         ref.to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
         wq = np.asarray(M.load(f"hf:{tmp_path / 'bf16'}").params["layers"][1]["wq"])
