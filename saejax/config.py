@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import ml_collections
 
-SITE_KINDS = ("res", "att", "mlp")
+SITE_KINDS = ("res", "att", "mlp_in", "mlp")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -56,7 +56,8 @@ def defaults() -> ml_collections.ConfigDict:
     # --- harvesting activations into the store ------------------------------------------------
     c.harvest = ml_collections.ConfigDict()
     c.harvest.layers = (12,)  # model layers to hook
-    c.harvest.kinds = ("res", "att", "mlp")  # res: block output, att: per-head z, mlp: MLP output
+    # res: block output, att: per-head z, mlp_in: MLP input (after its pre-norm), mlp: MLP output
+    c.harvest.kinds = ("res", "att", "mlp")
     c.harvest.max_tokens = 0  # training tokens to harvest (0: the whole corpus)
     c.harvest.batch_contexts = 8  # contexts per forward pass (global, over all processes)
     c.harvest.dtype = "float32"  # stored activation dtype

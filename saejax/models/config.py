@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-SITE_KINDS = ("res", "att", "mlp")
+SITE_KINDS = ("res", "att", "mlp_in", "mlp")
 
 
 class ModelError(ValueError):
