@@ -169,6 +169,59 @@ def test_parity_with_transformers(name, tmp_path):
         np.testing.assert_array_equal(wq, np.asarray(jnp.asarray(model.params["layers"][1]["wq"], jnp.bfloat16), np.float32))
 
 
+def test_gemma3_multimodal_checkpoint_loads_the_text_tower(tmp_path):
+    """A Gemma3ForConditionalGeneration checkpoint (nested text_config, a vision tower, text weights
+    under language_model.model.*, the published layout transformers 5 also saves) loads its text tower
+    alone, matching the torch model on text ids; so does a checkpoint with transformers 5's in-memory
+    names (model.language_model.*) and a config.json in transformers 4's names (rope_theta,
+    rope_local_base_freq, rope_scaling)."""
+    from safetensors.torch import load_file, save_file
+    cfg = CONFIGS["gemma3"]
+    text = {k: v for k, v in C.to_hf(cfg).items() if k not in ("model_type", "architectures")}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    hf_cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       attn_implementation="eager")
+    ref = perturb(transformers.Gemma3ForConditionalGeneration(hf_cfg), "gemma3")
+    ref.save_pretrained(str(tmp_path / "v5"))
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, L))
+    layers = ref.model.language_model.layers
+    model = M.load(f"hf:{tmp_path / 'v5'}")
+    assert model.config == cfg
+    want = check_parity(model, ref, cfg, ids, layers)
+    # the other names: rename the tensors and write the config with transformers 4's names
+    (tmp_path / "v4").mkdir()
+    tensors = {}
+    for f in glob.glob(str(tmp_path / "v5" / "*.safetensors")):
+        tensors.update(load_file(f))
+    assert any(k.startswith("vision_tower.") for k in tensors)
+    assert any(k.startswith("language_model.model.layers.") for k in tensors)
+    save_file({k.replace("language_model.model.", "model.language_model."): v.contiguous()
+               for k, v in tensors.items()}, str(tmp_path / "v4" / "model.safetensors"))
+    v4 = {k: v for k, v in text.items() if k != "rope_parameters"}
+    v4.update(model_type="gemma3_text", rope_theta=cfg.rope_theta, rope_local_base_freq=cfg.rope_local_theta,
+              rope_scaling={"factor": 8.0, "rope_type": "linear"}, bos_token_id=2)
+    (tmp_path / "v4" / "config.json").write_text(json.dumps({
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "eos_token_id": [1, 106], "text_config": v4, "vision_config": vision}))
+    m4 = M.load(f"hf:{tmp_path / 'v4'}")
+    assert m4.config == cfg and m4.context_start_id == 2 and {1, 2, 106} <= set(m4.special_ids)
+    np.testing.assert_array_equal(np.asarray(m4.forward_fn()(m4.params, jnp.asarray(ids))[0]), np.asarray(want))
+
+
+def test_gemma3_config_names():
+    """The 5:1 pattern from sliding_window_pattern alone, and the built-in 27B shape (text_config
+    relying on Gemma3TextConfig's defaults)."""
+    c = C.from_hf({"model_type": "gemma3_text", "num_hidden_layers": 12, "sliding_window_pattern": 6,
+                   "hidden_size": 64, "intermediate_size": 96})
+    assert c.sliding_layers == (True,) * 5 + (False,) + (True,) * 5 + (False,)
+    assert (c.rope_theta, c.rope_local_theta, c.vocab_size, c.tie_embeddings) == (1e6, 1e4, 262208, True)
+    big = C.from_hf(W.KNOWN_HF_CONFIGS["google/gemma-3-27b-pt"])
+    assert (big.n_layers, big.d_model, big.att_width, big.query_pre_attn_scalar) == (62, 5376, 4096, 168.0)
+    assert big.rope_scaling == {"rope_type": "linear", "factor": 8.0} and sum(big.sliding_layers) == 52
+
+
 def test_sliding_window_matters():
     """A token beyond the window of a sliding layer does not move that layer's att output; it does
     move a global layer's."""
@@ -187,7 +240,11 @@ def test_sliding_window_matters():
 
 
 @pytest.mark.parametrize("preset,sites", [("random:tiny-llama", ("res.1", "mlp.2")),
-                                          ("random:tiny-gemma2", ("att.1", "mlp.2"))])
+                                          ("random:tiny-gemma2", ("att.1", "mlp.2")),
+                                          ("random:tiny-gemma3", ("att.1", "mlp_in.2")),
+                                          ("random:tiny-qwen3", ("att.1", "mlp.2")),
+                                          ("random:tiny-qwen2", ("mlp_in.1", "res.2")),
+                                          ("random:tiny-olmo2", ("att.1", "mlp_in.2"))])
 def test_splice(preset, sites):
     model = M.load(preset)
     p = model.params
@@ -294,6 +351,10 @@ def test_bad_sources(tmp_path):
         M.load("random:nope")
     with pytest.raises(ValueError, match="'mistral'.*llama, gemma2"):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+        M.load(f"hf:{tmp_path}")
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3"}))
+    with pytest.raises(ValueError, match=r"^unsupported architecture 'Qwen3MoeForCausalLM'; supported: "
+                                         r"llama, gemma2, gemma3, qwen2, qwen3, olmo2 \(LlamaForCausalLM.*Olmo2ForCausalLM\)$"):
         M.load(f"hf:{tmp_path}")
     good = C.to_hf(CONFIGS["llama-tied"])
     with pytest.raises(ValueError, match="attention_bias=True"):  # biases would be dropped silently
