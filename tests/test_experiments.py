@@ -122,3 +122,20 @@ def test_docstring_memory_equals_the_dry_run(name, monkeypatch):
         assert f"{got:,.2f}" == peak, (variant, got, peak)
     pc = harvest._target_processes(config, 1, 1)
     assert fmt_bytes(Plan(config, model, None, pc).buffer_bytes) == buffers
+
+
+@pytest.mark.parametrize("spec,widths", [("gemma3.py:size=27b", ("res.61: width 5376", "att.61: width 4096")),
+                                         ("qwen3.py:size=8b", ("res.35: width 4096", "att.35: width 4096")),
+                                         ("olmo2.py:size=13b", ("res.39: width 5120", "att.39: width 5120"))])
+def test_new_family_dry_runs_plan_offline(spec, widths, tmp_path, monkeypatch):
+    """No network: Gemma 3 27B, Qwen 3 8B and OLMo 2 13B dry runs print their sites, store and
+    per-device memory from the built-in shapes, and write nothing."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = _saejax("run", "--config", os.path.join(REPO, "experiments", spec), f"--config.workdir={tmp_path}",
+                  "--dry_run", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    for w in widths:
+        assert w in text
+    assert "dry run:" in text and "per device: params" in text
+    assert not any(tmp_path.iterdir())
