@@ -60,7 +60,7 @@ def get_config(arg: str = ""):
     c.harvest.dtype = "float32"
     c.harvest.batch_contexts = 256
     c.harvest.shard_bytes = 16 * 2 ** 30
-    c.harvest.shuffle_bytes = 32 * 2 ** 30
+    c.harvest.shuffle_bytes = 2 ** 30  # per site: 2 chunks in flight x 186 sites (27B) = 400 GB, inside a v5p host
     c.sae.arch = "jumprelu"
     c.sae.widths = tuple(WIDTHS[w] for w in v.get("width", ("16k",)))
     c.sae.target_l0 = (15.0, 120.0)  # Gemma Scope 2's "small" and "big"
