@@ -54,12 +54,11 @@ def corpus_sha256(config) -> str | None:
 
 
 def identity(config, model, separator: int) -> dict:
-    """What the contexts are a function of: the tokenizer (model name, class, vocabulary size, the
-    ids of a probe text), the corpus (name, content hash, field, split) and the context settings."""
+    """What the contexts are a function of: the tokenizer (model name, vocabulary size, the ids it
+    gives a probe text), the corpus (name, content hash, field, split) and the context settings."""
     tok, d = model.tokenizer, config.data
     probe = np.asarray(tok.encode(PROBE), np.int64)
-    return {"model": model.name, "tokenizer": type(tok).__name__,
-            "vocab_size": getattr(tok, "vocab_size", None),
+    return {"model": model.name, "vocab_size": getattr(tok, "vocab_size", None),
             "probe_sha256": hashlib.sha256(probe.tobytes()).hexdigest(),
             "corpus": d.corpus, "corpus_sha256": corpus_sha256(config), "text_field": d.text_field,
             "split": d.split, "context_len": int(d.context_len),
