@@ -6,20 +6,26 @@ widths 2^14 and 2^16, five L0 targets per site (Gemma Scope released several L0s
 is a calibrated target), on 1,024-token contexts that begin with <bos>, Gemma Scope's optimizer and
 schedules, 4B tokens for 16k-wide and 8B for 65k-wide SAEs.
 
-Hardware: sized for a Cloud TPU v5p slice of 64 chips (v5p-128, 95 GB HBM each), mesh data 8 x
-stack 2 x latent 4. Each (input width, latent width) is its own group with its own step count. The
-dry run (offline too: Gemma 2's shapes are built in) gives per device, params + Adam + activations
-(the step works on one site per stack shard at a time, so activations are ~1 GB; Adam dominates):
-16k, all 26 layers: 28 GB for the 52 res/mlp SAE sites x 5 targets (13 GB for att): one job fits.
-65k, all 26 layers: 111 GB: too much; 12 layers per job (`:width=65k,layers=0-11`): 52 GB. So:
+Hardware: sized for a Cloud TPU v5p slice of 64 chips (v5p-128, 95 GB HBM each). Each (input width,
+latent width) is its own group with its own step count, trained one after another on the mesh the
+dry run's planner proposes for the widths of the job (stack 2 over the sites, the rest over latents;
+the att group's 26 sites allow no more stack shards on 64 chips). The dry run (offline too: Gemma 2's
+shapes are built in) prints per group the compiled step's cost projected on v5p and the job's memory:
+
+    :width=16k       mesh data 2 x stack 2 x latent 16; peak 5.17 GiB per device
+    :width=65k       mesh data 1 x stack 2 x latent 32; peak 10.46 GiB per device
+    both widths      mesh data 1 x stack 2 x latent 32; peak 10.46 GiB per device
+    harvest          shuffle buffers ~158.6 GB per process (of a v5p host's 448 GB)
+
+(tests/test_experiments.py keeps these equal to the dry run's figures.) So:
 
     python launch/launch.py tpu-vm --tpu my-v5p-128 --zone us-east5-a -- \
         harvest --config experiments/gemma2_2b.py
     python launch/launch.py tpu-vm --tpu my-v5p-128 --zone us-east5-a -- \
         train --config experiments/gemma2_2b.py:width=16k
     python launch/launch.py tpu-vm --tpu my-v5p-128 --zone us-east5-a -- \
-        train --config experiments/gemma2_2b.py:width=65k,layers=0-11       # then 12-23, 24-25
-    saejax run --config experiments/gemma2_2b.py:width=65k --dry_run      # store size, steps, memory
+        train --config experiments/gemma2_2b.py:width=65k
+    saejax run --config experiments/gemma2_2b.py:width=65k --dry_run      # store size, steps, cost, memory
 
 Storage: fp32 activations as Gemma Scope stored them: 8B tokens x (52 x 2,304 + 26 x 2,048) x 4 bytes,
 about 5.5 PB for one full pass; pass harvest.dtype=bfloat16 or fewer layers (:layers=0-12) to shrink it.
@@ -31,6 +37,8 @@ Tiny mode for CPU tests (a random 2-layer Gemma 2, a few thousand tokens, second
 from saejax import config as cfg
 
 WIDTHS = {"16k": 2 ** 14, "65k": 2 ** 16}
+# The dry run's mesh planner's proposal for 64 v5p chips (bf16 matmuls), per set of widths in the job.
+MESH = {("16k",): (2, 2, 16), ("65k",): (1, 2, 32), ("16k", "65k"): (1, 2, 32)}
 VARIANTS = {"runlocal": bool, "width": cfg.choices(*WIDTHS), "layers": cfg.layer_range, "corpus": str}
 
 
@@ -49,7 +57,7 @@ def get_config(arg: str = ""):
     c.harvest.dtype = "float32"  # Gemma Scope stored fp32
     c.harvest.batch_contexts = 256
     c.harvest.shard_bytes = 16 * 2 ** 30  # Gemma Scope: 10-20 GiB shards
-    c.harvest.shuffle_bytes = 32 * 2 ** 30
+    c.harvest.shuffle_bytes = 2 ** 30  # per site; the dry run prints the host memory per process
     c.sae.arch = "jumprelu"
     c.sae.widths = tuple(WIDTHS[w] for w in v.get("width", tuple(WIDTHS)))
     c.sae.target_l0 = (20.0, 40.0, 80.0, 160.0, 320.0)  # Gemma Scope's levels were about 22..445
@@ -57,7 +65,8 @@ def get_config(arg: str = ""):
     c.train.tokens_wide = 8_000_000_000  # wider
     c.train.batch_size = 4096
     c.train.checkpoint_every = 2000
-    c.mesh.data, c.mesh.stack, c.mesh.latent = 8, 2, 4  # 64 chips; stack 2 divides 52 and 26 sites
+    widths = tuple(w for w in WIDTHS if w in v.get("width", tuple(WIDTHS)))
+    c.mesh.data, c.mesh.stack, c.mesh.latent = MESH[widths]
     c.evaluate.contexts = 2048
     c.release.name = "saejax-gemma2-2b"
     c.release.l0 = ()  # every calibrated level

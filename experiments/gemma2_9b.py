@@ -2,17 +2,22 @@
 
 42 layers; residual and MLP width 3,584, attention width 16 x 256 = 4,096. Five calibrated L0 targets
 per site; 4B tokens for 16k-wide, 8B for 131k-wide SAEs; 1,024-token contexts. Sized for a Cloud TPU
-v5p slice of 256 chips (v5p-512): mesh data 16 x stack 2 x latent 8 (Gemma Scope sharded wide SAEs
-over latents, Megatron style). The dry run (offline too: Gemma 2's shapes are built in) gives per
-device, params + Adam + activations: 16k, all 42 layers: 35 GB for the 84 res/mlp sites x 5 targets:
-one job fits a v5p chip's 95 GB. 131k, all layers: 276 GB: split by layers, 4 per job (27 GB; 4
-keeps the att group's 4 sites divisible by mesh.stack=2):
+v5p slice of 256 chips (v5p-512), on the mesh the dry run's planner proposes for the widths of the
+job (Gemma Scope sharded wide SAEs over latents, Megatron style). The dry run (offline too: Gemma 2's
+shapes are built in) prints per group the compiled step's cost projected on v5p and the job's memory:
+
+    :width=16k       mesh data 4 x stack 2 x latent 32; peak 6.41 GiB per device
+    :width=131k      mesh data 1 x stack 2 x latent 128; peak 14.09 GiB per device
+    both widths      mesh data 2 x stack 2 x latent 64; peak 24.46 GiB per device
+    harvest          shuffle buffers ~247.8 GB per process (of a v5p host's 448 GB)
+
+(tests/test_experiments.py keeps these equal to the dry run's figures.) So:
 
     python launch/launch.py tpu-vm --tpu my-v5p-512 --zone us-east5-a -- \
         train --config experiments/gemma2_9b.py:width=16k
     python launch/launch.py tpu-vm --tpu my-v5p-512 --zone us-east5-a -- \
-        train --config experiments/gemma2_9b.py:width=131k,layers=0-3       # ... 40-41
-    saejax run --config experiments/gemma2_9b.py:width=131k --dry_run     # store size, steps, memory
+        train --config experiments/gemma2_9b.py:width=131k
+    saejax run --config experiments/gemma2_9b.py:width=131k --dry_run     # store size, steps, cost, memory
 
 One 9B SAE group reads over 1 GiB/s from the store (Gemma Scope's figure); see docs/store.md.
 
@@ -21,6 +26,8 @@ Tiny mode for CPU tests:  saejax run --config experiments/gemma2_9b.py:runlocal
 from saejax import config as cfg
 
 WIDTHS = {"16k": 2 ** 14, "131k": 2 ** 17}
+# The dry run's mesh planner's proposal for 256 v5p chips (bf16 matmuls), per set of widths in the job.
+MESH = {("16k",): (4, 2, 32), ("131k",): (1, 2, 128), ("16k", "131k"): (2, 2, 64)}
 VARIANTS = {"runlocal": bool, "width": cfg.choices(*WIDTHS), "layers": cfg.layer_range, "corpus": str}
 
 
@@ -38,7 +45,7 @@ def get_config(arg: str = ""):
     c.harvest.dtype = "float32"
     c.harvest.batch_contexts = 512
     c.harvest.shard_bytes = 16 * 2 ** 30
-    c.harvest.shuffle_bytes = 32 * 2 ** 30
+    c.harvest.shuffle_bytes = 2 ** 30  # per site; the dry run prints the host memory per process
     c.sae.arch = "jumprelu"
     c.sae.widths = tuple(WIDTHS[w] for w in v.get("width", tuple(WIDTHS)))
     c.sae.target_l0 = (20.0, 40.0, 80.0, 160.0, 320.0)
@@ -46,7 +53,8 @@ def get_config(arg: str = ""):
     c.train.tokens_wide = 8_000_000_000
     c.train.batch_size = 4096
     c.train.checkpoint_every = 2000
-    c.mesh.data, c.mesh.stack, c.mesh.latent = 16, 2, 8
+    widths = tuple(w for w in WIDTHS if w in v.get("width", tuple(WIDTHS)))
+    c.mesh.data, c.mesh.stack, c.mesh.latent = MESH[widths]
     c.evaluate.contexts = 2048
     c.release.name = "saejax-gemma2-9b"
     if v.get("runlocal"):

@@ -26,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="experiment file, optionally with :variants (default: experiments/default.py)")
         s.add_argument("--dry_run", action="store_true", help="print what the config implies; run nothing")
         s.add_argument("--max_tokens", type=int, default=None, help="harvest: bound on training tokens")
+        s.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+        if name in ("release", "run"):
+            s.add_argument("--push_to_hub", default=None, metavar="REPO",
+                           help="release: upload the release to this Hugging Face Hub repo (owner/name)")
     return p
 
 
@@ -55,6 +59,8 @@ def main(argv=None) -> int:
         _parser().print_help()
         return 2
     bad = [o for o in overrides if not o.startswith("--config.")]
+    if getattr(known, "push_to_hub", None) is not None:
+        overrides.append(f"--config.release.push_to_hub={known.push_to_hub}")
     if bad:
         print(f"saejax: unknown argument {bad[0]!r} (overrides look like --config.train.lr=1e-4)", file=sys.stderr)
         return 2
@@ -63,6 +69,8 @@ def main(argv=None) -> int:
     except cfg.ConfigError as e:
         print(f"saejax: {e}", file=sys.stderr)
         return 2
+    from saejax import log
+    log.set_quiet(known.quiet)
     from saejax.mesh import init_distributed
     init_distributed()  # multi-process runs join here, before any device is touched
     stages = ("harvest", "train", "evaluate", "release") if known.stage == "run" else (known.stage,)
@@ -108,8 +116,9 @@ def _input_errors() -> tuple:
     errors = []
     for mod, name in (("saejax.store", "StoreError"), ("saejax.mesh", "MeshError"),
                       ("saejax.models", "ModelError"), ("saejax.evaluate", "EvaluateError"),
-                      ("saejax.release", "ReleaseError"), ("saejax.analyze", "AnalyzeError"), ("saejax.train.checkpoint", "CheckpointError"),
-                      ("saejax.files", "DiskFull"), ("saejax.workdir", "WorkdirError")):
+                      ("saejax.release", "ReleaseError"), ("saejax.analyze", "AnalyzeError"),
+                      ("saejax.train.checkpoint", "CheckpointError"), ("saejax.files", "DiskFull"),
+                      ("saejax.workdir", "WorkdirError"), ("saejax.train.cost", "PlanError")):
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))
         except (ImportError, AttributeError):

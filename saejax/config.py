@@ -139,6 +139,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.latent = 1
     c.mesh.stack = 1
+    # The chip the dry run's step cost model and memory checks plan for (saejax/chips.py: v5p, v5e,
+    # v4, h100, h200); a plan that exceeds its device memory or one host's memory is refused.
+    c.mesh.target_chip = "v5p"
 
     # --- evaluation and release --------------------------------------------------------------
     c.evaluate = ml_collections.ConfigDict()
@@ -150,6 +153,20 @@ def defaults() -> ml_collections.ConfigDict:
     c.release.name = "saejax-suite"
     c.release.l0 = ()  # publish the SAE nearest each of these L0s per site and width; () = all
     c.release.formats = ("gemmascope", "saelens")
+    # Upload the release to this Hugging Face Hub model repo ("owner/name"; "" = no upload); the same
+    # as `saejax release --push_to_hub=REPO`. Token: HF_TOKEN or `hf auth login` (docs/formats.md).
+    c.release.push_to_hub = ""
+    c.release.private = False  # a repo the upload creates is private
+    # The Hub id of the subject model, for the model card's base_model and SAELens's model_name
+    # ("" = from model.source: smollm2 -> HuggingFaceTB/SmolLM2-135M-Instruct, hf:<owner/name> -> itself).
+    c.release.base_model = ""
+
+    # --- run logging (saejax/tracking.py) ------------------------------------------------------
+    c.log = ml_collections.ConfigDict()
+    c.log.tensorboard = True  # event files under <workdir>/tensorboard/
+    c.log.wandb = False  # also to Weights & Biases (pip install 'saejax[wandb]')
+    c.log.wandb_project = "saejax"
+    c.log.wandb_mode = "online"  # or "offline": files under <workdir>/wandb, `wandb sync` later
 
     # --- research analyses of the released suite (saejax analyze, docs/analysis.md) -----------------
     c.analyze = ml_collections.ConfigDict()
@@ -371,6 +388,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         size = c.mesh[axis]
         _check(size == -1 or size >= 1, f"mesh.{axis}", "must be -1 or a positive int")
     _check([c.mesh[a] for a in ("data", "latent", "stack")].count(-1) <= 1, "mesh", "at most one axis may be -1")
+    from saejax.chips import CHIPS
+    _check(c.mesh.target_chip in CHIPS, "mesh.target_chip", f"{c.mesh.target_chip!r} is not one of {tuple(CHIPS)}")
     for f in c.release.formats:
         _check(f in ("gemmascope", "saelens"), "release.formats", f"{f!r} is not 'gemmascope' or 'saelens'")
     for a in c.analyze.analyses:
@@ -380,6 +399,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.analyze.ridge >= 0, "analyze.ridge", "must be >= 0")
     _check(-1 <= c.analyze.seed_threshold <= 1, "analyze.seed_threshold", "must be a cosine in [-1, 1]")
     _check(c.analyze.layer_groups >= 0, "analyze.layer_groups", "must be >= 0 (0: n_layers // 4)")
+    for key in ("push_to_hub", "base_model"):
+        repo = c.release[key]
+        _check(not repo or re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo) is not None, f"release.{key}",
+               f"{repo!r} is not a Hub repo id (owner/name)")
+    _check(c.log.wandb_mode in ("online", "offline"), "log.wandb_mode", "must be 'online' or 'offline'")
 
 
 def sites(c: ml_collections.ConfigDict) -> list[str]:

@@ -10,6 +10,8 @@
     <workdir>/evaluate/                      results.json and cards/<sae>.html (docs/evaluate.md)
     <workdir>/release/                       the released suite and its suite.json (docs/formats.md)
     <workdir>/analysis/                      research analyses of the released suite (docs/analysis.md)
+    <workdir>/tensorboard/<run>/             TensorBoard event files: harvest, train/<group>, evaluate
+    <workdir>/wandb/                         Weights & Biases' local files (log.wandb)
 
 The layout inside the store and the release folders belongs to their own stages.
 """
@@ -88,6 +90,17 @@ def suite_path(config) -> str:
 
 def analysis_dir(config) -> str:
     return os.path.join(config.workdir, "analysis")
+def tensorboard_dir(config) -> str:
+    return os.path.join(config.workdir, "tensorboard")
+
+
+def tensorboard_run(config, run: str) -> str:
+    """One run's event files (saejax.tracking): ``harvest``, ``train/<group>``, ``evaluate``."""
+    return os.path.join(tensorboard_dir(config), run)
+
+
+def wandb_dir(config) -> str:
+    return os.path.join(config.workdir, "wandb")
 
 
 def fingerprint_path(config, group: str) -> str:

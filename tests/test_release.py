@@ -358,3 +358,72 @@ def test_saelens_only_release_loads_the_same(released, tmp_path):
         sa, sb = a.load(ea), b.load(eb)
         assert (sa.arch, sa.k) == (sb.arch, sb.k)
         np.testing.assert_array_equal(np.asarray(sa.encode(x)), np.asarray(sb.encode(x)))
+
+
+def test_push_to_hub_sends_the_release_and_a_card_the_hub_and_saelens_read(released, tmp_path, monkeypatch):
+    """release.push_to_hub: create_repo then the large-folder upload of the whole release, recorded by
+    fakes (no sockets); the card's metadata parsed offline; SAELens's model_name is the Hub id."""
+    import shutil
+    import socket
+    import huggingface_hub
+    from huggingface_hub.repocard import metadata_load
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    work = str(tmp_path / "run")
+    shutil.copytree(released[0], work)
+    doc = json.load(open(os.path.join(work, "evaluate", "results.json")))
+    doc["model"] = "smollm2-135m-instruct-q4_1"  # what the default's store records
+    json.dump(doc, open(os.path.join(work, "evaluate", "results.json"), "w"))
+    calls = []
+
+    def create_repo(self, repo_id, **kw):
+        calls.append(("create_repo", repo_id, kw))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_large_folder(self, repo_id, folder_path, **kw):
+        files = sorted(os.path.relpath(os.path.join(d, f), folder_path) for d, _, fs in os.walk(folder_path) for f in fs)
+        calls.append(("upload_large_folder", repo_id, dict(kw, folder_path=folder_path, files=files)))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_large_folder", upload_large_folder, raising=False)
+    monkeypatch.setattr(socket, "socket", None)  # any connection attempt fails loudly
+    c = cfg.load(os.path.join(repo_root, "experiments", "default.py"),
+                 [f"workdir={work}", "data.context_len=64", "release.push_to_hub=me/smollm2-saes"])
+    assert not saejax.release.is_complete(c)  # a push always runs the release
+    saejax.release.run(c)
+    assert [x[:2] for x in calls] == [("create_repo", "me/smollm2-saes"), ("upload_large_folder", "me/smollm2-saes")]
+    assert calls[0][2]["exist_ok"] and calls[0][2]["repo_type"] == "model" and not calls[0][2]["private"]
+    root = os.path.join(work, "release")
+    up = calls[1][2]
+    assert up["folder_path"] == root and up["repo_type"] == "model"
+    suite_doc = json.load(open(os.path.join(root, "suite.json")))
+    want = {"suite.json", "README.md", "l0_fvu.png", "delta_loss.png", "density.png"}
+    for e in suite_doc["saes"]:
+        want |= {e["path"], f"{e['saelens']}/cfg.json", f"{e['saelens']}/sae_weights.safetensors"}
+        assert json.load(open(os.path.join(root, e["saelens"], "cfg.json")))["metadata"]["model_name"] \
+            == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert want <= set(up["files"]), want - set(up["files"])
+    meta = metadata_load(os.path.join(root, "README.md"))
+    assert meta["library_name"] == "saelens" and meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert {"sparse-autoencoder", "saejax"} <= set(meta["tags"])
+    text = open(os.path.join(root, "README.md")).read()
+    assert "dequantized from its Q4_1 GGUF" in text
+    assert f'SAE.from_pretrained("me/smollm2-saes", "{suite_doc["saes"][0]["saelens"]}")' in text
+    assert text.count("| res.0 |") == sum(e["site"] == "res.0" for e in suite_doc["saes"])  # the metrics table
+
+
+def test_push_to_hub_failure_is_one_line_naming_the_repo(released, tmp_path, monkeypatch):
+    import shutil
+    import huggingface_hub
+    work = str(tmp_path / "run")
+    shutil.copytree(released[0], work)
+
+    def create_repo(self, repo_id, **kw):
+        raise OSError("Network is unreachable\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    c = cfg.defaults()
+    c.workdir, c.data.context_len, c.release.push_to_hub = work, 64, "me/suite"
+    with pytest.raises(saejax.release.ReleaseError, match=r"^release.push_to_hub='me/suite': upload failed "
+                                                          r"\(OSError: Network is unreachable\); rerun to resume$"):
+        saejax.release.run(c)
+    assert os.path.isfile(os.path.join(work, "release", "suite.json"))  # the release itself is written

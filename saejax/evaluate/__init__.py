@@ -20,6 +20,8 @@ import sys
 import numpy as np
 
 from saejax import workdir as wd
+from saejax.log import progress
+from saejax.tracking import Tracker
 from saejax.evaluate import cards, metrics, splice
 from saejax.sae import io as sae_io
 
@@ -155,8 +157,9 @@ def run(config, dry_run: bool = False) -> dict | None:
             os.makedirs(os.path.join(tmp, wd.CARDS))
             rng = np.random.default_rng(config.seed)
             results = []
-            for name, arrays, meta in groups:
-                results += _evaluate_group(name, arrays, meta, data, model, config, rng, tmp)
+            with progress(sum(len(m["sites"]) for _, _, m in groups), "evaluate", unit="site") as bar:
+                for name, arrays, meta in groups:
+                    results += _evaluate_group(name, arrays, meta, data, model, config, rng, tmp, bar)
             doc = {"format": "saejax-eval/1", "model": data.model_name, "contexts": data.n_contexts,
                    "heldout_contexts": 0 if data.synthetic else len(data.all_tokens),
                    "synthetic": data.synthetic, "groups": [g[0] for g in groups], "saes": results}
@@ -169,11 +172,27 @@ def run(config, dry_run: bool = False) -> dict | None:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     print(table(results))
+    _track(config, results)
     print(f"saejax evaluate: wrote {wd.results_path(config)}", file=sys.stderr)
     return doc
 
 
-def _evaluate_group(name, arrays, meta, data, model, config, rng, out) -> list[dict]:
+TRACKED = ("l0", "fvu", "dead_frac", "dense_10pct", "delta_lm_loss", "ce_score", "kl")  # to TensorBoard / W&B
+
+
+def _track(config, results: list[dict]) -> None:
+    """The results to the evaluate run of saejax.tracking: ``<metric>/<sae id>`` at the SAE's
+    training steps, and the table."""
+    with Tracker(config, "evaluate") as tracker:
+        for r in results:
+            tracker.scalars(r.get("steps") or 0, {f"{m}/{r['id']}": r.get(m) for m in TRACKED})
+        tracker.table("evaluate/results", ["id", "site", "width", "arch", "sparsity", *TRACKED],
+                      [[r["id"], r["site"], r["width"], r["arch"], r["sparsity"],
+                        *(None if r.get(m) is None else round(float(r[m]), 5) for m in TRACKED)]
+                       for r in finite(results)])
+
+
+def _evaluate_group(name, arrays, meta, data, model, config, rng, out, bar=None) -> list[dict]:
     results = []
     frozen = np.asarray(meta.get("frozen") or np.zeros((len(meta["sites"]), len(meta["sweep"])), bool))
     seed = sae_io.seeds(meta)
@@ -198,6 +217,8 @@ def _evaluate_group(name, arrays, meta, data, model, config, rng, out) -> list[d
                 "seed": seed[k],
                 "frozen": bool(frozen[t][k]), "steps": meta.get("steps"), "tokens": meta.get("tokens"),
                 **r, **lo, "card": card_of.get(k)})
+        if bar is not None:
+            bar.update(1)
     return results
 
 

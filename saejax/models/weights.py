@@ -14,7 +14,10 @@ import glob
 import importlib.util
 import json
 import os
+import socket
+import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -113,17 +116,38 @@ def load_gguf(path: str, dtype: str, make, name: str | None = None):
 
 
 # --- Hugging Face checkpoints ----------------------------------------------------------------
+def hub_offline() -> str | None:
+    """Why the Hub cannot be reached (HF_HUB_OFFLINE set, or one 3 s connection attempt to its
+    endpoint failed), or None when it can. Asked once, before any download: huggingface_hub itself
+    retries an unreachable Hub for about 25 s before giving up."""
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError as e:
+        return f"{url.hostname} is unreachable ({e.strerror or type(e).__name__})"
+    return None
+
+
 def resolve_hf(source: str) -> str:
-    """A local directory, or a hub id downloaded (config, safetensors, tokenizer) to the HF cache."""
+    """A local directory, or a hub id downloaded (config, safetensors, tokenizer) to the HF cache
+    (offline: the cached copy)."""
     if os.path.isdir(source):
         return source
     if os.path.exists(source) or source.startswith((".", "/")) or source.count("/") != 1:
         raise ModelError(f"hf:{source}: not a checkpoint directory or a hub id (owner/name)")
+    offline = hub_offline()
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+        return snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*"],
+                                 local_files_only=offline is not None)
     except Exception as e:  # noqa: BLE001 - network or missing repo
-        raise ModelError(f"hf:{source}: cannot download from the hub ({type(e).__name__}: {e})"[:300]) from None
+        why = f"offline ({offline}) and not in the Hugging Face cache" if offline else \
+            f"cannot download from the hub ({type(e).__name__}: {e})"
+        raise ModelError(f"hf:{source}: {why}"[:300]) from None
 
 
 # The shapes of Gemma 2's published config.json files (google/gemma-2-{2b,9b,27b}), so that a dry run
@@ -149,13 +173,21 @@ def hf_config(source: str) -> ModelConfig:
             raise ModelError(f"hf:{source}: no config.json in {source}")
         with open(cpath) as fh:
             return from_hf(json.load(fh))
+    offline = hub_offline()
     try:
         from huggingface_hub import hf_hub_download
-        with open(hf_hub_download(source, "config.json")) as fh:
+        with open(hf_hub_download(source, "config.json", local_files_only=offline is not None)) as fh:
             return from_hf(json.load(fh))
     except Exception as e:  # noqa: BLE001 - network or missing repo
         if source in KNOWN_HF_CONFIGS:
+            if jax.process_index() == 0:
+                print(f"saejax: hf:{source}: " + (f"offline ({offline}): " if offline else "the hub's config.json "
+                      f"cannot be read ({type(e).__name__}): ") + "using saejax's built-in copy of its config",
+                      file=sys.stderr, flush=True)
             return from_hf(KNOWN_HF_CONFIGS[source])
+        if offline:
+            raise ModelError(f"hf:{source}: offline ({offline}) and its config.json is not in the Hugging "
+                             f"Face cache") from None
         raise ModelError(f"hf:{source}: cannot read config.json from the hub ({type(e).__name__}: {e})"[:300]) from None
 
 

@@ -26,7 +26,11 @@ def _digest(path: str) -> str:
 
 
 def is_complete(config) -> bool:
-    """A release exists and was made from the current evaluation results (``saejax run`` skips it)."""
+    """A release exists and was made from the current evaluation results (``saejax run`` skips it).
+    With ``release.push_to_hub`` set, never: the release is rewritten and uploaded (the Hub skips
+    the files it already holds)."""
+    if config.release.push_to_hub:
+        return False
     path = wd.suite_path(config)
     if not (os.path.isfile(path) and os.path.isfile(wd.results_path(config))):
         return False
@@ -54,17 +58,20 @@ def _results(config) -> dict:
 
 def run(config, dry_run: bool = False) -> dict | None:
     """Choose, fold and write the release; see suite.py."""
-    from saejax.release import suite as writer
+    from saejax.release import hub, suite as writer
     from saejax.sae import io as sae_io
     doc = _results(config)
+    repo = config.release.push_to_hub or None
     picked, notes = writer.choose(doc["saes"], tuple(config.release.l0))
     for note in notes:
         print(f"saejax release: {note}", file=sys.stderr)
     if not picked:
         raise ReleaseError(f"{wd.results_path(config)}: no SAE to release "
                            f"(all frozen or unmeasured)")
+    base = hub.base_model(config, doc.get("model", ""))
     print(f"saejax release: {len(picked)} of {len(doc['saes'])} SAEs -> {wd.release_dir(config)} "
-          f"({', '.join(config.release.formats)})", file=sys.stderr)
+          f"({', '.join(config.release.formats)}; base model {base or 'without a Hub id'})"
+          + (f", then uploaded to https://huggingface.co/{repo}" if repo else ""), file=sys.stderr)
     if dry_run:
         for r in picked:
             print(f"  {r['site']} width {r['width']} L0 {r['l0']:.1f} FVU {r['fvu']:.3f}", file=sys.stderr)
@@ -83,9 +90,12 @@ def run(config, dry_run: bool = False) -> dict | None:
         suite = writer.write(wd.release_dir(config), picked, groups, name=config.release.name,
                              model=doc.get("model", ""), formats=tuple(config.release.formats),
                              cards_dir=wd.evaluate_dir(config), contexts=doc.get("contexts", 0),
-                             context_size=int(config.data.context_len),
+                             context_size=int(config.data.context_len), base_model=base, repo=repo,
                              extra={"results_sha256": _digest(wd.results_path(config)),
                                     "heldout_contexts": doc.get("heldout_contexts", 0),
                                     "context_size": int(config.data.context_len)})
     print(f"saejax release: wrote {wd.suite_path(config)}", file=sys.stderr)
+    if repo:
+        url = hub.push(wd.release_dir(config), repo, private=bool(config.release.private))
+        print(f"saejax release: uploaded to {url}", file=sys.stderr)
     return suite

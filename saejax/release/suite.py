@@ -6,7 +6,7 @@
     <release>/cards/<sae>.html                                latent cards (from evaluate)
     <release>/README.md, *.png                                model card (card.py)
 
-suite.json: {"format": "saejax-suite/1", "name", "model", "contexts", "results_sha256", "saes": [{"site", "kind",
+suite.json: {"format": "saejax-suite/1", "name", "model", "base_model", "contexts", "results_sha256", "saes": [{"site", "kind",
 "layer", "width", "d", "arch", "k", "l0", "path", "saelens", "card", "metrics": {...},
 "source": {"group", "member", "sparsity", "target_l0", "seed", "steps", "tokens"}}]}; paths are relative
 to the release. A suite that was analyzed (saejax analyze) also holds "analysis" (annotate below).
@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 
+from saejax.log import progress
 from saejax.release import card as model_card
 from saejax.release import fold, gemmascope as gs, saelens
 
@@ -68,14 +69,17 @@ def choose(results: list[dict], targets=()) -> tuple[list[dict], list[str]]:
 
 def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str, formats=("gemmascope", "saelens"),
           cards_dir: str | None = None, contexts: int = 0, context_size: int | None = None,
-          extra: dict | None = None) -> dict:
+          base_model: str | None = None, repo: str | None = None, extra: dict | None = None) -> dict:
     """Write the release into ``root`` atomically (built as ``root.tmp-<pid>``, renamed at the end).
-    ``groups`` maps a group name to its (arrays, meta) from saejax.sae.io.load_group."""
+    ``groups`` maps a group name to its (arrays, meta) from saejax.sae.io.load_group. ``base_model``:
+    the model's Hub id (SAELens's model_name, the card's base_model); ``repo``: the Hub repo the
+    release goes to (named in the card)."""
     tmp = f"{root}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         entries = []
+        bar = progress(len(picked), "release", unit="SAE")
         for r in picked:
             arrays, meta = groups[r["group"]]
             folded, arch, k = fold.group_sae(arrays, meta, r["t"], r["member"])
@@ -94,7 +98,7 @@ def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str,
                 gs.write_params(os.path.join(tmp, rel, "params.npz"), folded, k)
                 e["path"] = f"{rel}/params.npz"
             if "saelens" in formats:
-                cfg = saelens.config(r["kind"], r["layer"], arch, r["d"], r["width"], k, model=model,
+                cfg = saelens.config(r["kind"], r["layer"], arch, r["d"], r["width"], k, model=base_model or model,
                                      context_size=context_size,
                                      extra={"saejax_l0": r["l0"], "saejax_fvu": r["fvu"]})
                 saelens.write(os.path.join(tmp, "saelens", rel), folded, cfg, arch)
@@ -104,11 +108,13 @@ def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str,
                 shutil.copyfile(os.path.join(cards_dir, r["card"]), os.path.join(tmp, r["card"]))
                 e["card"] = r["card"]
             entries.append(e)
-        suite = {"format": FORMAT, "name": name, "model": model, "contexts": contexts, **(extra or {}),
-                 "saes": entries}
+            bar.update(1)
+        bar.close()
+        suite = {"format": FORMAT, "name": name, "model": model, "base_model": base_model, "contexts": contexts,
+                 **(extra or {}), "saes": entries}
         with open(os.path.join(tmp, "suite.json"), "w") as fh:
             json.dump(suite, fh, indent=1)
-        model_card.write_readme(tmp, suite)
+        model_card.write_readme(tmp, suite, repo=repo)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

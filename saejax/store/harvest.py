@@ -43,12 +43,13 @@ import numpy as np
 from saejax import config as cfg
 from saejax import workdir as wd
 from saejax.data import corpus as corpus_mod
-from saejax.log import log
+from saejax.log import log, progress as progress_bar
 from saejax.preempt import EXIT_PREEMPTED, Preempted, PreemptionWatch
 from saejax.store import parts
 from saejax.store.manifest import SPLITS, local_path, read_json, write_json
 from saejax.store.plan import Plan, contexts, corpus_files, count_contexts, fmt_bytes, print_plan
 from saejax.store.writer import STORAGE, remove_uncommitted, save_npy, shard_name, to_storage, write_shard
+from saejax.tracking import Tracker
 
 last_run: dict = {}  # timing of the latest harvest in this process (benchmarks/store_io.py reads it)
 
@@ -91,9 +92,14 @@ def run(config, dry_run: bool = False, max_tokens: int | None = None, model=None
         else:
             model = models.load(config.model.source, dtype=config.model.dtype)
     pc, pi = jax.process_count(), jax.process_index()
+    if dry_run:
+        pc = _target_processes(config, jax.device_count(), pc)
     plan = Plan(config, model, max_tokens, pc)
     if dry_run:
-        return print_plan(config, model, plan)
+        out = print_plan(config, model, plan)
+        plan.check_host_memory(config)  # after the plan is printed; before anything runs
+        return out
+    plan.check_host_memory(config)
     root = local_path(wd.store_dir(config))
     if is_complete(config):
         print(f"saejax harvest: {root}/manifest.json is complete; nothing to do", file=sys.stderr)
@@ -152,6 +158,17 @@ def _shared(key: str, timeout_s: float = 24 * 3600.0) -> str:
     return distributed.global_state.client.blocking_key_value_get(key, int(timeout_s * 1000))
 
 
+def _target_processes(config, devices: int, processes: int) -> int:
+    """The dry run plans for the slice the config's mesh names when this machine has fewer devices:
+    one process per host of mesh.target_chip (saejax/chips.py)."""
+    from saejax.chips import CHIPS
+    sizes = [config.mesh[a] for a in ("data", "stack", "latent")]
+    n = -1 if -1 in sizes else int(np.prod(sizes))
+    if n <= devices:
+        return processes
+    return max(1, n // CHIPS[config.mesh.target_chip].chips_per_host)
+
+
 def make_forward(model, sites, dtype: str, mesh):
     """The one jitted forward that captures every site, its params placed on ``mesh``.
 
@@ -207,7 +224,7 @@ class _Harvest:
         self.row0 = min(i[0].start or 0 for i in idx)  # this process's rows of a global batch: [row0, row0 + local)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saejax-writer")
         self.pending = None
-        self.progress_shown = False  # a progress line without its newline is on stderr
+        self.bytes_written = 0  # committed shards' bytes, counted by the writer thread as it writes
 
     # -- one batch --------------------------------------------------------------------------------
     def _local(self, arr) -> np.ndarray:
@@ -287,6 +304,7 @@ class _Harvest:
                 new.append(write_shard(self.root, name, to_storage(rows[i:i + per], self.h.dtype),
                                        meta[i:i + per], s, sp))
                 written += new[-1]["bytes"] + new[-1]["meta_bytes"]
+                self.bytes_written += new[-1]["bytes"] + new[-1]["meta_bytes"]  # read by the progress line
                 _crash_hook(f"shard:{chunk}")
         self.shards = self.shards + new
         parts.commit(self.part_path, self.pi, self.fp, batches_done, False, self.shards, snapshot)
@@ -295,17 +313,19 @@ class _Harvest:
 
     def _submit(self, *args):
         if self.pending is not None:
-            self.bytes_written += self.pending.result()
+            self.pending.result()
         self.pending = self.pool.submit(self._flush, *args)
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, watch) -> dict | None:
         """Harvest to the end; on preemption (``watch``) stop after the next committed chunk."""
+        self.bar = None
         try:
-            return self._run(watch)
+            with Tracker(self.config, "harvest") as self.tracker:
+                return self._run(watch)
         finally:
-            if self.progress_shown:  # end the progress line, so an error or notice starts on its own
-                print(file=sys.stderr, flush=True)
+            if self.bar is not None:  # end the progress, so an error or notice starts on its own line
+                self.bar.close()
 
     def _run(self, watch) -> dict | None:
         import jax
@@ -325,6 +345,10 @@ class _Harvest:
         done_tokens = 0
         stop = p.stop
         total_ctx = stop if stop is not None else count_contexts(self.config, self.model, 2 ** 27)  # for the ETA
+        per_ctx = p.L - 1
+        self.bar = progress_bar(total_ctx * per_ctx if total_ctx else None, "harvest", unit="tok", unit_scale=True,
+                                initial=start * p.Bc * per_ctx)
+        self.tracker.begin(start * p.Bc * per_ctx)
         ctx_iter = contexts(self.config, self.model, start * p.Bc, stop)
         buffers: dict = {}
         b = start
@@ -358,6 +382,7 @@ class _Harvest:
                     for key, val in self._select(ptok, pctx, acts, norms, median).items():
                         buffers.setdefault(key, []).append(val)
                     done_tokens += int((pctx >= 0).sum()) * (p.L - 1)
+                self.bar.update(int((pctx >= 0).sum()) * per_ctx, written=fmt_bytes(self.bytes_written))
                 preempt = watch.reached(pb + 1) or preempt  # every process calls it at every batch
                 if (pb + 1) % p.K == 0 or cur is None:
                     if pb >= own_done:
@@ -368,40 +393,31 @@ class _Harvest:
                         if self.pending is not None:
                             self.pending.result()
                         self.pool.shutdown()
-                        log(f"{chr(10) if self.progress_shown else ''}saejax harvest: preempted: batches up to "
-                            f"{pb + 1} committed; "
+                        self.bar.close()
+                        log(f"saejax harvest: preempted: batches up to {pb + 1} committed; "
                             f"exit {EXIT_PREEMPTED}, rerun the same command to resume")
-                        self.progress_shown = False
                         raise Preempted(pb + 1)
                 now = time.time()
-                if now - last > 2 or cur is None:
+                if now - last > 10 or cur is None:
                     last = now
-                    self._progress(done_tokens, now - t0, pb + 1, total_ctx)
+                    self.tracker.scalars(self.bar.n, {"harvest/tokens": self.bar.n,
+                                                      "harvest/tokens_per_s": done_tokens / max(now - t0, 1e-9),
+                                                      "harvest/bytes_written": self.bytes_written})
             if cur is None:
                 break
             prev = cur
             b += 1
         if self.pending is not None:
-            self.bytes_written += self.pending.result()
+            self.pending.result()
         self.pool.shutdown()
         self.live["median_norm"] = median
         parts.commit(self.part_path, self.pi, self.fp, b, True, self.shards, self.live)
         t_end = time.time()
         last_run.update(tokens=done_tokens, seconds=t_end - t0, steady_tokens=done_tokens,
                         steady_seconds=t_end - t1)
-        if self.progress_shown:
-            print(file=sys.stderr)
-            self.progress_shown = False
+        self.bar.update(0, written=fmt_bytes(self.bytes_written))
+        self.bar.close()
         return self._finish()
-
-    def _progress(self, tokens, dt, batches, total_ctx):
-        rate = tokens / dt if dt > 0 else 0.0
-        msg = f"harvest: {tokens:,} tokens  {rate:,.0f} tok/s  {fmt_bytes(self.bytes_written)} written"
-        if total_ctx:
-            left = max(0, total_ctx - batches * self.plan.Bc) * (self.plan.L - 1)
-            msg += f"  ETA {left / rate:,.0f}s" if rate > 0 else ""
-        print("\r" + msg, end="", file=sys.stderr, flush=True)
-        self.progress_shown = True
 
     def _finish(self) -> dict | None:
         """Barrier, then process 0 writes the held-out tokens and the merged manifest."""

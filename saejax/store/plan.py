@@ -50,6 +50,19 @@ class Plan:
         batch_bytes = self.local * (self.L - 1) * max(self.widths.values()) * self.itemsize
         self.K = max(1, h.shuffle_bytes // batch_bytes)
         self.shard_bytes = h.shard_bytes
+        # host memory of the shuffle buffers per process: 2 chunks in flight x every site
+        self.buffer_bytes = 2 * self.K * self.local * (self.L - 1) * self.itemsize * sum(self.widths.values())
+
+    def check_host_memory(self, config) -> None:
+        """A ConfigError naming harvest.shuffle_bytes when one process's shuffle buffers exceed the host
+        memory of the target chip's host (mesh.target_chip, saejax/chips.py)."""
+        from saejax.chips import CHIPS
+        chip = CHIPS[config.mesh.target_chip]
+        if self.buffer_bytes > chip.host_memory:
+            raise cfg.ConfigError(
+                f"config key 'harvest.shuffle_bytes': {config.harvest.shuffle_bytes:,} per site plans "
+                f"{fmt_bytes(self.buffer_bytes)} of shuffle buffers per process (2 chunks x {len(self.sites)} "
+                f"sites), more than a {chip.name} host's {fmt_bytes(chip.host_memory)} (mesh.target_chip)")
 
     def fingerprint(self, config, model) -> dict:
         """What a resumed harvest must share with the one it continues."""
@@ -141,7 +154,7 @@ def print_plan(config, model, plan: Plan, out=sys.stdout) -> dict:
         total += b
         shards += ns
         print(f"  {s:>10}: width {plan.widths[s]}, {fmt_bytes(b)}, ~{ns} shards", file=out)
-    buffers = 2 * plan.K * plan.local * (plan.L - 1) * plan.itemsize * sum(plan.widths.values())
+    buffers = plan.buffer_bytes
     print(f"  total: {fmt_bytes(total)} ({config.harvest.dtype}) in ~{shards} shards, {n_batches} forward "
           f"batches of {plan.Bc} contexts, commits every {plan.K} batches", file=out)
     print(f"  host memory for shuffle buffers: ~{fmt_bytes(buffers)} per process (2 chunks in flight x "

@@ -21,10 +21,12 @@ import numpy as np
 from saejax import files
 from saejax import mesh as meshlib
 from saejax import workdir as wd
-from saejax.log import log
+from saejax.log import log, progress as progress_bar
 from saejax.preempt import EXIT_PREEMPTED, Preempted, PreemptionWatch
 from saejax.sources import PlannedSource, make_source
+from saejax.tracking import Tracker, group_scalars
 from saejax.train import checkpoint as ckpt
+from saejax.train import cost
 from saejax.train.export import save_final
 from saejax.train.plan import dry_run_report, plan_groups, state_memory
 from saejax.train.trainer import Trainer, norm_scales, to_host
@@ -51,12 +53,14 @@ class NonFinite(RuntimeError):
 
 
 def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None, progress=True, state=None,
-                ckpt_dir=None, checkpoint_every=1000, keep_checkpoints=2, trainer=None):
+                ckpt_dir=None, checkpoint_every=1000, keep_checkpoints=2, trainer=None, tracker=None):
     """Train one group from ``source`` to ``hp.total_steps``; return the final state.
 
     With ``ckpt_dir``, resume from its latest checkpoint (into this mesh's shardings), save every
     ``checkpoint_every`` steps and at the end, and on SIGTERM save at an agreed step and raise
-    ``checkpoint.Preempted`` (exit code 75).
+    ``checkpoint.Preempted`` (exit code 75). ``tracker`` (saejax.tracking) gets every logging
+    step's metrics, per SAE. ``progress``: a progress bar (log lines off a terminal) with the ETA,
+    and a line of metrics per logging step.
     """
     trainer = trainer or Trainer(spec, hp, mesh, seed)
     ckpts = ckpt.Checkpoints(ckpt_dir, checkpoint_every, keep_checkpoints) if ckpt_dir else None
@@ -71,13 +75,18 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
     watch = PreemptionWatch() if ckpts is not None else None
     held = trainer.local_heldout(source, scales) if log_path or progress else None
     held = None if held is None else trainer.put_batch(held)
+    if tracker is not None:
+        tracker.begin(start)
     t0, last = time.time(), start
+    bar = progress_bar(hp.total_steps, f"train {spec.name}", unit="step", initial=start) if progress else None
     try:
         for step in range(start, hp.total_steps):
             state, metrics = trainer.step(state, trainer.put_batch(trainer.local_batch(source, step, scales)))
             if trainer.serialize:
                 jax.block_until_ready(metrics)
             done = step + 1
+            if bar is not None:
+                bar.update(1)
             preempt = watch is not None and watch.reached(done)
             save = ckpts is not None and (done % checkpoint_every == 0 or done == hp.total_steps or preempt)
             if done % log_every == 0 or done == hp.total_steps:
@@ -90,13 +99,15 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
                 if records:
                     records.write(json.dumps(record) + "\n")
                     records.flush()
-                if progress:
+                if tracker is not None:
+                    tracker.scalars(done, group_scalars(spec.name, spec.sites, m))
+                if bar is not None and bar.on:  # not with --quiet
                     rate = (done - last) * hp.batch_size / max(time.time() - t0, 1e-9)
                     t0, last = time.time(), done
-                    log(f"[{spec.name}] step {done}/{hp.total_steps} {rate:,.0f} tok/s "
-                        f"L0 {_span(m['l0'])} FVU {_span(m['fvu'])} dead {_span(m['dead_frac'])}"
-                        + (f" | held-out L0 {_span(m['heldout_l0'])} FVU {_span(m['heldout_fvu'])}"
-                           if "heldout_fvu" in m else ""))
+                    bar.write(f"[{spec.name}] step {done}/{hp.total_steps} {rate:,.0f} tok/s "
+                              f"L0 {_span(m['l0'])} FVU {_span(m['fvu'])} dead {_span(m['dead_frac'])}"
+                              + (f" | held-out L0 {_span(m['heldout_l0'])} FVU {_span(m['heldout_fvu'])}"
+                                 if "heldout_fvu" in m else ""))
             elif save:
                 state = _freeze_nonfinite(spec, hp, state, trainer, None, done)
             if save:
@@ -110,6 +121,10 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
                     f"exit {EXIT_PREEMPTED}, rerun the same command to resume")
                 raise Preempted(done)
     finally:
+        if bar is not None:
+            bar.close()
+        if tracker is not None:
+            tracker.flush()
         if records:
             records.close()
         if ckpts is not None:
@@ -224,19 +239,28 @@ def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> li
             raise
         mesh = meshlib.abstract_mesh(config.mesh)  # plan for the slice's devices from here
         n_devices = mesh.size
-        log(f"saejax train: {e}; the dry run plans for that mesh from its shape alone "
-            f"(per-device memory without XLA's compiled-step figure)")
+        log(f"saejax train: {e}; the dry run plans for that mesh from its shape and compiles the step "
+            f"on {mesh.size} virtual CPU devices")
     plans = plan_groups(config, source)
     for spec, hp in plans:
         meshlib.validate_group(config.mesh, spec.T, spec.width, hp.batch_size, n_devices=n_devices,
                                process_count=1 if n_devices else None, name=spec.name)
+    sizes = cost.sizes_of(mesh)
     if dry_run:
-        for spec, hp in plans:  # from shapes alone on an AbstractMesh (devices of another machine)
+        # The real step compiled for this mesh (here, or on virtual CPU devices in a subprocess): its
+        # FLOPs and collectives feed the cost model; nothing runs.
+        programs = cost.measure(plans, sizes)
+        for (spec, hp), prog in zip(plans, programs):
             log(_header(spec, hp, mesh))
-            mem = Trainer(spec, hp, mesh).memory() if isinstance(mesh, jax.sharding.Mesh) \
-                else state_memory(spec, hp, mesh)
+            mem = state_memory(spec, hp, mesh)
+            if "temp_bytes" in prog:
+                mem["compiled_temp"] = prog["temp_bytes"]
             log(dry_run_report(spec, hp, mem))
+        for line in cost.report(config, plans, sizes, programs):
+            log(line)
+        cost.check_memory(config, plans, sizes)
         return []
+    cost.check_memory(config, plans, sizes)  # before anything compiles or writes
     with wd.stage_lock(config, "train"):
         prints = [fingerprint(spec, hp, config.seed, source) for spec, hp in plans]
         for (spec, _), fp in zip(plans, prints):  # every group, before any trains: a changed config is refused
@@ -258,9 +282,10 @@ def _train_one(config, spec, hp, fp, source, mesh) -> str:
         return final
     os.makedirs(wd.group_dir(config, spec.name), exist_ok=True)
     _write_fingerprint(config, spec.name, fp)
-    state = train_group(spec, hp, source, mesh, seed=config.seed, log_every=t.log_every,
-                        log_path=wd.metrics_path(config, spec.name),
-                        ckpt_dir=wd.checkpoint_dir(config, spec.name), checkpoint_every=t.checkpoint_every,
-                        keep_checkpoints=t.keep_checkpoints)
+    with Tracker(config, f"train/{spec.name}") as tracker:
+        state = train_group(spec, hp, source, mesh, seed=config.seed, log_every=t.log_every,
+                            log_path=wd.metrics_path(config, spec.name),
+                            ckpt_dir=wd.checkpoint_dir(config, spec.name), checkpoint_every=t.checkpoint_every,
+                            keep_checkpoints=t.keep_checkpoints, tracker=tracker)
     save_final(final, spec, hp, source, state)
     return final

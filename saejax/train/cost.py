@@ -1,0 +1,407 @@
+"""The step cost model: what one train step of a group costs per device, projected on a target chip.
+
+Read from the compiled program (``program``): the real jitted step (``Trainer.step``) compiled for
+the planned mesh on concrete devices, with abstract inputs (``jax.ShapeDtypeStruct``), nothing run;
+its FLOPs (dot ops) and collective bytes by kind per device per step, loop trip counts included
+(saejax.train.hlo). A mesh of more devices than this process has is compiled in a subprocess with
+that many virtual CPU devices (``measure``: XLA_FLAGS=--xla_force_host_platform_device_count=N must
+be set before JAX starts).
+
+From shapes (``hbm_bytes``, ``host_read_bytes``): HBM traffic (parameters read twice and written
+once, gradients written and read, optimizer state read and written, and ``BM_PASSES`` elementwise
+passes over each SAE's [B, M] block), and the bytes each host reads from the store per step.
+
+``project`` turns them into step times on a chip (saejax/chips.py): compute (FLOPs x the bf16
+passes of the matmul precision / bf16 peak), HBM, interconnect (bytes on the wire / ICI), summed
+(no overlap inside the step) and their max (perfect overlap); the host read is a separate floor
+(prefetched). ``design_comm`` is the design minimum of communication (docs/training.md), printed
+beside the program's. ``propose`` is the mesh planner.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+from saejax import chips as chiplib
+from saejax.mesh import AXES
+
+# Unfused elementwise passes over one SAE's [B, M] fp32 block per step, by kind. jumprelu: write pre;
+# read pre, write f; read f (decoder matmul); write g_f (decoder transpose matmul); read g_f and pre,
+# write g_pre (threshold window sums and firing counts in the same pass); read g_pre (encoder
+# gradient); read f (decoder gradient) = 10. relu the same without the threshold. topk/batchtopk: the
+# top-k reads pre once more and the mask is written; AuxK reads pre, masks dead latents, takes its
+# top-k and feeds its decoder (4 more) = 16.
+BM_PASSES = {"jumprelu": 10, "relu": 10, "topk": 16, "batchtopk": 16}
+PRECISION_PASSES = {"default": 1, "high": 3, "highest": 6}  # bf16 passes per fp32 matmul on a TPU
+MIN_ROWS = 1024  # the planner shards data only while each device keeps at least this many rows
+
+
+class PlanError(ValueError):
+    """A plan that does not fit the target (device or host memory); the message names the key."""
+
+
+def sizes_of(mesh_or_sizes) -> dict:
+    """{axis: size} of a Mesh, an AbstractMesh, or a mapping (a dict, ``config.mesh``)."""
+    if hasattr(mesh_or_sizes, "axis_names"):
+        return {a: int(dict(mesh_or_sizes.shape).get(a, 1)) for a in AXES}
+    return {a: int(mesh_or_sizes[a]) for a in AXES}
+
+
+def matmul_passes(spec) -> int:
+    """bf16 passes per matmul on a TPU: 1 with bf16 matmul inputs, else by the fp32 precision."""
+    for key in ("matmul_dtype", "compute_dtype"):
+        if getattr(spec, key, None) == "bfloat16":
+            return 1
+    return PRECISION_PASSES.get(spec.precision, 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled program.
+
+
+def program(spec, hp, mesh) -> dict:
+    """Compile ``Trainer(spec, hp, mesh).step`` with abstract inputs; its per-device counts."""
+    import jax
+    import numpy as np
+    from saejax.train import hlo
+    from saejax.train.trainer import Trainer
+
+    t0 = time.time()
+    tr = Trainer(spec, hp, mesh)
+    st = jax.tree_util.tree_map(lambda v, h: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=h),
+                                tr.abstract, tr.state_shardings)
+    x = jax.ShapeDtypeStruct(tr.x_shape, np.float32, sharding=tr.x_sharding)
+    compiled = tr.step.lower(st, x).compile()
+    text = compiled.as_text()
+    out = {"flops": hlo.flops(text), "collectives": hlo.collectives(text),
+           "received": hlo.collectives(text, size="result"), "compile_s": round(time.time() - t0, 2)}
+    try:
+        out["temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend reports memory
+        pass
+    return out
+
+
+def _to_json(spec, hp) -> list:
+    return [dataclasses.asdict(spec), dataclasses.asdict(hp)]
+
+
+def _from_json(cls, d: dict):
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def measure(plans, sizes: dict, subprocess_only: bool = False) -> list[dict]:
+    """``program`` of every (spec, hp) in ``plans`` on a mesh of ``sizes``: in this process when it
+    has the devices, else (or with ``subprocess_only``) in one subprocess with that many virtual CPU
+    devices."""
+    import jax
+    n = math.prod(sizes[a] for a in AXES)
+    if jax.device_count() >= n and jax.process_count() == 1 and not subprocess_only:
+        from saejax import mesh as meshlib
+        mesh = meshlib.make_mesh(sizes, jax.devices()[:n])
+        return [program(spec, hp, mesh) for spec, hp in plans]
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+    env["JAX_PLATFORMS"] = "cpu"
+    for key in ("SAEJAX_COORDINATOR", "SAEJAX_NUM_PROCESSES", "SAEJAX_PROCESS_ID"):
+        env.pop(key, None)
+    env["SAEJAX_DISTRIBUTED"] = "off"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
+    request = json.dumps({"sizes": sizes, "plans": [_to_json(s, h) for s, h in plans]})
+    out = subprocess.run([sys.executable, "-m", "saejax.train.cost"], input=request, env=env,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"cost model: compiling on {n} virtual devices failed: {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _worker() -> None:
+    """``python -m saejax.train.cost``: a ``measure`` request on stdin, the results on stdout."""
+    from saejax.sae.group import GroupSpec
+    from saejax.train import optim
+    req = json.loads(sys.stdin.read())
+    plans = [(_from_json(GroupSpec, s), _from_json(optim.Hyper, h)) for s, h in req["plans"]]
+    print(json.dumps(measure(plans, req["sizes"])))
+
+
+# ---------------------------------------------------------------------------------------------
+# From shapes.
+
+
+def per_device(spec, hp, sizes: dict) -> dict:
+    """What one device works on: SAEs (sites x members), rows and latents of each."""
+    D, S, L = (sizes[a] for a in ("data", "stack", "latent"))
+    return {"saes": spec.T // S * spec.K, "rows": hp.batch_size // D, "latents": spec.width // L}
+
+
+def shape_flops(spec, hp, sizes: dict) -> float:
+    """The design's dense work per device per step: 10 B d M per SAE (five matmuls)."""
+    p = per_device(spec, hp, sizes)
+    return 10.0 * p["saes"] * p["rows"] * spec.d * p["latents"]
+
+
+def hbm_bytes(spec, hp, sizes: dict, mem: dict) -> float:
+    """HBM bytes per device per step from shapes: params read twice (forward, backward) and written
+    once, gradients written and read, optimizer state read and written, the kind's passes over
+    [B, M] per SAE, and the batch read once per member. ``mem``: ``plan.state_memory``."""
+    p = per_device(spec, hp, sizes)
+    passes = BM_PASSES.get(spec.arch, BM_PASSES["jumprelu"])
+    state = 5 * mem["params"] + 2 * mem["optimizer"] + 2 * mem["counters"]
+    return state + p["saes"] * (passes * p["rows"] * p["latents"] * 4 + p["rows"] * spec.d * 4)
+
+
+def host_block(spec, hp, sizes: dict, chips_per_host: int) -> tuple[int, int]:
+    """(sites, rows) of the batch one host feeds: its chips' blocks of x [T, B, d] laid out
+    P("stack", "data", None) over the mesh (devices process by process, the last axis fastest)."""
+    D, S, L = (sizes[a] for a in ("data", "stack", "latent"))
+    n = D * S * L
+    per = min(chips_per_host, n)
+    data, stack = set(), set()
+    for i in range(per):
+        di, rest = divmod(i, S * L)
+        data.add(di)
+        stack.add(rest // L)
+    return spec.T // S * len(stack), hp.batch_size // D * len(data)
+
+
+def host_read_bytes(spec, hp, sizes: dict, chip, itemsize: int) -> int:
+    """Store bytes one host reads per step (its block of the batch at the store's dtype)."""
+    sites, rows = host_block(spec, hp, sizes, chip.chips_per_host)
+    return sites * rows * spec.d * itemsize
+
+
+def host_train_memory(spec, hp, sizes: dict, chip) -> int:
+    """Host bytes of training batches per process: the reader's batch in hand plus 2 prefetched,
+    and the normalized copy handed to the device (4 float32 blocks)."""
+    sites, rows = host_block(spec, hp, sizes, chip.chips_per_host)
+    return 4 * sites * rows * spec.d * 4
+
+
+def design_comm(spec, hp, sizes: dict) -> dict:
+    """The design minimum of communication per device per step, operand bytes by kind
+    (docs/training.md): data D shards all-reduce the gradients of their 1/L share; latent L shards
+    all-reduce the decoder output [B/D, d] (AuxK: its own too) and gather top-k candidates."""
+    D, L = sizes["data"], sizes["latent"]
+    p = per_device(spec, hp, sizes)
+    B, d, M = hp.batch_size, spec.d, spec.width
+    out = {"all-reduce": 0.0, "all-gather": 0.0}
+    topk = spec.arch in ("topk", "batchtopk")
+    if D > 1:
+        out["all-reduce"] += (2 * d * M + 2 * M + d) * 4 / L
+        if spec.arch == "batchtopk":
+            k = max(spec.sweep)
+            out["all-gather"] += min(k * B, B * M / (D * L)) * 4
+    if L > 1:
+        out["all-reduce"] += (B / D) * d * 4 * (2 if topk else 1)
+        if topk:
+            k = max(spec.sweep) if spec.arch == "topk" else 0
+            out["all-gather"] += (B / D) * (k + spec.auxk_k) * 4
+    return {kind: v * p["saes"] for kind, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Projection.
+
+
+def wire_bytes(collectives: dict, received: dict | None = None) -> float:
+    """Bytes one device moves for its collectives: an all-reduce 2x its operand (reduce-scatter
+    then all-gather), an all-gather what it receives, the others their operand."""
+    received = received or collectives
+    return sum(2 * v if k == "all-reduce" else received.get(k, v) if k == "all-gather" else v
+               for k, v in collectives.items())
+
+
+def project(chip, *, flops: float, passes: int, hbm: float, wire: float, host: float) -> dict:
+    """Seconds per step on ``chip``: compute, HBM, interconnect, host read; summed (no overlap inside
+    the step, the host read a floor beside it) and maxed (perfect overlap); the fraction of bf16 peak
+    (``flops`` at one pass over the step) and the limiting resource."""
+    t = {"compute": flops * passes / chip.bf16_flops, "HBM": hbm / chip.hbm_bw,
+         "interconnect": wire / chip.ici, "host read": host / chip.host_read}
+    serial = max(t["compute"] + t["HBM"] + t["interconnect"], t["host read"])
+    overlap = max(t.values())
+    useful = flops / chip.bf16_flops
+    inside = {k: t[k] for k in ("compute", "HBM", "interconnect")}
+    limit = "host read" if t["host read"] > sum(inside.values()) else max(inside, key=inside.get)
+    return {"times": t, "serial": serial, "overlap": overlap, "limit": limit,
+            "fraction": useful / serial if serial else 0.0, "fraction_overlap": useful / overlap if overlap else 0.0}
+
+
+def analytic(spec, hp, sizes: dict, chip, itemsize: int = 4, mem: dict | None = None) -> dict:
+    """``project`` from shapes alone, with the design minimum of communication (the planner's model)."""
+    from saejax import mesh as meshlib
+    from saejax.train.plan import state_memory
+    mem = mem or state_memory(spec, hp, meshlib.abstract_mesh(sizes))
+    comm = design_comm(spec, hp, sizes)
+    return project(chip, flops=shape_flops(spec, hp, sizes), passes=matmul_passes(spec),
+                   hbm=hbm_bytes(spec, hp, sizes, mem), wire=wire_bytes(comm),
+                   host=host_read_bytes(spec, hp, sizes, chip, itemsize))
+
+
+def device_bytes(mem: dict) -> int:
+    """A group's per-device peak: state plus one step's activations (``plan.state_memory``)."""
+    return int(mem["params"] + mem["optimizer"] + mem["counters"] + mem["activations"])
+
+
+def _divisors(n: int) -> list[int]:
+    return [i for i in range(1, n + 1) if n % i == 0]
+
+
+def candidates(plans, n_devices: int, processes: int = 1) -> list[dict]:
+    """Every mesh of ``n_devices`` that every group splits over (saejax.mesh.validate_group's rules)."""
+    out = []
+    for S in _divisors(n_devices):
+        for L in _divisors(n_devices // S):
+            D = n_devices // S // L
+            if all(spec.T % S == 0 and spec.width % L == 0 and hp.batch_size % D == 0
+                   and hp.batch_size % processes == 0 for spec, hp in plans):
+                out.append({"data": D, "stack": S, "latent": L})
+    return out
+
+
+def job_time(plans, sizes: dict, chip, itemsize: int = 4) -> tuple[float, int, list[dict]]:
+    """(projected seconds of the whole job without overlap, peak device bytes, per-group projections)."""
+    from saejax import mesh as meshlib
+    from saejax.train.plan import state_memory
+    total, peak, per = 0.0, 0, []
+    for spec, hp in plans:
+        mem = state_memory(spec, hp, meshlib.abstract_mesh(sizes))
+        pr = analytic(spec, hp, sizes, chip, itemsize, mem)
+        total += pr["serial"] * hp.total_steps
+        peak = max(peak, device_bytes(mem))
+        per.append(pr)
+    return total, peak, per
+
+
+def propose(plans, n_devices: int, chip, itemsize: int = 4, processes: int = 1) -> tuple[dict | None, dict]:
+    """The mesh with the lowest projected job time (no overlap) that fits ``chip``'s memory, and
+    every candidate's (time, peak). Data sharding only while a device keeps ``MIN_ROWS`` rows, latent
+    sharding only when no mesh without it fits (each unless nothing else fits); ties go to more stack,
+    then less latent, sharding."""
+    table = {}
+    for sizes in candidates(plans, n_devices, processes):
+        t, peak, _ = job_time(plans, sizes, chip, itemsize)
+        table[(sizes["data"], sizes["stack"], sizes["latent"])] = (t, peak)
+    fits = {k: v for k, v in table.items() if v[1] <= chip.hbm}
+    many = {k: v for k, v in fits.items() if min(hp.batch_size for _, hp in plans) // k[0] >= MIN_ROWS}
+    pool = many or fits
+    whole = {k: v for k, v in pool.items() if k[2] == 1}  # latent sharding only when nothing else fits
+    pool = whole or pool
+    if not pool:
+        return None, table
+    best = min(pool, key=lambda k: (pool[k][0], -k[1], k[2]))
+    return dict(zip(("data", "stack", "latent"), best)), table
+
+
+if __name__ == "__main__":
+    _worker()
+
+
+# ---------------------------------------------------------------------------------------------
+# The dry run's report.
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2 ** 30:,.2f} GiB"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2 ** 20:,.1f} MiB"
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:,.2f} ms"
+
+
+def store_itemsize(config) -> int:
+    """Bytes per stored value the train stage reads (0: a synthetic source reads nothing)."""
+    if config.train.source == "synthetic":
+        return 0
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[config.harvest.dtype]
+
+
+def memory_plan(config, plans, sizes: dict) -> dict:
+    """The job's memory on the target chip, from shapes alone: each group's per-device bytes, the
+    peak over the job (groups train one after another, each freed before the next starts), and each
+    process's host bytes of training batches. What the dry run prints and the config docstrings quote."""
+    from saejax import mesh as meshlib
+    from saejax.train.plan import state_memory
+    chip = chiplib.get(config.mesh.target_chip)
+    groups = {}
+    for spec, hp in plans:
+        mem = state_memory(spec, hp, meshlib.abstract_mesh(sizes))
+        groups[spec.name] = {"device": device_bytes(mem), "host": host_train_memory(spec, hp, sizes, chip),
+                             "mem": mem}
+    peak = max(groups, key=lambda g: groups[g]["device"])
+    host = max(groups, key=lambda g: groups[g]["host"])
+    return {"chip": chip, "groups": groups, "peak": groups[peak]["device"], "peak_group": peak,
+            "host": groups[host]["host"], "host_group": host}
+
+
+def check_memory(config, plans, sizes: dict) -> dict:
+    """``memory_plan``; a PlanError naming the key when the peak exceeds the target chip's device
+    memory or one process's host memory."""
+    m = memory_plan(config, plans, sizes)
+    chip = m["chip"]
+    if m["peak"] > chip.hbm:
+        raise PlanError(f"mesh {sizes}: group {m['peak_group']} needs {_gib(m['peak'])} per device, more than "
+                        f"a {chip.name} chip's {_gib(chip.hbm)} (mesh.target_chip); shard more (mesh.latent, "
+                        f"mesh.stack) or train fewer layers per job (see the config's variants)")
+    if m["host"] > chip.host_memory:
+        raise PlanError(f"mesh {sizes}: group {m['host_group']} holds {_gib(m['host'])} of batches per "
+                        f"process, more than a {chip.name} host's {_gib(chip.host_memory)} (mesh.target_chip); "
+                        f"lower train.batch_size")
+    return m
+
+
+def report(config, plans, sizes: dict, programs: list[dict] | None) -> list[str]:
+    """The dry run's cost lines: per group the program's counts (or, without ``programs``, the
+    design's), the design minimum of communication, the projection on the target chip; then the
+    job's memory peak and the planner's proposal against the configured mesh."""
+    chip = chiplib.get(config.mesh.target_chip)
+    itemsize = store_itemsize(config)
+    mem_plan = memory_plan(config, plans, sizes)
+    lines = []
+    for i, (spec, hp) in enumerate(plans):
+        mem = mem_plan["groups"][spec.name]["mem"]
+        design = design_comm(spec, hp, sizes)
+        prog = programs[i] if programs else None
+        coll = prog["collectives"] if prog else design
+        flops = prog["flops"] if prog else shape_flops(spec, hp, sizes)
+        host = host_read_bytes(spec, hp, sizes, chip, itemsize)
+        pr = project(chip, flops=flops, passes=matmul_passes(spec), hbm=hbm_bytes(spec, hp, sizes, mem),
+                     wire=wire_bytes(coll, prog["received"] if prog else None), host=host)
+        shown = lambda c: ", ".join(f"{k} {_mb(v)}" for k, v in c.items() if v) or "none"  # noqa: E731
+        what = (f"compiled program ({prog['compile_s']:.1f} s to compile)" if prog else "from shapes (not compiled)")
+        lines.append(f"[{spec.name}] step cost per device, {what}: {flops / 1e12:,.3f} TFLOP "
+                     f"(design {shape_flops(spec, hp, sizes) / 1e12:,.3f}; x{matmul_passes(spec)} bf16 passes), "
+                     f"HBM {_gib(hbm_bytes(spec, hp, sizes, mem))}, collectives: {shown(coll)} "
+                     f"(design minimum: {shown(design)}); store reads {_mb(host)} per host per step")
+        t = pr["times"]
+        lines.append(f"[{spec.name}] projected on {chip.name}: compute {_ms(t['compute'])} + HBM {_ms(t['HBM'])} + "
+                     f"interconnect {_ms(t['interconnect'])} = {_ms(pr['serial'])} per step without overlap "
+                     f"({pr['fraction']:.1%} of bf16 peak), {_ms(pr['overlap'])} with perfect overlap "
+                     f"({pr['fraction_overlap']:.1%}); host read {_ms(t['host read'])} (a floor, prefetched); "
+                     f"limited by {pr['limit']}; {pr['serial'] * hp.total_steps / 3600:,.2f} h for "
+                     f"{hp.total_steps} steps")
+    lines.append(f"job peak per device: {_gib(mem_plan['peak'])} (group {mem_plan['peak_group']}; each group's "
+                 f"state is freed before the next starts) of a {chip.name} chip's {_gib(chip.hbm)}; host: "
+                 f"{_gib(mem_plan['host'])} of batches per process of {_gib(chip.host_memory)}")
+    n = math.prod(sizes.values())
+    best, table = propose(plans, n, chip, itemsize or 4, max(1, n // chip.chips_per_host))
+    here = table.get((sizes["data"], sizes["stack"], sizes["latent"]))
+    if best is None:
+        lines.append(f"mesh planner: no mesh of {n} devices fits a {chip.name} chip's memory")
+    else:
+        b = table[(best["data"], best["stack"], best["latent"])]
+        rel = f"{here[0] / b[0]:.2f}x the proposal's projected time" if here and b[0] else "not a candidate"
+        lines.append(f"mesh planner ({n} {chip.name} chips): proposes {best}, projected "
+                     f"{b[0] / 3600:,.2f} h for the job without overlap (peak {_gib(b[1])}); the configured "
+                     f"mesh {sizes}: {rel}")
+    return lines

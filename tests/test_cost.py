@@ -1,0 +1,113 @@
+"""The step cost model (saejax/train/cost.py): counts read from the compiled step, the mesh planner,
+the memory refusal, and a group's state freed before the next group starts. 8 virtual CPU devices
+(tests/conftest.py), small shapes."""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from saejax import chips, config as cfg, mesh as meshlib
+from saejax.sae.group import GroupSpec
+from saejax.train import cost, hlo, loop, optim, trainer
+
+SITES = tuple(f"res.{i}" for i in range(8))
+
+
+def _plan(T=8, d=64, width=512, batch=1024, arch="jumprelu"):
+    spec = GroupSpec(arch=arch, sites=SITES[:T], d=d, width=width, sweep=(0.001, 0.003))
+    hp = optim.Hyper(total_steps=100, batch_size=batch, lr=1e-3, lr_warmup=5, sparsity_warmup=30, dead_steps=20)
+    return spec, hp
+
+
+def test_program_collectives_are_the_compiled_steps():
+    """The cost model's collective bytes are hlo.collectives of the compiled train step, in this
+    process and through the subprocess on virtual devices alike: data sharding all-reduces the
+    gradients (at least their design minimum), stack sharding communicates next to nothing."""
+    spec, hp = _plan()
+    data = {"data": 8, "stack": 1, "latent": 1}
+    mesh = meshlib.make_mesh(data, jax.devices()[:8])
+    tr = trainer.Trainer(spec, hp, mesh)
+    st = jax.tree_util.tree_map(lambda v, h: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=h),
+                                tr.abstract, tr.state_shardings)
+    x = jax.ShapeDtypeStruct(tr.x_shape, np.float32, sharding=tr.x_sharding)
+    text = tr.step.lower(st, x).compile().as_text()
+    got = cost.program(spec, hp, mesh)
+    assert got["collectives"] == hlo.collectives(text) and got["flops"] == hlo.flops(text)
+    assert got["collectives"]["all-reduce"] >= cost.design_comm(spec, hp, data)["all-reduce"] > 0
+    assert cost.measure([(spec, hp)], data, subprocess_only=True)[0]["collectives"] == got["collectives"]
+    stack = cost.measure([(spec, hp)], {"data": 1, "stack": 8, "latent": 1})[0]
+    assert sum(stack["collectives"].values()) < 2 ** 20 * spec.T * spec.K  # metrics and counters only
+    assert stack["flops"] >= cost.shape_flops(spec, hp, {"data": 1, "stack": 8, "latent": 1})
+
+
+def test_planner_picks_stack_parallel_for_small_saes():
+    plans = [_plan()]
+    best, table = cost.propose(plans, 8, chips.get("v5p"))
+    assert best == {"data": 1, "stack": 8, "latent": 1}, table
+    assert table[(8, 1, 1)][0] > table[(1, 8, 1)][0]  # data parallel all-reduces the gradients
+
+
+def test_planner_shards_latents_when_one_sae_does_not_fit():
+    """A chip whose memory holds less than one SAE's state (params, Adam, activations): the planner
+    splits latents, and only as far as needed to fit."""
+    plans = [_plan(width=8192)]
+    spec, hp = plans[0]
+    stack = {"data": 1, "stack": 8, "latent": 1}
+    one = cost.device_bytes(cost.memory_plan(_config(), plans, stack)["groups"][spec.name]["mem"])
+    assert cost.propose(plans, 8, chips.get("v5p"))[0] == stack  # fits whole: no latent sharding
+    small = dataclasses.replace(chips.get("v5p"), hbm=one * 0.6)
+    best, table = cost.propose(plans, 8, small)
+    assert best["latent"] > 1 and table[(best["data"], best["stack"], best["latent"])][1] <= small.hbm
+
+
+def _config(**over):
+    c = cfg.defaults()
+    c.train.source = "synthetic"
+    for k, v in over.items():
+        cfg.set_value(c, k, v)
+    return c
+
+
+def test_refusal_is_one_line_before_anything_runs(tmp_path, monkeypatch):
+    """A plan over the target chip's device memory is refused in one line naming mesh.target_chip,
+    in the dry run (after printing) and before a real run compiles or writes anything; so is a harvest
+    whose shuffle buffers exceed one host's memory (gemma2_2b's old 32 GiB per site: 5.1 TB)."""
+    c = _config(**{"workdir": str(tmp_path), "synthetic.sites": 2, "synthetic.d": 1024,
+                   "sae.widths": (2 ** 22,), "train.batch_size": 256, "mesh.data": 8, "mesh.stack": 1,
+                   "mesh.latent": 1, "mesh.target_chip": "v5e"})
+    cfg.validate(c)
+    monkeypatch.setattr(trainer.Trainer, "init_state", lambda self: pytest.fail("a refused plan ran"))
+    for dry in (False, True):
+        if dry:
+            monkeypatch.setattr(cost, "measure", lambda plans, sizes: [{} for _ in plans])  # no compile
+        with pytest.raises(cost.PlanError, match=r"more than a v5e chip's 14.90 GiB \(mesh.target_chip\)") as e:
+            loop.run(c, dry_run=dry)
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "train").exists()
+
+    from saejax import models
+    from saejax.store.plan import Plan
+    g = cfg.load("experiments/gemma2_2b.py", ["--config.harvest.shuffle_bytes=34359738368"])
+    plan = Plan(g, models.load_shape("hf:google/gemma-2-2b"), None, 16)
+    with pytest.raises(cfg.ConfigError, match=r"'harvest.shuffle_bytes'.* 5\.1 TB of shuffle buffers per process"):
+        plan.check_host_memory(g)
+
+
+def test_previous_group_state_is_freed_before_the_next_starts(tmp_path, monkeypatch):
+    """Groups train one after another; when the next group's state is created, no device array of
+    the previous group is alive (the job's peak is one group, as the dry run promises)."""
+    c = _config(**{"workdir": str(tmp_path), "synthetic.sites": 2, "synthetic.d": 32,
+                   "synthetic.n_features": 64, "sae.widths": (64, 128), "train.batch_size": 64,
+                   "train.tokens": 64 * 4, "train.log_every": 2, "train.checkpoint_every": 2,
+                   "mesh.data": 8})
+    cfg.validate(c)
+    live, orig = [], trainer.Trainer.init_state
+
+    def init_state(self):
+        live.append(sum(a.nbytes for a in jax.live_arrays()))
+        return orig(self)
+
+    monkeypatch.setattr(trainer.Trainer, "init_state", init_state)
+    assert len(loop.run(c)) == 2
+    assert live == [0, 0], live
