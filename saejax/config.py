@@ -53,6 +53,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.split = "train"  # dataset split of a hub corpus
     c.data.context_len = 1024  # Gemma Scope: 1,024 tokens per context
     c.data.heldout_contexts = 2048  # whole contexts training never reads (Gemma Scope evaluated on 2,048)
+    # the tokenized corpus a harvest writes once and reuses (docs/store.md, "Tokenize once");
+    # "": <workdir>/tokens. Point it at another run's tokens to harvest other sites without tokenizing.
+    c.data.tokens_dir = ""
 
     # --- harvesting activations into the store ------------------------------------------------
     c.harvest = ml_collections.ConfigDict()
