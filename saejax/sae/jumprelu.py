@@ -128,7 +128,7 @@ def _block_sums(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, with_grad
     """The sums over the row blocks of xb [n, T, b, d] (``_mse_l0_scan``); B the batch's total rows;
     ``latent_axis``: the shard_map axis over which the latents are split (its partial decoder
     outputs are summed), or None."""
-    mm = partial(jnp.matmul, precision=precision)
+    mm = precision if callable(precision) else partial(jnp.matmul, precision=precision)
     tr = partial(jnp.swapaxes, axis1=-1, axis2=-2)
     th = theta[:, :, None, :]
     w_dec_t = tr(w_dec)  # once per step, not in every block (docs/training.md, XLA:CPU notes)

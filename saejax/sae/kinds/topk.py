@@ -42,7 +42,7 @@ def auxk_loss(spec, x, x_hat, e_hat, dead):
 def auxk(spec, hp, params, state, x, pre, x_hat):
     """[T, K]: AuxK's loss on the dead latents (the module docstring), 0 for SAEs without any."""
     f_aux, dead = auxk_latents(spec, hp, state, pre)
-    e_hat = jnp.einsum("tkbm,tkmd->tkbd", f_aux, params["W_dec"], precision=forward.PRECISIONS[spec.precision])
+    e_hat = forward.spec_einsum(spec, "tkbm,tkmd->tkbd", f_aux, params["W_dec"])
     return auxk_loss(spec, x, x_hat, e_hat, dead)
 
 
@@ -60,8 +60,7 @@ def loss_with_auxk(kind, spec, hp, params, state, x) -> dict:
     pre = forward.pre_activations(spec, params, x)
     f = kind.train_activation(spec, params, pre)
     f_aux, dead = auxk_latents(spec, hp, state, pre)
-    both = jnp.einsum("tksbm,tkmd->tksbd", jnp.stack([f, f_aux], 2), params["W_dec"],
-                      precision=forward.PRECISIONS[spec.precision])
+    both = forward.spec_einsum(spec, "tksbm,tkmd->tksbd", jnp.stack([f, f_aux], 2), params["W_dec"])
     x_hat = both[:, :, 0] + params["b_dec"][:, :, None, :]
     return pre, f, x_hat, auxk_loss(spec, x, x_hat, both[:, :, 1], dead)
 
