@@ -57,6 +57,7 @@ def get_config(arg: str = ""):
     c.train.tokens_wide = 8_000_000_000  # wider
     c.train.batch_size = 4096
     c.train.checkpoint_every = 2000
+    c.train.matmul_dtype = "bfloat16"  # bf16 matmul inputs, fp32 accumulation and state (docs/training.md)
     c.mesh.data, c.mesh.stack, c.mesh.latent = 8, 2, 4  # 64 chips; stack 2 divides 52 and 26 sites
     c.evaluate.contexts = 2048
     c.release.name = "saejax-gemma2-2b"

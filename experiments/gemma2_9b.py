@@ -46,6 +46,7 @@ def get_config(arg: str = ""):
     c.train.tokens_wide = 8_000_000_000
     c.train.batch_size = 4096
     c.train.checkpoint_every = 2000
+    c.train.matmul_dtype = "bfloat16"  # bf16 matmul inputs, fp32 accumulation and state (docs/training.md)
     c.mesh.data, c.mesh.stack, c.mesh.latent = 16, 2, 8
     c.evaluate.contexts = 2048
     c.release.name = "saejax-gemma2-9b"

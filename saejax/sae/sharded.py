@@ -5,9 +5,9 @@ of a whole batch's B*M. Both reduce to a threshold: the k-th largest value ``kth
 
     f = where(pre >= kth, relu(pre), 0)
 
-is elementwise and stays sharded. Under latent sharding (``pre [T, K, B, M]`` laid out as
-``P("stack", None, "data", "latent")``) a plain ``lax.top_k`` would gather the [B, M] block on
-one device. Here the threshold is found in two stages inside ``jax.shard_map``:
+is elementwise and stays sharded. On any sharded mesh (``pre [T, K, B, M]`` laid out as
+``P("stack", None, "data", "latent")``) XLA's partitioner would gather the [B, M] block for a plain
+``lax.top_k``, even when only ``stack`` or ``data`` is split. Here the threshold is found in two stages inside ``jax.shard_map``:
 
     1. each device takes the top n_loc = min(k, local size) of its own block;
     2. the candidates are gathered over the sharded axes (``latent`` for TopK's rows; ``data`` and
