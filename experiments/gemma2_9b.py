@@ -53,6 +53,7 @@ def get_config(arg: str = ""):
     c.train.tokens_wide = 8_000_000_000
     c.train.batch_size = 4096
     c.train.checkpoint_every = 2000
+    c.train.matmul_dtype = "bfloat16"  # bf16 matmul inputs, fp32 accumulation and state (docs/training.md)
     widths = tuple(w for w in WIDTHS if w in v.get("width", tuple(WIDTHS)))
     c.mesh.data, c.mesh.stack, c.mesh.latent = MESH[widths]
     c.evaluate.contexts = 2048

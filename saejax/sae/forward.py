@@ -11,11 +11,68 @@ from x, so the K members of a site share their rows without K copies of them.
 """
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 PRECISIONS = {"default": lax.Precision.DEFAULT, "high": lax.Precision.HIGH, "highest": lax.Precision.HIGHEST}
+MATMUL_DTYPES = ("float32", "bfloat16")
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_fn(precision: str = "highest", dtype: str = "float32"):
+    """The training matmul ``(a, b) -> a @ b`` (broadcast batch axes): float32 at ``precision``
+    (``PRECISIONS``), or, for ``dtype`` "bfloat16", inputs rounded to bfloat16 and the products
+    accumulated in float32 (``preferred_element_type``); the result is float32 either way. One
+    object per setting (cached): it is a static argument of compiled code."""
+    if dtype == "bfloat16":
+        return lambda a, b: jnp.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                                       preferred_element_type=jnp.float32)
+    return functools.partial(jnp.matmul, precision=PRECISIONS[precision])
+
+
+def spec_matmul(spec):
+    """``matmul_fn`` of a GroupSpec's ``precision`` and ``matmul_dtype``."""
+    return matmul_fn(spec.precision, spec.matmul_dtype)
+
+
+def _bf16_einsum_impl(eq, a, b):
+    return jnp.einsum(eq, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def bf16_einsum(eq: str, a, b):
+    """``einsum(eq, a, b)`` of bfloat16-rounded inputs, accumulated and returned in float32, whose
+    gradients are einsums of the same kind (bf16 inputs, f32 accumulation) returned in float32.
+    (Autodiff through ``preferred_element_type`` would upcast the operands of the backward matmuls
+    to float32 and round the cotangents to bfloat16.) Every index of ``a`` and ``b`` must appear in
+    the other operand or in the output."""
+    return _bf16_einsum_impl(eq, a, b)
+
+
+def _bf16_einsum_fwd(eq, a, b):
+    return _bf16_einsum_impl(eq, a, b), (a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+
+
+def _bf16_einsum_bwd(eq, res, g):
+    a, b = res
+    ins, out = eq.split("->")
+    ia, ib = ins.split(",")
+    g = g.astype(jnp.bfloat16)
+    return (_bf16_einsum_impl(f"{out},{ib}->{ia}", g, b), _bf16_einsum_impl(f"{ia},{out}->{ib}", a, g))
+
+
+bf16_einsum.defvjp(_bf16_einsum_fwd, _bf16_einsum_bwd)
+
+
+def spec_einsum(spec, eq: str, a, b):
+    """``jnp.einsum(eq, a, b)`` in the group's matmul dtype (``bf16_einsum`` for "bfloat16")."""
+    if spec.matmul_dtype == "bfloat16":
+        return bf16_einsum(eq, a, b)
+    return jnp.einsum(eq, a, b, precision=PRECISIONS[spec.precision])
 
 
 def fold_pre_bias(b_enc, b_dec, w_enc, precision=lax.Precision.HIGHEST):
@@ -38,6 +95,8 @@ def encoder_bias(spec, params):
 
 def pre_activations(spec, params, x):
     """x [T, B, d] -> pre [T, K, B, M] of a group in training layout (``spec``: a GroupSpec)."""
+    if spec.matmul_dtype != "float32":
+        return spec_einsum(spec, "tbd,tkdm->tkbm", x, params["W_enc"]) + encoder_bias(spec, params)[:, :, None, :]
     # A broadcast matmul, not an einsum: faster on XLA:CPU (docs/training.md, XLA:CPU notes).
     return jnp.matmul(x[:, None], params["W_enc"], precision=PRECISIONS[spec.precision]) \
         + encoder_bias(spec, params)[:, :, None, :]
@@ -52,6 +111,8 @@ def reconstruct(spec, params, x, activation):
     """x [T, B, d] -> (pre, f, x_hat) of a group, with f = activation(pre)."""
     pre = pre_activations(spec, params, x)
     f = activation(pre)
+    if spec.matmul_dtype != "float32":
+        return pre, f, spec_einsum(spec, "tknm,tkmd->tknd", f, params["W_dec"]) + params["b_dec"][:, :, None, :]
     return pre, f, decode(f, params["W_dec"], params["b_dec"], PRECISIONS[spec.precision])
 
 
