@@ -70,7 +70,8 @@ def test_default_pipeline_end_to_end_and_release_loads(tmp_path):
 
 def test_gemma_dry_run_plans_the_slice_offline(tmp_path, monkeypatch):
     """No network, two devices here: the Gemma 2 2B dry run still prints the store, the steps and
-    the per-device memory of its v5p mesh (built-in Gemma 2 shapes, the mesh from its shape alone)."""
+    the per-device memory of each group's v5p mesh (built-in Gemma 2 shapes, the meshes from the
+    slice's shape alone)."""
     spec = os.path.join(REPO, "experiments", "gemma2_2b.py") + ":width=16k"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = _saejax("run", "--config", spec, f"--config.workdir={tmp_path}", "--dry_run", cwd=tmp_path)
@@ -79,8 +80,13 @@ def test_gemma_dry_run_plans_the_slice_offline(tmp_path, monkeypatch):
     assert "res.25: width 2304" in text and "att.25: width 2048" in text  # Gemma 2 2B's site widths
     assert "needs 64 devices" in text
     line = next(ln for ln in text.splitlines() if "[jumprelu_d2304_w16384] dry run:" in ln)
-    # 52 sites x 5 targets x (2 x 2304 x 16384 + 16384 + 16384 + 2304) fp32, over stack 2 x latent 16
-    assert "per device: params 2,342.2 MiB" in line, line
+    # 52 sites x 5 targets x (2 x 2304 x 16384 + 16384 + 16384 + 2304) fp32, over stack 4 x latent 16:
+    # mesh.plan = "auto" gives each group its own mesh (the 26 att sites allow only stack 2)
+    assert "per device: params 1,171.1 MiB" in line, line
+    assert "mesh {'data': 1, 'stack': 4, 'latent': 16}" in next(
+        ln for ln in text.splitlines() if ln.startswith("[jumprelu_d2304_w16384] 52 sites"))
+    assert "mesh {'data': 1, 'stack': 2, 'latent': 32}" in next(
+        ln for ln in text.splitlines() if ln.startswith("[jumprelu_d2048_w16384] 26 sites"))
     # the step compiled on 64 virtual devices, projected on v5p, and the planner's proposal
     assert "[jumprelu_d2304_w16384] step cost per device, compiled program" in text
     assert "[jumprelu_d2304_w16384] projected on v5p" in text and "mesh planner (64 v5p chips)" in text
