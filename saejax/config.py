@@ -140,6 +140,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.latent = 1
     c.mesh.stack = 1
+    # "fixed": every group trains on the mesh above. "auto": the axis sizes give only the number of
+    # devices (their product; and the harvest's mesh); each group trains on the mesh the planner
+    # proposes for it alone among meshes of those devices (saejax.train.cost.group_meshes).
+    c.mesh.plan = "fixed"
     # The chip the dry run's step cost model and memory checks plan for (saejax/chips.py: v5p, v5e,
     # v4, h100, h200); a plan that exceeds its device memory or one host's memory is refused.
     c.mesh.target_chip = "v5p"
@@ -390,6 +394,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         size = c.mesh[axis]
         _check(size == -1 or size >= 1, f"mesh.{axis}", "must be -1 or a positive int")
     _check([c.mesh[a] for a in ("data", "latent", "stack")].count(-1) <= 1, "mesh", "at most one axis may be -1")
+    _check(c.mesh.plan in ("fixed", "auto"), "mesh.plan", f"{c.mesh.plan!r} is not 'fixed' or 'auto'")
     from saejax.chips import CHIPS
     _check(c.mesh.target_chip in CHIPS, "mesh.target_chip", f"{c.mesh.target_chip!r} is not one of {tuple(CHIPS)}")
     for f in c.release.formats:
@@ -458,5 +463,6 @@ def runlocal(c: ml_collections.ConfigDict, model: str) -> None:
     c.train.lr_warmup = 0.1
     c.train.sparsity_warmup = 0.5
     c.mesh.data, c.mesh.stack, c.mesh.latent = -1, 1, 1
+    c.mesh.plan = "fixed"
     c.evaluate.contexts = 4
     c.evaluate.latent_cards = 2

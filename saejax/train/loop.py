@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -234,57 +235,61 @@ def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> li
         source = PlannedSource(planned_widths)
     else:
         source = make_source(config)
-    n_devices = None
+    n_devices = None  # set when this machine has fewer devices than the configured mesh (a dry run)
     try:
-        mesh = meshlib.make_mesh(config.mesh)
+        n = math.prod(meshlib.mesh_shape(config.mesh, jax.device_count()))
     except meshlib.MeshError as e:
         if not dry_run:
             raise
-        mesh = meshlib.abstract_mesh(config.mesh)  # plan for the slice's devices from here
-        n_devices = mesh.size
+        n = n_devices = meshlib.abstract_mesh(config.mesh).size  # plan for the slice's devices from here
         log(f"saejax train: {e}; the dry run plans for that mesh from its shape and compiles the step "
-            f"on {mesh.size} virtual CPU devices")
+            f"on {n} virtual CPU devices")
     plans = plan_groups(config, source)
-    for spec, hp in plans:
-        meshlib.validate_group(config.mesh, spec.T, spec.width, hp.batch_size, n_devices=n_devices,
+    chip = cost.chiplib.get(config.mesh.target_chip)
+    processes = max(1, n // chip.chips_per_host) if n_devices else jax.process_count()
+    meshes = cost.group_meshes(config, plans, n, processes)  # mesh.plan: the configured or the planner's
+    for (spec, hp), sizes in zip(plans, meshes):
+        meshlib.validate_group(sizes, spec.T, spec.width, hp.batch_size, n_devices=n,
                                process_count=1 if n_devices else None, name=spec.name)
-    sizes = cost.sizes_of(mesh)
     if dry_run:
-        # The real step compiled for this mesh (here, or on virtual CPU devices in a subprocess): its
-        # FLOPs and collectives feed the cost model; nothing runs.
-        programs = cost.measure(plans, sizes)
-        for (spec, hp), prog in zip(plans, programs):
-            log(_header(spec, hp, mesh))
-            mem = state_memory(spec, hp, mesh)
+        # The real step compiled for each group's mesh (here, or on virtual CPU devices in a
+        # subprocess): its FLOPs and collectives feed the cost model; nothing runs.
+        programs = cost.measure_groups(plans, meshes)
+        for (spec, hp), sizes, prog in zip(plans, meshes, programs):
+            log(_header(spec, hp, sizes))
+            mem = state_memory(spec, hp, meshlib.abstract_mesh(sizes))
             if "temp_bytes" in prog:
                 mem["compiled_temp"] = prog["temp_bytes"]
             log(dry_run_report(spec, hp, mem))
-        for line in cost.report(config, plans, sizes, programs):
+        for line in cost.report(config, plans, meshes, programs):
             log(line)
-        cost.check_memory(config, plans, sizes)
+        cost.check_memory(config, plans, meshes)
         return []
-    cost.check_memory(config, plans, sizes)  # before anything compiles or writes
+    cost.check_memory(config, plans, meshes)  # before anything compiles or writes
     with wd.stage_lock(config, "train"):
         prints = [fingerprint(spec, hp, config.seed, source) for spec, hp in plans]
         for (spec, _), fp in zip(plans, prints):  # every group, before any trains: a changed config is refused
             check_fingerprint(config, spec.name, fp)
-        return [_train_one(config, spec, hp, fp, source, mesh) for (spec, hp), fp in zip(plans, prints)]
+        # Groups train one after another, each on its own mesh over the same devices: only one is live.
+        return [_train_one(config, spec, hp, fp, source, sizes)
+                for (spec, hp), fp, sizes in zip(plans, prints, meshes)]
 
 
-def _header(spec, hp, mesh) -> str:
+def _header(spec, hp, sizes: dict) -> str:
     return (f"[{spec.name}] {spec.T} sites x {spec.K} sweep members, {hp.total_steps} steps of "
-            f"{hp.batch_size} tokens ({hp.total_steps * hp.batch_size:,} tokens), mesh {dict(mesh.shape)}")
+            f"{hp.batch_size} tokens ({hp.total_steps * hp.batch_size:,} tokens), mesh {dict(sizes)}")
 
 
-def _train_one(config, spec, hp, fp, source, mesh) -> str:
-    """Train (or resume) one group to its ``final/`` folder; return that folder."""
+def _train_one(config, spec, hp, fp, source, sizes: dict) -> str:
+    """Train (or resume) one group to its ``final/`` folder on its mesh ``sizes``; return that folder."""
     t, final = config.train, wd.final_dir(config, spec.name)
-    log(_header(spec, hp, mesh))
+    log(_header(spec, hp, sizes))
     if os.path.isdir(final):
         log(f"[{spec.name}] already trained: {final}")
         return final
     os.makedirs(wd.group_dir(config, spec.name), exist_ok=True)
     _write_fingerprint(config, spec.name, fp)
+    mesh = meshlib.make_mesh(sizes)
     with Tracker(config, f"train/{spec.name}") as tracker:
         state = train_group(spec, hp, source, mesh, seed=config.seed, log_every=t.log_every,
                             log_path=wd.metrics_path(config, spec.name),
