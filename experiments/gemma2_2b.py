@@ -13,7 +13,7 @@ stack must divide the group's sites: the 26 att sites allow 2 stack shards on 64
 and mlp sites 4). The dry run (offline too: Gemma 2's shapes are built in) prints per group the
 compiled step's cost projected on v5p and the job's memory:
 
-    jumprelu_d2048_w16384  att, 26 sites       mesh data 1 x stack 2 x latent 32
+    jumprelu_d2048_w16384  att, 26 sites       mesh data 2 x stack 2 x latent 16
     jumprelu_d2304_w16384  res+mlp, 52 sites   mesh data 1 x stack 4 x latent 16
     jumprelu_d2048_w65536  att, 26 sites       mesh data 1 x stack 2 x latent 32
     jumprelu_d2304_w65536  res+mlp, 52 sites   mesh data 1 x stack 4 x latent 16

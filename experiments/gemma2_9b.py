@@ -9,10 +9,10 @@ shards, 42 att sites 2). The dry run (offline too: Gemma 2's shapes are built in
 compiled step's cost projected on v5p and the job's memory:
 
     jumprelu_d3584_w16384   res+mlp, 84 sites  mesh data 2 x stack 4 x latent 32
-    jumprelu_d4096_w16384   att, 42 sites      mesh data 2 x stack 2 x latent 64
+    jumprelu_d4096_w16384   att, 42 sites      mesh data 4 x stack 2 x latent 32
     jumprelu_d3584_w131072  res+mlp, 84 sites  mesh data 1 x stack 4 x latent 64
     jumprelu_d4096_w131072  att, 42 sites      mesh data 1 x stack 2 x latent 128
-    :width=16k       peak 3.57 GiB per device
+    :width=16k       peak 3.71 GiB per device
     :width=131k      peak 13.13 GiB per device
     both widths      peak 13.13 GiB per device
     harvest          shuffle buffers ~247.8 GB per process (of a v5p host's 448 GB)
