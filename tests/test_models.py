@@ -2,8 +2,8 @@
 
 Tiny random configs are built in transformers, saved as checkpoint directories and loaded back
 with ``hf:<dir>``, so the same weights run in both; logits and every hook site must agree to
-1e-4 relative. Torch hooks: res = decoder layer output, att = input of o_proj, mlp = output of
-the MLP (Gemma 2: of post_feedforward_layernorm).
+1e-4 relative. Torch hooks: res = decoder layer output, att = input of o_proj, mlp_in = input of
+the MLP, mlp = output of the MLP (Gemma 2: of post_feedforward_layernorm).
 """
 import dataclasses
 import glob
@@ -81,6 +81,11 @@ def torch_run(model, ids, arch):
             lambda mod, inp, i=i: acts.__setitem__(f"att.{i}", inp[0].detach())))
         mlp_out = layer.post_feedforward_layernorm if arch == "gemma2" else layer.mlp
         hooks.append(mlp_out.register_forward_hook(save(f"mlp.{i}")))
+        hooks.append(layer.mlp.register_forward_pre_hook(
+            lambda mod, inp, i=i: acts.__setitem__(f"mlp_in.{i}", inp[0].detach())))
+        pre_mlp = layer.pre_feedforward_layernorm if arch == "gemma2" else layer.post_attention_layernorm
+        hooks.append(pre_mlp.register_forward_pre_hook(  # the residual stream the pre-MLP norm reads
+            lambda mod, inp, i=i: acts.__setitem__(f"resid_mid.{i}", inp[0].detach())))
     with torch.no_grad():
         logits = model(torch.tensor(ids)).logits
     for h in hooks:
@@ -96,12 +101,20 @@ def test_parity_with_transformers(name, tmp_path):
     assert model.config == cfg  # config.json round trip
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, L))
     want_logits, want = torch_run(ref, ids, cfg.arch)
-    sites = tuple(f"{k}.{i}" for i in range(cfg.n_layers) for k in ("res", "att", "mlp"))
+    sites = tuple(f"{k}.{i}" for i in range(cfg.n_layers) for k in ("res", "att", "mlp_in", "mlp"))
     logits, acts = model.forward_fn(sites)(model.params, jnp.asarray(ids))
     assert rel(logits, want_logits) < 1e-4, name
     for s in sites:
         assert acts[s].shape == want[s].shape and acts[s].shape[-1] == model.site_width(s)
         assert rel(acts[s], want[s]) < 1e-4, (name, s)
+    for i in range(cfg.n_layers):  # mlp_in = rms(resid_mid) * gain, gain = 1 + w (Gemma 2) or w (Llama)
+        r = want[f"resid_mid.{i}"].astype(np.float64)
+        normed = r / np.sqrt(np.mean(r * r, axis=-1, keepdims=True) + cfg.rms_eps)
+        gain = model.mlp_in_gain(i)
+        w = ref.model.layers[i].pre_feedforward_layernorm.weight if cfg.arch == "gemma2" \
+            else ref.model.layers[i].post_attention_layernorm.weight
+        np.testing.assert_allclose(gain, (1.0 if cfg.arch == "gemma2" else 0.0) + w.detach().numpy(), rtol=1e-6)
+        assert rel(np.asarray(acts[f"mlp_in.{i}"]) / gain, normed) < 1e-4, (name, i)
     if cfg.final_softcap:  # both caps bite: logits reach near the cap; without the caps they differ
         assert np.abs(want_logits).max() > 0.8 * cfg.final_softcap
         for field in ("attn_softcap", "final_softcap"):
@@ -154,6 +167,69 @@ def test_splice(preset, sites):
             np.testing.assert_allclose(np.asarray(both[2 * v:2 * v + 2]), np.asarray(one), atol=1e-5, rtol=1e-5)
 
 
+def real_mlp(model, layer):
+    """h [B', L, d] -> the MLP sublayer's output (Gemma 2: after its post-MLP norm), from the model's weights."""
+    c, lp = model.config, model.params["layers"][layer]
+
+    def f(h):
+        m = M.transformer.mlp(c, lp, h)
+        return M.transformer.rms_norm(m, lp["post_mlp_norm"], c.rms_eps, True) if c.arch == "gemma2" else m
+    return f
+
+
+@pytest.mark.parametrize("preset", ["random:tiny-llama", "random:tiny-gemma2"])
+def test_cross_site_splice(preset):
+    """A splice writing mlp.L from mlp_in.L of the same pass: the real MLP reproduces the logits, the
+    MLP of 0.5 * mlp_in equals splicing 0.5 * mlp_in in at mlp_in.L, and read sites are tiled to an
+    earlier splice's N*B batch."""
+    model = M.load(preset)
+    p, L_ = model.params, 2
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, 256, (2, 24)))
+    plain = np.asarray(model.forward_fn()(p, ids)[0])
+    mlp = real_mlp(model, L_)
+    _, got = model.forward_fn((f"mlp_in.{L_}",))(p, ids)
+    seen = {}
+
+    def transcode(a, reads):
+        assert set(reads) == {f"mlp_in.{L_}"} and reads[f"mlp_in.{L_}"].shape == a.shape
+        seen["in"] = reads[f"mlp_in.{L_}"]
+        return mlp(reads[f"mlp_in.{L_}"])
+
+    def capture_in(p, ids):
+        logits, _ = model.apply(p, ids, splice={f"mlp.{L_}": (transcode, (f"mlp_in.{L_}",))})
+        return logits, seen["in"]
+
+    logits, read = jax.jit(capture_in)(p, ids)
+    np.testing.assert_array_equal(np.asarray(read), np.asarray(got[f"mlp_in.{L_}"]))  # the read is mlp_in
+    np.testing.assert_allclose(np.asarray(logits), plain, atol=1e-5, rtol=1e-5)
+    half_read = model.forward_fn((), True, {f"mlp.{L_}": (lambda a, r: mlp(0.5 * r[f"mlp_in.{L_}"]),
+                                                            (f"mlp_in.{L_}",))})(p, ids)[0]
+    half_in = model.forward_fn((), True, {f"mlp_in.{L_}": lambda a: 0.5 * a})(p, ids)[0]
+    assert np.abs(np.asarray(half_in) - plain).max() > 1e-2
+    np.testing.assert_allclose(np.asarray(half_read), np.asarray(half_in), atol=1e-5, rtol=1e-5)
+
+    # N x B: att.L tiles 2x (clean, 0.5 z); mlp.L reads mlp_in.L (2B rows) and res.L-1 (B rows, tiled)
+    def two(a, r):
+        assert r[f"res.{L_ - 1}"].shape[0] == a.shape[0] == 4
+        return jnp.concatenate([a, mlp(r[f"mlp_in.{L_}"])])
+    out = model.forward_fn((), True, {f"att.{L_}": lambda a: jnp.concatenate([a, 0.5 * a]),
+                                      f"mlp.{L_}": (two, (f"mlp_in.{L_}", f"res.{L_ - 1}"))})(p, ids)[0]
+    half_att = np.asarray(model.forward_fn((), True, {f"att.{L_}": lambda a: 0.5 * a})(p, ids)[0])
+    assert out.shape[0] == 8
+    for v, one in enumerate((plain, half_att, plain, half_att)):
+        np.testing.assert_allclose(np.asarray(out[2 * v:2 * v + 2]), one, atol=1e-5, rtol=1e-5)
+
+    ident = lambda a, r: a  # noqa: E731
+    for bad, match in (({"mlp.1": (ident, ("mlp_in.2",))}, "'mlp.1' reads 'mlp_in.2'"),
+                       ({"mlp.1": (ident, ("mlp.1",))}, "'mlp.1' reads 'mlp.1'"),
+                       ({"mlp_in.1": (ident, ("mlp.1",))}, "'mlp_in.1' reads 'mlp.1'"),
+                       ({"res.0": (ident, ("att.1",))}, "'res.0' reads 'att.1'"),
+                       ({"mlp.1": (ident, ("mlp_in.9",))}, "'mlp_in.9'"),
+                       ({"mlp.1": (ident, "mlp_in.1")}, "splice at 'mlp.1'")):
+        with pytest.raises(ValueError, match=match):
+            model.forward_fn((), True, bad)
+
+
 def test_capture_stops_early_and_bad_sites():
     """With logits=False nothing after the last site is computed: NaN weights there do not matter."""
     model = M.load("random:tiny-llama")
@@ -166,7 +242,7 @@ def test_capture_stops_early_and_bad_sites():
     for s in ("res.0", "att.1"):
         np.testing.assert_array_equal(np.asarray(acts[s]), np.asarray(ref[s]))
     assert np.isnan(np.asarray(model.apply(p, ids, sites=("res.1",), logits=False)[1]["res.1"])).all()
-    for bad in ("res.4", "attn.0", "res", "mlp.-1"):
+    for bad in ("res.4", "attn.0", "res", "mlp.-1", "mlp_in.4", "mlpin.0"):
         with pytest.raises(ValueError, match=f"'{bad}'"):
             model.site_width(bad)
         with pytest.raises(ValueError, match=f"'{bad}'"):

@@ -267,3 +267,42 @@ def test_format_1_store_is_verified_in_full_before_training_reads_it(tmp_path, c
     open(f, "wb").write(bytes(data))
     with pytest.raises(StoreError, match="train/res.1/00000.npy: sha256 does not match"):
         open_store(path).reader(prefetch=0).batch(["res.1"], 0, 10)
+
+
+def test_pairs_align_the_reader_and_are_checked(tmp_path):
+    """write_store(pairs=): the pair's rows stay aligned through the reader's block shuffle (batch and
+    held-out batch); a pair with unequal rows is refused before writing, or naming the pair at open."""
+    from saejax.store.manifest import align_keys
+    assert align_keys(["a", "b", "c", "d", "e"], [("c", "b"), ("d", "a"), ("b", "d")]) == \
+        {"a": "a", "b": "a", "c": "a", "d": "a", "e": "e"}  # joined through other pairs: one key
+    rng = np.random.default_rng(1)
+    arrays = {}
+    for split, n in (("train", 500), ("heldout", 60)):
+        meta = np.stack([rng.integers(0, 9, n), rng.permutation(n), np.arange(n)], 1)
+        arrays[split] = {s: (np.repeat(meta[:, 1:2], 4, 1).astype(np.float32) * (k + 1), meta)
+                         for k, s in enumerate(("mlp_in.0", "mlp.0", "res.0"))}
+    path = str(tmp_path / "p")
+    write_store(path, arrays, model="m", shard_rows=70, pairs=[("mlp_in.0", "mlp.0")])
+    st = open_store(path)
+    assert st.manifest["pairs"] == [["mlp_in.0", "mlp.0"]]
+    r = st.reader(seed=5, block_rows=16, prefetch=0)
+    for step in (0, 7, 31, 40):  # 40 * 32 > 500: the third epoch
+        a, b = r.batch_meta(["mlp_in.0", "mlp.0"], step, 32)
+        np.testing.assert_array_equal(a, b)
+        x = r.batch(["mlp_in.0", "mlp.0"], step, 32)
+        np.testing.assert_array_equal(x[0][:, 0], a[:, 1])  # batch_meta describes batch's rows
+        np.testing.assert_array_equal(x[1][:, 0], 2 * a[:, 1])
+        assert not np.array_equal(r.batch_meta(["res.0"], step, 32)[0], a)  # unpaired: its own order
+    np.testing.assert_array_equal(*r.heldout_meta(["mlp_in.0", "mlp.0"], 32))
+    r.close()
+    short = {sp: dict(v) for sp, v in arrays.items()}
+    short["train"]["mlp.0"] = tuple(a[:-1] for a in arrays["train"]["mlp.0"])
+    with pytest.raises(StoreError, match=r"pair \('mlp_in.0', 'mlp.0'\): split train has rows \[500, 499\]"):
+        write_store(str(tmp_path / "q"), short, model="m", pairs=[("mlp_in.0", "mlp.0")])
+    assert not os.path.exists(tmp_path / "q")
+    path2 = str(tmp_path / "r")
+    m = write_store(path2, short, model="m", shard_rows=70)
+    m["pairs"] = [["mlp_in.0", "mlp.0"]]
+    writer.write_json(os.path.join(path2, "manifest.json"), m)
+    with pytest.raises(StoreError, match="pair mlp_in.0, mlp.0: their train shards differ in rows"):
+        open_store(path2)

@@ -8,6 +8,9 @@ through the model's N*B splice (the prefix up to the site is computed once):
     variant 2+j SAE j            x_hat_j = D_j(E_j(a * s)) / s   at kept positions
 
 with s the site's norm_scale (SAEs were trained on a * s). Elsewhere every variant keeps a.
+A dictionary that reads another site (a transcoder: reads mlp_in.L, writes mlp.L; ``read=``)
+encodes that site's activation r of the same pass instead: x_hat_j = D_j(E_j(r * s_r)) / s, with
+s_r the read site's norm_scale, through the model's cross-site splice (docs/models.md).
 Kept positions are the ones the store kept (so the SAE was trained on them): not position 0, not
 one of the store policy's ``skip_first`` positions after it, not a special token, and (with the
 policy's ``max_norm_ratio`` r > 0) not an activation with ||a|| > r * median_norm of the site.
@@ -36,6 +39,7 @@ class Policy:
     special_ids: tuple[int, ...] = ()
     skip_first: int = 0
     max_norm: float = 0.0  # max_norm_ratio * median_norm of the site; 0: off
+    read_max_norm: float = 0.0  # the same for the read site of a cross-site dictionary; 0: off
 
 
 def token_keep(tokens, policy: Policy):
@@ -53,12 +57,14 @@ def ce_mask(tokens, policy: Policy):
     return keep[:, :-1] & ~special_t[:, 1:]
 
 
-def variants(arch, ks, sae, scale, act, mask):
+def variants(arch, ks, sae, scale, act, mask, x_in=None, in_scale=None):
     """act [B, L, w] -> [N*B, L, w], variant-major (clean, zero, SAE 0..Kc-1); see module doc.
-    ``sae``: stacked arrays [1, Kc, ...] with the pre-encoder bias folded into b_enc."""
+    ``sae``: stacked arrays [1, Kc, ...] with the pre-encoder bias folded into b_enc. ``x_in``
+    [B, L, w_in] (scaled by ``in_scale``): what the SAEs encode when they read another site."""
     B, L, w = act.shape
     x = act.astype(jnp.float32)
-    f = apply.encode_stacked(arch, sae, (x * scale).reshape(1, B * L, w), ks)
+    src, s_in = (x, scale) if x_in is None else (x_in.astype(jnp.float32), in_scale)
+    f = apply.encode_stacked(arch, sae, (src * s_in).reshape(1, B * L, src.shape[-1]), ks)
     x_hat = apply.decode_stacked(sae, f)[0].reshape(-1, B, L, w) / scale  # [Kc, B, L, w]
     m = mask[:, :, None]  # [B, L, 1]
     out = jnp.concatenate([x[None], jnp.where(m, 0.0, x)[None], jnp.where(m[None], x_hat, x[None])])
@@ -68,21 +74,28 @@ def variants(arch, ks, sae, scale, act, mask):
 _PASSES: dict = {}
 
 
-def make_pass(model, site: str, arch: str, ks, policy: Policy):
-    """A compiled pass: (params, sae [1, Kc, ...], scale, tokens [B, L], valid [B] bool) ->
-    (nll_sum [N], kl_sum [N], n_positions) with N = Kc + 2 variants; contexts with valid False
-    (batch padding) count nowhere."""
+def make_pass(model, site: str, arch: str, ks, policy: Policy, read: str | None = None):
+    """A compiled pass: (params, sae [1, Kc, ...], scale, tokens [B, L], valid [B] bool[, read_scale])
+    -> (nll_sum [N], kl_sum [N], n_positions) with N = Kc + 2 variants; contexts with valid False
+    (batch padding) count nowhere. With ``read`` the SAEs encode that (earlier) site's activation
+    times ``read_scale`` and write ``site``; a position is kept only if both sites' policies keep it."""
 
-    def run(params, sae, scale, tokens, valid):
+    def run(params, sae, scale, tokens, valid, read_scale=None):
         keep = token_keep(tokens, policy)
 
-        def fn(act):
+        def fn(act, reads=None):
             mask = keep
             if policy.max_norm > 0:
                 mask = mask & (jnp.linalg.norm(act.astype(jnp.float32), axis=-1) <= policy.max_norm)
-            return variants(arch, ks, sae, scale, act, mask)
+            if reads is None:
+                return variants(arch, ks, sae, scale, act, mask)
+            x_in = reads[read]
+            if policy.read_max_norm > 0:
+                mask = mask & (jnp.linalg.norm(x_in.astype(jnp.float32), axis=-1) <= policy.read_max_norm)
+            return variants(arch, ks, sae, scale, act, mask, x_in, read_scale)
 
-        logits, _ = model.apply(params, tokens, sites=(), logits=True, splice={site: fn})
+        logits, _ = model.apply(params, tokens, sites=(), logits=True,
+                                splice={site: fn if read is None else (fn, (read,))})
         B, L = tokens.shape
         logp = jax.nn.log_softmax(logits.astype(jnp.float32)[:, :-1], axis=-1)
         logp = logp.reshape(-1, B, L - 1, logp.shape[-1])  # [N, B, L-1, V]
@@ -92,7 +105,7 @@ def make_pass(model, site: str, arch: str, ks, policy: Policy):
         cm = ce_mask(tokens, policy) & valid[:, None]
         return jnp.sum(nll * cm, axis=(1, 2)), jnp.sum(kl * cm, axis=(1, 2)), jnp.sum(cm)
 
-    key = (id(model), site, arch, ks, policy)  # one compiled pass per site and variant set
+    key = (id(model), site, arch, ks, policy, read)  # one compiled pass per site and variant set
     if key not in _PASSES:
         _PASSES[key] = jax.jit(run)
     return _PASSES[key]
@@ -115,9 +128,11 @@ def plan(n_sae: int, batch: int, context_len: int, vocab: int, width: int, d: in
 
 
 def site_losses(model, params, site: str, meta: dict, arrays: dict, t: int, tokens: np.ndarray,
-                policy: Policy, batch: int = 8, budget: int = MEMORY_BUDGET) -> list[dict]:
+                policy: Policy, batch: int = 8, budget: int = MEMORY_BUDGET, read: str | None = None,
+                read_scale: float | None = None) -> list[dict]:
     """Delta LM loss, CE score and KL of the K SAEs of site index ``t`` of a group on held-out
-    ``tokens`` [n, L]; one list entry per sweep member."""
+    ``tokens`` [n, L]; one list entry per sweep member. ``read``, ``read_scale``: the SAEs read that
+    earlier site (its norm scale) and write ``site`` (transcoders)."""
     arch = meta["arch"]
     folded = apply.site_arrays(meta, arrays, t)
     K, M = folded["b_enc"].shape[1:]
@@ -130,14 +145,15 @@ def site_losses(model, params, site: str, meta: dict, arrays: dict, t: int, toke
     for j0 in range(0, K, kc):
         sel = slice(j0, min(K, j0 + kc))
         sae = {k: v[:, sel] for k, v in folded.items()}
-        fn = make_pass(model, site, arch, None if ks is None else ks[sel], policy)
+        fn = make_pass(model, site, arch, None if ks is None else ks[sel], policy, read)
+        extra = () if read is None else (jnp.float32(read_scale),)
         for i in range(0, len(tokens), b):
             chunk = tokens[i:i + b]
             valid = np.arange(b) < len(chunk)
             if len(chunk) < b:  # pad with copies of the last context (valid False: not counted)
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - len(chunk), 0)])
             s_nll, s_kl, n = (np.asarray(a, np.float64) for a in
-                              fn(params, sae, scale, jnp.asarray(chunk), jnp.asarray(valid)))
+                              fn(params, sae, scale, jnp.asarray(chunk), jnp.asarray(valid), *extra))
             nll[sel] += s_nll[2:]
             kl[sel] += s_kl[2:]
             if j0 == 0:  # clean and ablated losses: once

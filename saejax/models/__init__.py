@@ -7,13 +7,13 @@
             "random:<preset>"  tiny deterministic random weights with a byte tokenizer (tests, runlocal)
 
     logits, acts = model.apply(params, tokens [B, L], sites=("res.3", "att.3"), logits=True,
-                               splice={"mlp.2": fn})
+                               splice={"mlp.2": fn, "mlp.3": (fn2, ("mlp_in.3",))})
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,25 +43,34 @@ class Model:
     dtype: str = "float32"
 
     def site_width(self, site: str) -> int:
-        """Width of ``site`` ("res.L" | "att.L" | "mlp.L"); ModelError naming it if bad."""
+        """Width of ``site`` ("res.L" | "att.L" | "mlp_in.L" | "mlp.L"); ModelError naming it if bad."""
         return transformer.site_width(self.config, site)
 
+    def mlp_in_gain(self, layer: int):
+        """float32 [d]: the pre-MLP norm's effective gain at ``layer`` (Gemma 2: 1 + w, Llama: w),
+        so that mlp_in.L = rms(x) * gain; rms(x) (TransformerLens's ln2.hook_normalized, what Gemma
+        Scope's transcoders read) is mlp_in.L / gain."""
+        self.site_width(f"mlp_in.{layer}")
+        return transformer.norm_gain(self.config, self.params["layers"][layer]["mlp_norm"])
+
     def apply(self, params, tokens, sites: Sequence[str] = (), logits: bool = True,
-              splice: Mapping[str, Callable] | None = None):
+              splice: Mapping | None = None):
         """tokens [B, L] -> (logits [N*B, L, V] float32 | None, {site: [B', L, w]}).
 
+        ``splice``: {site: fn} or {site: (fn, read sites)}; see ``transformer.forward``.
         Traceable (call it inside jax.jit with sites/logits/splice closed over), or use
         ``forward_fn`` for a cached jitted version."""
         return transformer.forward(self.config, params, tokens, sites, logits, splice, self.dtype)
 
     def forward_fn(self, sites: Sequence[str] = (), logits: bool = True,
-                   splice: Mapping[str, Callable] | None = None):
+                   splice: Mapping | None = None):
         """A jitted ``(params, tokens) -> apply(params, tokens, sites, logits, splice)``; cached per
         (sites, logits, splice function objects): reuse the same function objects to reuse the
         compilation (a fresh lambda per call compiles, and is kept, every time)."""
-        for s in (*sites, *(splice or {})):
+        for s in sites:
             self.site_width(s)  # errors before compilation
-        key = (tuple(sites), bool(logits), tuple(sorted((splice or {}).items(), key=lambda kv: kv[0])))
+        splice = transformer.normalize_splice(self.config, splice)
+        key = (tuple(sites), bool(logits), tuple(sorted(splice.items(), key=lambda kv: kv[0])))
         return _jitted(self, key)
 
     def partition_rules(self):
@@ -73,7 +82,8 @@ def _jitted(model: Model, key):
     cache = model.__dict__.setdefault("_jit_cache", {})
     if key not in cache:
         sites, logits, splice = key
-        cache[key] = jax.jit(lambda p, t: model.apply(p, t, sites, logits, dict(splice)))
+        splice = {site: fn if reads is None else (fn, reads) for site, (fn, reads) in splice}
+        cache[key] = jax.jit(lambda p, t: model.apply(p, t, sites, logits, splice))
     return cache[key]
 
 

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 ARCHS = ("llama", "gemma2")
-SITE_KINDS = ("res", "att", "mlp")
+SITE_KINDS = ("res", "att", "mlp_in", "mlp")
 
 
 class ModelError(ValueError):

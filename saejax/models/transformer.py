@@ -22,6 +22,7 @@ with rms(x) = x / sqrt(mean(x^2) + eps), Gemma 2's norms scaling by (1 + w). Hoo
     res.i  x after block i                                [B, L, d]
     att.i  z: per-head attention output before wo, heads
            concatenated (head-major: z[..., h*hd:(h+1)*hd]) [B, L, H*hd]
+    mlp_in.i  the MLP's input: mlp_norm(x), the pre-MLP norm's gain included  [B, L, d]
     mlp.i  m: the MLP sublayer output (Gemma 2: after post_mlp_norm) [B, L, d]
 
 Attention: scores s = (q . k) * scale with scale = query_pre_attn_scalar^-1/2 (Gemma 2) or
@@ -46,7 +47,7 @@ from .config import SITE_KINDS, ModelConfig, ModelError
 # --- sites -----------------------------------------------------------------------------------
 def parse_site(config: ModelConfig, site: str) -> tuple[str, int]:
     """"kind.L" -> (kind, L); a one-line ModelError naming the site if it is not one."""
-    m = re.fullmatch(r"(res|att|mlp)\.(\d+)", str(site))
+    m = re.fullmatch(r"(res|att|mlp_in|mlp)\.(\d+)", str(site))
     if not m or int(m.group(2)) >= config.n_layers:
         raise ModelError(f"bad site {site!r}: expected <kind>.<layer> with kind in {SITE_KINDS} "
                          f"and layer in 0..{config.n_layers - 1}")
@@ -54,9 +55,25 @@ def parse_site(config: ModelConfig, site: str) -> tuple[str, int]:
 
 
 def site_width(config: ModelConfig, site: str) -> int:
-    """Width of a site's activation: d_model for res/mlp, n_heads*head_dim for att."""
+    """Width of a site's activation: d_model for res/mlp_in/mlp, n_heads*head_dim for att."""
     kind, _ = parse_site(config, site)
     return config.att_width if kind == "att" else config.d_model
+
+
+ORDER = {"att": 0, "mlp_in": 1, "mlp": 2, "res": 3}  # the sites of one layer in forward order
+
+
+def site_position(config: ModelConfig, site: str) -> tuple[int, int]:
+    """(layer, rank within the layer): site a comes before site b in a forward pass iff
+    site_position(a) < site_position(b)."""
+    kind, layer = parse_site(config, site)
+    return layer, ORDER[kind]
+
+
+def norm_gain(config: ModelConfig, w) -> np.ndarray:
+    """The effective gain of an RMSNorm with weight ``w``: 1 + w (Gemma 2), w (Llama), float32."""
+    w = np.asarray(w, np.float32)
+    return (1.0 + w) if config.arch == "gemma2" else w
 
 
 # --- random parameters -----------------------------------------------------------------------
@@ -168,10 +185,36 @@ def _tile(x, n: int):
     return x if n == 1 else jnp.tile(x, (n,) + (1,) * (x.ndim - 1))
 
 
-def _splice(fn: Callable, act, carried: list):
-    """Apply a splice function; if its batch is N times the input's, tile the carried arrays."""
-    out = fn(act)
+def normalize_splice(config: ModelConfig, splice: Mapping | None) -> dict:
+    """{site: fn | (fn, reads)} -> {site: (fn, reads tuple or None)}, checked: every site valid,
+    every read site strictly before the written site in the forward pass. One-line ModelError
+    naming the site otherwise (raised before anything is traced)."""
+    out = {}
+    for site, value in dict(splice or {}).items():
+        pos = site_position(config, site)
+        if callable(value):
+            out[site] = (value, None)
+            continue
+        if not (isinstance(value, (tuple, list)) and len(value) == 2 and callable(value[0])
+                and isinstance(value[1], (tuple, list)) and all(isinstance(r, str) for r in value[1])):
+            raise ModelError(f"splice at {site!r}: expected fn or (fn, (read sites...)), got {value!r}")
+        fn, reads = value[0], tuple(value[1])
+        for r in reads:
+            if site_position(config, r) >= pos:
+                raise ModelError(f"splice at {site!r} reads {r!r}, which is not earlier in the forward pass "
+                                 f"(a splice reads only sites before the one it writes)")
+        out[site] = (fn, reads)
+    return out
+
+
+def _splice(fn: Callable, reads, act, seen: dict, carried: list):
+    """Apply a splice function (``reads`` None: fn(act); else fn(act, {site: activation}) with each
+    read activation tiled to act's batch); if its batch is N times the input's, tile the carried arrays."""
     B = act.shape[0]
+    if reads is None:
+        out = fn(act)
+    else:
+        out = fn(act, {r: _tile(seen[r], B // seen[r].shape[0]) for r in reads})
     if out.shape[1:] != act.shape[1:] or out.shape[0] % B:
         raise ModelError(f"splice function returned shape {out.shape} for an activation of shape "
                          f"{act.shape}; expected [N*{B}, {', '.join(map(str, act.shape[1:]))}]")
@@ -181,24 +224,27 @@ def _splice(fn: Callable, act, carried: list):
 
 # --- the forward pass ------------------------------------------------------------------------
 def forward(config: ModelConfig, params, tokens, sites: Sequence[str] = (), logits: bool = True,
-            splice: Mapping[str, Callable] | None = None, dtype=jnp.float32):
+            splice: Mapping | None = None, dtype=jnp.float32):
     """tokens [B, L] int -> (logits [N*B, L, V] float32 or None, {site: [B', L, w]}).
 
     ``sites`` are captured (after any splice at the same site, so a captured spliced site shows
-    the replacement). ``splice`` maps site -> fn(act [B', L, w]) -> [N*B', L, w]; everything
-    carried forward is tiled N times (variant-major). When ``logits`` is False, no layer after
-    the last captured or spliced site is computed. Traceable: call under jax.jit with ``sites``,
-    ``logits`` and ``splice`` static (closed over).
+    the replacement). ``splice`` maps site -> fn(act [B', L, w]) -> [N*B', L, w], or
+    site -> (fn, reads): fn(act, {read site: [B', L, w_r]}) -> [N*B', L, w], the read sites
+    strictly earlier in the pass, their activations as this pass computed them (after any splice
+    there) and tiled to act's batch B'. Everything carried forward is tiled N times
+    (variant-major). When ``logits`` is False, no layer after the last captured or spliced site is
+    computed. Traceable: call under jax.jit with ``sites``, ``logits`` and ``splice`` static
+    (closed over).
     """
     c = config
-    splice = dict(splice or {})
+    splice = normalize_splice(c, splice)
+    reads = {r for _, rs in splice.values() for r in (rs or ())}
     sites = tuple(sites)
-    parsed = {s: parse_site(c, s) for s in (*sites, *splice)}
-    order = {"att": 0, "mlp": 1, "res": 2}
+    parsed = {s: site_position(c, s) for s in (*sites, *splice)}
     if logits:
         stop = (c.n_layers, 0)
     elif parsed:
-        stop = max((l, order[k]) for k, l in parsed.values())
+        stop = max(parsed.values())
     else:
         stop = (-1, 0)
     gemma = c.arch == "gemma2"
@@ -214,13 +260,15 @@ def forward(config: ModelConfig, params, tokens, sites: Sequence[str] = (), logi
     qi, ki = jnp.arange(L)[:, None], jnp.arange(L)[None, :]
     causal = ki <= qi
     window = causal & (qi - ki < c.sliding_window) if c.sliding_window else causal
-    acts = {}
+    acts, seen = {}, {}
 
     def hook(site, a, carried):
         if site in splice:
-            a, carried = _splice(splice[site], a, carried)
+            a, carried = _splice(*splice[site], a, seen, carried)
         if site in sites:
             acts[site] = a
+        if site in reads:
+            seen[site] = a
         return a, carried
 
     for i in range(min(c.n_layers, stop[0] + 1)):
@@ -228,17 +276,20 @@ def forward(config: ModelConfig, params, tokens, sites: Sequence[str] = (), logi
         mask = window if (c.sliding_layers and c.sliding_layers[i]) else causal
         z = attention(c, lp, rms_norm(x, lp["attn_norm"], c.rms_eps, gemma), cos, sin, mask)
         z, (x,) = hook(f"att.{i}", z, [x])
-        if (i, 0) == stop:
+        if (i, ORDER["att"]) == stop:
             break
         a = z @ lp["wo"]
         if gemma:
             a = rms_norm(a, lp["post_attn_norm"], c.rms_eps, True)
         x = x + a
-        m = mlp(c, lp, rms_norm(x, lp["mlp_norm"], c.rms_eps, gemma))
+        h, (x,) = hook(f"mlp_in.{i}", rms_norm(x, lp["mlp_norm"], c.rms_eps, gemma), [x])
+        if (i, ORDER["mlp_in"]) == stop:
+            break
+        m = mlp(c, lp, h)
         if gemma:
             m = rms_norm(m, lp["post_mlp_norm"], c.rms_eps, True)
         m, (x,) = hook(f"mlp.{i}", m, [x])
-        if (i, 1) == stop:
+        if (i, ORDER["mlp"]) == stop:
             break
         x, _ = hook(f"res.{i}", x + m, [])
     if not logits:

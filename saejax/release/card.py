@@ -13,7 +13,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-KIND_NAMES = {"res": "residual stream", "att": "attention output", "mlp": "MLP output"}
+KIND_NAMES = {"res": "residual stream", "att": "attention output", "mlp_in": "MLP input", "mlp": "MLP output"}
 
 
 def _save(fig, path):
@@ -46,7 +46,7 @@ def plot_delta_loss(saes: list[dict], path: str) -> None:
     ax = fig.add_subplot()
     l0s = np.log10(np.maximum([s["metrics"]["l0"] for s in saes], 1e-3))
     norm = Normalize(vmin=float(l0s.min()), vmax=float(max(l0s.max(), l0s.min() + 1e-3)))  # one scale for all
-    for kind, marker in (("res", "o"), ("att", "s"), ("mlp", "^")):
+    for kind, marker in (("res", "o"), ("att", "s"), ("mlp_in", "v"), ("mlp", "^")):
         pts = [(s["layer"], s["metrics"].get("delta_lm_loss"), s["metrics"]["l0"]) for s in saes if s["kind"] == kind]
         pts = [p for p in pts if p[1] is not None]
         if pts:
@@ -64,7 +64,7 @@ def plot_delta_loss(saes: list[dict], path: str) -> None:
 
 
 def plot_density(saes: list[dict], path: str) -> None:
-    kinds = [k for k in ("res", "att", "mlp") if any(s["kind"] == k for s in saes)] or ["res"]
+    kinds = [k for k in KIND_NAMES if any(s["kind"] == k for s in saes)] or ["res"]
     fig = Figure(figsize=(4.0 * len(kinds), 3.4))
     for i, kind in enumerate(kinds):
         ax = fig.add_subplot(1, len(kinds), i + 1)

@@ -24,7 +24,7 @@ import numpy as np
 
 from saejax.release.errors import ReleaseError
 
-KINDS = ("res", "att", "mlp")
+KINDS = ("res", "att", "mlp_in", "mlp")
 ARCH = "jumprelu"  # the SAE kind of Gemma Scope's own releases (folders without a suite.json)
 KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 _WIDTH = re.compile(r"^width_(\d+)(k|m)?$")

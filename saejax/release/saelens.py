@@ -22,7 +22,8 @@ from safetensors.numpy import save_file
 from saejax.sae import kinds
 
 SAELENS_VERSION = "6.0.0"  # the config format written here (SAELens >= 6 reads it as is)
-HOOKS = {"res": "blocks.{L}.hook_resid_post", "mlp": "blocks.{L}.hook_mlp_out", "att": "blocks.{L}.attn.hook_z"}
+HOOKS = {"res": "blocks.{L}.hook_resid_post", "mlp": "blocks.{L}.hook_mlp_out", "att": "blocks.{L}.attn.hook_z",
+         "mlp_in": "blocks.{L}.mlp.hook_in"}  # the MLP's input (TransformerLens's bridge, circuit-tracer)
 
 
 def hook_name(kind: str, layer: int) -> str:

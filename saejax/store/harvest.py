@@ -12,11 +12,13 @@ harvest agrees):
   rows       position t of context i is stored for site s iff t >= 1 + skip_first, the token is
              not one of model.special_ids (EOS, pad), and, when max_norm_ratio r > 0,
              ||a_s[i, t]|| <= r * median_s, median_s being the median norm of the eligible rows of
-             batch 0 (the calibration batch; the same on every process).
+             batch 0 (the calibration batch; the same on every process). Sites joined by
+             harvest.pairs keep a row only if every one of them keeps it.
   chunks     K batches, K = max(1, shuffle_bytes // (local contexts * (L - 1) * max width * itemsize)):
              each process buffers a chunk's rows per (split, site), shuffles them
-             (rng [seed, process, chunk, split, site]) and writes them as shards of at most
-             shard_bytes, then commits: rewrites parts/<process>.json (shards + batches done +
+             (rng [seed, process, chunk, split, site], paired sites all with their key site's
+             index) and writes them as shards of at most shard_bytes (paired sites: the smallest
+             row count of the group), then commits: rewrites parts/<process>.json (shards + batches done +
              statistics) by temp file and rename.
   resume     restart at the smallest committed batch over all processes; a process skips writing
              the batches it had already committed, and deletes its shard files no part lists.
@@ -184,9 +186,12 @@ class _Harvest:
         # meta of every local position, flattened [local * L, 3]; rows are gathered by flat index
         meta_all = np.stack([tok.ravel(), np.repeat(cx, p.L), pos.ravel()], axis=1).astype(np.int32)
         out = {}
+        norm_ok = {s: norms[s][loc] <= h.max_norm_ratio * median[s] for s in p.sites} if h.max_norm_ratio > 0 else {}
         for s in p.sites:
             n = norms[s][loc]
-            keep = eligible & (n <= h.max_norm_ratio * median[s]) if h.max_norm_ratio > 0 else eligible
+            keep = eligible
+            for t in (p.aligned[p.key[s]] if norm_ok else ()):  # paired sites: dropped if any drops it
+                keep = keep & norm_ok[t]
             a = self._local(acts[s]).reshape(p.local * p.L, -1)
             st = self.live["stats"][s]
             for sp in SPLITS:
@@ -224,10 +229,11 @@ class _Harvest:
             meta = np.concatenate([m for _, m in batches])
             if not len(rows):
                 continue
+            # aligned (paired) sites: the key site's permutation and the smallest shard of the group
             order = np.random.default_rng([self.config.seed, self.pi, chunk, SPLITS.index(sp),
-                                           p.sites.index(s)]).permutation(len(rows))
+                                           p.sites.index(p.key[s])]).permutation(len(rows))
             rows, meta = rows[order], meta[order]
-            per = max(1, p.shard_bytes // (p.widths[s] * p.itemsize))
+            per = min(max(1, p.shard_bytes // (p.widths[t] * p.itemsize)) for t in p.aligned[p.key[s]])
             for i in range(0, len(rows), per):
                 k = counts.get((sp, s), 0)
                 counts[(sp, s)] = k + 1

@@ -11,7 +11,7 @@ import json
 import os
 import posixpath
 
-FORMAT = "saejax-store/2"  # /2 added per-chunk crc32 checksums of every shard file
+FORMAT = "saejax-store/2"  # /2 added per-chunk crc32 checksums of every shard file (and optional "pairs")
 READABLE = ("saejax-store/1", FORMAT)  # /1 stores are read after a full sha256 verify (reader.py)
 SPLITS = ("train", "heldout")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -57,6 +57,42 @@ def sha256_file(path: str, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+def align_keys(sites, pairs) -> dict[str, str]:
+    """{site: key site}: sites joined by ``pairs`` (directly or through other pairs) share one key,
+    the first of them in ``sites`` order; an unpaired site is its own key. Aligned sites share the
+    harvest's keep mask, shuffle and shard boundaries, and the reader's block order."""
+    sites = list(sites)
+    parent = {s: s for s in sites}
+
+    def root(s):
+        while parent[s] != s:
+            s = parent[s]
+        return s
+    for a, b in pairs:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            first, second = sorted((ra, rb), key=sites.index)
+            parent[second] = first
+    return {s: root(s) for s in sites}
+
+
+def check_pairs(m: dict, path: str) -> None:
+    """The optional ``pairs`` field: [[in_site, out_site], ...] of listed sites, whose shards in each
+    split hold the same numbers of rows in the same order. StoreError naming the pair otherwise."""
+    pairs = m.get("pairs", [])
+    if not isinstance(pairs, list):
+        raise StoreError(f"{path}: pairs {pairs!r} is not a list")
+    for pair in pairs:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(p in m["sites"] for p in pair)
+                and pair[0] != pair[1]):
+            raise StoreError(f"{path}: pair {pair!r} is not [in_site, out_site] of two sites the manifest lists")
+        for split in SPLITS:
+            a, b = ([sh["rows"] for sh in m["shards"] if sh["site"] == s and sh["split"] == split] for s in pair)
+            if a != b:
+                raise StoreError(f"{path}: pair {pair[0]}, {pair[1]}: their {split} shards differ in rows "
+                                 f"({sum(a)} in {len(a)} shards, {sum(b)} in {len(b)}); paired rows must align")
+
+
 def validate(m: dict, path: str) -> None:
     """Check the manifest's structure; StoreError naming ``path`` and the field or site."""
     for key in REQUIRED:
@@ -100,6 +136,7 @@ def validate(m: dict, path: str) -> None:
                 if not isinstance(sh[key], list) or len(sh[key]) != -(-sh[n] // cb):
                     raise StoreError(f"{path}: shard {sh['file']}: {key!r} does not cover its {sh[n]} bytes "
                                      f"in chunks of {cb}")
+    check_pairs(m, path)
 
 
 def confined(rel, where: str) -> str:

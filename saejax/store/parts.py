@@ -109,4 +109,5 @@ def merge(parts: list[dict], config, model, plan, special, fingerprint: dict) ->
         "sites": sites,
         "shards": [sh for part in parts for sh in part["shards"]],
         "complete": True, "processes": plan.pc, "seed": config.seed, "harvest": fingerprint,
+        **({"pairs": plan.pairs} if plan.pairs else {}),
     }

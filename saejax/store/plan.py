@@ -13,6 +13,7 @@ import numpy as np
 
 from saejax import config as cfg
 from saejax.data import corpus as corpus_mod
+from saejax.store.manifest import align_keys
 from saejax.store.writer import STORAGE
 
 
@@ -24,6 +25,9 @@ class Plan:
         self.pc = process_count
         self.sites = cfg.sites(config)
         self.widths = {s: int(model.site_width(s)) for s in self.sites}
+        self.pairs = [list(pair) for pair in h.pairs]
+        self.key = align_keys(self.sites, self.pairs)  # aligned sites share their key site's shuffle
+        self.aligned = {k: [s for s in self.sites if self.key[s] == k] for k in set(self.key.values())}
         self.L = config.data.context_len
         self.H = config.data.heldout_contexts
         self.max_tokens = h.max_tokens if max_tokens is None else int(max_tokens)
@@ -51,7 +55,8 @@ class Plan:
                 "context_len": self.L, "heldout_contexts": self.H, "stop": self.stop, "sites": self.sites,
                 "dtype": config.harvest.dtype, "batch_contexts": self.Bc, "chunk_batches": self.K,
                 "skip_first": config.harvest.skip_first, "max_norm_ratio": config.harvest.max_norm_ratio,
-                "shard_bytes": self.shard_bytes, "seed": config.seed, "processes": self.pc}
+                "shard_bytes": self.shard_bytes, "seed": config.seed, "processes": self.pc,
+                **({"pairs": self.pairs} if self.pairs else {})}
 
 
 def corpus_files(config) -> list[str] | None:

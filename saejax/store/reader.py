@@ -4,7 +4,9 @@ Order of the training stream. For one site, let the split's N rows be the concat
 shards in manifest order, cut into ``n_b = ceil(N / block_rows)`` blocks of ``block_rows`` rows
 (the last one shorter). Epoch ``e`` visits the blocks in the order
 ``perm_e = default_rng([seed, e, crc32(site)]).permutation(n_b)``, each block's rows in stored order
-(they were shuffled within the harvest's buffer when written). The stream is epoch 0, epoch 1, ...;
+(they were shuffled within the harvest's buffer when written). Sites joined by the manifest's
+``pairs`` use their key site's crc32 (``manifest.align_keys``): the same block order, so row i of
+each is the same token. The stream is epoch 0, epoch 1, ...;
 global step ``s`` with batch B takes stream rows ``[s*B, (s+1)*B)``, and process ``p`` of ``P``
 takes the rows ``[s*B + p*B/P, s*B + (p+1)*B/P)``. So a batch is a pure function of
 (seed, step, batch_size), a resumed run sees the data it would have seen, and each process reads
@@ -31,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from saejax import config as cfg
-from saejax.store.manifest import SPLITS, StoreError, local_path, read_json, sha256_file, validate
+from saejax.store.manifest import SPLITS, StoreError, align_keys, local_path, read_json, sha256_file, validate
 from saejax.store.writer import STORAGE, crc, from_storage
 
 HEADER_THREADS = 16  # .npy headers read at once when a store is opened
@@ -50,6 +52,8 @@ class Store:
         validate(m, mpath)
         self.dtype = m["dtype"]
         self.sites = list(m["sites"])
+        self.pairs = [tuple(p) for p in m.get("pairs", [])]
+        self.align_key = align_keys(self.sites, self.pairs)  # {site: the site whose block order it shares}
         self.model = m["model"]
         self._shards = {(site, split): [] for site in self.sites for split in SPLITS}
         for sh in m["shards"]:
@@ -240,7 +244,7 @@ class _SiteStream:
             raise StoreError(f"site {site} has no {split} rows in {store.path}")
         self.n_blocks = -(-self.n // block_rows)
         self._epoch = None
-        self.crc = zlib.crc32(site.encode())
+        self.crc = zlib.crc32(store.align_key[site].encode())  # paired sites: one block order
 
     def _order(self, epoch: int):
         """(perm, cum): blocks of the epoch in visiting order and their cumulative row counts."""
@@ -266,17 +270,19 @@ class _SiteStream:
             r += take
         return out
 
-    def read(self, r0: int, r1: int, out: np.ndarray) -> None:
-        """Rows of stream [r0, r1) into ``out`` [r1 - r0, w] float32."""
+    def read(self, r0: int, r1: int, out: np.ndarray, key: str = "file") -> None:
+        """Rows of stream [r0, r1) into ``out`` [r1 - r0, w] float32 (key "meta": their meta rows
+        into int32 [r1 - r0, 3])."""
         i = 0
         for g0, g1 in self.runs(r0, r1):
             while g0 < g1:
                 s = int(np.searchsorted(self.starts, g0, side="right")) - 1
                 e = min(g1, int(self.starts[s + 1]))
-                a = self.store._open(self.shards[s]["file"])
+                a = self.store._open(self.shards[s][key])
                 lo = g0 - int(self.starts[s])
-                self.store.check_rows(self.shards[s], "file", lo, lo + e - g0)
-                out[i:i + e - g0] = from_storage(a[lo:lo + e - g0], self.store.dtype)
+                self.store.check_rows(self.shards[s], key, lo, lo + e - g0)
+                rows = a[lo:lo + e - g0]
+                out[i:i + e - g0] = from_storage(rows, self.store.dtype) if key == "file" else rows
                 i += e - g0
                 g0 = e
 
@@ -362,6 +368,28 @@ class Reader:
             if out is None:
                 out = np.empty((len(sites), b, self.width(site)), np.float32)
             st.read(process_index * b, (process_index + 1) * b, out[t])
+        return out
+
+    def batch_meta(self, sites, step: int, batch_size: int, process_index: int = 0,
+                   process_count: int = 1) -> np.ndarray:
+        """int32 [T, batch_size / process_count, 3] (token, context, position) of the rows ``batch``
+        returns for the same arguments (read directly, not prefetched)."""
+        b = batch_size // process_count
+        out = np.empty((len(sites), b, 3), np.int32)
+        for t, site in enumerate(sites):
+            r0 = step * batch_size + process_index * b
+            self._stream(site).read(r0, r0 + b, out[t], "meta")
+        return out
+
+    def heldout_meta(self, sites, batch_size: int, process_index: int = 0, process_count: int = 1):
+        """int32 [T, batch_size / process_count, 3]: the meta of ``heldout_batch``'s rows (or None)."""
+        b = batch_size // process_count
+        out = np.empty((len(sites), b, 3), np.int32)
+        for t, site in enumerate(sites):
+            if self.store.n_rows(site, "heldout") == 0:
+                return None
+            st = _SiteStream(self.store, site, "heldout", self.seed, self.block_rows)
+            st.read(process_index * b, (process_index + 1) * b, out[t], "meta")
         return out
 
     def _log_epochs(self, sites, step: int, batch_size: int) -> None:

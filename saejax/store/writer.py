@@ -108,17 +108,26 @@ def remove_uncommitted(root: str, pattern: str, committed: set[str]) -> int:
 def write_store(path: str, arrays: dict, *, model: str, corpus: str = "", context_len: int = 0,
                 context_start_id: int = 0, special_ids=(), dtype: str = "float32", shard_rows: int = 1 << 20,
                 heldout_tokens: np.ndarray | None = None, heldout_contexts: np.ndarray | None = None,
-                policy: dict | None = None, extra: dict | None = None) -> dict:
+                policy: dict | None = None, extra: dict | None = None, pairs=()) -> dict:
     """Write a whole store from in-memory arrays; returns the manifest.
 
     ``arrays[split][site] = (x [n, w] float, meta [n, 3] int)`` for split in ("train", "heldout").
     This is the route for activations computed elsewhere (docs/store.md); rows are written in the
-    order given (shuffle them first if they are in corpus order).
+    order given (shuffle them first if they are in corpus order). ``pairs`` ((in_site, out_site),
+    ...): sites whose rows are aligned as given (row j of each is the same token); they need equal
+    row counts per split and are recorded in the manifest, so the reader keeps them aligned.
     """
+    from saejax.store.manifest import check_pairs
     if os.path.exists(os.path.join(path, "manifest.json")):
         raise StoreError(f"{path}/manifest.json exists; write a new store elsewhere")
     if dtype not in STORAGE:
         raise StoreError(f"dtype {dtype!r} is not one of {tuple(STORAGE)}")
+    for pair in pairs:  # before anything is written
+        for split, by_site in arrays.items():
+            n = [len(by_site[s][0]) if s in by_site else None for s in pair]
+            if len(pair) != 2 or None in n or n[0] != n[1]:
+                raise StoreError(f"pair {tuple(pair)}: split {split} has rows {n}; paired sites need equal "
+                                 f"row counts (and rows aligned)")
     os.makedirs(path, exist_ok=True)
     shards, sites = [], {}
     rows = {}
@@ -153,6 +162,8 @@ def write_store(path: str, arrays: dict, *, model: str, corpus: str = "", contex
         "splits": {"train": {"contexts": 0, "tokens": rows.get("train", 0)},
                    "heldout": {"contexts": n_held, "tokens": rows.get("heldout", 0)}},
         "sites": sites, "shards": shards, "complete": True, **(extra or {}),
+        **({"pairs": [list(p) for p in pairs]} if pairs else {}),
     }
+    check_pairs(manifest, os.path.join(path, "manifest.json"))
     write_json(os.path.join(path, "manifest.json"), manifest)
     return manifest
