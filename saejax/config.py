@@ -112,6 +112,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.lr_decay_end = 0.0
     c.train.sparsity_warmup = 10000.0  # linear warmup of lambda from 0
     c.train.matmul_precision = "highest"  # "default" lets TPUs use bf16 passes for fp32 matmuls
+    c.train.matmul_dtype = "float32"  # "bfloat16": bf16 matmul inputs, fp32 accumulation and fp32 state
     c.train.dead_tokens = 10_000_000  # a latent is dead when it has not fired for this many tokens
     c.train.log_every = 100
     c.train.checkpoint_every = 1000
@@ -344,6 +345,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.train.sparsity_warmup >= 0, "train.sparsity_warmup", "must be >= 0")
     _check(c.train.matmul_precision in ("default", "high", "highest"), "train.matmul_precision",
            "must be 'default', 'high' or 'highest'")
+    _check(c.train.matmul_dtype in ("float32", "bfloat16"), "train.matmul_dtype", "must be 'float32' or 'bfloat16'")
     _check(c.train.log_every > 0, "train.log_every", "must be positive")
     _check(c.train.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
     for axis in ("data", "latent", "stack"):

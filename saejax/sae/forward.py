@@ -11,11 +11,38 @@ from x, so the K members of a site share their rows without K copies of them.
 """
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 PRECISIONS = {"default": lax.Precision.DEFAULT, "high": lax.Precision.HIGH, "highest": lax.Precision.HIGHEST}
+MATMUL_DTYPES = ("float32", "bfloat16")
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_fn(precision: str = "highest", dtype: str = "float32"):
+    """The training matmul ``(a, b) -> a @ b`` (broadcast batch axes): float32 at ``precision``
+    (``PRECISIONS``), or, for ``dtype`` "bfloat16", inputs rounded to bfloat16 and the products
+    accumulated in float32 (``preferred_element_type``); the result is float32 either way. One
+    object per setting (cached): it is a static argument of compiled code."""
+    if dtype == "bfloat16":
+        return lambda a, b: jnp.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                                       preferred_element_type=jnp.float32)
+    return functools.partial(jnp.matmul, precision=PRECISIONS[precision])
+
+
+def spec_matmul(spec):
+    """``matmul_fn`` of a GroupSpec's ``precision`` and ``matmul_dtype``."""
+    return matmul_fn(spec.precision, spec.matmul_dtype)
+
+
+def spec_einsum(spec, eq: str, a, b):
+    """``jnp.einsum(eq, a, b)`` as ``spec_matmul`` computes its products."""
+    if spec.matmul_dtype == "bfloat16":
+        return jnp.einsum(eq, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    return jnp.einsum(eq, a, b, precision=PRECISIONS[spec.precision])
 
 
 def fold_pre_bias(b_enc, b_dec, w_enc, precision=lax.Precision.HIGHEST):
@@ -39,8 +66,7 @@ def encoder_bias(spec, params):
 def pre_activations(spec, params, x):
     """x [T, B, d] -> pre [T, K, B, M] of a group in training layout (``spec``: a GroupSpec)."""
     # A broadcast matmul, not an einsum: faster on XLA:CPU (docs/training.md, XLA:CPU notes).
-    return jnp.matmul(x[:, None], params["W_enc"], precision=PRECISIONS[spec.precision]) \
-        + encoder_bias(spec, params)[:, :, None, :]
+    return spec_matmul(spec)(x[:, None], params["W_enc"]) + encoder_bias(spec, params)[:, :, None, :]
 
 
 def decode(f, w_dec, b_dec, precision=lax.Precision.HIGHEST):
@@ -52,6 +78,8 @@ def reconstruct(spec, params, x, activation):
     """x [T, B, d] -> (pre, f, x_hat) of a group, with f = activation(pre)."""
     pre = pre_activations(spec, params, x)
     f = activation(pre)
+    if spec.matmul_dtype != "float32":
+        return pre, f, spec_einsum(spec, "tknm,tkmd->tknd", f, params["W_dec"]) + params["b_dec"][:, :, None, :]
     return pre, f, decode(f, params["W_dec"], params["b_dec"], PRECISIONS[spec.precision])
 
 

@@ -49,7 +49,8 @@ class GroupSpec:
     auxk_k: int = 512
     auxk_coeff: float = 1.0 / 32
     dtype: str = "float32"
-    precision: str = "highest"
+    precision: str = "highest"  # float32 matmuls' lax precision (train.matmul_precision)
+    matmul_dtype: str = "float32"  # "bfloat16": training matmuls take bf16 inputs, accumulate in fp32
 
     @property
     def T(self) -> int:

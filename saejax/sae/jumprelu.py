@@ -25,6 +25,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from saejax.sae import sharded
 
@@ -95,9 +96,39 @@ def mse_l0(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision):
 
 
 def _mse_l0_scan(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, with_grads):
-    """(mse, counts) and the sums over the blocks (with the gradients' parts if ``with_grads``)."""
+    """(mse, counts) and the sums over the blocks (with the gradients' parts if ``with_grads``).
+
+    On a sharded mesh the block scan runs inside ``jax.shard_map``: each device sums its own rows'
+    terms over the blocks, the decoder output is all-reduced over ``latent`` in each block, and the
+    sums (the gradients among them) are all-reduced over ``data`` once, after the scan
+    (docs/training.md, communication). Without one, the same scan on the whole arrays.
+    """
     B = xb.shape[0] * xb.shape[2]
-    mm = partial(jnp.matmul, precision=precision)
+    mesh = sharded.current_mesh()
+    if not sharded.is_sharded(mesh):
+        acc = _block_sums(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, with_grads, B, None)
+        return (acc["sq"] / B, acc["counts"]), acc
+    lat, row = P("stack", None, "latent"), P("stack", None, None)
+    out_specs = {"sq": P("stack", None), "counts": lat}
+    if with_grads:
+        out_specs.update(w_dec_t=P("stack", None, None, "latent"), b_dec=row, w_enc=P("stack", None, None, "latent"),
+                         b_enc=lat, window_g=lat, window=lat)
+
+    def local(*args):
+        acc = _block_sums(*args, eps, precision, with_grads, B, "latent")
+        return lax.psum(acc, "data")  # one all-reduce of the sums per step, after the block scan
+
+    acc = jax.shard_map(local, mesh=mesh, out_specs=out_specs,
+                        in_specs=(P(None, "stack", "data", None), P("stack", None, None, "latent"), lat,
+                                  P("stack", None, "latent", None), row, lat))(xb, w_enc, b_enc, w_dec, b_dec, theta)
+    return (acc["sq"] / B, acc["counts"]), acc
+
+
+def _block_sums(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, with_grads, B, latent_axis):
+    """The sums over the row blocks of xb [n, T, b, d] (``_mse_l0_scan``); B the batch's total rows;
+    ``latent_axis``: the shard_map axis over which the latents are split (its partial decoder
+    outputs are summed), or None."""
+    mm = precision if callable(precision) else partial(jnp.matmul, precision=precision)
     tr = partial(jnp.swapaxes, axis1=-1, axis2=-2)
     th = theta[:, :, None, :]
     w_dec_t = tr(w_dec)  # once per step, not in every block (docs/training.md, XLA:CPU notes)
@@ -106,7 +137,10 @@ def _mse_l0_scan(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, with_gra
         pre = mm(xc[:, None], w_enc) + b_enc[:, :, None, :]  # [T, K, b, M]
         fired = pre > th
         f = jnp.where(fired, pre, 0.0)
-        e = mm(f, w_dec) + b_dec[:, :, None, :] - xc[:, None]  # [T, K, b, d]
+        dec = mm(f, w_dec)
+        if latent_axis is not None:
+            dec = lax.psum(dec, latent_axis)
+        e = dec + b_dec[:, :, None, :] - xc[:, None]  # [T, K, b, d]
         out = {"sq": jnp.sum(jnp.square(e), (-2, -1), dtype=jnp.float32),
                "counts": jnp.sum(jnp.sign(f), -2, dtype=jnp.float32)}
         if with_grads:  # cotangent 1 on the mse: d mse / d x_hat = 2 e / B
@@ -123,7 +157,7 @@ def _mse_l0_scan(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, with_gra
 
     # The sums start from the first block's terms, not from zeros (docs/training.md, XLA:CPU notes).
     acc, _ = lax.scan(lambda acc, xc: (jax.tree_util.tree_map(jnp.add, acc, block(xc)), None), block(xb[0]), xb[1:])
-    return (acc["sq"] / B, acc["counts"]), acc
+    return acc
 
 
 def _mse_l0_fwd(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision):
@@ -145,10 +179,14 @@ def _mse_l0_bwd(eps, precision, res, g):
 mse_l0.defvjp(_mse_l0_fwd, _mse_l0_bwd)
 
 
-def row_block_count(B: int, M: int, max_bytes: int = 10 << 20) -> int:
+ROW_BLOCK_BYTES = 10 << 20  # ~10 MiB ran the step fastest on XLA:CPU (docs/training.md, row blocks)
+
+
+def row_block_count(B: int, M: int, max_bytes: int | None = None) -> int:
     """Into how many row blocks ``mse_l0`` takes a batch of B rows: the fewest whose per-device
     [rows, M] float32 block is at most ``max_bytes`` (~10 MiB ran the step fastest on XLA:CPU;
     docs/training.md, row blocks)."""
+    max_bytes = ROW_BLOCK_BYTES if max_bytes is None else max_bytes
     D, L = sharded.axis_sizes(sharded.current_mesh(), "data", "latent")
     fits = [n for n in range(1, B // D + 1) if (B // D) % n == 0]
     return next((n for n in fits if (B // D // n) * -(-M // L) * 4 <= max_bytes), fits[-1])

@@ -152,7 +152,10 @@ def fingerprint(spec, hp, seed: int, source) -> dict:
     """Everything that changes a group's result: its spec and hyper-parameters, the seed, and what
     the rows are (the store manifest's sha256, or the synthetic source's parameters). Not the mesh
     (a run may resume on another), nor logging and checkpointing intervals."""
-    fp = {"spec": dataclasses.asdict(spec), "hyper": dataclasses.asdict(hp), "seed": seed,
+    spec_fp = dataclasses.asdict(spec)
+    if spec_fp["matmul_dtype"] == "float32":  # the default: fingerprints from before the key stay valid
+        del spec_fp["matmul_dtype"]
+    fp = {"spec": spec_fp, "hyper": dataclasses.asdict(hp), "seed": seed,
           "source": getattr(source, "identity", None)}
     return json.loads(json.dumps(fp))  # tuples as lists, as read back
 

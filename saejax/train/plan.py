@@ -36,7 +36,8 @@ def plan_groups(config, source) -> list[tuple[GroupSpec, optim.Hyper]]:
                 pre_encoder_bias=s.pre_encoder_bias, threshold_param=s.threshold_param,
                 threshold_init=s.threshold_init, bandwidth=s.bandwidth, auxk_k=s.auxk_k,
                 encoder_init_scale=s.encoder_init_scale, threshold_init_l0=s.threshold_init_l0,
-                auxk_coeff=s.auxk_coeff, dtype=s.dtype, precision=t.matmul_precision)
+                auxk_coeff=s.auxk_coeff, dtype=s.dtype, precision=t.matmul_precision,
+                matmul_dtype=t.matmul_dtype)
             tokens = t.tokens_wide if width > WIDE else t.tokens
             total = max(1, math.ceil(tokens / t.batch_size))
             hp = optim.Hyper(

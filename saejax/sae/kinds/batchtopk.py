@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from saejax.sae import sharded
 from saejax.sae.kinds.base import recon_terms
 from saejax.sae.kinds.jumprelu import threshold_activation
-from saejax.sae.kinds.topk import TopK, auxk
+from saejax.sae.kinds.topk import TopK, loss_with_auxk
 
 
 def batchtopk_activation(pre, ks: tuple[int, ...]):
@@ -41,6 +41,6 @@ class BatchTopK(TopK):
         return batchtopk_activation(pre, self.ks(spec.sweep))
 
     def loss(self, spec, hp, params, state, x, lam) -> dict:
-        pre, f, x_hat = self.train_forward(spec, params, x)
-        return recon_terms(x, f, x_hat, aux=auxk(spec, hp, params, state, x, pre, x_hat),
+        _, f, x_hat, aux = loss_with_auxk(self, spec, hp, params, state, x)
+        return recon_terms(x, f, x_hat, aux=aux,
                            min_active=jnp.min(jnp.where(f > 0, f, jnp.inf), axis=(2, 3)))

@@ -70,7 +70,7 @@ class JumpReLU(Kind):
         """mse and L0 from ``mse_l0`` over row blocks; the L0 term as the module docstring says."""
         xb = jr.row_blocks(x, jr.row_block_count(x.shape[1], spec.width))
         mse, counts = jr.mse_l0(xb, params["W_enc"], forward.encoder_bias(spec, params), params["W_dec"],
-                                params["b_dec"], theta(params), spec.bandwidth, forward.PRECISIONS[spec.precision])
+                                params["b_dec"], theta(params), spec.bandwidth, forward.spec_matmul(spec))
         l0_pseudo = jnp.sum(counts, -1) / x.shape[1]  # the L0, with theta's pseudo-derivative
         if hp.target_l0:  # lam * t * (L0/t - 1)^2: an L0 penalty 2 lam (L0/t - 1) that turns to a bonus below t
             target = jnp.asarray(hp.target_l0, jnp.float32)[None, :]

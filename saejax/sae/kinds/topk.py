@@ -23,16 +23,46 @@ def topk_activation(pre, ks: tuple[int, ...]):
     return jnp.where(pre >= kth, jax.nn.relu(pre), 0.0)
 
 
-def auxk(spec, hp, params, state, x, pre, x_hat):
-    """[T, K]: AuxK's loss on the dead latents (the module docstring), 0 for SAEs without any."""
+def auxk_latents(spec, hp, state, pre):
+    """(f_aux [T, K, B, M], dead [T, K, M]): each row's top ``auxk_k`` pre-activations among the dead
+    latents, rectified."""
     dead = state["since_fired"] >= hp.dead_steps  # [T, K, M]
     kaux = min(spec.auxk_k, spec.width)
     masked = jnp.where(dead[:, :, None, :], pre, -jnp.inf)
     kth = sharded.row_kth(masked, (kaux,))
-    f_aux = jnp.where(dead[:, :, None, :] & (masked >= kth), jax.nn.relu(pre), 0.0)
+    return jnp.where(dead[:, :, None, :] & (masked >= kth), jax.nn.relu(pre), 0.0), dead
+
+
+def auxk_loss(spec, x, x_hat, e_hat, dead):
+    """[T, K]: AuxK's loss (the module docstring) from its reconstruction e_hat, 0 without dead latents."""
     e = lax.stop_gradient(x[:, None] - x_hat)
-    e_hat = jnp.einsum("tkbm,tkmd->tkbd", f_aux, params["W_dec"], precision=forward.PRECISIONS[spec.precision])
     return spec.auxk_coeff * jnp.mean(jnp.sum(jnp.square(e - e_hat), -1), -1) * jnp.any(dead, -1)
+
+
+def auxk(spec, hp, params, state, x, pre, x_hat):
+    """[T, K]: AuxK's loss on the dead latents (the module docstring), 0 for SAEs without any."""
+    f_aux, dead = auxk_latents(spec, hp, state, pre)
+    e_hat = forward.spec_einsum(spec, "tkbm,tkmd->tkbd", f_aux, params["W_dec"])
+    return auxk_loss(spec, x, x_hat, e_hat, dead)
+
+
+def loss_with_auxk(kind, spec, hp, params, state, x) -> dict:
+    """TopK's and BatchTopK's loss terms: the reconstruction and AuxK.
+
+    With the batch split over the mesh's ``data`` axis, f and AuxK's f_aux go through W_dec in one
+    matmul (stacked on a new axis), so W_dec's gradient is one contraction over both and one
+    all-reduce per step, not two (docs/training.md, communication). Otherwise two matmuls, as
+    written in the module docstring (no [2, B, M] copy).
+    """
+    if sharded.axis_sizes(sharded.current_mesh(), "data") == (1,):
+        pre, f, x_hat = kind.train_forward(spec, params, x)
+        return pre, f, x_hat, auxk(spec, hp, params, state, x, pre, x_hat)
+    pre = forward.pre_activations(spec, params, x)
+    f = kind.train_activation(spec, params, pre)
+    f_aux, dead = auxk_latents(spec, hp, state, pre)
+    both = forward.spec_einsum(spec, "tksbm,tkmd->tksbd", jnp.stack([f, f_aux], 2), params["W_dec"])
+    x_hat = both[:, :, 0] + params["b_dec"][:, :, None, :]
+    return pre, f, x_hat, auxk_loss(spec, x, x_hat, both[:, :, 1], dead)
 
 
 class TopK(Kind):
@@ -56,5 +86,5 @@ class TopK(Kind):
         return topk_activation(pre, ks)
 
     def loss(self, spec, hp, params, state, x, lam) -> dict:
-        pre, f, x_hat = self.train_forward(spec, params, x)
-        return recon_terms(x, f, x_hat, aux=auxk(spec, hp, params, state, x, pre, x_hat))
+        _, f, x_hat, aux = loss_with_auxk(self, spec, hp, params, state, x)
+        return recon_terms(x, f, x_hat, aux=aux)
