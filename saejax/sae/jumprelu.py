@@ -76,26 +76,27 @@ def jumprelu(z, theta, eps):
     return jumprelu_l0(z, theta, eps)[0]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def mse_l0(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision):
+@partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def mse_l0(xb, yb, w_enc, b_enc, w_dec, b_dec, theta, w_skip, eps, precision):
     """A JumpReLU SAE's reconstruction error and firing counts, over a batch given in row blocks.
 
-        pre = x W_enc + b_enc,  f = jumprelu(pre, theta),  x_hat = f W_dec + b_dec
-        mse    [T, K]     mean over the batch's rows of ||x - x_hat||^2
+        pre = x W_enc + b_enc,  f = jumprelu(pre, theta),  y_hat = f W_dec + b_dec (+ x W_skip)
+        mse    [T, K]     mean over the batch's rows of ||y - y_hat||^2
         counts [T, K, M]  rows each latent fires on (their sum over M / rows is the L0)
 
-    for a batch xb [n, T, b, d] (n blocks of b rows; ``row_blocks``) and the parameters of T x K
-    SAEs (W_enc [T, K, d, M], b_enc [T, K, M], W_dec [T, K, M, d], b_dec [T, K, d],
-    theta [T, K, M]). The gradients are those of autodiff through ``jumprelu_l0`` (z, theta
+    for a batch xb [n, T, b, d] (n blocks of b rows; ``row_blocks``), its target yb [n, T, b, d_out]
+    (a transcoder's output site; None: the target is x, an SAE) and the parameters of T x K
+    SAEs (W_enc [T, K, d, M], b_enc [T, K, M], W_dec [T, K, M, d_out], b_dec [T, K, d_out],
+    theta [T, K, M], W_skip [T, K, d, d_out] or None). The gradients are those of autodiff through ``jumprelu_l0`` (z, theta
     pseudo-derivatives as above; nothing to x). The blocks are a ``lax.scan``, so the step's [b, M]
     temporaries are small enough to be reused from step to step (docs/training.md, row blocks).
     Under ``jax.grad`` the forward pass also computes the parameter gradients and the backward pass
     only scales them by the cotangents: the five matmuls run once.
     """
-    return _mse_l0_scan(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, False)[0]
+    return _mse_l0_scan(xb, yb, w_enc, b_enc, w_dec, b_dec, theta, w_skip, eps, precision, False)[0]
 
 
-def _mse_l0_scan(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, with_grads):
+def _mse_l0_scan(xb, yb, w_enc, b_enc, w_dec, b_dec, theta, w_skip, eps, precision, with_grads):
     """(mse, counts) and the sums over the blocks (with the gradients' parts if ``with_grads``).
 
     On a sharded mesh the block scan runs inside ``jax.shard_map``: each device sums its own rows'
@@ -106,13 +107,15 @@ def _mse_l0_scan(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, with_gra
     B = xb.shape[0] * xb.shape[2]
     mesh = sharded.current_mesh()
     if not sharded.is_sharded(mesh):
-        acc = _block_sums(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, with_grads, B, None)
+        acc = _block_sums(xb, w_enc, b_enc, w_dec, b_dec, theta, opt(yb, w_skip), eps, precision, with_grads, B, None)
         return (acc["sq"] / B, acc["counts"]), acc
     lat, row = P("stack", None, "latent"), P("stack", None, None)
     out_specs = {"sq": P("stack", None), "counts": lat}
     if with_grads:
         out_specs.update(w_dec_t=P("stack", None, None, "latent"), b_dec=row, w_enc=P("stack", None, None, "latent"),
                          b_enc=lat, window_g=lat, window=lat)
+        if w_skip is not None:
+            out_specs.update(w_skip=P("stack", None, None, None))
 
     def local(*args):
         acc = _block_sums(*args, eps, precision, with_grads, B, "latent")
@@ -120,27 +123,39 @@ def _mse_l0_scan(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, with_gra
 
     acc = jax.shard_map(local, mesh=mesh, out_specs=out_specs,
                         in_specs=(P(None, "stack", "data", None), P("stack", None, None, "latent"), lat,
-                                  P("stack", None, "latent", None), row, lat))(xb, w_enc, b_enc, w_dec, b_dec, theta)
+                                  P("stack", None, "latent", None), row, lat,
+                                  opt(None if yb is None else P(None, "stack", "data", None),
+                                      None if w_skip is None else P("stack", None, None, None))),
+                        )(xb, w_enc, b_enc, w_dec, b_dec, theta, opt(yb, w_skip))
     return (acc["sq"] / B, acc["counts"]), acc
 
 
-def _block_sums(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, with_grads, B, latent_axis):
+def opt(yb, w_skip) -> dict:
+    """The optional arguments of ``_block_sums``: the target's blocks and W_skip, where given."""
+    return {k: v for k, v in (("yb", yb), ("w_skip", w_skip)) if v is not None}
+
+
+def _block_sums(xb, w_enc, b_enc, w_dec, b_dec, theta, extra, eps, precision, with_grads, B, latent_axis):
     """The sums over the row blocks of xb [n, T, b, d] (``_mse_l0_scan``); B the batch's total rows;
-    ``latent_axis``: the shard_map axis over which the latents are split (its partial decoder
-    outputs are summed), or None."""
+    ``extra`` (``opt``): the target's blocks "yb" (absent: the target is x) and "w_skip" (absent:
+    no skip term); ``latent_axis``: the shard_map axis over which the latents are split (its
+    partial decoder outputs are summed), or None."""
+    w_skip = extra.get("w_skip")
     mm = precision if callable(precision) else partial(jnp.matmul, precision=precision)
     tr = partial(jnp.swapaxes, axis1=-1, axis2=-2)
     th = theta[:, :, None, :]
     w_dec_t = tr(w_dec)  # once per step, not in every block (docs/training.md, XLA:CPU notes)
 
-    def block(xc):  # one block's terms of the sums; xc [T, b, d]
+    def block(xc, yc):  # one block's terms of the sums; xc [T, b, d], yc its target (None: xc)
         pre = mm(xc[:, None], w_enc) + b_enc[:, :, None, :]  # [T, K, b, M]
         fired = pre > th
         f = jnp.where(fired, pre, 0.0)
         dec = mm(f, w_dec)
         if latent_axis is not None:
             dec = lax.psum(dec, latent_axis)
-        e = dec + b_dec[:, :, None, :] - xc[:, None]  # [T, K, b, d]
+        if w_skip is not None:  # replicated over ``latent``: added once, after the sum
+            dec = dec + mm(xc[:, None], w_skip)
+        e = dec + b_dec[:, :, None, :] - (xc if yc is None else yc)[:, None]  # [T, K, b, d]
         out = {"sq": jnp.sum(jnp.square(e), (-2, -1), dtype=jnp.float32),
                "counts": jnp.sum(jnp.sign(f), -2, dtype=jnp.float32)}
         if with_grads:  # cotangent 1 on the mse: d mse / d x_hat = 2 e / B
@@ -153,27 +168,37 @@ def _block_sums(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, with_grad
                 w_dec_t=mm(tr(g), f), b_dec=jnp.sum(g, -2),
                 w_enc=mm(tr(xc)[:, None], dz), b_enc=jnp.sum(dz, -2),
                 window_g=jnp.sum(window * g_f, -2), window=jnp.sum(window, -2))
+            if w_skip is not None:
+                out.update(w_skip=mm(tr(xc)[:, None], g))
         return out
 
     # The sums start from the first block's terms, not from zeros (docs/training.md, XLA:CPU notes).
-    acc, _ = lax.scan(lambda acc, xc: (jax.tree_util.tree_map(jnp.add, acc, block(xc)), None), block(xb[0]), xb[1:])
+    yb = extra.get("yb")
+    if yb is None:
+        acc, _ = lax.scan(lambda acc, xc: (jax.tree_util.tree_map(jnp.add, acc, block(xc, None)), None),
+                          block(xb[0], None), xb[1:])
+    else:
+        acc, _ = lax.scan(lambda acc, c: (jax.tree_util.tree_map(jnp.add, acc, block(*c)), None),
+                          block(xb[0], yb[0]), (xb[1:], yb[1:]))
     return acc
 
 
-def _mse_l0_fwd(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision):
-    out, acc = _mse_l0_scan(xb, w_enc, b_enc, w_dec, b_dec, theta, eps, precision, True)
-    return out, (acc, theta, xb)
+def _mse_l0_fwd(xb, yb, w_enc, b_enc, w_dec, b_dec, theta, w_skip, eps, precision):
+    out, acc = _mse_l0_scan(xb, yb, w_enc, b_enc, w_dec, b_dec, theta, w_skip, eps, precision, True)
+    return out, (acc, theta, xb, yb)
 
 
 def _mse_l0_bwd(eps, precision, res, g):
-    acc, theta, xb = res
+    acc, theta, xb, yb = res
     g_mse, g_counts = g
     s = lambda a: g_mse.reshape(g_mse.shape + (1,) * (a.ndim - 2)) * a  # noqa: E731
     # theta: jumprelu's -(theta/eps) sum K g_f (scaled by the mse cotangent) and the counts'
     # -(1/eps) sum K (by theirs).
     d_theta = -(theta * s(acc["window_g"]) + g_counts * acc["window"]) / eps
     w_dec = jnp.swapaxes(acc["w_dec_t"], -1, -2)
-    return jnp.zeros_like(xb), s(acc["w_enc"]), s(acc["b_enc"]), s(w_dec), s(acc["b_dec"]), d_theta
+    d_skip = s(acc["w_skip"]) if "w_skip" in acc else None
+    return (jnp.zeros_like(xb), None if yb is None else jnp.zeros_like(yb), s(acc["w_enc"]), s(acc["b_enc"]),
+            s(w_dec), s(acc["b_dec"]), d_theta, d_skip)
 
 
 mse_l0.defvjp(_mse_l0_fwd, _mse_l0_bwd)

@@ -1,7 +1,8 @@
 """``Kind``: what one SAE kind decides. The rest of saejax asks the kind instead of testing its name.
 
 Arguments the methods share: ``spec`` a GroupSpec (saejax.sae.group), ``params`` a group's
-parameters (leading [T, K] axes), ``x`` [T, B, d] normalized rows, ``pre`` [T, K, B, M]
+parameters (leading [T, K] axes), ``x`` [T, B, d] normalized rows, ``y`` [T, B, d_out] the
+normalized target rows (the same array as x for an SAE; the output site's for a transcoder), ``pre`` [T, K, B, M]
 pre-activations (saejax.sae.forward), ``hp`` the group's optim.Hyper, ``state`` the train state
 (saejax.train.step), ``lam`` [T, K] each SAE's sweep value times the sparsity warmup.
 """
@@ -21,9 +22,9 @@ def terms(mse, fvu, l0, fired, **extra) -> dict:
             "aux": jnp.zeros_like(mse), "min_active": jnp.full_like(mse, jnp.inf), **extra}
 
 
-def recon_terms(x, f, x_hat, **extra) -> dict:
-    """``terms`` from a group's forward pass: x [T, B, d], f [T, K, B, M], x_hat [T, K, B, d]."""
-    return terms(*forward.recon_metrics(x, f, x_hat), jnp.any(f > 0, axis=2), **extra)
+def recon_terms(y, f, x_hat, **extra) -> dict:
+    """``terms`` from a group's forward pass: y [T, B, d] the target, f [T, K, B, M], x_hat [T, K, B, d]."""
+    return terms(*forward.recon_metrics(y, f, x_hat), jnp.any(f > 0, axis=2), **extra)
 
 
 class Kind:
@@ -72,10 +73,11 @@ class Kind:
         """(pre, f, x_hat) of the group's forward pass with the training activation."""
         return forward.reconstruct(spec, params, x, lambda pre: self.train_activation(spec, params, pre))
 
-    def loss(self, spec, hp, params, state, x, lam) -> dict:
-        """Per-SAE loss terms and diagnostics (``terms``); the loss of SAE (t, k) is mse + sparsity + aux."""
+    def loss(self, spec, hp, params, state, x, y, lam) -> dict:
+        """Per-SAE loss terms and diagnostics (``terms``) of reconstructing y from x; the loss of SAE
+        (t, k) is mse + sparsity + aux."""
         _, f, x_hat = self.train_forward(spec, params, x)
-        return recon_terms(x, f, x_hat)
+        return recon_terms(y, f, x_hat)
 
     def constrain(self, spec, params):
         """Parameters after an optimizer update, put back in their domain."""

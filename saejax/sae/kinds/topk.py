@@ -33,21 +33,22 @@ def auxk_latents(spec, hp, state, pre):
     return jnp.where(dead[:, :, None, :] & (masked >= kth), jax.nn.relu(pre), 0.0), dead
 
 
-def auxk_loss(spec, x, x_hat, e_hat, dead):
-    """[T, K]: AuxK's loss (the module docstring) from its reconstruction e_hat, 0 without dead latents."""
-    e = lax.stop_gradient(x[:, None] - x_hat)
+def auxk_loss(spec, y, x_hat, e_hat, dead):
+    """[T, K]: AuxK's loss (the module docstring) from its reconstruction e_hat, 0 without dead
+    latents; y the target."""
+    e = lax.stop_gradient(y[:, None] - x_hat)
     return spec.auxk_coeff * jnp.mean(jnp.sum(jnp.square(e - e_hat), -1), -1) * jnp.any(dead, -1)
 
 
-def auxk(spec, hp, params, state, x, pre, x_hat):
-    """[T, K]: AuxK's loss on the dead latents (the module docstring), 0 for SAEs without any."""
+def auxk(spec, hp, params, state, y, pre, x_hat):
+    """[T, K]: AuxK's loss on the dead latents (the module docstring), 0 for SAEs without any; y the target."""
     f_aux, dead = auxk_latents(spec, hp, state, pre)
     e_hat = forward.spec_einsum(spec, "tkbm,tkmd->tkbd", f_aux, params["W_dec"])
-    return auxk_loss(spec, x, x_hat, e_hat, dead)
+    return auxk_loss(spec, y, x_hat, e_hat, dead)
 
 
-def loss_with_auxk(kind, spec, hp, params, state, x) -> dict:
-    """TopK's and BatchTopK's loss terms: the reconstruction and AuxK.
+def loss_with_auxk(kind, spec, hp, params, state, x, y) -> dict:
+    """TopK's and BatchTopK's loss terms of reconstructing y from x: the reconstruction and AuxK.
 
     With the batch split over the mesh's ``data`` axis, f and AuxK's f_aux go through W_dec in one
     matmul (stacked on a new axis), so W_dec's gradient is one contraction over both and one
@@ -56,13 +57,15 @@ def loss_with_auxk(kind, spec, hp, params, state, x) -> dict:
     """
     if sharded.axis_sizes(sharded.current_mesh(), "data") == (1,):
         pre, f, x_hat = kind.train_forward(spec, params, x)
-        return pre, f, x_hat, auxk(spec, hp, params, state, x, pre, x_hat)
+        return pre, f, x_hat, auxk(spec, hp, params, state, y, pre, x_hat)
     pre = forward.pre_activations(spec, params, x)
     f = kind.train_activation(spec, params, pre)
     f_aux, dead = auxk_latents(spec, hp, state, pre)
     both = forward.spec_einsum(spec, "tksbm,tkmd->tksbd", jnp.stack([f, f_aux], 2), params["W_dec"])
     x_hat = both[:, :, 0] + params["b_dec"][:, :, None, :]
-    return pre, f, x_hat, auxk_loss(spec, x, x_hat, both[:, :, 1], dead)
+    s = forward.skip(spec, params, x)
+    x_hat = x_hat if s is None else x_hat + s
+    return pre, f, x_hat, auxk_loss(spec, y, x_hat, both[:, :, 1], dead)
 
 
 class TopK(Kind):
@@ -85,6 +88,6 @@ class TopK(Kind):
     def activate(self, pre, threshold, ks):
         return topk_activation(pre, ks)
 
-    def loss(self, spec, hp, params, state, x, lam) -> dict:
-        _, f, x_hat, aux = loss_with_auxk(self, spec, hp, params, state, x)
-        return recon_terms(x, f, x_hat, aux=aux)
+    def loss(self, spec, hp, params, state, x, y, lam) -> dict:
+        _, f, x_hat, aux = loss_with_auxk(self, spec, hp, params, state, x, y)
+        return recon_terms(y, f, x_hat, aux=aux)
