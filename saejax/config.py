@@ -94,6 +94,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.sae.auxk_coeff = 1.0 / 32  # topk/batchtopk: AuxK loss weight (Gao et al.)
     c.sae.auxk_k = 512  # topk/batchtopk: latents in the AuxK reconstruction
     c.sae.dtype = "float32"  # parameter dtype; Gemma Scope trained in fp32
+    # Matryoshka prefix sizes (Bussmann et al. 2025; docs/sae.md): () plain training; integers
+    # m_1 < ... < m_n = the width (one width), or fractions of every width ending at 1.0, e.g.
+    # (0.0625, 0.25, 1.0). The loss sums the reconstruction error of each prefix's latents alone.
+    c.sae.matryoshka = ()
 
     # --- training ----------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
@@ -334,6 +338,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.sae.bandwidth > 0, "sae.bandwidth", "must be positive")
     _check(c.sae.encoder_init_scale > 0, "sae.encoder_init_scale", "must be positive")
     _check(c.sae.threshold_init_l0 >= 0, "sae.threshold_init_l0", "must be >= 0 (0: theta = threshold_init)")
+    if c.sae.matryoshka:
+        from saejax.sae import matryoshka
+        _check(kinds.get(c.sae.arch).matryoshka, "sae.matryoshka",
+               f"{c.sae.arch} does not train Matryoshka prefixes (jumprelu, topk and batchtopk do)")
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in c.sae.matryoshka)
+        _check(ints or all(isinstance(v, (int, float)) and 0 < v <= 1 for v in c.sae.matryoshka), "sae.matryoshka",
+               f"{tuple(c.sae.matryoshka)} must be latent counts or fractions of the width in (0, 1]")
+        _check(ints is False or len(c.sae.widths) == 1, "sae.matryoshka",
+               "latent counts need one width; give fractions of the width (ending at 1.0) for several")
+        for w in c.sae.widths:
+            why = matryoshka.problem(matryoshka.resolve(c.sae.matryoshka, w), w)
+            _check(why is None, "sae.matryoshka", f"for width {w}: {why}")
     _check(c.sae.dtype in DTYPES, "sae.dtype", f"{c.sae.dtype!r} is not one of {DTYPES}")
     _check(c.train.tokens > 0, "train.tokens", "must be positive")
     _check(c.train.batch_size > 0, "train.batch_size", "must be positive")

@@ -51,6 +51,8 @@ class GroupSpec:
     dtype: str = "float32"
     precision: str = "highest"  # float32 matmuls' lax precision (train.matmul_precision)
     matmul_dtype: str = "float32"  # "bfloat16": training matmuls take bf16 inputs, accumulate in fp32
+    # Matryoshka prefix sizes m_1 < ... < m_n = width (saejax.sae.matryoshka); (): plain training.
+    matryoshka: tuple[int, ...] = ()
 
     @property
     def T(self) -> int:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from saejax.sae import sharded
+from saejax.sae import matryoshka as mat, sharded
 
 
 def rectangle(u):
@@ -76,8 +76,8 @@ def jumprelu(z, theta, eps):
     return jumprelu_l0(z, theta, eps)[0]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(8, 9))
-def mse_l0(xb, yb, w_enc, b_enc, w_dec, b_dec, theta, w_skip, eps, precision):
+@partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def mse_l0(xb, yb, w_enc, b_enc, w_dec, b_dec, theta, w_skip, eps, precision, prefixes=()):
     """A JumpReLU SAE's reconstruction error and firing counts, over a batch given in row blocks.
 
         pre = x W_enc + b_enc,  f = jumprelu(pre, theta),  y_hat = f W_dec + b_dec (+ x W_skip)
@@ -92,11 +92,16 @@ def mse_l0(xb, yb, w_enc, b_enc, w_dec, b_dec, theta, w_skip, eps, precision):
     temporaries are small enough to be reused from step to step (docs/training.md, row blocks).
     Under ``jax.grad`` the forward pass also computes the parameter gradients and the backward pass
     only scales them by the cotangents: the five matmuls run once.
+
+    ``prefixes`` (Matryoshka sizes m_1 < ... < m_n = M; () plain): mse is then the sum over the
+    prefixes of each one's error, from one decode of the prefix blocks and suffix sums of the errors
+    in the gradients (saejax.sae.matryoshka); counts are the full dictionary's. It then returns a
+    third output, the full dictionary's mse [T, K] alone (a metric: no gradient flows from it).
     """
-    return _mse_l0_scan(xb, yb, w_enc, b_enc, w_dec, b_dec, theta, w_skip, eps, precision, False)[0]
+    return _mse_l0_scan(xb, yb, w_enc, b_enc, w_dec, b_dec, theta, w_skip, eps, precision, False, prefixes)[0]
 
 
-def _mse_l0_scan(xb, yb, w_enc, b_enc, w_dec, b_dec, theta, w_skip, eps, precision, with_grads):
+def _mse_l0_scan(xb, yb, w_enc, b_enc, w_dec, b_dec, theta, w_skip, eps, precision, with_grads, prefixes=()):
     """(mse, counts) and the sums over the blocks (with the gradients' parts if ``with_grads``).
 
     On a sharded mesh the block scan runs inside ``jax.shard_map``: each device sums its own rows'
@@ -107,10 +112,13 @@ def _mse_l0_scan(xb, yb, w_enc, b_enc, w_dec, b_dec, theta, w_skip, eps, precisi
     B = xb.shape[0] * xb.shape[2]
     mesh = sharded.current_mesh()
     if not sharded.is_sharded(mesh):
-        acc = _block_sums(xb, w_enc, b_enc, w_dec, b_dec, theta, opt(yb, w_skip), eps, precision, with_grads, B, None)
-        return (acc["sq"] / B, acc["counts"]), acc
+        acc = _block_sums(xb, w_enc, b_enc, w_dec, b_dec, theta, opt(yb, w_skip), eps, precision, with_grads, B, None,
+                          prefixes)
+        return _outputs(acc, B, prefixes), acc
     lat, row = P("stack", None, "latent"), P("stack", None, None)
     out_specs = {"sq": P("stack", None), "counts": lat}
+    if prefixes:
+        out_specs["sq_full"] = P("stack", None)
     if with_grads:
         out_specs.update(w_dec_t=P("stack", None, None, "latent"), b_dec=row, w_enc=P("stack", None, None, "latent"),
                          b_enc=lat, window_g=lat, window=lat)
@@ -118,7 +126,7 @@ def _mse_l0_scan(xb, yb, w_enc, b_enc, w_dec, b_dec, theta, w_skip, eps, precisi
             out_specs.update(w_skip=P("stack", None, None, None))
 
     def local(*args):
-        acc = _block_sums(*args, eps, precision, with_grads, B, "latent")
+        acc = _block_sums(*args, eps, precision, with_grads, B, "latent", prefixes)
         return lax.psum(acc, "data")  # one all-reduce of the sums per step, after the block scan
 
     acc = jax.shard_map(local, mesh=mesh, out_specs=out_specs,
@@ -127,7 +135,14 @@ def _mse_l0_scan(xb, yb, w_enc, b_enc, w_dec, b_dec, theta, w_skip, eps, precisi
                                   opt(None if yb is None else P(None, "stack", "data", None),
                                       None if w_skip is None else P("stack", None, None, None))),
                         )(xb, w_enc, b_enc, w_dec, b_dec, theta, opt(yb, w_skip))
-    return (acc["sq"] / B, acc["counts"]), acc
+    return _outputs(acc, B, prefixes), acc
+
+
+def _outputs(acc, B, prefixes):
+    """mse_l0's outputs from the block sums: (mse, counts), and with prefixes the full dictionary's mse."""
+    if prefixes:
+        return acc["sq"] / B, acc["counts"], acc["sq_full"] / B
+    return acc["sq"] / B, acc["counts"]
 
 
 def opt(yb, w_skip) -> dict:
@@ -135,11 +150,12 @@ def opt(yb, w_skip) -> dict:
     return {k: v for k, v in (("yb", yb), ("w_skip", w_skip)) if v is not None}
 
 
-def _block_sums(xb, w_enc, b_enc, w_dec, b_dec, theta, extra, eps, precision, with_grads, B, latent_axis):
+def _block_sums(xb, w_enc, b_enc, w_dec, b_dec, theta, extra, eps, precision, with_grads, B, latent_axis,
+                prefixes=()):
     """The sums over the row blocks of xb [n, T, b, d] (``_mse_l0_scan``); B the batch's total rows;
     ``extra`` (``opt``): the target's blocks "yb" (absent: the target is x) and "w_skip" (absent:
     no skip term); ``latent_axis``: the shard_map axis over which the latents are split (its
-    partial decoder outputs are summed), or None."""
+    partial decoder outputs are summed), or None; ``prefixes``: Matryoshka sizes (``_prefix_block``)."""
     w_skip = extra.get("w_skip")
     mm = precision if callable(precision) else partial(jnp.matmul, precision=precision)
     tr = partial(jnp.swapaxes, axis1=-1, axis2=-2)
@@ -147,6 +163,9 @@ def _block_sums(xb, w_enc, b_enc, w_dec, b_dec, theta, extra, eps, precision, wi
     w_dec_t = tr(w_dec)  # once per step, not in every block (docs/training.md, XLA:CPU notes)
 
     def block(xc, yc):  # one block's terms of the sums; xc [T, b, d], yc its target (None: xc)
+        if prefixes:
+            return _prefix_block(xc, yc, w_enc, b_enc, w_dec, w_dec_t, b_dec, th, w_skip, eps, mm, with_grads, B,
+                                 latent_axis, prefixes)
         pre = mm(xc[:, None], w_enc) + b_enc[:, :, None, :]  # [T, K, b, M]
         fired = pre > th
         f = jnp.where(fired, pre, 0.0)
@@ -183,14 +202,45 @@ def _block_sums(xb, w_enc, b_enc, w_dec, b_dec, theta, extra, eps, precision, wi
     return acc
 
 
-def _mse_l0_fwd(xb, yb, w_enc, b_enc, w_dec, b_dec, theta, w_skip, eps, precision):
-    out, acc = _mse_l0_scan(xb, yb, w_enc, b_enc, w_dec, b_dec, theta, w_skip, eps, precision, True)
+def _prefix_block(xc, yc, w_enc, b_enc, w_dec, w_dec_t, b_dec, th, w_skip, eps, mm, with_grads, B, latent_axis,
+                  prefixes):
+    """``_block_sums``' block terms with Matryoshka prefixes: the blocks' partial decodes d_j once,
+    prefix reconstructions as running sums, the blocks' cotangents as suffix sums of the prefixes'
+    errors (saejax.sae.matryoshka)."""
+    tr = partial(jnp.swapaxes, axis1=-1, axis2=-2)
+    pre = mm(xc[:, None], w_enc) + b_enc[:, :, None, :]  # [T, K, b, M]
+    fired = pre > th
+    f = jnp.where(fired, pre, 0.0)
+    parts = mat.block_decodes(f, w_dec, prefixes, mm, latent_axis)  # n x [T, K, b, d]
+    if latent_axis is not None:
+        parts = lax.psum(parts, latent_axis)
+    base = b_dec[:, :, None, :] - (xc if yc is None else yc)[:, None]
+    if w_skip is not None:
+        base = base + mm(xc[:, None], w_skip)
+    es = [r + base for r in mat.running_sums(parts)]  # each prefix's error
+    out = {"sq": sum(jnp.sum(jnp.square(e), (-2, -1), dtype=jnp.float32) for e in es),
+           "sq_full": jnp.sum(jnp.square(es[-1]), (-2, -1), dtype=jnp.float32),
+           "counts": jnp.sum(jnp.sign(f), -2, dtype=jnp.float32)}
+    if with_grads:
+        G = [(2.0 / B) * g for g in mat.suffix_sums(es)]  # block j's cotangent: prefixes j..n's errors
+        g_f, g_w = mat.block_grads(f, w_dec_t, G, prefixes, mm, latent_axis)
+        dz = jnp.where(fired, g_f, 0.0)
+        window = rectangle((pre - th) / eps)
+        out.update(w_dec_t=g_w, b_dec=jnp.sum(G[0], -2), w_enc=mm(tr(xc)[:, None], dz), b_enc=jnp.sum(dz, -2),
+                   window_g=jnp.sum(window * g_f, -2), window=jnp.sum(window, -2))
+        if w_skip is not None:
+            out.update(w_skip=mm(tr(xc)[:, None], G[0]))
+    return out
+
+
+def _mse_l0_fwd(xb, yb, w_enc, b_enc, w_dec, b_dec, theta, w_skip, eps, precision, prefixes):
+    out, acc = _mse_l0_scan(xb, yb, w_enc, b_enc, w_dec, b_dec, theta, w_skip, eps, precision, True, prefixes)
     return out, (acc, theta, xb, yb)
 
 
-def _mse_l0_bwd(eps, precision, res, g):
+def _mse_l0_bwd(eps, precision, prefixes, res, g):
     acc, theta, xb, yb = res
-    g_mse, g_counts = g
+    g_mse, g_counts = g[:2]  # with prefixes, the full dictionary's mse (g[2]) is a metric without gradient
     s = lambda a: g_mse.reshape(g_mse.shape + (1,) * (a.ndim - 2)) * a  # noqa: E731
     # theta: jumprelu's -(theta/eps) sum K g_f (scaled by the mse cotangent) and the counts'
     # -(1/eps) sum K (by theirs).

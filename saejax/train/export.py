@@ -21,6 +21,7 @@ def group_meta(spec: GroupSpec, hp: optim.Hyper, source, state, model: str = "")
         "pre_encoder_bias": spec.pre_encoder_bias, "threshold_param": spec.threshold_param,
         "bandwidth": spec.bandwidth, "model": model, "steps": int(jax.device_get(state["step"])),
         "tokens": int(jax.device_get(state["step"])) * hp.batch_size, "batch_size": hp.batch_size,
+        **({"matryoshka": list(spec.matryoshka)} if spec.matryoshka else {}),
     }
 
 

@@ -155,6 +155,8 @@ def fingerprint(spec, hp, seed: int, source) -> dict:
     spec_fp = dataclasses.asdict(spec)
     if spec_fp["matmul_dtype"] == "float32":  # the default: fingerprints from before the key stay valid
         del spec_fp["matmul_dtype"]
+    if not spec_fp["matryoshka"]:  # plain training: the same
+        del spec_fp["matryoshka"]
     fp = {"spec": spec_fp, "hyper": dataclasses.asdict(hp), "seed": seed,
           "source": getattr(source, "identity", None)}
     return json.loads(json.dumps(fp))  # tuples as lists, as read back

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from saejax import config as cfg
 from saejax import mesh as meshlib
-from saejax.sae import sharded
+from saejax.sae import matryoshka, sharded
 from saejax.sae.group import PARTITION_RULES, GroupSpec
 from saejax.train import optim
 from saejax.train.step import init_state
@@ -37,7 +37,7 @@ def plan_groups(config, source) -> list[tuple[GroupSpec, optim.Hyper]]:
                 threshold_init=s.threshold_init, bandwidth=s.bandwidth, auxk_k=s.auxk_k,
                 encoder_init_scale=s.encoder_init_scale, threshold_init_l0=s.threshold_init_l0,
                 auxk_coeff=s.auxk_coeff, dtype=s.dtype, precision=t.matmul_precision,
-                matmul_dtype=t.matmul_dtype)
+                matmul_dtype=t.matmul_dtype, matryoshka=matryoshka.resolve(s.get("matryoshka", ()), width))
             tokens = t.tokens_wide if width > WIDE else t.tokens
             total = max(1, math.ceil(tokens / t.batch_size))
             hp = optim.Hyper(

@@ -18,6 +18,8 @@ is exactly its own): mse + sparsity + aux, the terms its kind gives (``Kind.loss
                with target L0s t: ||x - x_hat||^2 + lam * t * (||f||_0 / t - 1)^2
     relu       ||x - x_hat||^2 + lam * sum_i f_i ||W_dec_i||   (Anthropic, April 2024)
     topk       ||x - x_hat||^2 + auxk_coeff * ||e - e_hat_dead||^2   (Gao et al. AuxK)
+With Matryoshka prefixes (spec.matryoshka) ||x - x_hat||^2 is the sum over the prefixes of each
+one's error (saejax.sae.matryoshka); the logged mse and fvu stay the full dictionary's.
 
 Why the step is laid out as it is (site and member scans, a ``lax.cond`` per SAE): docs/training.md,
 XLA:CPU notes.
@@ -66,7 +68,7 @@ def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x, y=None):
     None: x itself, an SAE). Returns (total, aux)."""
     lam = state["lam"] * optim.sparsity_scale(hp, state["step"])
     terms = spec.kind.loss(spec, hp, params, state, x, x if y is None else y, lam)
-    per_sae = terms["mse"] + terms["sparsity"] + terms["aux"]
+    per_sae = terms["recon"] + terms["sparsity"] + terms["aux"]
     total = jnp.sum(jnp.where(state["frozen"], 0.0, per_sae))
     out = {
         "loss": per_sae,

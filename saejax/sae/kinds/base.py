@@ -16,9 +16,10 @@ from saejax.sae import forward
 def terms(mse, fvu, l0, fired, **extra) -> dict:
     """The per-SAE loss terms and diagnostics ``Kind.loss`` returns: mse, fvu, l0 [T, K], fired
     [T, K, M] (latents that fired on the batch), and ``extra`` in place of the defaults
-    sparsity = aux = 0 and min_active = inf [T, K] (the loss terms besides the mse, and BatchTopK's
-    smallest kept activation)."""
-    return {"mse": mse, "fvu": fvu, "l0": l0, "fired": fired, "sparsity": jnp.zeros_like(mse),
+    recon = mse (the reconstruction loss term: Matryoshka's sum over prefixes), sparsity = aux = 0 and
+    min_active = inf [T, K] (the loss terms besides the reconstruction, and BatchTopK's smallest kept
+    activation)."""
+    return {"mse": mse, "fvu": fvu, "l0": l0, "fired": fired, "recon": mse, "sparsity": jnp.zeros_like(mse),
             "aux": jnp.zeros_like(mse), "min_active": jnp.full_like(mse, jnp.inf), **extra}
 
 
@@ -40,6 +41,7 @@ class Kind:
     unit_decoder = True  # decoder rows kept unit-norm (gradient along a row removed, renormalized)
     uses_threshold = False  # the inference formula compares pre with a threshold array (exported)
     infers_with_k = False  # the inference formula keeps each row's k largest (k exported)
+    matryoshka = False  # trains with Matryoshka prefixes (GroupSpec.matryoshka, saejax.sae.matryoshka)
 
     def check_config(self, sae, check) -> None:
         """Kind-specific checks of the config's ``sae`` node; ``check(ok, key, message)`` raises."""

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from saejax.sae import forward, sharded
+from saejax.sae import forward, matryoshka, sharded
 from saejax.sae.kinds.base import Kind, recon_terms
 
 
@@ -55,6 +55,8 @@ def loss_with_auxk(kind, spec, hp, params, state, x, y) -> dict:
     all-reduce per step, not two (docs/training.md, communication). Otherwise two matmuls, as
     written in the module docstring (no [2, B, M] copy).
     """
+    if spec.matryoshka:
+        return matryoshka_loss(kind, spec, hp, params, state, x, y)
     if sharded.axis_sizes(sharded.current_mesh(), "data") == (1,):
         pre, f, x_hat = kind.train_forward(spec, params, x)
         return pre, f, x_hat, auxk(spec, hp, params, state, y, pre, x_hat)
@@ -68,12 +70,27 @@ def loss_with_auxk(kind, spec, hp, params, state, x, y) -> dict:
     return pre, f, x_hat, auxk_loss(spec, y, x_hat, both[:, :, 1], dead)
 
 
+def matryoshka_loss(kind, spec, hp, params, state, x, y):
+    """``loss_with_auxk`` with Matryoshka prefixes: the top-k selection once over all latents, the
+    prefix blocks decoded once (saejax.sae.matryoshka; autodiff turns the running sums into suffix
+    sums), AuxK on the full dictionary's error. Returns (pre, f, x_hat, aux, recon): recon [T, K]
+    the sum over the prefixes of their errors."""
+    pre = forward.pre_activations(spec, params, x)
+    f = kind.train_activation(spec, params, pre)
+    base = params["b_dec"][:, :, None, :]
+    s = forward.skip(spec, params, x)
+    recon, x_hat = matryoshka.prefix_mse(matryoshka.decodes(spec, f, params["W_dec"]),
+                                         base if s is None else base + s, y)
+    return pre, f, x_hat, auxk(spec, hp, params, state, y, pre, x_hat), recon
+
+
 class TopK(Kind):
     name = "topk"
     sweep_name = "k"
     release_name = "topk"
     saelens_name = "topk"
     infers_with_k = True
+    matryoshka = True
 
     def check_config(self, sae, check) -> None:
         """Target L0s are refused; every sweep value is an integer k within every width."""
@@ -89,5 +106,5 @@ class TopK(Kind):
         return topk_activation(pre, ks)
 
     def loss(self, spec, hp, params, state, x, y, lam) -> dict:
-        _, f, x_hat, aux = loss_with_auxk(self, spec, hp, params, state, x, y)
-        return recon_terms(y, f, x_hat, aux=aux)
+        _, f, x_hat, aux, *recon = loss_with_auxk(self, spec, hp, params, state, x, y)
+        return recon_terms(y, f, x_hat, aux=aux, **({"recon": recon[0]} if recon else {}))
