@@ -98,3 +98,49 @@ class SyntheticSource:
     def _check(self, site: str) -> None:
         if site not in self.sites:
             raise KeyError(f"site {site!r} is not in this source (it has {self.sites})")
+
+
+class HierarchicalSource(SyntheticSource):
+    """Planted features in a hierarchy, for feature absorption (Chanin et al. 2024): ``n_parents``
+    parents, each with ``children`` children that imply it.
+
+    A row holds ``active`` distinct parents (uniformly drawn); each parent present brings, with
+    probability ``p_child``, one of its own children (uniformly drawn), so a child never fires
+    without its parent. Magnitudes in [0.5, 1.5), Gaussian noise as in ``SyntheticSource``. The
+    features (``features``, ``codes``) are the parents, then parent p's children at
+    n_parents + p * children + c; ``labels`` gives which parents a row holds. Batches are a pure
+    function of (seed, site, step).
+    """
+
+    def __init__(self, sites=("res.0",), d=64, n_parents=8, children=4, active=2, p_child=0.75,
+                 noise=0.01, seed=0):
+        if active > n_parents:
+            raise ValueError(f"active={active} exceeds n_parents={n_parents}")
+        super().__init__(sites, d, n_parents * (1 + children), 1, 0.0, noise, seed)
+        self.n_parents, self.children, self.active, self.p_child = n_parents, children, active, p_child
+        self.identity = {"hierarchical": {"d": d, "n_parents": n_parents, "children": children, "active": active,
+                                          "p_child": p_child, "noise": noise, "seed": seed}}
+
+    def _draw(self, site: str, step: int, batch_size: int):
+        """Feature indices [B, 2 * active] (-1: no child), magnitudes, noise [B, d]."""
+        rng = np.random.default_rng([self.seed, 3, self.sites.index(site), step])
+        parents = np.argsort(rng.random((batch_size, self.n_parents)), axis=1)[:, :self.active]
+        child = self.n_parents + parents * self.children + rng.integers(0, self.children, parents.shape)
+        child = np.where(rng.random(parents.shape) < self.p_child, child, -1)
+        mags = rng.uniform(0.5, 1.5, size=(batch_size, 2 * self.active)).astype(np.float32)
+        noise = rng.standard_normal((batch_size, self.d), dtype=np.float32) * np.float32(self.noise)
+        return np.concatenate([parents, child], 1), mags, noise
+
+    def _codes_and_noise(self, site: str, step: int, batch_size: int):
+        idx, mags, noise = self._draw(site, step, batch_size)
+        codes = np.zeros((batch_size, self.n_features + 1), np.float32)  # column -1: absent children
+        np.put_along_axis(codes, np.where(idx < 0, self.n_features, idx), mags, axis=1)
+        return codes[:, :-1], noise
+
+    def _rows(self, site: str, step: int, batch_size: int) -> np.ndarray:
+        codes, noise = self._codes_and_noise(site, step, batch_size)
+        return codes @ self.features(site) + noise
+
+    def labels(self, site: str, step: int, batch_size: int) -> np.ndarray:
+        """Which parents each row of ``batch`` at ``step`` holds: [B, n_parents] bool."""
+        return self.codes(site, step, batch_size)[:, :self.n_parents] > 0
