@@ -358,3 +358,24 @@ def test_saelens_only_release_loads_the_same(released, tmp_path):
         sa, sb = a.load(ea), b.load(eb)
         assert (sa.arch, sa.k) == (sb.arch, sb.k)
         np.testing.assert_array_equal(np.asarray(sa.encode(x)), np.asarray(sb.encode(x)))
+
+
+def test_matryoshka_prefix_sizes_in_suite_and_saelens_cfg(tmp_path):
+    name = "topk_d16_w32"
+    g = make_group("topk", sparsity=(2, 5))
+    meta = dict(g[4], matryoshka=[8, 16, M])
+    sae_io.save_group(str(tmp_path / "train" / name / "final"), g[3], meta)
+    results = _results({name: g[:4] + (meta,)}, lambda t: raw_rows(256, t))
+    assert set(results[0]["fvu_prefix"]) == {"8", "16", str(M)}
+    os.makedirs(tmp_path / "evaluate")
+    with open(tmp_path / "evaluate" / "results.json", "w") as fh:
+        json.dump({"format": "saejax-eval/1", "model": "fake", "contexts": 4, "groups": [name], "saes": results}, fh)
+    c = cfg.defaults()
+    c.workdir = str(tmp_path)
+    saejax.release.run(c)
+    with open(tmp_path / "release" / "suite.json") as fh:
+        suite = json.load(fh)
+    for e in suite["saes"]:
+        assert e["matryoshka"] == [8, 16, M] and set(e["metrics"]["fvu_prefix"]) == {"8", "16", str(M)}
+        with open(tmp_path / "release" / e["saelens"] / "cfg.json") as fh:
+            assert json.load(fh)["metadata"]["matryoshka_widths"] == [8, 16, M]

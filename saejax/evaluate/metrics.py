@@ -5,6 +5,7 @@ all K sweep members at once):
     l0                    mean number of active latents per token
     fvu                   sum ||x - x_hat||^2 / sum ||x - mean(x)||^2   (variance around the data mean)
     explained_variance    1 - fvu
+    fvu_prefix            Matryoshka groups: {m_i: the FVU of the first m_i latents alone}
     dead_frac             latents that never fire on the held-out rows
     dense_1pct/10pct      latents firing on more than 1% / 10% of tokens
     density_hist          histogram of log10 firing frequency of the live latents
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax.sae import apply
+from saejax.sae import apply, matryoshka
 
 HIST_BINS = np.linspace(-6.0, 0.0, 25)  # log10 firing frequency
 
@@ -32,14 +33,20 @@ def _rows_per_chunk(chunk: int, K: int, M: int) -> int:
     return max(16, min(chunk, ROW_BUDGET // (4 * K * M)))
 
 
-@partial(jax.jit, static_argnames=("arch", "ks"))
-def _chunk_stats(arch, ks, arrays, x):
-    """arrays of one site [1, K, ...]; x [N, d] normalized -> (sq_err [K], active [K], fires [K, M])."""
+@partial(jax.jit, static_argnames=("arch", "ks", "prefixes"))
+def _chunk_stats(arch, ks, arrays, x, prefixes=()):
+    """arrays of one site [1, K, ...]; x [N, d] normalized -> (sq_err [K], active [K], fires [K, M],
+    each Matryoshka prefix's sq_err [n, K] (n = 0 without))."""
     f = apply.encode_stacked(arch, arrays, x[None], ks)  # [1, K, N, M]
     x_hat = apply.decode_stacked(arrays, f)
     err = jnp.sum(jnp.square(x_hat - x[None, None]), axis=(2, 3))[0]
+    if prefixes:
+        hats = matryoshka.prefix_hats(f, arrays["W_dec"], arrays["b_dec"], prefixes, apply.HIGHEST)
+        err_prefix = jnp.sum(jnp.square(hats - x[None, None, None]), axis=(3, 4))[:, 0]
+    else:
+        err_prefix = jnp.zeros((0, err.shape[0]))
     active = f[0] != 0
-    return err, jnp.sum(active, axis=(1, 2)), jnp.sum(active, axis=1)
+    return err, jnp.sum(active, axis=(1, 2)), jnp.sum(active, axis=1), err_prefix
 
 
 def site_metrics(meta: dict, arrays: dict, t: int, rows, chunk: int = 4096, return_density: bool = False):
@@ -53,12 +60,14 @@ def site_metrics(meta: dict, arrays: dict, t: int, rows, chunk: int = 4096, retu
     scale = np.float32(meta["norm_scale"][t])
     K, M = folded["b_enc"].shape[1], folded["b_enc"].shape[2]
     chunk = _rows_per_chunk(chunk, K, M)
-    sq_err, active, fires = np.zeros(K), np.zeros(K), np.zeros((K, M))
+    prefixes = tuple(meta.get("matryoshka", ()))
+    sq_err, active, fires, sq_prefix = np.zeros(K), np.zeros(K), np.zeros((K, M)), np.zeros((len(prefixes), K))
     n, sum_x, sum_x2 = 0, 0.0, 0.0
     for start in range(0, len(rows), chunk):
         x = np.asarray(rows[start:start + chunk], np.float32) * scale
-        e, a, f = _chunk_stats(arch, apply.inference_ks(meta), folded, jnp.asarray(x))
+        e, a, f, ep = _chunk_stats(arch, apply.inference_ks(meta), folded, jnp.asarray(x), prefixes)
         sq_err += np.asarray(e, np.float64)
+        sq_prefix += np.asarray(ep, np.float64)
         active += np.asarray(a, np.float64)
         fires += np.asarray(f, np.float64)
         n += len(x)
@@ -79,6 +88,8 @@ def site_metrics(meta: dict, arrays: dict, t: int, rows, chunk: int = 4096, retu
             "dense_10pct": float(np.mean(density > 0.1)),
             "density_hist": {"log10_bins": HIST_BINS.tolist(), "counts": hist.tolist()}, "n_tokens": n,
         })
+        if prefixes:  # Matryoshka: each prefix's latents alone
+            out[-1]["fvu_prefix"] = {str(m): float(sq_prefix[i, k] / total_var) for i, m in enumerate(prefixes)}
     return (out, fires / n) if return_density else out
 
 

@@ -9,6 +9,9 @@
 suite.json: {"format": "saejax-suite/1", "name", "model", "contexts", "results_sha256", "saes": [{"site", "kind",
 "layer", "width", "d", "arch", "k", "l0", "path", "saelens", "card", "metrics": {...},
 "source": {"group", "member", "sparsity", "steps", "tokens"}}]}; paths are relative to the release.
+A Matryoshka SAE's entry adds "matryoshka" (its prefix sizes) and metrics "fvu_prefix" (each
+prefix's held-out FVU); its SAELens cfg.json has them as metadata "matryoshka_widths" (SAELens's
+name). Inference is the kind's formula: nothing else differs.
 N in average_l0_N is the held-out L0, rounded, as Gemma Scope named theirs.
 """
 from __future__ import annotations
@@ -80,6 +83,9 @@ def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str,
                  "metrics": {m: r.get(m) for m in METRIC_KEYS},
                  "source": {"group": r["group"], "member": r["member"], "sparsity": r["sparsity"],
                             "arch": meta["arch"], "steps": meta.get("steps"), "tokens": meta.get("tokens")}}
+            if meta.get("matryoshka"):  # Matryoshka prefix sizes, and each prefix's held-out FVU
+                e["matryoshka"] = list(meta["matryoshka"])
+                e["metrics"]["fvu_prefix"] = r.get("fvu_prefix")
             if "gemmascope" in formats:
                 os.makedirs(os.path.join(tmp, rel))
                 gs.write_params(os.path.join(tmp, rel, "params.npz"), folded, k)
@@ -87,7 +93,9 @@ def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str,
             if "saelens" in formats:
                 cfg = saelens.config(r["kind"], r["layer"], arch, r["d"], r["width"], k, model=model,
                                      context_size=context_size,
-                                     extra={"saejax_l0": r["l0"], "saejax_fvu": r["fvu"]})
+                                     extra={"saejax_l0": r["l0"], "saejax_fvu": r["fvu"],
+                                            **({"matryoshka_widths": list(meta["matryoshka"])}
+                                               if meta.get("matryoshka") else {})})
                 saelens.write(os.path.join(tmp, "saelens", rel), folded, cfg, arch)
                 e["saelens"] = f"saelens/{rel}"
             if cards_dir and r.get("card") and os.path.isfile(os.path.join(cards_dir, r["card"])):
