@@ -98,7 +98,9 @@ def test_stacked_equals_separate(arch):
             st = dict(state, **{n: sl(state[n]) for n in ("lam", "since_fired", "bt_threshold", "frozen")})
             gk = jax.grad(lambda p: losses(one, hp, p, st, x[t:t + 1])[0])(jax.tree_util.tree_map(sl, params))
             for n in params:
-                np.testing.assert_allclose(gk[n], sl(g[n]), rtol=1e-5, atol=1e-7, err_msg=(t, k, n))
+                # within 1e-5 of the gradient's scale (sums in another order round differently)
+                np.testing.assert_allclose(gk[n], sl(g[n]), rtol=0, atol=1e-5 * float(np.abs(g[n]).max()),
+                                           err_msg=(t, k, n))
 
 
 def test_segments_cut_every_shard_at_its_boundaries():

@@ -162,10 +162,14 @@ def _block_sums(xb, w_enc, b_enc, w_dec, b_dec, theta, extra, eps, precision, wi
     th = theta[:, :, None, :]
     w_dec_t = tr(w_dec)  # once per step, not in every block (docs/training.md, XLA:CPU notes)
 
+    if prefixes:  # Matryoshka: the latents' static segments and their weight slices, once per step
+        cuts, onehot = mat.layout(prefixes, w_enc.shape[-1], latent_axis)
+        segs = [(w_enc[..., lo:hi], b_enc[..., lo:hi], w_dec[..., lo:hi, :], w_dec_t[..., lo:hi], th[..., lo:hi])
+                for lo, hi in cuts]
+
     def block(xc, yc):  # one block's terms of the sums; xc [T, b, d], yc its target (None: xc)
         if prefixes:
-            return _prefix_block(xc, yc, w_enc, b_enc, w_dec, w_dec_t, b_dec, th, w_skip, eps, mm, with_grads, B,
-                                 latent_axis, prefixes)
+            return _prefix_block(xc, yc, segs, onehot, b_dec, w_skip, eps, mm, with_grads, B, latent_axis)
         pre = mm(xc[:, None], w_enc) + b_enc[:, :, None, :]  # [T, K, b, M]
         fired = pre > th
         f = jnp.where(fired, pre, 0.0)
@@ -199,35 +203,42 @@ def _block_sums(xb, w_enc, b_enc, w_dec, b_dec, theta, extra, eps, precision, wi
     else:
         acc, _ = lax.scan(lambda acc, c: (jax.tree_util.tree_map(jnp.add, acc, block(*c)), None),
                           block(xb[0], yb[0]), (xb[1:], yb[1:]))
-    return acc
+    # Matryoshka's per-segment sums, joined along the latents once per step.
+    return {k: jnp.concatenate(v, -1) if isinstance(v, list) else v for k, v in acc.items()}
 
 
-def _prefix_block(xc, yc, w_enc, b_enc, w_dec, w_dec_t, b_dec, th, w_skip, eps, mm, with_grads, B, latent_axis,
-                  prefixes):
-    """``_block_sums``' block terms with Matryoshka prefixes: the blocks' partial decodes d_j once,
-    prefix reconstructions as running sums, the blocks' cotangents as suffix sums of the prefixes'
-    errors (saejax.sae.matryoshka)."""
+def _prefix_block(xc, yc, segs, onehot, b_dec, w_skip, eps, mm, with_grads, B, latent_axis):
+    """``_block_sums``' block terms with Matryoshka prefixes, segment by segment (``segs``: each
+    static cut of the latents with its slices of W_enc, b_enc, W_dec, W_dec^T and theta, taken once
+    per step): the blocks' partial decodes d_j once, the prefixes' reconstructions as their running
+    sums, the blocks' cotangents as suffix sums of the prefixes' errors (saejax.sae.matryoshka).
+    Latent-sized terms come back as lists over the segments, joined once after the scan."""
     tr = partial(jnp.swapaxes, axis1=-1, axis2=-2)
-    pre = mm(xc[:, None], w_enc) + b_enc[:, :, None, :]  # [T, K, b, M]
-    fired = pre > th
-    f = jnp.where(fired, pre, 0.0)
-    parts = mat.block_decodes(f, w_dec, prefixes, mm, latent_axis)  # n x [T, K, b, d]
+    pres = [mm(xc[:, None], w_enc) + b_enc[:, :, None, :] for w_enc, b_enc, _, _, _ in segs]  # [T, K, b, m_s]
+    fired = [pre > th for pre, (_, _, _, _, th) in zip(pres, segs)]
+    fs = [jnp.where(fi, pre, 0.0) for fi, pre in zip(fired, pres)]
+    parts = [mm(f, w_dec) for f, (_, _, w_dec, _, _) in zip(fs, segs)]
+    if onehot is not None:  # segments -> blocks (latent sharding: the block of a segment depends on the device)
+        parts = [sum(onehot[s, j] * p for s, p in enumerate(parts)) for j in range(onehot.shape[1])]
     if latent_axis is not None:
         parts = lax.psum(parts, latent_axis)
     base = b_dec[:, :, None, :] - (xc if yc is None else yc)[:, None]
     if w_skip is not None:
         base = base + mm(xc[:, None], w_skip)
-    es = [r + base for r in mat.running_sums(parts)]  # each prefix's error
+    es = [r + base for r in mat.running_sums(parts)]  # each prefix's error [T, K, b, d]
     out = {"sq": sum(jnp.sum(jnp.square(e), (-2, -1), dtype=jnp.float32) for e in es),
            "sq_full": jnp.sum(jnp.square(es[-1]), (-2, -1), dtype=jnp.float32),
-           "counts": jnp.sum(jnp.sign(f), -2, dtype=jnp.float32)}
+           "counts": [jnp.sum(jnp.sign(f), -2, dtype=jnp.float32) for f in fs]}
     if with_grads:
-        G = [(2.0 / B) * g for g in mat.suffix_sums(es)]  # block j's cotangent: prefixes j..n's errors
-        g_f, g_w = mat.block_grads(f, w_dec_t, G, prefixes, mm, latent_axis)
-        dz = jnp.where(fired, g_f, 0.0)
-        window = rectangle((pre - th) / eps)
-        out.update(w_dec_t=g_w, b_dec=jnp.sum(G[0], -2), w_enc=mm(tr(xc)[:, None], dz), b_enc=jnp.sum(dz, -2),
-                   window_g=jnp.sum(window * g_f, -2), window=jnp.sum(window, -2))
+        G = [(2.0 / B) * g for g in mat.suffix_sums(es)]  # block j's cotangent: the errors of prefixes j..n
+        Gs = G if onehot is None else [sum(onehot[s, j] * G[j] for j in range(len(G))) for s in range(len(segs))]
+        g_fs = [mm(g, w_dec_t) for g, (_, _, _, w_dec_t, _) in zip(Gs, segs)]  # [T, K, b, m_s]
+        dzs = [jnp.where(fi, g_f, 0.0) for fi, g_f in zip(fired, g_fs)]
+        windows = [rectangle((pre - th) / eps) for pre, (_, _, _, _, th) in zip(pres, segs)]
+        out.update(w_dec_t=[mm(tr(g), f) for g, f in zip(Gs, fs)], b_dec=jnp.sum(G[0], -2),
+                   w_enc=[mm(tr(xc)[:, None], dz) for dz in dzs], b_enc=[jnp.sum(dz, -2) for dz in dzs],
+                   window_g=[jnp.sum(w * g_f, -2) for w, g_f in zip(windows, g_fs)],
+                   window=[jnp.sum(w, -2) for w in windows])
         if w_skip is not None:
             out.update(w_skip=mm(tr(xc)[:, None], G[0]))
     return out

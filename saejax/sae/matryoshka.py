@@ -69,7 +69,7 @@ def _assignment(prefixes, segs, offset):
                           len(prefixes), dtype=jnp.float32)
 
 
-def _layout(prefixes, m_local, latent_axis):
+def layout(prefixes, m_local, latent_axis):
     """(segments, one-hot or None): None when the segments are the blocks themselves (one shard)."""
     shards = 1 if latent_axis is None else lax.axis_size(latent_axis)
     segs = segments(prefixes, m_local, shards)
@@ -81,23 +81,11 @@ def _layout(prefixes, m_local, latent_axis):
 def block_decodes(f, w_dec, prefixes, mm, latent_axis=None) -> list:
     """The n partial decodes d_j = f_j W_dec_j [T, K, b, d] (a device's part of them, to be summed
     over ``latent_axis``, inside a shard_map over it): f [T, K, b, M_l], W_dec [T, K, M_l, d]."""
-    segs, onehot = _layout(prefixes, f.shape[-1], latent_axis)
+    segs, onehot = layout(prefixes, f.shape[-1], latent_axis)
     parts = [mm(f[..., lo:hi], w_dec[..., lo:hi, :]) for lo, hi in segs]
     if onehot is None:
         return parts
     return [sum(onehot[s, j] * p for s, p in enumerate(parts)) for j in range(len(prefixes))]
-
-
-def block_grads(f, w_dec_t, G, prefixes, mm, latent_axis=None):
-    """(g_f [T, K, b, M_l], W_dec^T's gradient [T, K, d, M_l]) from the blocks' cotangents G (n
-    [T, K, b, d] suffix sums): segment by segment, G_j W_dec_j^T and G_j^T f_j."""
-    segs, onehot = _layout(prefixes, f.shape[-1], latent_axis)
-    if onehot is not None:
-        G = [sum(onehot[s, j] * G[j] for j in range(len(prefixes))) for s in range(len(segs))]
-    tr = lambda a: jnp.swapaxes(a, -1, -2)  # noqa: E731
-    g_f = jnp.concatenate([mm(g, w_dec_t[..., lo:hi]) for g, (lo, hi) in zip(G, segs)], -1)
-    g_w = jnp.concatenate([mm(tr(g), f[..., lo:hi]) for g, (lo, hi) in zip(G, segs)], -1)
-    return g_f, g_w
 
 
 def running_sums(parts: list) -> list:
