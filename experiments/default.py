@@ -26,10 +26,11 @@ dead latents over the three layers and both targets:
     lr 1e-3, theta from data (L0 60) L0 28-62                   FVU 0.10-0.24  dead 8-20%
 
 Tiny mode for the tests: saejax run --config experiments/default.py:runlocal
+Matryoshka JumpReLU SAEs (prefixes 144, 576, 2304; its own workdir): experiments/default.py:matryoshka
 """
 from saejax import config as cfg
 
-VARIANTS = {"runlocal": bool}
+VARIANTS = {"runlocal": bool, "matryoshka": bool}
 
 
 def get_config(arg: str = ""):
@@ -64,6 +65,9 @@ def get_config(arg: str = ""):
     c.evaluate.contexts = 8  # delta LM loss on 8 contexts (one model pass per site); metrics on all 32
     c.evaluate.latent_cards = 12
     c.release.name = "saejax-smollm2-shakespeare"
+    if v.get("matryoshka"):  # Matryoshka JumpReLU (docs/sae.md): prefixes of 144, 576 and 2,304 latents
+        c.sae.matryoshka = (0.0625, 0.25, 1.0)
+        c.workdir = "runs/default-matryoshka"
     if v.get("runlocal"):
         cfg.runlocal(c, "random:tiny-llama")
     return c

@@ -185,3 +185,31 @@ def test_absorption_measure_on_constructed_latents():
     r = absorption.absorption(f, w_dec, labels, np.array([[1.0, 0, 0]]))
     assert r["main_latent"] == [0] and r["rate"] == pytest.approx(0.3) and r["recall"] == pytest.approx(0.6)
     assert r["absorbers"] == [1]
+
+
+def test_config_to_group_json(tmp_path):
+    """sae.matryoshka in fractions reaches the group's spec, fingerprint and group.json; evaluate
+    then reports each prefix's FVU, decreasing with the prefix."""
+    import json
+    import os
+
+    import saejax.evaluate
+    from saejax.train import loop
+    c = cfg.defaults()
+    c.workdir = str(tmp_path)
+    c.train.source = "synthetic"
+    c.synthetic.sites, c.synthetic.d, c.synthetic.n_features = 1, 16, 32
+    c.sae.widths = (32,)
+    c.sae.arch, c.sae.sparsity = "topk", (4,)
+    c.sae.matryoshka = (0.25, 1.0)
+    c.train.batch_size, c.train.tokens, c.train.lr, c.train.lr_warmup = 128, 128 * 40, 3e-3, 0.1
+    c.train.log_every, c.train.checkpoint_every = 20, 1000
+    c.mesh.data, c.mesh.latent = 2, 4
+    loop.run(c)
+    group = os.path.join(str(tmp_path), "train", "topk_d16_w32")
+    with open(os.path.join(group, "final", "group.json")) as fh:
+        assert json.load(fh)["matryoshka"] == [8, 32]
+    with open(os.path.join(group, "fingerprint.json")) as fh:
+        assert json.load(fh)["spec"]["matryoshka"] == [8, 32]
+    fvu = saejax.evaluate.run(c)["saes"][0]["fvu_prefix"]
+    assert fvu["8"] > fvu["32"]
