@@ -154,7 +154,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.release = ml_collections.ConfigDict()
     c.release.name = "saejax-suite"
     c.release.l0 = ()  # publish the SAE nearest each of these L0s per site and width; () = all
-    c.release.formats = ("gemmascope", "saelens")
+    c.release.formats = ("gemmascope", "saelens")  # and "circuit_tracer": transcoder sets (docs/formats.md)
 
     c.lock()
     return c
@@ -376,7 +376,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _check(size == -1 or size >= 1, f"mesh.{axis}", "must be -1 or a positive int")
     _check([c.mesh[a] for a in ("data", "latent", "stack")].count(-1) <= 1, "mesh", "at most one axis may be -1")
     for f in c.release.formats:
-        _check(f in ("gemmascope", "saelens"), "release.formats", f"{f!r} is not 'gemmascope' or 'saelens'")
+        _check(f in ("gemmascope", "saelens", "circuit_tracer"), "release.formats",
+               f"{f!r} is not 'gemmascope', 'saelens' or 'circuit_tracer'")
 
 
 def sites(c: ml_collections.ConfigDict) -> list[str]:
