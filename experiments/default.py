@@ -29,12 +29,12 @@ Tiny mode for the tests: saejax run --config experiments/default.py:runlocal
 
 Variant ``transcoders``: also skip-transcoders mlp_in.L -> mlp.L on the same layers, at the same
 width and L0 targets (the harvest adds mlp_in.L, aligned with mlp.L; SAEs stay on res, att, mlp);
-``transcoders,plain``: plain transcoders instead (docs/sae.md compares the two).
+``plain_transcoders``: plain transcoders instead (docs/sae.md compares the two).
     saejax run --config experiments/default.py:transcoders
 """
 from saejax import config as cfg
 
-VARIANTS = {"runlocal": bool, "transcoders": bool, "plain": bool}
+VARIANTS = {"runlocal": bool, "transcoders": bool, "plain_transcoders": bool}
 
 
 def get_config(arg: str = ""):
@@ -71,11 +71,9 @@ def get_config(arg: str = ""):
     c.release.name = "saejax-smollm2-shakespeare"
     if v.get("runlocal"):
         cfg.runlocal(c, "random:tiny-llama")
-    if v.get("plain") and not v.get("transcoders"):
-        raise cfg.ConfigError("variant 'plain' goes with 'transcoders' (plain transcoders instead of skip-transcoders)")
-    if v.get("transcoders"):
+    if v.get("transcoders") or v.get("plain_transcoders"):
         c.harvest.kinds = ("res", "att", "mlp_in", "mlp")
         c.sae.site_kinds = ("res", "att", "mlp")
         c.sae.transcoders = c.harvest.layers
-        c.sae.skip = not v.get("plain")
+        c.sae.skip = not v.get("plain_transcoders")
     return c

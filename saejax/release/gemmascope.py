@@ -119,11 +119,11 @@ def read_gs2(path: str) -> dict[str, np.ndarray]:
 def _check_shapes(path: str, arrays: dict) -> None:
     """W_enc [d, M], W_dec [M, d_out], b_enc [M], b_dec [d_out], threshold [M], W_skip [d, d_out]."""
     w = arrays["W_enc"]
-    if w.ndim != 2 or arrays["W_dec"].ndim != 2:
-        raise ReleaseError(f"{path}: W_enc must be [d, M] and W_dec [M, d_out], got {w.shape}, {arrays['W_dec'].shape}")
+    if w.ndim != 2 or arrays["b_dec"].ndim != 1:
+        raise ReleaseError(f"{path}: W_enc must be [d, M] and b_dec [d_out], got {w.shape}, {arrays['b_dec'].shape}")
     dd, m = w.shape
-    d_out = arrays["W_dec"].shape[1]
-    want = {"W_dec": (m, d_out), "b_enc": (m,), "b_dec": (d_out,), "threshold": (m,), "W_skip": (dd, d_out)}
+    d_out = arrays["b_dec"].shape[0]  # d for an SAE
+    want = {"W_dec": (m, d_out), "b_enc": (m,), "threshold": (m,), "W_skip": (dd, d_out)}
     for name, shape in want.items():
         if name in arrays and arrays[name].shape != shape:
             raise ReleaseError(f"{path}: {name} has shape {arrays[name].shape}, expected {shape} "
