@@ -299,3 +299,16 @@ def test_gemma_scope_transcoders_folder_with_a_tiny_gemma2(tmp_path):
     assert np.abs(np.asarray(sae(mlp_in)) - want).max() < 1e-3 * np.abs(want).max()
     logits, got = model.apply(model.params, tokens, sites=("mlp.1",), splice={sae.site: sae.splice()})
     np.testing.assert_allclose(np.asarray(got["mlp.1"]), want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
+def test_store_without_the_pair_is_refused_in_one_line():
+    import types
+    from saejax.sources import check_pairs
+    from saejax.store.reader import StoreError
+    c = cfg.load(SYNTH, ["--config.workdir=/tmp/x", "--config.train.source=store", "--config.sae.transcoders=(3,)",
+                         "--config.harvest.layers=(3,)", "--config.harvest.kinds=('mlp_in','mlp')"])
+    sites = ["mlp_in.3", "mlp.3"]
+    check_pairs(types.SimpleNamespace(sites=sites, pairs=[("mlp_in.3", "mlp.3")], path="st"), c)
+    with pytest.raises(StoreError, match=r"^sae.transcoders: sites \(mlp_in.3, mlp.3\) are not an aligned pair "
+                                         r"in the store st \(its pairs: \[\]\); harvest it with sae.transcoders set$"):
+        check_pairs(types.SimpleNamespace(sites=sites, pairs=[], path="st"), c)

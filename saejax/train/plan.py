@@ -70,7 +70,8 @@ def state_memory(spec: GroupSpec, hp: optim.Hyper, mesh) -> dict:
     the state parts, and the activations of the one SAE per stack shard that the step works on at a
     time (``step.scan_saes``), estimated as 7 live [B,M] fp32 buffers (pre, f, masks and window
     products of the JumpReLU pseudo-derivatives, their cotangents), x_hat and its cotangent [B,d],
-    that SAE's gradient and Adam temporaries (3 x its parameters) and the batch [T,B,d]. An upper
+    that SAE's gradient and Adam temporaries (3 x its parameters) and the batch [T,B,d] (a
+    transcoder's: and its target [T,B,d_out]). An upper
     bound: the JumpReLU step holds [B,M] buffers a row block at a time (``Trainer.memory`` adds XLA's
     own figure for the compiled step where the backend reports it)."""
     def total(tree, shardings):
@@ -89,7 +90,9 @@ def state_memory(spec: GroupSpec, hp: optim.Hyper, mesh) -> dict:
     one_sae = out["params"] * S // (spec.T * spec.K)  # a device's part of one SAE's parameters
     out["activations"] = (7 * meshlib.shard_bytes((S, 1, hp.batch_size, spec.width), np.float32, pre)
                           + 2 * meshlib.shard_bytes((S, 1, hp.batch_size, spec.d), np.float32, rec)
-                          + 3 * one_sae + meshlib.shard_bytes((spec.T, hp.batch_size, spec.d), np.float32, xs))
+                          + 3 * one_sae + meshlib.shard_bytes((spec.T, hp.batch_size, spec.d), np.float32, xs)
+                          + (meshlib.shard_bytes((spec.T, hp.batch_size, spec.dout), np.float32, xs)
+                             if spec.transcoder else 0))  # a transcoder's target rows
     return out
 
 
