@@ -90,7 +90,8 @@ def write_gs2(folder: str, arrays: dict, layer: int, model: str = "") -> None:
     save_file({GS2_KEYS[n]: np.ascontiguousarray(arrays[n], np.float32) for n in GS2_KEYS if n in arrays},
               os.path.join(folder, "params.safetensors"))
     cfg = {"architecture": "jump_relu", "model_name": model,
-           "hf_hook_point_in": f"model.layers.{layer}.mlp.input", "hf_hook_point_out": f"model.layers.{layer}.mlp.output",
+           "hf_hook_point_in": f"model.layers.{layer}.mlp.input",
+           "hf_hook_point_out": f"model.layers.{layer}.mlp.output",
            "affine_connection": "W_skip" in arrays}
     with open(os.path.join(folder, "config.json"), "w") as fh:
         json.dump(cfg, fh, indent=1)

@@ -61,7 +61,8 @@ class SAE:
         """Raise naming the file when the model's site width differs from the SAE's input width."""
         w = model.site_width(self.reads or self.site)
         if w != self.d:
-            raise ReleaseError(f"{self.path}: SAE input width {self.d} does not match {self.reads or self.site} width {w}")
+            raise ReleaseError(f"{self.path}: SAE input width {self.d} does not match "
+                               f"{self.reads or self.site} width {w}")
 
     def splice(self, mask=None):
         """A ``model.apply(splice={self.site: ...})`` value: act [B, L, d] -> x_hat where ``mask``

@@ -106,8 +106,9 @@ def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str,
             if "saelens" in formats:
                 extra_md = {"saejax_l0": r["l0"], "saejax_fvu": r["fvu"]}
                 if tc:
-                    cfg = saelens.transcoder_config(r["layer"], arch, r["d"], r["d_out"], r["width"], bool(r.get("skip")),
-                                                    model=model, context_size=context_size, extra=extra_md)
+                    cfg = saelens.transcoder_config(r["layer"], arch, r["d"], r["d_out"], r["width"],
+                                                    bool(r.get("skip")), model=model, context_size=context_size,
+                                                    extra=extra_md)
                 else:
                     cfg = saelens.config(r["kind"], r["layer"], arch, r["d"], r["width"], k, model=model,
                                          context_size=context_size, extra=extra_md)

@@ -124,8 +124,8 @@ class SAEGroup(nn.Module):
         norm = 1.0 if s.kind.unit_decoder else 0.1  # Anthropic (April 2024): small random-direction decoder
         self.W_dec = self.param("W_dec", _init_decoder, (s.T, s.K, s.width, s.dout), dtype, norm)
         if s.dout == s.d:  # Gemma Scope: W_enc = W_dec^T at init.
-            self.W_enc = self.param(
-                "W_enc", lambda _k, _s: s.encoder_init_scale * jnp.swapaxes(self.W_dec, -1, -2), (s.T, s.K, s.d, s.width))
+            self.W_enc = self.param("W_enc", lambda _k, _s: s.encoder_init_scale * jnp.swapaxes(self.W_dec, -1, -2),
+                                    (s.T, s.K, s.d, s.width))
         else:  # a transcoder between widths: W_enc^T drawn as W_dec is, at the encoder scale
             self.W_enc = self.param("W_enc", lambda k, shape: s.encoder_init_scale * jnp.swapaxes(
                 _init_decoder(k, (s.T, s.K, s.width, s.d), dtype, norm), -1, -2), (s.T, s.K, s.d, s.width))
@@ -138,7 +138,8 @@ class SAEGroup(nn.Module):
 
     def _params(self) -> dict:
         skip = {} if self.W_skip is None else {"W_skip": self.W_skip}
-        return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec, **skip, **self.extra}
+        return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec, **skip,
+                **self.extra}
 
     def pre_activations(self, x):
         """x [T, B, d] -> pre [T, K, B, M]."""
