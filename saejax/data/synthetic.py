@@ -100,6 +100,70 @@ class SyntheticSource:
             raise KeyError(f"site {site!r} is not in this source (it has {self.sites})")
 
 
+class SyntheticPairs(SyntheticSource):
+    """Aligned (input, output) sites with a planted sparse map, for transcoders: sites ``mlp_in.L``
+    and ``mlp.L`` for each of ``layers``.
+
+    Row i of a step is one draw of the sparse code c (as SyntheticSource draws it, one draw per
+    layer shared by its two sites) and, with ``dense`` > 0, a dense Gaussian z [dense] of standard deviation 0.5:
+
+        x = c @ F_in + [0, z] + noise        F_in's unit rows span the first d - dense dimensions only
+        y = c @ F_out + z @ A + noise        F_out [n_features, d] unit rows; A [dense, d], the planted
+                                             linear part (``linear_map``), entries N(0, 1/dense)
+
+    So a transcoder maps x's latents to F_out's rows, and the dense part, outside the span of the
+    features, reaches y only linearly: what a skip-transcoder's W_skip recovers.
+    """
+
+    def __init__(self, layers=(0,), d=64, n_features=512, active=4, zipf=1.0, noise=0.01, seed=0, dense=0):
+        sites = [s for layer in layers for s in (f"mlp_in.{layer}", f"mlp.{layer}")]
+        super().__init__(sites, d=d, n_features=n_features, active=active, zipf=zipf, noise=noise, seed=seed)
+        self.layers, self.dense = list(layers), dense
+        self.identity["synthetic"].update(pairs=self.layers, dense=dense)
+
+    def _layer(self, site: str) -> int:
+        self._check(site)
+        return self.layers.index(int(site.rsplit(".", 1)[1]))
+
+    def _reads(self, site: str) -> bool:
+        return site.startswith("mlp_in.")
+
+    def features(self, site: str) -> np.ndarray:
+        """The planted unit directions of ``site``: [n_features, d] float32 (an input site's are zero in
+        its last ``dense`` dimensions)."""
+        if site not in self._features:
+            i = self._layer(site)
+            rng = np.random.default_rng([self.seed, 1, i, 0 if self._reads(site) else 1])
+            f = rng.standard_normal((self.n_features, self.d))
+            if self._reads(site) and self.dense:
+                f[:, self.d - self.dense:] = 0.0
+            self._features[site] = (f / np.linalg.norm(f, axis=1, keepdims=True)).astype(np.float32)
+        return self._features[site]
+
+    def linear_map(self, layer: int) -> np.ndarray:
+        """A [dense, d] float32: the planted linear part of layer ``layer``'s output."""
+        rng = np.random.default_rng([self.seed, 4, self.layers.index(layer)])
+        return (rng.standard_normal((self.dense, self.d)) / np.sqrt(max(self.dense, 1))).astype(np.float32)
+
+    def _draw(self, site: str, step: int, batch_size: int):
+        # one draw per layer: both sites of a pair see the same code (the noise is the site's own)
+        idx, mags, _ = super()._draw(f"mlp_in.{self.layers[self._layer(site)]}", step, batch_size)
+        rng = np.random.default_rng([self.seed, 5, self.sites.index(site), step])
+        return idx, mags, rng.standard_normal((batch_size, self.d), dtype=np.float32) * np.float32(self.noise)
+
+    def _rows(self, site: str, step: int, batch_size: int) -> np.ndarray:
+        rows = super()._rows(site, step, batch_size)
+        if self.dense:
+            layer = self.layers[self._layer(site)]
+            z = np.random.default_rng([self.seed, 6, self._layer(site), step]).standard_normal(
+                (batch_size, self.dense), dtype=np.float32) * np.float32(0.5)
+            if self._reads(site):
+                rows[:, self.d - self.dense:] += z
+            else:
+                rows += z @ self.linear_map(layer)
+        return rows
+
+
 class HierarchicalSource(SyntheticSource):
     """Planted features in a hierarchy, for feature absorption (Chanin et al. 2024): ``n_parents``
     parents, each with ``children`` children that imply it.

@@ -13,7 +13,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-KIND_NAMES = {"res": "residual stream", "att": "attention output", "mlp_in": "MLP input", "mlp": "MLP output"}
+KIND_NAMES = {"res": "residual stream", "att": "attention output", "mlp_in": "MLP input", "mlp": "MLP output",
+              "transcoder": "transcoders (MLP input to MLP output)"}
 
 
 def _save(fig, path):
@@ -46,7 +47,7 @@ def plot_delta_loss(saes: list[dict], path: str) -> None:
     ax = fig.add_subplot()
     l0s = np.log10(np.maximum([s["metrics"]["l0"] for s in saes], 1e-3))
     norm = Normalize(vmin=float(l0s.min()), vmax=float(max(l0s.max(), l0s.min() + 1e-3)))  # one scale for all
-    for kind, marker in (("res", "o"), ("att", "s"), ("mlp_in", "v"), ("mlp", "^")):
+    for kind, marker in (("res", "o"), ("att", "s"), ("mlp_in", "v"), ("mlp", "^"), ("transcoder", "D")):
         pts = [(s["layer"], s["metrics"].get("delta_lm_loss"), s["metrics"]["l0"]) for s in saes if s["kind"] == kind]
         pts = [p for p in pts if p[1] is not None]
         if pts:

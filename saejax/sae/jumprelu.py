@@ -87,9 +87,10 @@ def mse_l0(xb, yb, w_enc, b_enc, w_dec, b_dec, theta, w_skip, eps, precision, pr
     for a batch xb [n, T, b, d] (n blocks of b rows; ``row_blocks``), its target yb [n, T, b, d_out]
     (a transcoder's output site; None: the target is x, an SAE) and the parameters of T x K
     SAEs (W_enc [T, K, d, M], b_enc [T, K, M], W_dec [T, K, M, d_out], b_dec [T, K, d_out],
-    theta [T, K, M], W_skip [T, K, d, d_out] or None). The gradients are those of autodiff through ``jumprelu_l0`` (z, theta
-    pseudo-derivatives as above; nothing to x). The blocks are a ``lax.scan``, so the step's [b, M]
-    temporaries are small enough to be reused from step to step (docs/training.md, row blocks).
+    theta [T, K, M], W_skip [T, K, d, d_out] or None). The gradients are those of autodiff through
+    ``jumprelu_l0`` (z, theta pseudo-derivatives as above; nothing to x or y). The blocks are a
+    ``lax.scan``, so the step's [b, M] temporaries are small enough to be reused from step to step
+    (docs/training.md, row blocks).
     Under ``jax.grad`` the forward pass also computes the parameter gradients and the backward pass
     only scales them by the cotangents: the five matmuls run once.
 
