@@ -26,10 +26,16 @@ dead latents over the three layers and both targets:
     lr 1e-3, theta from data (L0 60) L0 28-62                   FVU 0.10-0.24  dead 8-20%
 
 Tiny mode for the tests: saejax run --config experiments/default.py:runlocal
+Matryoshka JumpReLU SAEs (prefixes 1/16, 1/4 and all of the width; its own workdir): experiments/default.py:matryoshka
+
+Variant ``transcoders``: also skip-transcoders mlp_in.L -> mlp.L on the same layers, at the same
+width and L0 targets (the harvest adds mlp_in.L, aligned with mlp.L; SAEs stay on res, att, mlp);
+``plain_transcoders``: plain transcoders instead (docs/sae.md compares the two).
+    saejax run --config experiments/default.py:transcoders
 """
 from saejax import config as cfg
 
-VARIANTS = {"runlocal": bool}
+VARIANTS = {"runlocal": bool, "matryoshka": bool, "transcoders": bool, "plain_transcoders": bool}
 
 
 def get_config(arg: str = ""):
@@ -64,6 +70,14 @@ def get_config(arg: str = ""):
     c.evaluate.contexts = 8  # delta LM loss on 8 contexts (one model pass per site); metrics on all 32
     c.evaluate.latent_cards = 12
     c.release.name = "saejax-smollm2-shakespeare"
+    if v.get("matryoshka"):  # Matryoshka JumpReLU (docs/sae.md): prefixes of 144, 576 and 2,304 latents
+        c.sae.matryoshka = (0.0625, 0.25, 1.0)
+        c.workdir = "runs/default-matryoshka"
     if v.get("runlocal"):
         cfg.runlocal(c, "random:tiny-llama")
+    if v.get("transcoders") or v.get("plain_transcoders"):
+        c.harvest.kinds = ("res", "att", "mlp_in", "mlp")
+        c.sae.site_kinds = ("res", "att", "mlp")
+        c.sae.transcoders = c.harvest.layers
+        c.sae.skip = not v.get("plain_transcoders")
     return c

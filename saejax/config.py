@@ -101,6 +101,17 @@ def defaults() -> ml_collections.ConfigDict:
     # Seeds per sweep value: members that differ only in their random init and read the same rows
     # (seed stability, docs/analysis.md). 1: one SAE per sweep value.
     c.sae.seeds = 1
+    # Matryoshka prefix sizes (Bussmann et al. 2025; docs/sae.md): () plain training; integers
+    # m_1 < ... < m_n = the width (one width), or fractions of every width ending at 1.0, e.g.
+    # (0.0625, 0.25, 1.0). The loss sums the reconstruction error of each prefix's latents alone.
+    c.sae.matryoshka = ()
+    # Site kinds SAEs train on (of the harvested sites): all by default; () trains transcoders alone.
+    c.sae.site_kinds = SITE_KINDS
+    # Transcoders (docs/sae.md): layers L whose MLP gets one, reading mlp_in.L and reconstructing mlp.L,
+    # of the same arch, widths and sweep as the SAEs. The pair (mlp_in.L, mlp.L) is implied: the
+    # harvest aligns it as it does harvest.pairs (both sites must be harvested).
+    c.sae.transcoders = ()
+    c.sae.skip = False  # transcoders are skip-transcoders: y_hat += x @ W_skip (W_skip initialized at 0)
 
     # --- training ----------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
@@ -133,6 +144,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.synthetic.active = 4  # planted features per row
     c.synthetic.zipf = 1.0  # feature frequency ~ 1/rank^zipf
     c.synthetic.noise = 0.01
+    # Transcoder pairs (sae.transcoders): the output is a second dictionary's mix of the same sparse code;
+    # with dense > 0 the input's last ``dense`` dimensions hold a dense Gaussian part outside the features'
+    # span and the output adds a planted linear map of it (what a skip-transcoder's W_skip recovers).
+    c.synthetic.dense = 0
 
     # --- the device mesh ---------------------------------------------------------------------
     c.mesh = ml_collections.ConfigDict()
@@ -157,7 +172,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.release = ml_collections.ConfigDict()
     c.release.name = "saejax-suite"
     c.release.l0 = ()  # publish the SAE nearest each of these L0s per site and width; () = all
-    c.release.formats = ("gemmascope", "saelens")
+    c.release.formats = ("gemmascope", "saelens")  # and "circuit_tracer": transcoder sets (docs/formats.md)
     # Upload the release to this Hugging Face Hub model repo ("owner/name"; "" = no upload); the same
     # as `saejax release --push_to_hub=REPO`. Token: HF_TOKEN or `hf auth login` (docs/formats.md).
     c.release.push_to_hub = ""
@@ -354,6 +369,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
         for site in pair:
             _check(site in sites(c), "harvest.pairs", f"{site!r} is not a harvested site "
                    f"(harvest.layers x harvest.kinds: {', '.join(sites(c))})")
+    for kind in c.sae.site_kinds:
+        _check(kind in SITE_KINDS, "sae.site_kinds", f"{kind!r} is not one of {SITE_KINDS}")
+    for layer in c.sae.transcoders:
+        _check(isinstance(layer, int) and layer >= 0, "sae.transcoders", f"{layer!r} is not a layer index")
+        if c.train.source == "store":
+            for site in (f"mlp_in.{layer}", f"mlp.{layer}"):
+                _check(site in sites(c), "sae.transcoders", f"a transcoder on layer {layer} needs site {site!r} "
+                       f"harvested (harvest.layers x harvest.kinds: {', '.join(sites(c))})")
+    _check(not (c.sae.transcoders and c.sae.pre_encoder_bias), "sae.pre_encoder_bias",
+           "transcoders take no pre-encoder bias (their input and output spaces differ); set it False")
+    _check(not c.sae.skip or bool(c.sae.transcoders), "sae.skip", "skip-transcoders need sae.transcoders (layers)")
+    _check(0 <= c.synthetic.dense < c.synthetic.d, "synthetic.dense", "must be in [0, synthetic.d)")
     from saejax.sae import kinds  # imported here: the kinds import jax, ``import saejax.config`` does not
     _check(c.sae.arch in kinds.names(), "sae.arch", f"{c.sae.arch!r} is not one of {kinds.names()}")
     _check(len(c.sae.widths) > 0, "sae.widths", "needs at least one width")
@@ -375,6 +402,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.sae.bandwidth > 0, "sae.bandwidth", "must be positive")
     _check(c.sae.encoder_init_scale > 0, "sae.encoder_init_scale", "must be positive")
     _check(c.sae.threshold_init_l0 >= 0, "sae.threshold_init_l0", "must be >= 0 (0: theta = threshold_init)")
+    if c.sae.matryoshka:
+        from saejax.sae import matryoshka
+        _check(kinds.get(c.sae.arch).matryoshka, "sae.matryoshka",
+               f"{c.sae.arch} does not train Matryoshka prefixes (jumprelu, topk and batchtopk do)")
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in c.sae.matryoshka)
+        _check(ints or all(isinstance(v, (int, float)) and 0 < v <= 1 for v in c.sae.matryoshka), "sae.matryoshka",
+               f"{tuple(c.sae.matryoshka)} must be latent counts or fractions of the width in (0, 1]")
+        _check(ints is False or len(c.sae.widths) == 1, "sae.matryoshka",
+               "latent counts need one width; give fractions of the width (ending at 1.0) for several")
+        for w in c.sae.widths:
+            why = matryoshka.problem(matryoshka.resolve(c.sae.matryoshka, w), w)
+            _check(why is None, "sae.matryoshka", f"for width {w}: {why}")
     _check(c.sae.dtype in DTYPES, "sae.dtype", f"{c.sae.dtype!r} is not one of {DTYPES}")
     _check(isinstance(c.sae.seeds, int) and c.sae.seeds >= 1, "sae.seeds", "must be an int >= 1")
     _check(c.train.tokens > 0, "train.tokens", "must be positive")
@@ -398,7 +437,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     from saejax.chips import CHIPS
     _check(c.mesh.target_chip in CHIPS, "mesh.target_chip", f"{c.mesh.target_chip!r} is not one of {tuple(CHIPS)}")
     for f in c.release.formats:
-        _check(f in ("gemmascope", "saelens"), "release.formats", f"{f!r} is not 'gemmascope' or 'saelens'")
+        _check(f in ("gemmascope", "saelens", "circuit_tracer"), "release.formats",
+               f"{f!r} is not 'gemmascope', 'saelens' or 'circuit_tracer'")
     for a in c.analyze.analyses:
         _check(a in ANALYSES, "analyze.analyses", f"{a!r} is not one of {ANALYSES}")
     for key in ("rows", "fit_rows", "match_full_max", "match_candidates"):
@@ -416,6 +456,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
 def sites(c: ml_collections.ConfigDict) -> list[str]:
     """The configured hook sites, as ``"<kind>.<layer>"`` names (e.g. ``"res.12"``)."""
     return [f"{kind}.{layer}" for layer in c.harvest.layers for kind in c.harvest.kinds]
+
+
+def transcoder_pairs(c: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """(mlp_in.L, mlp.L) of every layer L in ``sae.transcoders``: a transcoder's (read, written) sites."""
+    return [(f"mlp_in.{layer}", f"mlp.{layer}") for layer in c.sae.transcoders]
+
+
+def pairs(c: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """The harvest's aligned pairs: ``harvest.pairs`` and those the transcoders imply."""
+    out = [tuple(p) for p in c.harvest.pairs]
+    return out + [p for p in transcoder_pairs(c) if p not in out]
 
 
 def schedule_steps(value: float, total_steps: int) -> int:

@@ -4,8 +4,9 @@ For x [T, B, d] (site t's rows) and the parameters of T x K SAEs (leading [T, K]
 
     pre   = (x - b_dec * pre_encoder_bias) @ W_enc + b_enc      = x @ W_enc + encoder_bias   [T, K, B, M]
     f     = the kind's activation of pre (saejax.sae.kinds)                                   [T, K, B, M]
-    x_hat = f @ W_dec + b_dec                                                                 [T, K, B, d]
+    x_hat = f @ W_dec + b_dec  (+ x @ W_skip, a skip-transcoder's skip term)                [T, K, B, d_out]
 
+A transcoder's x and target y are different sites (d_in, d_out); an SAE's target is x itself.
 The pre-encoder bias is folded into the encoder bias (``fold_pre_bias``) rather than subtracted
 from x, so the K members of a site share their rows without K copies of them.
 """
@@ -107,13 +108,25 @@ def decode(f, w_dec, b_dec, precision=lax.Precision.HIGHEST):
     return jnp.einsum("tknm,tkmd->tknd", f, w_dec, precision=precision) + b_dec[:, :, None, :]
 
 
+def skip(spec, params, x):
+    """x [T, B, d_in] -> x @ W_skip [T, K, B, d_out], a skip-transcoder's affine skip term; None
+    for a group without ``W_skip`` (every SAE and plain transcoder)."""
+    if "W_skip" not in params:
+        return None
+    return spec_matmul(spec)(x[:, None], params["W_skip"])
+
+
 def reconstruct(spec, params, x, activation):
-    """x [T, B, d] -> (pre, f, x_hat) of a group, with f = activation(pre)."""
+    """x [T, B, d] -> (pre, f, x_hat) of a group, with f = activation(pre); x_hat includes the skip
+    term x @ W_skip when the group has one (``skip``)."""
     pre = pre_activations(spec, params, x)
     f = activation(pre)
     if spec.matmul_dtype != "float32":
-        return pre, f, spec_einsum(spec, "tknm,tkmd->tknd", f, params["W_dec"]) + params["b_dec"][:, :, None, :]
-    return pre, f, decode(f, params["W_dec"], params["b_dec"], PRECISIONS[spec.precision])
+        x_hat = spec_einsum(spec, "tknm,tkmd->tknd", f, params["W_dec"]) + params["b_dec"][:, :, None, :]
+    else:
+        x_hat = decode(f, params["W_dec"], params["b_dec"], PRECISIONS[spec.precision])
+    s = skip(spec, params, x)
+    return pre, f, x_hat if s is None else x_hat + s
 
 
 def batch_variance(x):
@@ -121,9 +134,10 @@ def batch_variance(x):
     return jnp.mean(jnp.sum(jnp.square(x - jnp.mean(x, axis=1, keepdims=True)), -1), -1)
 
 
-def recon_metrics(x, f, x_hat):
-    """x [T, B, d], f [T, K, B, M], x_hat [T, K, B, d] -> per-SAE (mse, fvu, l0), each [T, K]; FVU is
-    the squared error over the variance around the batch mean."""
-    mse = jnp.mean(jnp.sum(jnp.square(x_hat - x[:, None]), -1), -1)
+def recon_metrics(y, f, x_hat):
+    """y [T, B, d] the target (x itself for an SAE, the output site's rows for a transcoder),
+    f [T, K, B, M], x_hat [T, K, B, d] -> per-SAE (mse, fvu, l0), each [T, K]; FVU is the squared
+    error over the target's variance around the batch mean."""
+    mse = jnp.mean(jnp.sum(jnp.square(x_hat - y[:, None]), -1), -1)
     # L0 counted in float32 (docs/training.md, XLA:CPU notes).
-    return mse, mse / batch_variance(x)[:, None], jnp.mean(jnp.sum((f > 0).astype(jnp.float32), -1), -1)
+    return mse, mse / batch_variance(y)[:, None], jnp.mean(jnp.sum((f > 0).astype(jnp.float32), -1), -1)

@@ -27,7 +27,7 @@ class Plan:
         self.pc = process_count
         self.sites = cfg.sites(config)
         self.widths = {s: int(model.site_width(s)) for s in self.sites}
-        self.pairs = [list(pair) for pair in h.pairs]
+        self.pairs = [list(pair) for pair in cfg.pairs(config)]  # harvest.pairs and the transcoders' pairs
         self.key = align_keys(self.sites, self.pairs)  # aligned sites share their key site's shuffle
         self.aligned = {k: [s for s in self.sites if self.key[s] == k] for k in set(self.key.values())}
         self.L = config.data.context_len

@@ -69,7 +69,7 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
         state = ckpts.restore(trainer.abstract, trainer.state_shardings)
         log(f"[{spec.name}] resumed from the checkpoint at step {int(jax.device_get(state['step']))}")
     state = trainer.init_state() if state is None else state
-    scales = norm_scales(source, spec.sites)
+    scales = trainer.norm_scales(source)
     start = int(jax.device_get(state["step"]))
     _truncate_log(log_path, start)
     records = open(log_path, "a") if log_path and jax.process_index() == 0 else None
@@ -171,6 +171,11 @@ def fingerprint(spec, hp, seed: int, source) -> dict:
     spec_fp = dataclasses.asdict(spec)
     if spec_fp["matmul_dtype"] == "float32":  # the default: fingerprints from before the key stay valid
         del spec_fp["matmul_dtype"]
+    if not spec.transcoder:  # SAE groups: fingerprints from before transcoders stay valid
+        for key in ("reads", "d_out", "skip"):
+            del spec_fp[key]
+    if not spec_fp["matryoshka"]:  # plain training: the same
+        del spec_fp["matryoshka"]
     fp = {"spec": spec_fp, "hyper": dataclasses.asdict(hp), "seed": seed,
           "source": getattr(source, "identity", None)}
     return json.loads(json.dumps(fp))  # tuples as lists, as read back

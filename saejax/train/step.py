@@ -18,6 +18,8 @@ is exactly its own): mse + sparsity + aux, the terms its kind gives (``Kind.loss
                with target L0s t: ||x - x_hat||^2 + lam * t * (||f||_0 / t - 1)^2
     relu       ||x - x_hat||^2 + lam * sum_i f_i ||W_dec_i||   (Anthropic, April 2024)
     topk       ||x - x_hat||^2 + auxk_coeff * ||e - e_hat_dead||^2   (Gao et al. AuxK)
+With Matryoshka prefixes (spec.matryoshka) ||x - x_hat||^2 is the sum over the prefixes of each
+one's error (saejax.sae.matryoshka); the logged mse and fvu stay the full dictionary's.
 
 Why the step is laid out as it is (site and member scans, a ``lax.cond`` per SAE): docs/training.md,
 XLA:CPU notes.
@@ -61,11 +63,12 @@ def _mask_frozen(frozen, new, old):
     return jax.tree_util.tree_map(one, new, old)
 
 
-def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x):
-    """Per-SAE loss terms and diagnostics for x [T, B, d] (normalized). Returns (total, aux)."""
+def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x, y=None):
+    """Per-SAE loss terms and diagnostics for x [T, B, d] and its target y [T, B, d_out] (normalized;
+    None: x itself, an SAE). Returns (total, aux)."""
     lam = state["lam"] * optim.sparsity_scale(hp, state["step"])
-    terms = spec.kind.loss(spec, hp, params, state, x, lam)
-    per_sae = terms["mse"] + terms["sparsity"] + terms["aux"]
+    terms = spec.kind.loss(spec, hp, params, state, x, x if y is None else y, lam)
+    per_sae = terms["recon"] + terms["sparsity"] + terms["aux"]
     total = jnp.sum(jnp.where(state["frozen"], 0.0, per_sae))
     out = {
         "loss": per_sae,
@@ -155,12 +158,13 @@ def scan_saes(fn, spec: GroupSpec, carry, per_sae, per_site):
         (T, K) + o[0].shape[3:]), *outs)
 
 
-def sae_update(spec: GroupSpec, hp: optim.Hyper, tx, params, opt_state, st, x):
-    """One optimizer step of the SAEs in ``params`` (slices of a group) on x [T, B, d]: the
+def sae_update(spec: GroupSpec, hp: optim.Hyper, tx, params, opt_state, st, x, y=None):
+    """One optimizer step of the SAEs in ``params`` (slices of a group) on x [T, B, d] with target y
+    (None: x): the
     gradient of their summed loss (each SAE's loss depends on its own parameters only), Adam, the
     decoder constraints, the kind's constraint and the frozen mask. Returns (params, opt_state,
     per-SAE diagnostics)."""
-    g, out = jax.grad(lambda q: losses(spec, hp, q, st, x), has_aux=True)(params)
+    g, out = jax.grad(lambda q: losses(spec, hp, q, st, x, y), has_aux=True)(params)
     if spec.kind.unit_decoder:
         g = dict(g, W_dec=optim.remove_parallel_grad(g["W_dec"], params["W_dec"]))
     updates, new_opt = tx.update(g, opt_state, params)
@@ -172,11 +176,12 @@ def sae_update(spec: GroupSpec, hp: optim.Hyper, tx, params, opt_state, st, x):
 
 
 def make_train_step(spec: GroupSpec, hp: optim.Hyper):
-    """``step_fn(state, x) -> (state, metrics)``; jit it (with shardings) at the call site."""
+    """``step_fn(state, x, y=None) -> (state, metrics)``: x [T, B, d] the rows, y [T, B, d_out] their
+    target (a transcoder's; None: x itself); jit it (with shardings) at the call site."""
     tx = optim.optimizer(hp)
     schedule = optim.lr_schedule(hp)
 
-    def step_fn(state, x):
+    def step_fn(state, x, y=None):
         params = state["params"]
         if spec.kind.calibrates(spec):
             params = lax.cond(state["step"] == 0, lambda p: map_sites(spec.kind.calibrate, spec, p, x),
@@ -195,7 +200,8 @@ def make_train_step(spec: GroupSpec, hp: optim.Hyper):
             st = dict(st, step=state["step"])
 
             def train(c):
-                p, o, out = sae_update(one, hp_k, tx, *c, st, xs)
+                p, o, out = sae_update(one, hp_k, tx, *c, st, *xs) if y is not None else \
+                    sae_update(one, hp_k, tx, *c, st, xs)
                 return (p, o), out
 
             def skip(c):
@@ -208,7 +214,8 @@ def make_train_step(spec: GroupSpec, hp: optim.Hyper):
                 return train(carry)
             return lax.cond(jnp.all(st["frozen"]), skip, train, carry)
 
-        (new_params, opt_state), out = scan_saes(one_sae, spec, (params, state["opt_state"]), per_sae, x)
+        (new_params, opt_state), out = scan_saes(one_sae, spec, (params, state["opt_state"]), per_sae,
+                                                 x if y is None else (x, y))
         frozen = state["frozen"]
 
         step = state["step"]

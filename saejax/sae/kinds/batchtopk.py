@@ -40,7 +40,7 @@ class BatchTopK(TopK):
     def train_activation(self, spec, params, pre):
         return batchtopk_activation(pre, self.ks(spec.sweep))
 
-    def loss(self, spec, hp, params, state, x, lam) -> dict:
-        _, f, x_hat, aux = loss_with_auxk(self, spec, hp, params, state, x)
-        return recon_terms(x, f, x_hat, aux=aux,
+    def loss(self, spec, hp, params, state, x, y, lam) -> dict:
+        _, f, x_hat, aux, *recon = loss_with_auxk(self, spec, hp, params, state, x, y)
+        return recon_terms(y, f, x_hat, aux=aux, **({"recon": recon[0]} if recon else {}),
                            min_active=jnp.min(jnp.where(f > 0, f, jnp.inf), axis=(2, 3)))

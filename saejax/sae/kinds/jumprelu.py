@@ -48,6 +48,7 @@ class JumpReLU(Kind):
     release_name = "jumprelu"
     saelens_name = "jumprelu"
     uses_threshold = True
+    matryoshka = True
 
     def check_config(self, sae, check) -> None:
         """Any sweep of lambdas, or target L0s."""
@@ -66,19 +67,24 @@ class JumpReLU(Kind):
     def train_activation(self, spec, params, pre):
         return jr.jumprelu(pre, theta(params)[:, :, None, :], spec.bandwidth)
 
-    def loss(self, spec, hp, params, state, x, lam) -> dict:
+    def loss(self, spec, hp, params, state, x, y, lam) -> dict:
         """mse and L0 from ``mse_l0`` over row blocks; the L0 term as the module docstring says."""
-        xb = jr.row_blocks(x, jr.row_block_count(x.shape[1], spec.width))
-        mse, counts = jr.mse_l0(xb, params["W_enc"], forward.encoder_bias(spec, params), params["W_dec"],
-                                params["b_dec"], theta(params), spec.bandwidth, forward.spec_matmul(spec))
+        n = jr.row_block_count(x.shape[1], spec.width)
+        xb = jr.row_blocks(x, n)
+        yb = None if y is x else jr.row_blocks(y, n)  # an SAE's target is x itself
+        mse, counts, *full = jr.mse_l0(xb, yb, params["W_enc"], forward.encoder_bias(spec, params), params["W_dec"],
+                                params["b_dec"], theta(params), params.get("W_skip"), spec.bandwidth,
+                                forward.spec_matmul(spec), spec.matryoshka)
         l0_pseudo = jnp.sum(counts, -1) / x.shape[1]  # the L0, with theta's pseudo-derivative
         if hp.target_l0:  # lam * t * (L0/t - 1)^2: an L0 penalty 2 lam (L0/t - 1) that turns to a bonus below t
             target = jnp.asarray(hp.target_l0, jnp.float32)[None, :]
             sparsity = lam * target * jnp.square(l0_pseudo / target - 1.0)
         else:
             sparsity = lam * l0_pseudo
-        return terms(mse, mse / forward.batch_variance(x)[:, None], lax.stop_gradient(l0_pseudo), counts > 0,
-                     sparsity=sparsity)
+        # With Matryoshka prefixes mse is their sum (the loss term) and full the full dictionary's (the metrics).
+        metric = lax.stop_gradient(full[0]) if full else mse
+        return terms(metric, metric / forward.batch_variance(y)[:, None], lax.stop_gradient(l0_pseudo), counts > 0,
+                     recon=mse, sparsity=sparsity)
 
     def constrain(self, spec, params):
         """A raw theta stays positive."""
