@@ -123,7 +123,7 @@ def main(argv=None):
     p.add_argument("--kinds", default="res+att+mlp")
     p.add_argument("--steps", type=int, default=0, help="train steps (0: the default config's 400)")
     p.add_argument("--coeffs", default="1e-4,2e-4,4e-4,8e-4,1.6e-3",
-                   help="SAELens L0 coefficients; each SAE's L0 should fall between two of them")
+                   help="SAELens L0 coefficients; each SAE's L0 should fall between two of them ('': saejax only)")
     p.add_argument("--set", action="append", default=[], help="saejax config override key=value")
     p.add_argument("--cache", default="/tmp/saejax_quality_saelens.json")
     p.add_argument("--json", default="", help="also write the rows to this file")
@@ -152,7 +152,7 @@ def main(argv=None):
 
     cache = json.load(open(a.cache)) if os.path.isfile(a.cache) else {}
     ident = hashlib.sha256(json.dumps(source.identity, sort_keys=True).encode()).hexdigest()[:16]
-    coeffs = [float(c) for c in a.coeffs.split(",")]
+    coeffs = [float(c) for c in a.coeffs.split(",") if c]
     theirs = {}
     t0 = time.time()
     for t, site in enumerate(sites):
@@ -170,6 +170,13 @@ def main(argv=None):
 
     print(f"saejax overrides: {' '.join(a.set) or '(default recipe)'}; {hp.total_steps} steps of "
           f"{hp.batch_size}, lr {hp.lr:g}, width {spec.width}; {x_held.shape[1]} held-out rows per site")
+    if not coeffs:
+        for site in sites:
+            for k, target in enumerate(hp.target_l0 or spec.sweep):
+                m = ours[(site, k)]
+                print(f"{site:>7} {target:6g} L0 {m['l0']:6.1f} FVU {m['fvu']:6.3f} dead {m['dead']:6.1%}")
+        print(f"saejax dead max {max(m['dead'] for m in ours.values()):.1%}; saejax {t_ours:.0f} s")
+        return
     print(f"SAELens {__import__('sae_lens').__version__} JumpReLU at c = {a.coeffs}:")
     for site in sites:
         print(f"  {site:>7}  " + "  ".join(f"L0 {theirs[(site, c)]['l0']:5.1f} FVU {theirs[(site, c)]['fvu']:.3f}"
