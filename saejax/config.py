@@ -96,7 +96,12 @@ def defaults() -> ml_collections.ConfigDict:
     c.sae.encoder_init_scale = 1.0  # W_enc = scale * W_dec^T (d/M keeps the first reconstruction ~x)
     c.sae.threshold_init_l0 = 0.0  # jumprelu: >0 sets theta at step 0 so each latent fires on L0/M of rows
     c.sae.auxk_coeff = 1.0 / 32  # topk/batchtopk: AuxK loss weight (Gao et al.)
-    c.sae.auxk_k = 512  # topk/batchtopk: latents in the AuxK reconstruction
+    c.sae.auxk_k = 512  # topk/batchtopk: latents in the AuxK reconstruction (jumprelu: in revive_auxk's)
+    # jumprelu dead-latent remedies (docs/sae.md), for latents that have not fired for revive_tokens tokens:
+    c.sae.revive_tokens = 0  # 0: no remedy
+    c.sae.revive_nudge = 0.0  # lower their theta by this fraction per step
+    c.sae.revive_auxk = 0.0  # AuxK loss of this coefficient: they model the residual through W_dec
+    c.sae.b_dec_init = "zero"  # "zero", or from the first batch: "mean" or "median" (geometric median)
     c.sae.dtype = "float32"  # parameter dtype; Gemma Scope trained in fp32
     # Seeds per sweep value: members that differ only in their random init and read the same rows
     # (seed stability, docs/analysis.md). 1: one SAE per sweep value.
@@ -126,8 +131,9 @@ def defaults() -> ml_collections.ConfigDict:
     # Schedules are in steps, or in fractions of the run when the value is below 1.
     c.train.lr_warmup = 1000.0  # cosine warmup from lr_warmup_start * lr
     c.train.lr_warmup_start = 0.1
-    c.train.lr_decay = "none"  # "none" or "cosine" (to lr_decay_end * lr over the run)
+    c.train.lr_decay = "none"  # "none", "cosine" (to lr_decay_end * lr over the run) or "linear" (below)
     c.train.lr_decay_end = 0.0
+    c.train.lr_decay_start = 0.0  # "linear": decay from this step (or fraction of the run) to the end
     c.train.sparsity_warmup = 10000.0  # linear warmup of lambda from 0
     c.train.matmul_precision = "highest"  # "default" lets TPUs use bf16 passes for fp32 matmuls
     c.train.matmul_dtype = "float32"  # "bfloat16": bf16 matmul inputs, fp32 accumulation and fp32 state
@@ -414,6 +420,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
         for w in c.sae.widths:
             why = matryoshka.problem(matryoshka.resolve(c.sae.matryoshka, w), w)
             _check(why is None, "sae.matryoshka", f"for width {w}: {why}")
+    _check(c.sae.revive_tokens >= 0, "sae.revive_tokens", "must be >= 0 (0: no dead-latent remedy)")
+    _check(0 <= c.sae.revive_nudge < 1, "sae.revive_nudge", "must be in [0, 1): a fraction of theta per step")
+    _check(c.sae.revive_auxk >= 0, "sae.revive_auxk", "must be >= 0")
+    if c.sae.revive_tokens and (c.sae.revive_nudge or c.sae.revive_auxk):
+        _check(c.sae.arch == "jumprelu", "sae.revive_tokens", "the revive remedies are for jumprelu (topk has AuxK)")
+    _check(c.sae.b_dec_init in ("zero", "mean", "median"), "sae.b_dec_init", "must be 'zero', 'mean' or 'median'")
     _check(c.sae.dtype in DTYPES, "sae.dtype", f"{c.sae.dtype!r} is not one of {DTYPES}")
     _check(isinstance(c.sae.seeds, int) and c.sae.seeds >= 1, "sae.seeds", "must be an int >= 1")
     _check(c.train.tokens > 0, "train.tokens", "must be positive")
@@ -421,7 +433,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.train.lr > 0, "train.lr", "must be positive")
     _check(0 <= c.train.b1 < 1 and 0 <= c.train.b2 < 1, "train.b1", "Adam betas must be in [0, 1)")
     _check(c.train.source in ("store", "synthetic"), "train.source", "must be 'store' or 'synthetic'")
-    _check(c.train.lr_decay in ("none", "cosine"), "train.lr_decay", "must be 'none' or 'cosine'")
+    _check(c.train.lr_decay in ("none", "cosine", "linear"), "train.lr_decay", "must be 'none', 'cosine' or 'linear'")
+    _check(c.train.lr_decay_start >= 0, "train.lr_decay_start", "must be >= 0")
     _check(c.train.lr_warmup >= 0, "train.lr_warmup", "must be >= 0")
     _check(c.train.sparsity_warmup >= 0, "train.sparsity_warmup", "must be >= 0")
     _check(c.train.matmul_precision in ("default", "high", "highest"), "train.matmul_precision",

@@ -164,19 +164,25 @@ def _freeze_nonfinite(spec, hp, state, trainer, loss, step):
     return state
 
 
+# Keys added after fingerprints were first written, with the value every older run had: a key at
+# that value is left out, so runs from before it still resume (docs/training.md, one config).
+LATER_SPEC = {"matmul_dtype": "float32", "matryoshka": ()}
+LATER_HYPER = {"lr_decay_start": 0, "revive_steps": 0, "revive_nudge": 0.0, "revive_auxk": 0.0, "b_dec_init": "zero"}
+TRANSCODER_SPEC = ("reads", "d_out", "skip")  # left out of SAE groups' fingerprints
+
+
+def _without_later(d: dict, later: dict) -> dict:
+    return {k: v for k, v in d.items() if not (k in later and v == later[k])}
+
+
 def fingerprint(spec, hp, seed: int, source) -> dict:
     """Everything that changes a group's result: its spec and hyper-parameters, the seed, and what
     the rows are (the store manifest's sha256, or the synthetic source's parameters). Not the mesh
     (a run may resume on another), nor logging and checkpointing intervals."""
-    spec_fp = dataclasses.asdict(spec)
-    if spec_fp["matmul_dtype"] == "float32":  # the default: fingerprints from before the key stay valid
-        del spec_fp["matmul_dtype"]
-    if not spec.transcoder:  # SAE groups: fingerprints from before transcoders stay valid
-        for key in ("reads", "d_out", "skip"):
-            del spec_fp[key]
-    if not spec_fp["matryoshka"]:  # plain training: the same
-        del spec_fp["matryoshka"]
-    fp = {"spec": spec_fp, "hyper": dataclasses.asdict(hp), "seed": seed,
+    spec_fp = _without_later(dataclasses.asdict(spec), LATER_SPEC)
+    if not spec.transcoder:
+        spec_fp = {k: v for k, v in spec_fp.items() if k not in TRANSCODER_SPEC}
+    fp = {"spec": spec_fp, "hyper": _without_later(dataclasses.asdict(hp), LATER_HYPER), "seed": seed,
           "source": getattr(source, "identity", None)}
     return json.loads(json.dumps(fp))  # tuples as lists, as read back
 

@@ -61,9 +61,12 @@ def plan_groups(config, source) -> list[tuple[GroupSpec, optim.Hyper]]:
                 total_steps=total, batch_size=t.batch_size, lr=t.lr, b1=t.b1, b2=t.b2, eps=t.eps,
                 lr_warmup=cfg.schedule_steps(t.lr_warmup, total), lr_warmup_start=t.lr_warmup_start,
                 lr_decay=t.lr_decay, lr_decay_end=t.lr_decay_end,
+                lr_decay_start=cfg.schedule_steps(t.lr_decay_start, total),
                 sparsity_warmup=cfg.schedule_steps(t.sparsity_warmup, total),
                 dead_steps=max(1, math.ceil(t.dead_tokens / t.batch_size)),
-                target_l0=targets)
+                target_l0=targets,
+                revive_steps=math.ceil(s.revive_tokens / t.batch_size) if s.revive_tokens and (s.revive_nudge or s.revive_auxk) else 0,
+                revive_nudge=s.revive_nudge, revive_auxk=s.revive_auxk, b_dec_init=s.b_dec_init)
             plans.append((spec, hp))
     return plans
 

@@ -171,8 +171,21 @@ def sae_update(spec: GroupSpec, hp: optim.Hyper, tx, params, opt_state, st, x, y
     new = jax.tree_util.tree_map(jnp.add, params, updates)
     if spec.kind.unit_decoder:
         new = dict(new, W_dec=optim.unit_rows(new["W_dec"]))
-    new = spec.kind.constrain(spec, new)
+    new = spec.kind.constrain(spec, spec.kind.revive(spec, hp, new, st))
     return _mask_frozen(st["frozen"], new, params), _mask_frozen(st["frozen"], new_opt, opt_state), out
+
+
+def data_b_dec(hp: optim.Hyper, params, x):
+    """``params`` with b_dec [T, K, d] set from the rows x [T, B, d] b_dec reconstructs (a transcoder's
+    targets) (``hp.b_dec_init``): each site's mean, or its geometric median (Weiszfeld's iteration from
+    the mean, 20 steps)."""
+    m = jnp.mean(x, 1)
+    if hp.b_dec_init == "median":
+        def weiszfeld(m, _):
+            w = 1.0 / jnp.maximum(jnp.linalg.norm(x - m[:, None], axis=-1), 1e-6)  # [T, B]
+            return jnp.sum(w[..., None] * x, 1) / jnp.sum(w, 1)[:, None], None
+        m = lax.scan(weiszfeld, m, None, length=20)[0]
+    return dict(params, b_dec=jnp.broadcast_to(m[:, None], params["b_dec"].shape).astype(params["b_dec"].dtype))
 
 
 def make_train_step(spec: GroupSpec, hp: optim.Hyper):
@@ -186,6 +199,8 @@ def make_train_step(spec: GroupSpec, hp: optim.Hyper):
         if spec.kind.calibrates(spec):
             params = lax.cond(state["step"] == 0, lambda p: map_sites(spec.kind.calibrate, spec, p, x),
                               lambda p: p, params)
+        if hp.b_dec_init != "zero":
+            params = lax.cond(state["step"] == 0, lambda p: data_b_dec(hp, p, x if y is None else y), lambda p: p, params)
         per_sae = {k: state[k] for k in ("lam", "since_fired", "bt_threshold", "frozen")}
         # The optimizer's scalar leaves (its step counts) are shared by all SAEs: their next values,
         # from an update of no parameters, for the SAEs that skip theirs.

@@ -85,6 +85,11 @@ class Kind:
         """Parameters after an optimizer update, put back in their domain."""
         return params
 
+    def revive(self, spec, hp, params, state):
+        """Parameters after an update, with a dead-latent remedy applied (``state``: the SAEs' train
+        state slices, ``since_fired`` counting steps without firing before this one)."""
+        return params
+
     def calibrates(self, spec) -> bool:
         """Whether ``calibrate`` sets parameters from the first batch (at step 0)."""
         return False

@@ -4,12 +4,18 @@
                                           threshold_param "log") or threshold (theta itself, "raw")
     loss  = ||x - x_hat||^2 + lam * L0    with target L0s t: ||x - x_hat||^2 + lam * t * (L0/t - 1)^2
 
+Dead-latent remedies (opt-in, docs/sae.md), for latents that have not fired for ``hp.revive_steps``
+steps: ``revive`` lowers their theta by the fraction ``hp.revive_nudge`` per step; ``revive_auxk``
+adds AuxK's loss (Gao et al.; saejax.sae.kinds.topk), the residual e = x - x_hat modelled by the
+``auxk_k`` largest relu'd pre-activations of those latents through W_dec, weighted ``hp.revive_auxk``.
+
 Training runs the fused op ``saejax.sae.jumprelu.mse_l0`` (reconstruction error and firing counts
 with the rectangle-kernel pseudo-derivatives, over the batch in row blocks); the same activation
 with those pseudo-derivatives alone is ``saejax.sae.jumprelu.jumprelu``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax.numpy as jnp
@@ -19,6 +25,7 @@ from jax import lax
 from saejax.sae import forward
 from saejax.sae import jumprelu as jr
 from saejax.sae.kinds.base import Kind, terms
+from saejax.sae.kinds.topk import auxk
 
 
 def theta(params):
@@ -81,10 +88,27 @@ class JumpReLU(Kind):
             sparsity = lam * target * jnp.square(l0_pseudo / target - 1.0)
         else:
             sparsity = lam * l0_pseudo
+        aux = jnp.zeros_like(mse)
+        if hp.revive_steps and hp.revive_auxk:
+            aux = lax.cond(jnp.any(state["since_fired"] >= hp.revive_steps),
+                           lambda: self.revive_auxk(spec, hp, params, state, x, y), lambda: aux)
         # With Matryoshka prefixes mse is their sum (the loss term) and full the full dictionary's (the metrics).
         metric = lax.stop_gradient(full[0]) if full else mse
         return terms(metric, metric / forward.batch_variance(y)[:, None], lax.stop_gradient(l0_pseudo), counts > 0,
-                     recon=mse, sparsity=sparsity)
+                     recon=mse, sparsity=sparsity, aux=aux)
+
+    def revive_auxk(self, spec, hp, params, state, x, y):
+        """[T, K]: AuxK's loss on the latents dead for ``hp.revive_steps`` steps (module docstring)."""
+        pre, _, x_hat = forward.reconstruct(spec, params, x, lambda p: threshold_activation(p, theta(params)))
+        spec = dataclasses.replace(spec, auxk_coeff=hp.revive_auxk)
+        return auxk(spec, dataclasses.replace(hp, dead_steps=hp.revive_steps), params, state, y, pre, x_hat)
+
+    def revive(self, spec, hp, params, state):
+        """Thresholds of the latents dead for ``hp.revive_steps`` steps lowered by ``hp.revive_nudge``."""
+        if not (hp.revive_steps and hp.revive_nudge):
+            return params
+        dead = state["since_fired"] >= hp.revive_steps
+        return with_theta(params, jnp.where(dead, (1.0 - hp.revive_nudge) * theta(params), theta(params)))
 
     def constrain(self, spec, params):
         """A raw theta stays positive."""
