@@ -6,6 +6,7 @@ it needed, how many were free).
     with files.writing(path, nbytes):       # ENOSPC / EDQUOT inside -> DiskFull naming path and bytes
         ...
     files.ensure_free(folder, nbytes, "a checkpoint")   # DiskFull before a write that cannot fit
+    files.json_safe(doc)                    # non-finite floats as None, numpy scalars as Python's
 
 The CLI prints a DiskFull as one line with exit code 2.
 """
@@ -15,6 +16,8 @@ import contextlib
 import errno
 import os
 import shutil
+
+import numpy as np
 
 FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -78,3 +81,16 @@ def writing(path: str, nbytes: int):
             raise
         raise DiskFull(e.errno, f"{path}: disk full while writing it: it needs about {_gib(nbytes)}, "
                                 f"{_gib(free_bytes(path))} free") from None
+
+
+def json_safe(obj):
+    """A JSON-safe copy: non-finite floats (a frozen SAE's metrics) become None, numpy scalars Python's."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

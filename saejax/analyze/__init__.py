@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from saejax import workdir as wd
+from saejax import files, workdir as wd
 from saejax.analyze import common, dark_matter as dm, layers, plots, seeds as seedlib
 
 FORMAT = "saejax-analysis/1"
@@ -186,10 +186,10 @@ def run(config, dry_run: bool = False) -> dict | None:
                 if doc is None:
                     continue
                 with open(os.path.join(tmp, f"{name}.json"), "w") as fh:
-                    json.dump(_finite(doc), fh, indent=1, allow_nan=False)
+                    json.dump(files.json_safe(doc), fh, indent=1, allow_nan=False)
                 getattr(plots, name)(doc, os.path.join(tmp, f"{name}.png"))
             with open(os.path.join(tmp, "summary.json"), "w") as fh:
-                json.dump(_finite(summary), fh, indent=1, allow_nan=False)
+                json.dump(files.json_safe(summary), fh, indent=1, allow_nan=False)
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -199,7 +199,7 @@ def run(config, dry_run: bool = False) -> dict | None:
         if _own_release(config):
             from saejax.release import annotate
             pngs = {f"{n}.png": os.path.join(final, f"{n}.png") for n, d in docs.items() if d is not None}
-            annotate(wd.release_dir(config), SECTION, _finite(summary), markdown(summary, pngs), pngs)
+            annotate(wd.release_dir(config), SECTION, files.json_safe(summary), markdown(summary, pngs), pngs)
     print(markdown(summary, {}), file=sys.stderr)
     print(f"saejax analyze: wrote {final}", file=sys.stderr)
     return summary
@@ -268,13 +268,3 @@ def markdown(summary: dict, pngs: dict) -> str:
     return "\n".join(lines)
 
 
-def _finite(obj):
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj

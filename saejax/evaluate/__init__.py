@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from saejax import workdir as wd
+from saejax import files, workdir as wd
 from saejax.log import progress
 from saejax.tracking import Tracker
 from saejax.evaluate import cards, metrics, splice
@@ -174,7 +174,7 @@ def run(config, dry_run: bool = False) -> dict | None:
                    "heldout_contexts": 0 if data.synthetic else len(data.all_tokens),
                    "synthetic": data.synthetic, "groups": [g[0] for g in groups], "saes": results}
             with open(os.path.join(tmp, wd.RESULTS), "w") as fh:
-                json.dump(finite(doc), fh, indent=1, allow_nan=False)
+                json.dump(files.json_safe(doc), fh, indent=1, allow_nan=False)
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -199,7 +199,7 @@ def _track(config, results: list[dict]) -> None:
         tracker.table("evaluate/results", ["id", "site", "width", "arch", "sparsity", *TRACKED],
                       [[r["id"], r["site"], r["width"], r["arch"], r["sparsity"],
                         *(None if r.get(m) is None else round(float(r[m]), 5) for m in TRACKED)]
-                       for r in finite(results)])
+                       for r in files.json_safe(results)])
 
 
 def _evaluate_group(name, arrays, meta, data, model, config, rng, out, bar=None) -> list[dict]:
@@ -277,17 +277,6 @@ def _cards(name, site, t, meta, arrays, rows, rmeta, density, recon, data, model
     return paths
 
 
-def finite(obj):
-    """JSON-safe copy: non-finite floats (a frozen SAE's metrics) become None."""
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def table(results: list[dict]) -> str:
