@@ -37,7 +37,7 @@ def main():
     p.add_argument("--steps", type=int, default=400, help="the default run's 400")
     a = p.parse_args()
     kind, layer = a.site.split(".")
-    config = cfg.load(os.path.join(ROOT, "experiments/default.py"),
+    config = cfg.load(os.path.join(ROOT, "experiments/default.py:plain"),
                       [f"workdir={a.workdir}", f"harvest.layers=({layer},)", f"harvest.kinds=('{kind}',)",
                        f"train.tokens={a.steps * 512}"])
     source = make_source(config)

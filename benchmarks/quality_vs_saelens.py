@@ -140,7 +140,7 @@ def main(argv=None):
                  f"harvest.kinds={kinds!r}"] + a.set
     if a.steps:
         overrides.append(f"train.tokens={a.steps * 512}")
-    config = cfg.load(os.path.join(ROOT, "experiments/default.py"), overrides)
+    config = cfg.load(os.path.join(ROOT, "experiments/default.py:plain"), overrides)
     source = make_source(config)
     sites = list(source.sites)
     x_held = heldout(source, sites)

