@@ -127,9 +127,9 @@ def _saejax(*args, cwd):
 
 
 def test_run_chains_analyze_with_seed_twins_and_annotates_the_release_once(tmp_path):
-    spec = os.path.join(REPO, "experiments", "default.py") + ":runlocal"
+    spec = os.path.join(REPO, "experiments", "default.py") + ":runlocal,plain"
     args = ("--config", spec, f"--config.workdir={tmp_path}", "--config.sae.seeds=2",
-            "--config.harvest.kinds=('res',)", "--config.sae.transcoders=()", "--config.analyze.enabled=True", "--config.evaluate.latent_cards=0")
+            "--config.harvest.kinds=('res',)", "--config.analyze.enabled=True", "--config.evaluate.latent_cards=0")
     out = _saejax("run", *args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-4000:]
     suite = json.loads((tmp_path / "release" / "suite.json").read_text())
