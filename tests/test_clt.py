@@ -8,7 +8,7 @@ import pytest
 
 from saejax import mesh as meshlib
 from saejax.data.synthetic_clt import SyntheticCLT
-from saejax.sae import clt
+from saejax.sae import clt, clt_io
 from saejax.train import loop, optim
 from saejax.train.clt_step import CLTTrainer
 
@@ -132,3 +132,37 @@ def test_resume_bitwise(tmp_path):
                                checkpoint_every=3)
     for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(straight)), jax.tree_util.tree_leaves(jax.device_get(resumed))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "batchtopk", "topk"])
+def test_circuit_tracer_round_trip(tmp_path, arch):
+    """Our folder -> circuit-tracer's layout -> its own load_clt(folder): reconstructions of raw rows
+    equal ours (the training module's, unfolded); TopK refused in one line."""
+    src = SyntheticCLT(layers=3, d=16, n_features=24, active=3)
+    spec = clt.CLTSpec(arch=arch, layers=(0, 1, 2), d_in=16, d_out=16, width=32, sparsity=SPARS[arch],
+                       threshold_init=0.05)
+    params = clt.init_params(spec, jax.random.key(3))
+    params = dict(params, b_enc=params["b_enc"] + 0.05, b_dec=jnp.ones((3, 16)) * 0.1)
+    s_in = [src.norm_scale(s) for s in spec.in_sites]
+    s_out = [src.norm_scale(s) for s in spec.sites]
+    bt = jnp.full((3,), 0.05)
+    clt_io.save(str(tmp_path / "ours"), spec, params, bt, s_in, s_out)
+    a, meta = clt_io.load(str(tmp_path / "ours"))
+    x_raw = src.batch(list(spec.in_sites), 5, 32)
+    y_mod = clt.forward(spec, params, jnp.asarray(x_raw) * jnp.asarray(s_in)[:, None, None], train=False,
+                        bt_threshold=bt, sparse=False)["y_hat"] / jnp.asarray(s_out)[:, None, None]
+    np.testing.assert_allclose(clt_io.reconstruct(a, meta, x_raw), np.asarray(y_mod), rtol=1e-4, atol=1e-5)
+    if arch == "topk":
+        with pytest.raises(clt_io.ExportError, match="TopK CLT has no circuit-tracer export"):
+            clt_io.write_circuit_tracer(str(tmp_path / "ct"), a, meta, 3)
+        return
+    with pytest.raises(clt_io.ExportError, match="covers every layer 0..3"):
+        clt_io.write_circuit_tracer(str(tmp_path / "ct"), a, meta, 4)
+    clt_io.write_circuit_tracer(str(tmp_path / "ct"), a, meta, 3)
+    torch = pytest.importorskip("torch")
+    ct = pytest.importorskip("circuit_tracer.transcoder.cross_layer_transcoder")
+    model = ct.load_clt(str(tmp_path / "ct"), device=torch.device("cpu"), dtype=torch.float32)
+    with torch.no_grad():
+        y_ct = model(torch.from_numpy(x_raw)).numpy()
+    assert np.abs(np.asarray(y_mod)).max() > 0.1
+    np.testing.assert_allclose(y_ct, np.asarray(y_mod), rtol=1e-4, atol=1e-4)
