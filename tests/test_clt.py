@@ -166,3 +166,24 @@ def test_circuit_tracer_round_trip(tmp_path, arch):
         y_ct = model(torch.from_numpy(x_raw)).numpy()
     assert np.abs(np.asarray(y_mod)).max() > 0.1
     np.testing.assert_allclose(y_ct, np.asarray(y_mod), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("clt.arch=relu", "clt.arch"), ("clt.sparsity=2.5", "clt.sparsity"), ("clt.layers=(3,1)", "clt.layers"),
+    ("clt.decode=fast", "clt.decode"), ("clt.cap=2", "clt.cap")])
+def test_config_errors_one_line(override, key):
+    from saejax import config as cfg
+    extra = ["clt.arch=topk", "clt.sparsity=4.0"] if key in ("clt.sparsity", "clt.cap") else []
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.load("experiments/synthetic.py", ["clt.enabled=True", *extra, override])
+    assert f"config key '{key}'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_plan_clt_from_config():
+    from saejax import config as cfg
+    from saejax.train.clt_step import plan_clt
+    c = cfg.load("experiments/synthetic.py", ["clt.enabled=True", "clt.width=64"])
+    spec, hp = plan_clt(c, SyntheticCLT(layers=3, d=16), n_layers=3)
+    assert spec.layers == (0, 1, 2) and spec.d_in == 16 and spec.width == 64 and hp.batch_size == c.train.batch_size
+    with pytest.raises(cfg.ConfigError, match="site mlp_in.3 is not in the training source"):
+        plan_clt(c, SyntheticCLT(layers=3, d=16), n_layers=6)

@@ -169,3 +169,31 @@ class CLTTrainer:
 
     def put_batch(self, x_local: np.ndarray):
         return jax.make_array_from_process_local_data(self.x_sharding, x_local, self.x_shape)
+
+
+def plan_clt(config, source, n_layers: int | None = None) -> tuple[clt.CLTSpec, optim.Hyper]:
+    """The CLT and its optimizer settings from ``config.clt`` and ``config.train`` (the same keys as
+    every group: tokens, batch, lr and schedules). ``clt.layers`` () means layers 0..n_layers-1; a
+    layer whose mlp_in or mlp site the source lacks is a one-line error naming it."""
+    import math
+
+    from saejax import config as cfg
+    c, t = config.clt, config.train
+    layers = tuple(c.layers) or tuple(range(n_layers or 0))
+    for l in layers:
+        for site in (f"mlp_in.{l}", f"mlp.{l}"):
+            if site not in source.sites:
+                raise cfg.ConfigError(f"config key 'clt.layers': site {site} is not in the training source "
+                                      f"(harvest mlp_in and mlp of every CLT layer, joined by harvest.pairs)")
+    d_in, d_out = source.width(f"mlp_in.{layers[0]}"), source.width(f"mlp.{layers[0]}")
+    spec = clt.CLTSpec(arch=c.arch, layers=layers, d_in=d_in, d_out=d_out, width=c.width,
+                       sparsity=float(c.sparsity), cap=c.cap, decode=c.decode,
+                       threshold_init=config.sae.threshold_init, bandwidth=config.sae.bandwidth,
+                       precision=t.matmul_precision)
+    total = max(1, math.ceil(t.tokens / t.batch_size))
+    hp = optim.Hyper(total_steps=total, batch_size=t.batch_size, lr=t.lr, b1=t.b1, b2=t.b2, eps=t.eps,
+                     lr_warmup=cfg.schedule_steps(t.lr_warmup, total), lr_warmup_start=t.lr_warmup_start,
+                     lr_decay=t.lr_decay, lr_decay_end=t.lr_decay_end,
+                     sparsity_warmup=cfg.schedule_steps(t.sparsity_warmup, total),
+                     dead_steps=max(1, math.ceil(t.dead_tokens / t.batch_size)))
+    return spec, hp
