@@ -183,7 +183,8 @@ def test_plan_clt_from_config():
     from saejax import config as cfg
     from saejax.train.clt_step import plan_clt
     c = cfg.load("experiments/synthetic.py", ["clt.enabled=True", "clt.width=64"])
-    spec, hp = plan_clt(c, SyntheticCLT(layers=3, d=16), n_layers=3)
+    spec, hp = plan_clt(c, SyntheticCLT(layers=3, d=16))
     assert spec.layers == (0, 1, 2) and spec.d_in == 16 and spec.width == 64 and hp.batch_size == c.train.batch_size
+    c.clt.layers = (1, 3)
     with pytest.raises(cfg.ConfigError, match="site mlp_in.3 is not in the training source"):
-        plan_clt(c, SyntheticCLT(layers=3, d=16), n_layers=6)
+        plan_clt(c, SyntheticCLT(layers=3, d=16))

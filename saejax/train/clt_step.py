@@ -171,20 +171,32 @@ class CLTTrainer:
         return jax.make_array_from_process_local_data(self.x_sharding, x_local, self.x_shape)
 
 
-def plan_clt(config, source, n_layers: int | None = None) -> tuple[clt.CLTSpec, optim.Hyper]:
+def plan_clt(config, source) -> tuple[clt.CLTSpec, optim.Hyper]:
     """The CLT and its optimizer settings from ``config.clt`` and ``config.train`` (the same keys as
-    every group: tokens, batch, lr and schedules). ``clt.layers`` () means layers 0..n_layers-1; a
-    layer whose mlp_in or mlp site the source lacks is a one-line error naming it."""
+    every group: tokens, batch, lr and schedules). ``clt.layers`` () means every layer whose mlp_in and
+    mlp sites the source has. A layer whose site the source lacks, or sites whose rows are not aligned
+    (a store without harvest.pairs joining them), is a one-line error."""
     import math
 
     from saejax import config as cfg
     c, t = config.clt, config.train
-    layers = tuple(c.layers) or tuple(range(n_layers or 0))
-    for l in layers:
-        for site in (f"mlp_in.{l}", f"mlp.{l}"):
-            if site not in source.sites:
-                raise cfg.ConfigError(f"config key 'clt.layers': site {site} is not in the training source "
-                                      f"(harvest mlp_in and mlp of every CLT layer, joined by harvest.pairs)")
+    have = set(source.sites)
+    layers = tuple(c.layers) or tuple(sorted(
+        int(s.split(".")[1]) for s in have if s.startswith("mlp_in.") and f"mlp.{s.split('.')[1]}" in have))
+    if not layers:
+        raise cfg.ConfigError("config key 'clt.enabled': the training source has no mlp_in.l and mlp.l sites "
+                              "(harvest.kinds needs mlp_in and mlp)")
+    sites = [f"{k}.{l}" for l in layers for k in ("mlp_in", "mlp")]
+    for site in sites:
+        if site not in have:
+            raise cfg.ConfigError(f"config key 'clt.layers': site {site} is not in the training source "
+                                  f"(harvest mlp_in and mlp of every CLT layer, joined by harvest.pairs)")
+    keys = getattr(source, "align_key", None)
+    if keys is not None and len({keys[s] for s in sites}) > 1:
+        loose = next(s for s in sites if keys[s] != keys[sites[0]])
+        raise cfg.ConfigError(f"config key 'harvest.pairs': the store's rows of {loose} are not aligned with "
+                              f"{sites[0]}'s; a CLT needs its {len(sites)} sites joined by pairs "
+                              f"(experiments/smollm2_clt.py: clt_pairs)")
     d_in, d_out = source.width(f"mlp_in.{layers[0]}"), source.width(f"mlp.{layers[0]}")
     spec = clt.CLTSpec(arch=c.arch, layers=layers, d_in=d_in, d_out=d_out, width=c.width,
                        sparsity=float(c.sparsity), cap=c.cap, decode=c.decode,
@@ -197,3 +209,34 @@ def plan_clt(config, source, n_layers: int | None = None) -> tuple[clt.CLTSpec, 
                      sparsity_warmup=cfg.schedule_steps(t.sparsity_warmup, total),
                      dead_steps=max(1, math.ceil(t.dead_tokens / t.batch_size)))
     return spec, hp
+
+
+def clt_pairs(layers) -> list[tuple[str, str]]:
+    """harvest.pairs that join mlp_in.l and mlp.l of every layer into one aligned group."""
+    layers = list(layers)
+    return [(f"mlp_in.{l}", f"mlp.{l}") for l in layers] + [(f"mlp_in.{layers[0]}", f"mlp_in.{l}") for l in layers[1:]]
+
+
+def state_bytes(spec: clt.CLTSpec, hp: optim.Hyper, mesh) -> dict:
+    """Per-device bytes of the CLT's state (params, optimizer, counters) from shapes and shardings."""
+    a = jax.eval_shape(lambda k: init_state(spec, hp, k), jax.random.key(0))
+    sh = meshlib.tree_shardings(a, PARTITION_RULES, mesh)
+
+    def total(tree, shardings):
+        return sum(meshlib.shard_bytes(x.shape, x.dtype, s) for x, s in
+                   zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings)))
+    return {"params": total(a["params"], sh["params"]), "optimizer": total(a["opt_state"], sh["opt_state"]),
+            "counters": sum(total(a[k], sh[k]) for k in a if k not in ("params", "opt_state"))}
+
+
+def save_final(final: str, spec: clt.CLTSpec, hp: optim.Hyper, source, state) -> None:
+    """The trained CLT's folder (saejax.sae.clt_io), written by process 0."""
+    from saejax.sae import clt_io
+    from saejax.train.trainer import gather
+    host = gather({k: v for k, v in state.items() if k != "opt_state"})
+    if jax.process_index() == 0:
+        steps = int(host["step"])
+        clt_io.save(final, spec, host["params"], host["bt_threshold"],
+                    [source.norm_scale(s) for s in spec.in_sites], [source.norm_scale(s) for s in spec.sites],
+                    model=getattr(source, "model", ""), steps=steps, tokens=steps * hp.batch_size,
+                    batch_size=hp.batch_size, l0_ema=np.asarray(host["l0_ema"])[:, 0].tolist())
