@@ -47,8 +47,9 @@ def matmul_rate(B, M, rounds):
     return 2 * B * M * 4096 / timeit(f, a, b, rounds=rounds)
 
 
-def bench(name, rounds):
-    L, M, d, B, c = SHAPES[name]
+def bench(name, rounds, c=None, opt=True):
+    L, M, d, B, c0 = SHAPES[name]
+    c = c or c0
     spec = clt.CLTSpec(arch="topk", layers=tuple(range(L)), d_in=d, d_out=d, width=M, sparsity=float(c))
     params = clt.init_params(spec, jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (L, B, d))
@@ -56,6 +57,10 @@ def bench(name, rounds):
     grad = {s: jax.jit(jax.grad(lambda p, s=s: clt.loss_terms(spec, p, x, y, 0.0, sparse=s)[0])) for s in (False, True)}
     t_dense = timeit(grad[False], params, rounds=rounds)
     t_sparse = timeit(grad[True], params, rounds=rounds)
+    if not opt:
+        print(f"{name}: L={L} M={M} d={d} B={B} c={c}: loss+grad dense {t_dense:.3f}s sparse {t_sparse:.3f}s "
+              f"sparse/dense {t_sparse / t_dense:.3f}")
+        return t_dense, t_sparse
     hp = optim.Hyper(total_steps=10, batch_size=B)
     tx = optim.optimizer(hp)
     opt = tx.init(params)
@@ -86,10 +91,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="small,smollm2")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--caps", default="", help="also time sparse vs dense at these caps c (comma-separated), "
+                                                "to find the crossover")
     args = ap.parse_args()
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, load average {os.getloadavg()}")
     for name in args.shapes.split(","):
         bench(name, args.rounds)
+        for c in filter(None, args.caps.split(",")):
+            bench(name, args.rounds, int(c), opt=False)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def get_config(arg: str = ""):
     c.clt.arch = "jumprelu"
     c.clt.width = 2304
     c.clt.sparsity = 3e-4  # lambda on the L0 summed over 30 layers
-    c.clt.cap = 128
+    c.clt.cap = 48  # = 2,304 / 48: sparse decoding (clt.decode auto); rows over it are logged as overflow
     c.train.tokens = 2 * 1_636_800
     c.train.batch_size = 1024
     c.train.lr = 2e-4
@@ -53,6 +53,7 @@ def get_config(arg: str = ""):
     c.release.name = "saejax-smollm2-clt"
     if v.get("runlocal"):
         cfg.runlocal(c, "random:tiny-llama")
+        c.harvest.layers = (0, 1, 2, 3)  # every layer of the tiny model, as circuit-tracer's export needs
         c.harvest.pairs = tuple(clt_pairs(c.harvest.layers))
         c.clt.width = 64
         c.clt.cap = 32

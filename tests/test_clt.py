@@ -188,3 +188,62 @@ def test_plan_clt_from_config():
     c.clt.layers = (1, 3)
     with pytest.raises(cfg.ConfigError, match="site mlp_in.3 is not in the training source"):
         plan_clt(c, SyntheticCLT(layers=3, d=16))
+
+
+def test_pipeline_evaluate_release_load(tmp_path):
+    """smollm2_clt:runlocal end to end: evaluate's per-layer FVU equals one recomputed from the store's
+    held-out rows; the release holds the CLT (saejax and circuit-tracer layouts); load_suite's CLT
+    reconstructs as the trained one and, spliced, replaces every MLP output from the same pass's inputs."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-m", "saejax.cli", "run", "--config",
+                          os.path.join(repo, "experiments", "smollm2_clt.py") + ":runlocal",
+                          f"--config.workdir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "replacement model (every MLP at once)" in out.stdout
+    with open(tmp_path / "evaluate" / "results.json") as fh:
+        c = json.load(fh)["clts"][0]
+    assert c["layers"] == [0, 1, 2, 3] and c["model_layers"] == 4
+    r = c["replacement"]
+    assert np.isfinite(r["delta_lm_loss"]) and r["kl"] > 0 and r["ce_ablate"] != r["ce_clean"]
+
+    from saejax import models, store as storelib
+    st = storelib.open_store(str(tmp_path / "store"))
+    x = np.stack([st.rows(f"mlp_in.{l}", "heldout")[0] for l in range(4)]).astype(np.float32)
+    y = np.stack([st.rows(f"mlp.{l}", "heldout")[0] for l in range(4)]).astype(np.float64)
+    a, meta = clt_io.load(str(tmp_path / "train" / c["id"] / "final"))
+    y_hat = clt_io.reconstruct(a, meta, x)
+    for j in range(4):
+        fvu = np.sum((y[j] - y_hat[j]) ** 2) / np.sum((y[j] - y[j].mean(0)) ** 2)
+        assert abs(fvu - c["per_layer"][j]["fvu"]) <= 1e-4 * fvu
+
+    import saejax
+    suite = saejax.load_suite(str(tmp_path / "release"))
+    assert suite.clts() == [c["id"]]
+    released = suite.clt()
+    np.testing.assert_allclose(released.reconstruct(x[:, :64]), y_hat[:, :64], rtol=1e-4, atol=1e-5)
+    model = models.load("random:tiny-llama", dtype="float32")
+    toks = np.asarray(st.heldout_tokens())[:2]
+    sites = tuple(f"{k}.{l}" for l in range(4) for k in ("mlp_in", "mlp"))
+    _, clean = model.apply(model.params, jnp.asarray(toks), sites=sites, logits=False)
+    _, spl = model.apply(model.params, jnp.asarray(toks), sites=sites, logits=False, splice=released.splice())
+    want = released.reconstruct(np.stack([np.asarray(spl[f"mlp_in.{l}"]) for l in range(4)]))
+    for l in range(4):
+        np.testing.assert_allclose(np.asarray(spl[f"mlp.{l}"]), want[l], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(np.asarray(spl["mlp_in.1"]), np.asarray(clean["mlp_in.1"]))  # layer 1 saw layer 0's replacement
+
+    with open(tmp_path / "release" / "suite.json") as fh:
+        entry = json.load(fh)["clts"][0]
+    torch = pytest.importorskip("torch")
+    ct = pytest.importorskip("circuit_tracer.transcoder.cross_layer_transcoder")
+    loaded = ct.load_clt(str(tmp_path / "release" / entry["circuit_tracer"]), device=torch.device("cpu"),
+                         dtype=torch.float32)
+    with torch.no_grad():
+        y_ct = loaded(torch.from_numpy(x[:, :64])).numpy()
+    np.testing.assert_allclose(y_ct, y_hat[:, :64], rtol=1e-4, atol=1e-4)

@@ -215,6 +215,7 @@ def _evaluate_clt(path, data, model, config) -> dict:
            "per_layer": [{"site": f"mlp.{l}", "layer": l, **m} for l, m in zip(layers, per_layer)],
            "l0_total": float(sum(m["l0"] for m in per_layer))}
     if model is not None:
+        out["model_layers"] = int(model.config.n_layers)
         out["replacement"] = clt_eval.replacement_losses(model, model.params, a, meta, data.tokens,
                                                          data.policy(f"mlp.{layers[0]}"),
                                                          batch=int(config.evaluate.batch_contexts))

@@ -48,8 +48,12 @@ from saejax.sae import jumprelu as jr
 ARCHS = ("jumprelu", "topk", "batchtopk")
 DECODES = ("auto", "dense", "sparse")
 PRECISIONS = {"highest": lax.Precision.HIGHEST, "default": lax.Precision.DEFAULT}
-# auto: sparse decoding when the cap is at most this fraction of the layer's width (benchmarks/clt_step.py).
-SPARSE_MAX_FRACTION = 1 / 16
+# auto: sparse decoding when the cap is at most this fraction of the layer's width and there are at
+# least this many layers. Measured (benchmarks/clt_step.py, 2-core CPU): at L=30, M=2,304, d=576 the
+# sparse gradient took 0.59x the dense one at c=32 and 2.7x at c=128 (crossover c ~ 50 ~ M/45); at
+# L=4, M=512, d=64 dense won at every c down to 4 (M/128).
+SPARSE_MAX_FRACTION = 1 / 48
+SPARSE_MIN_LAYERS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +108,7 @@ class CLTSpec:
     def sparse(self) -> bool:
         """Whether the step decodes sparsely (``decode``; auto: the measured crossover)."""
         if self.decode == "auto":
-            return self.active_cap <= SPARSE_MAX_FRACTION * self.width
+            return self.L >= SPARSE_MIN_LAYERS and self.active_cap <= SPARSE_MAX_FRACTION * self.width
         return self.decode == "sparse"
 
     @property
