@@ -247,3 +247,20 @@ def test_pipeline_evaluate_release_load(tmp_path):
     with torch.no_grad():
         y_ct = loaded(torch.from_numpy(x[:, :64])).numpy()
     np.testing.assert_allclose(y_ct, y_hat[:, :64], rtol=1e-4, atol=1e-4)
+
+
+def test_gemma2_2b_clt_variant_sized_as_its_docstring_says():
+    """experiments/gemma2_2b.py:clt: 26 layers x 16k, sparse decoding, and the per-device state its
+    docstring quotes on the 64-chip data 2 x latent 32 mesh."""
+    import os
+
+    from saejax import config as cfg
+    from saejax.sources import PlannedSource
+    from saejax.train import clt_step
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "gemma2_2b.py")
+    c = cfg.load(path + ":clt")
+    spec, hp = clt_step.plan_clt(c, PlannedSource({s: 2304 for s in cfg.sites(c)}))
+    assert spec.layers == tuple(range(26)) and spec.width == 16384 and spec.sparse
+    mem = clt_step.state_bytes(spec, hp, meshlib.abstract_mesh(c.mesh))
+    text = open(path).read()
+    assert f"CLT params\n{mem['params'] / 2 ** 20:,.1f} MiB, optimizer {mem['optimizer'] / 2 ** 20:,.1f} MiB" in text
