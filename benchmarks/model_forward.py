@@ -2,6 +2,7 @@
 
     python benchmarks/model_forward.py                       # SmolLM2 GGUF, B=4, L=128, ~1-2 min on 2 cores
     python benchmarks/model_forward.py --model random:tiny-llama --batch 8 --length 64 --no-torch
+    python benchmarks/model_forward.py --family gemma3 --no-torch   # SmolLM2-sized random model of a family
 
 Timed (fastest of --reps calls after one compile/warm-up call, ``block_until_ready`` each; the
 JAX passes and the matmul are interleaved twice and the fastest kept):
@@ -43,6 +44,22 @@ def model_flops_per_token(c, L: int) -> float:
     return 2.0 * (c.n_layers * per_layer + c.d_model * c.vocab_size) + 4.0 * L * c.att_width * c.n_layers
 
 
+def smollm2_sized(family: str):
+    """A Model of SmolLM2-135M's shape with deterministic random weights in ``family``."""
+    from saejax.models import Model, ModelConfig, transformer
+    from saejax.models.tokenizer import ByteTokenizer
+    kw = dict(arch=family, n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, head_dim=64, ffn=1536,
+              vocab_size=49152, rms_eps=1e-5, rope_theta=100000.0, tie_embeddings=True)
+    if family in ("gemma2", "gemma3"):
+        kw.update(sliding_window=512, query_pre_attn_scalar=64.0,
+                  sliding_layers=tuple(bool((i + 1) % (6 if family == "gemma3" else 2)) for i in range(30)))
+    if family == "gemma3":
+        kw.update(rope_theta=1_000_000.0, rope_local_theta=10_000.0, rope_scaling={"rope_type": "linear", "factor": 8.0})
+    cfg = ModelConfig(**kw)
+    tok = ByteTokenizer(cfg.vocab_size)
+    return Model(cfg, transformer.random_params(cfg), tok, tok.bos_id, tok.special_ids, f"random-smollm2-sized-{family}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -50,6 +67,9 @@ def main(argv=None):
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--family", default=None, help="a random model of SmolLM2-135M's shape (30 layers, d 576, "
+                    "9 heads on 3 kv heads of 64, F 1536, V 49152) in this family of saejax.models.config.FAMILIES "
+                    "(Gemma 3: 5:1 sliding window 512 pattern, both RoPE bases); replaces --model")
     args = ap.parse_args(argv)
 
     import jax
@@ -57,7 +77,10 @@ def main(argv=None):
 
     from saejax import models
 
-    model = models.load(args.model)
+    if args.family:
+        model = smollm2_sized(args.family)
+    else:
+        model = models.load(args.model)
     c, B, L = model.config, args.batch, args.length
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, c.vocab_size, (B, L)), jnp.int32)
     sites = tuple(f"{k}.{i}" for i in range(c.n_layers) for k in ("res", "att", "mlp"))

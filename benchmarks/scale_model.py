@@ -1,11 +1,13 @@
 """Projected step time of the Gemma Scope configs on a TPU slice, from the compiled step (nothing runs).
 
     python benchmarks/scale_model.py                       # Gemma 2 2B 16k, 65k; 9B 16k, 131k on v5p-128
-    python benchmarks/scale_model.py --chips 64 --chip v5p --matmul bf16
+    python benchmarks/scale_model.py --chips 64 --chip v5p --matmul bf16 --plan auto
 
-For each config and width: the groups the config plans (Gemma 2's built-in shapes, offline), the
-mesh the planner proposes for ``--chips`` chips of ``--chip`` (saejax.train.cost.propose), the real
-train step compiled for that mesh on that many virtual CPU devices, and the cost model's projection:
+For each config and width: the groups the config plans (Gemma 2's built-in shapes, offline), each
+group's mesh of ``--chips`` chips of ``--chip`` (``--plan auto``, the default: the planner's proposal
+for each group alone, mesh.plan = "auto", saejax.train.cost.group_meshes; ``--plan one``: the
+planner's one mesh for every group of the job, saejax.train.cost.propose), the real train step
+compiled for each mesh on that many virtual CPU devices, and the cost model's projection:
 the fraction of bf16 peak without overlap inside the step (compute + HBM + interconnect summed) and
 with perfect overlap (their max), the host-read floor, and the limiting resource. These are
 PROJECTIONS from public chip figures (saejax/chips.py), not measurements; Gemma Scope's 50.8% of
@@ -40,6 +42,8 @@ def main() -> None:
     p.add_argument("--chips", type=int, default=64, help="chips in the slice (v5p-128 has 64)")
     p.add_argument("--chip", default="v5p")
     p.add_argument("--matmul", choices=("bf16", "config"), default="bf16")
+    p.add_argument("--plan", choices=("auto", "one"), default="auto",
+                   help="a mesh per group (mesh.plan=auto) or the one best mesh for every group")
     a = p.parse_args()
 
     from saejax import config as cfg, models
@@ -52,22 +56,37 @@ def main() -> None:
           f"Gemma Scope's 50.8% of peak was measured on TPUv3.")
     for name, width in CASES:
         path = os.path.join(REPO, "experiments", name)
-        config = cfg.load(f"{path}:width={width}", [f"--config.mesh.target_chip={a.chip}"])
+        over = [f"--config.mesh.target_chip={a.chip}", f"--config.mesh.data={a.chips}", "--config.mesh.stack=1",
+                "--config.mesh.latent=1", "--config.mesh.plan=auto"]
+        config = cfg.load(f"{path}:width={width}", over)
         if a.matmul == "bf16":
-            config = cfg.load(f"{path}:width={width}", [f"--config.mesh.target_chip={a.chip}"] + bf16_overrides(config))
+            config = cfg.load(f"{path}:width={width}", over + bf16_overrides(config))
         model = models.load_shape(config.model.source)
         source = PlannedSource({s: int(model.site_width(s)) for s in cfg.sites(config)})
         plans = plan_groups(config, source)
         itemsize = cost.store_itemsize(config)
-        best, _ = cost.propose(plans, a.chips, chip, itemsize, max(1, a.chips // chip.chips_per_host))
-        if best is None:
-            print(f"{name}:{width}: no mesh of {a.chips} chips fits")
-            continue
+        processes = max(1, a.chips // chip.chips_per_host)
+        if a.plan == "one":
+            best, _ = cost.propose(plans, a.chips, chip, itemsize, processes)
+            if best is None:
+                print(f"{name}:{width}: no one mesh of {a.chips} chips fits every group")
+                continue
+            meshes = [best] * len(plans)
+        else:
+            try:
+                meshes = cost.group_meshes(config, plans, a.chips, processes)
+            except cost.PlanError as e:
+                print(f"{name}:{width}: {e}")
+                continue
         t0 = time.time()
-        programs = cost.measure(plans, best)
-        print(f"\n{name}:width={width}  mesh {best}  (compiled on {a.chips} virtual CPU devices in "
-              f"{time.time() - t0:.1f} s)")
-        for line in cost.report(config, plans, best, programs):
+        programs = cost.measure_groups(plans, meshes)
+        print(f"\n{name}:width={width}  {'a mesh per group' if a.plan == 'auto' else 'one mesh'} (compiled on "
+              f"{a.chips} virtual CPU devices in {time.time() - t0:.1f} s)")
+        names = {f"[{spec.name}] projected": sz for (spec, _), sz in zip(plans, meshes)}
+        for line in cost.report(config, plans, meshes, programs):
+            sizes = next((sz for head, sz in names.items() if line.startswith(head)), None)
+            if sizes is not None:
+                print(f"  {line.split(' ')[0]} mesh {sizes}")
             if "projected on" in line or "job peak" in line:
                 print("  " + line)
 

@@ -2,6 +2,8 @@
 
     python benchmarks/train_step.py                 # d=576, width 4608, batch 4096; ~5 min on 2 quiet cores
     python benchmarks/train_step.py --stack 18      # the stacked group's size (sites x sweep members)
+    python benchmarks/train_step.py --bf16 --stack 0   # also the step with train.matmul_dtype bfloat16
+    python benchmarks/train_step.py --matryoshka 0.0625,0.25,1 --stack 0   # also a Matryoshka step
 
 Printed, all measured in this one run on one device:
   roofline   the five dense matmuls a step needs (encoder and decoder forward, latent gradient,
@@ -21,7 +23,12 @@ Printed, all measured in this one run on one device:
              machine than that of a long one). The ratio to the single step's own minimum is
              printed too, and the compiled steps' temporary buffers (XLA's memory_analysis):
              the stacked step updates one SAE at a time in place, so they do not grow with the
-             number of SAEs as the parameters do.
+             number of SAEs as the parameters do;
+  bf16       (``--bf16``) the single step with bfloat16 matmul inputs and float32 accumulation
+             (train.matmul_dtype), and its time over the float32 step's;
+  matryoshka (``--matryoshka``) the step with Matryoshka prefixes (fractions of the width; the
+             same five matmuls' FLOPs: the prefix blocks are decoded once), its fraction of the
+             roofline and its time over the plain step's.
 Memory does not grow with the store: the step holds one batch [T, B, d]; the reader's buffer is a
 few blocks; nothing accumulates over steps (metrics are written out at logging steps).
 """
@@ -35,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saejax import mesh as meshlib
-from saejax.sae import jumprelu as jr
+from saejax.sae import jumprelu as jr, matryoshka
 from saejax.sae.group import GroupSpec
 from saejax.train import optim
 from saejax.train.trainer import Trainer
@@ -88,11 +95,12 @@ def roofline(B: int, d: int, M: int, blocks: int):
             for name, fn in (("whole", five), ("blocked", blocked))}
 
 
-def saejax_step(T: int, K: int, B: int, d: int, M: int):
+def saejax_step(T: int, K: int, B: int, d: int, M: int, matmul_dtype: str = "float32", matryoshka=()):
     """One train step of a T x K JumpReLU group on one device: a blocking callable, and XLA's
     temporary-buffer bytes of the compiled step (``Trainer.memory``; None if not reported)."""
     spec = GroupSpec(arch="jumprelu", sites=tuple(f"res.{i}" for i in range(T)), d=d, width=M,
-                     sweep=tuple(1e-3 * (i + 1) for i in range(K)))
+                     sweep=tuple(1e-3 * (i + 1) for i in range(K)), matmul_dtype=matmul_dtype,
+                     matryoshka=tuple(matryoshka))
     hp = optim.Hyper(total_steps=10 ** 6, batch_size=B, lr_warmup=10, sparsity_warmup=10)
     mesh = meshlib.make_mesh(dict(data=1, stack=1, latent=1), jax.devices()[:1])
     trainer = Trainer(spec, hp, mesh)
@@ -159,6 +167,9 @@ def main():
     p.add_argument("--rounds", type=int, default=10,
                    help="interleaved timing rounds (minimum kept; on a shared VM 3 left the minima 20%% apart run to run)")
     p.add_argument("--stack", type=int, default=18, help="SAEs in the stacked group (0: skip)")
+    p.add_argument("--bf16", action="store_true", help="also time the step with bfloat16 matmul inputs")
+    p.add_argument("--matryoshka", default="", help="also time a Matryoshka step: prefix sizes as fractions "
+                   "of the width, comma-separated (e.g. 0.0625,0.25,1)")
     a = p.parse_args()
     B, d, M = a.batch, a.d, a.width
     flops = 10 * B * d * M
@@ -176,12 +187,24 @@ def main():
     if a.stack:
         fns["stack"], stack_temp = saejax_step(a.stack // K, K, B, d, M)
         fns["single_run"] = lambda f=fns["saejax"], n=a.stack: [f() for _ in range(n)]
+    if a.bf16:
+        fns["bf16"] = saejax_step(1, 1, B, d, M, "bfloat16")[0]
+    prefixes = matryoshka.resolve([float(v) for v in a.matryoshka.split(",")], M) if a.matryoshka else ()
+    if prefixes:
+        fns["matryoshka"] = saejax_step(1, 1, B, d, M, matryoshka=prefixes)[0]
     t = measure(fns, a.rounds)
     roof, one = min(t["roof_whole"], t["roof_blocked"]), t["saejax"]
     print(f"roofline : five dense matmuls {roof * 1e3:8.1f} ms  ({flops / roof / 1e9:.1f} GFLOP/s; the faster of "
           f"the whole batch {t['roof_whole'] * 1e3:.1f} ms and {blocks} row blocks {t['roof_blocked'] * 1e3:.1f} ms)")
     print(f"saejax   : train step         {one * 1e3:8.1f} ms  {B / one:>10,.0f} tok/s  "
           f"roofline fraction {roof / one:.2f}  (target >= 0.85)")
+    if a.bf16:
+        print(f"bf16     : train step         {t['bf16'] * 1e3:8.1f} ms  {B / t['bf16']:>10,.0f} tok/s  "
+              f"time bf16 / float32 {t['bf16'] / one:.2f}")
+    if prefixes:
+        mt = t["matryoshka"]
+        print(f"matryoshka: prefixes {prefixes}  {mt * 1e3:8.1f} ms  {B / mt:>10,.0f} tok/s  "
+              f"roofline fraction {roof / mt:.2f}  (target >= 0.85)  time over the plain step {mt / one:.2f}")
     if "lens" in t:
         lens = t["lens"]
         print(f"sae-lens : train step         {lens * 1e3:8.1f} ms  {B / lens:>10,.0f} tok/s  "

@@ -7,14 +7,19 @@ is a calibrated target), on 1,024-token contexts that begin with <bos>, Gemma Sc
 schedules, 4B tokens for 16k-wide and 8B for 65k-wide SAEs.
 
 Hardware: sized for a Cloud TPU v5p slice of 64 chips (v5p-128, 95 GB HBM each). Each (input width,
-latent width) is its own group with its own step count, trained one after another on the mesh the
-dry run's planner proposes for the widths of the job (stack 2 over the sites, the rest over latents;
-the att group's 26 sites allow no more stack shards on 64 chips). The dry run (offline too: Gemma 2's
-shapes are built in) prints per group the compiled step's cost projected on v5p and the job's memory:
+latent width) is its own group with its own step count, trained one after another, each on the mesh
+the dry run's planner proposes for it alone (mesh.plan = "auto", for the configured matmul precision;
+stack must divide the group's sites: the 26 att sites allow 2 stack shards on 64 chips, the 52 res
+and mlp sites 4). The dry run (offline too: Gemma 2's shapes are built in) prints per group the
+compiled step's cost projected on v5p and the job's memory:
 
-    :width=16k       mesh data 2 x stack 2 x latent 16; peak 5.17 GiB per device
-    :width=65k       mesh data 1 x stack 2 x latent 32; peak 10.46 GiB per device
-    both widths      mesh data 1 x stack 2 x latent 32; peak 10.46 GiB per device
+    jumprelu_d2048_w16384  att, 26 sites       mesh data 2 x stack 2 x latent 16
+    jumprelu_d2304_w16384  res+mlp, 52 sites   mesh data 1 x stack 4 x latent 16
+    jumprelu_d2048_w65536  att, 26 sites       mesh data 1 x stack 2 x latent 32
+    jumprelu_d2304_w65536  res+mlp, 52 sites   mesh data 1 x stack 4 x latent 16
+    :width=16k       peak 2.98 GiB per device
+    :width=65k       peak 10.32 GiB per device
+    both widths      peak 10.32 GiB per device
     harvest          shuffle buffers ~158.6 GB per process (of a v5p host's 448 GB)
 
 (tests/test_experiments.py keeps these equal to the dry run's figures.) So:
@@ -44,8 +49,6 @@ Tiny mode for CPU tests (a random 2-layer Gemma 2, a few thousand tokens, second
 from saejax import config as cfg
 
 WIDTHS = {"16k": 2 ** 14, "65k": 2 ** 16}
-# The dry run's mesh planner's proposal for 64 v5p chips (bf16 matmuls), per set of widths in the job.
-MESH = {("16k",): (2, 2, 16), ("65k",): (1, 2, 32), ("16k", "65k"): (1, 2, 32)}
 VARIANTS = {"runlocal": bool, "width": cfg.choices(*WIDTHS), "layers": cfg.layer_range, "corpus": str, "clt": bool}
 
 
@@ -72,8 +75,11 @@ def get_config(arg: str = ""):
     c.train.tokens_wide = 8_000_000_000  # wider
     c.train.batch_size = 4096
     c.train.checkpoint_every = 2000
-    widths = tuple(w for w in WIDTHS if w in v.get("width", tuple(WIDTHS)))
-    c.mesh.data, c.mesh.stack, c.mesh.latent = MESH[widths]
+    c.train.matmul_dtype = "bfloat16"  # bf16 matmul inputs, fp32 accumulation and state (docs/training.md)
+    # The slice's 64 chips; each group trains on the mesh the dry run's planner proposes for it
+    # (the docstring's table). The axes are also the harvest's mesh: the model replicated, batch split.
+    c.mesh.data, c.mesh.stack, c.mesh.latent = 64, 1, 1
+    c.mesh.plan = "auto"
     c.evaluate.contexts = 2048
     c.release.name = "saejax-gemma2-2b"
     c.release.l0 = ()  # every calibrated level

@@ -2,13 +2,19 @@
 
 42 layers; residual and MLP width 3,584, attention width 16 x 256 = 4,096. Five calibrated L0 targets
 per site; 4B tokens for 16k-wide, 8B for 131k-wide SAEs; 1,024-token contexts. Sized for a Cloud TPU
-v5p slice of 256 chips (v5p-512), on the mesh the dry run's planner proposes for the widths of the
-job (Gemma Scope sharded wide SAEs over latents, Megatron style). The dry run (offline too: Gemma 2's
-shapes are built in) prints per group the compiled step's cost projected on v5p and the job's memory:
+v5p slice of 256 chips (v5p-512); each group trains on the mesh the dry run's planner proposes for it
+alone (mesh.plan = "auto", for the configured matmul precision; Gemma Scope sharded wide SAEs over
+latents, Megatron style; stack must divide the group's sites: 84 res and mlp sites allow 4 stack
+shards, 42 att sites 2). The dry run (offline too: Gemma 2's shapes are built in) prints per group the
+compiled step's cost projected on v5p and the job's memory:
 
-    :width=16k       mesh data 4 x stack 2 x latent 32; peak 6.41 GiB per device
-    :width=131k      mesh data 1 x stack 2 x latent 128; peak 14.09 GiB per device
-    both widths      mesh data 2 x stack 2 x latent 64; peak 24.46 GiB per device
+    jumprelu_d3584_w16384   res+mlp, 84 sites  mesh data 2 x stack 4 x latent 32
+    jumprelu_d4096_w16384   att, 42 sites      mesh data 4 x stack 2 x latent 32
+    jumprelu_d3584_w131072  res+mlp, 84 sites  mesh data 1 x stack 4 x latent 64
+    jumprelu_d4096_w131072  att, 42 sites      mesh data 1 x stack 2 x latent 128
+    :width=16k       peak 3.71 GiB per device
+    :width=131k      peak 13.13 GiB per device
+    both widths      peak 13.13 GiB per device
     harvest          shuffle buffers ~247.8 GB per process (of a v5p host's 448 GB)
 
 (tests/test_experiments.py keeps these equal to the dry run's figures.) So:
@@ -26,8 +32,6 @@ Tiny mode for CPU tests:  saejax run --config experiments/gemma2_9b.py:runlocal
 from saejax import config as cfg
 
 WIDTHS = {"16k": 2 ** 14, "131k": 2 ** 17}
-# The dry run's mesh planner's proposal for 256 v5p chips (bf16 matmuls), per set of widths in the job.
-MESH = {("16k",): (4, 2, 32), ("131k",): (1, 2, 128), ("16k", "131k"): (2, 2, 64)}
 VARIANTS = {"runlocal": bool, "width": cfg.choices(*WIDTHS), "layers": cfg.layer_range, "corpus": str}
 
 
@@ -53,8 +57,11 @@ def get_config(arg: str = ""):
     c.train.tokens_wide = 8_000_000_000
     c.train.batch_size = 4096
     c.train.checkpoint_every = 2000
-    widths = tuple(w for w in WIDTHS if w in v.get("width", tuple(WIDTHS)))
-    c.mesh.data, c.mesh.stack, c.mesh.latent = MESH[widths]
+    c.train.matmul_dtype = "bfloat16"  # bf16 matmul inputs, fp32 accumulation and state (docs/training.md)
+    # The slice's 256 chips; each group trains on the mesh the dry run's planner proposes for it
+    # (the docstring's table). The axes are also the harvest's mesh: the model replicated, batch split.
+    c.mesh.data, c.mesh.stack, c.mesh.latent = 256, 1, 1
+    c.mesh.plan = "auto"
     c.evaluate.contexts = 2048
     c.release.name = "saejax-gemma2-9b"
     if v.get("runlocal"):

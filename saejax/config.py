@@ -53,6 +53,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.split = "train"  # dataset split of a hub corpus
     c.data.context_len = 1024  # Gemma Scope: 1,024 tokens per context
     c.data.heldout_contexts = 2048  # whole contexts training never reads (Gemma Scope evaluated on 2,048)
+    # the tokenized corpus a harvest writes once and reuses (docs/store.md, "Tokenize once");
+    # "": <workdir>/tokens. Point it at another run's tokens to harvest other sites without tokenizing.
+    c.data.tokens_dir = ""
 
     # --- harvesting activations into the store ------------------------------------------------
     c.harvest = ml_collections.ConfigDict()
@@ -93,11 +96,27 @@ def defaults() -> ml_collections.ConfigDict:
     c.sae.encoder_init_scale = 1.0  # W_enc = scale * W_dec^T (d/M keeps the first reconstruction ~x)
     c.sae.threshold_init_l0 = 0.0  # jumprelu: >0 sets theta at step 0 so each latent fires on L0/M of rows
     c.sae.auxk_coeff = 1.0 / 32  # topk/batchtopk: AuxK loss weight (Gao et al.)
-    c.sae.auxk_k = 512  # topk/batchtopk: latents in the AuxK reconstruction
+    c.sae.auxk_k = 512  # topk/batchtopk: latents in the AuxK reconstruction (jumprelu: in revive_auxk's)
+    # jumprelu dead-latent remedies (docs/sae.md), for latents that have not fired for revive_tokens tokens:
+    c.sae.revive_tokens = 0  # 0: no remedy
+    c.sae.revive_nudge = 0.0  # lower their theta by this fraction per step
+    c.sae.revive_auxk = 0.0  # AuxK loss of this coefficient: they model the residual through W_dec
+    c.sae.b_dec_init = "zero"  # "zero", or from the first batch: "mean" or "median" (geometric median)
     c.sae.dtype = "float32"  # parameter dtype; Gemma Scope trained in fp32
     # Seeds per sweep value: members that differ only in their random init and read the same rows
     # (seed stability, docs/analysis.md). 1: one SAE per sweep value.
     c.sae.seeds = 1
+    # Matryoshka prefix sizes (Bussmann et al. 2025; docs/sae.md): () plain training; integers
+    # m_1 < ... < m_n = the width (one width), or fractions of every width ending at 1.0, e.g.
+    # (0.0625, 0.25, 1.0). The loss sums the reconstruction error of each prefix's latents alone.
+    c.sae.matryoshka = ()
+    # Site kinds SAEs train on (of the harvested sites): all by default; () trains transcoders alone.
+    c.sae.site_kinds = SITE_KINDS
+    # Transcoders (docs/sae.md): layers L whose MLP gets one, reading mlp_in.L and reconstructing mlp.L,
+    # of the same arch, widths and sweep as the SAEs. The pair (mlp_in.L, mlp.L) is implied: the
+    # harvest aligns it as it does harvest.pairs (both sites must be harvested).
+    c.sae.transcoders = ()
+    c.sae.skip = False  # transcoders are skip-transcoders: y_hat += x @ W_skip (W_skip initialized at 0)
 
     # --- cross-layer transcoder (saejax/sae/clt.py; docs/sae.md) --------------------------------
     c.clt = ml_collections.ConfigDict()
@@ -122,10 +141,12 @@ def defaults() -> ml_collections.ConfigDict:
     # Schedules are in steps, or in fractions of the run when the value is below 1.
     c.train.lr_warmup = 1000.0  # cosine warmup from lr_warmup_start * lr
     c.train.lr_warmup_start = 0.1
-    c.train.lr_decay = "none"  # "none" or "cosine" (to lr_decay_end * lr over the run)
+    c.train.lr_decay = "none"  # "none", "cosine" (to lr_decay_end * lr over the run) or "linear" (below)
     c.train.lr_decay_end = 0.0
+    c.train.lr_decay_start = 0.0  # "linear": decay from this step (or fraction of the run) to the end
     c.train.sparsity_warmup = 10000.0  # linear warmup of lambda from 0
     c.train.matmul_precision = "highest"  # "default" lets TPUs use bf16 passes for fp32 matmuls
+    c.train.matmul_dtype = "float32"  # "bfloat16": bf16 matmul inputs, fp32 accumulation and fp32 state
     c.train.dead_tokens = 10_000_000  # a latent is dead when it has not fired for this many tokens
     c.train.log_every = 100
     c.train.checkpoint_every = 1000
@@ -139,6 +160,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.synthetic.active = 4  # planted features per row
     c.synthetic.zipf = 1.0  # feature frequency ~ 1/rank^zipf
     c.synthetic.noise = 0.01
+    # Transcoder pairs (sae.transcoders): the output is a second dictionary's mix of the same sparse code;
+    # with dense > 0 the input's last ``dense`` dimensions hold a dense Gaussian part outside the features'
+    # span and the output adds a planted linear map of it (what a skip-transcoder's W_skip recovers).
+    c.synthetic.dense = 0
 
     # --- the device mesh ---------------------------------------------------------------------
     c.mesh = ml_collections.ConfigDict()
@@ -146,6 +171,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.latent = 1
     c.mesh.stack = 1
+    # "fixed": every group trains on the mesh above. "auto": the axis sizes give only the number of
+    # devices (their product; and the harvest's mesh); each group trains on the mesh the planner
+    # proposes for it alone among meshes of those devices (saejax.train.cost.group_meshes).
+    c.mesh.plan = "fixed"
     # The chip the dry run's step cost model and memory checks plan for (saejax/chips.py: v5p, v5e,
     # v4, h100, h200); a plan that exceeds its device memory or one host's memory is refused.
     c.mesh.target_chip = "v5p"
@@ -159,7 +188,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.release = ml_collections.ConfigDict()
     c.release.name = "saejax-suite"
     c.release.l0 = ()  # publish the SAE nearest each of these L0s per site and width; () = all
-    c.release.formats = ("gemmascope", "saelens")
+    c.release.formats = ("gemmascope", "saelens")  # and "circuit_tracer": transcoder sets (docs/formats.md)
     # Upload the release to this Hugging Face Hub model repo ("owner/name"; "" = no upload); the same
     # as `saejax release --push_to_hub=REPO`. Token: HF_TOKEN or `hf auth login` (docs/formats.md).
     c.release.push_to_hub = ""
@@ -356,6 +385,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
         for site in pair:
             _check(site in sites(c), "harvest.pairs", f"{site!r} is not a harvested site "
                    f"(harvest.layers x harvest.kinds: {', '.join(sites(c))})")
+    for kind in c.sae.site_kinds:
+        _check(kind in SITE_KINDS, "sae.site_kinds", f"{kind!r} is not one of {SITE_KINDS}")
+    for layer in c.sae.transcoders:
+        _check(isinstance(layer, int) and layer >= 0, "sae.transcoders", f"{layer!r} is not a layer index")
+        if c.train.source == "store":
+            for site in (f"mlp_in.{layer}", f"mlp.{layer}"):
+                _check(site in sites(c), "sae.transcoders", f"a transcoder on layer {layer} needs site {site!r} "
+                       f"harvested (harvest.layers x harvest.kinds: {', '.join(sites(c))})")
+    _check(not (c.sae.transcoders and c.sae.pre_encoder_bias), "sae.pre_encoder_bias",
+           "transcoders take no pre-encoder bias (their input and output spaces differ); set it False")
+    _check(not c.sae.skip or bool(c.sae.transcoders), "sae.skip", "skip-transcoders need sae.transcoders (layers)")
+    _check(0 <= c.synthetic.dense < c.synthetic.d, "synthetic.dense", "must be in [0, synthetic.d)")
     from saejax.sae import kinds  # imported here: the kinds import jax, ``import saejax.config`` does not
     _check(c.sae.arch in kinds.names(), "sae.arch", f"{c.sae.arch!r} is not one of {kinds.names()}")
     _check(len(c.sae.widths) > 0, "sae.widths", "needs at least one width")
@@ -383,6 +424,24 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.sae.bandwidth > 0, "sae.bandwidth", "must be positive")
     _check(c.sae.encoder_init_scale > 0, "sae.encoder_init_scale", "must be positive")
     _check(c.sae.threshold_init_l0 >= 0, "sae.threshold_init_l0", "must be >= 0 (0: theta = threshold_init)")
+    if c.sae.matryoshka:
+        from saejax.sae import matryoshka
+        _check(kinds.get(c.sae.arch).matryoshka, "sae.matryoshka",
+               f"{c.sae.arch} does not train Matryoshka prefixes (jumprelu, topk and batchtopk do)")
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in c.sae.matryoshka)
+        _check(ints or all(isinstance(v, (int, float)) and 0 < v <= 1 for v in c.sae.matryoshka), "sae.matryoshka",
+               f"{tuple(c.sae.matryoshka)} must be latent counts or fractions of the width in (0, 1]")
+        _check(ints is False or len(c.sae.widths) == 1, "sae.matryoshka",
+               "latent counts need one width; give fractions of the width (ending at 1.0) for several")
+        for w in c.sae.widths:
+            why = matryoshka.problem(matryoshka.resolve(c.sae.matryoshka, w), w)
+            _check(why is None, "sae.matryoshka", f"for width {w}: {why}")
+    _check(c.sae.revive_tokens >= 0, "sae.revive_tokens", "must be >= 0 (0: no dead-latent remedy)")
+    _check(0 <= c.sae.revive_nudge < 1, "sae.revive_nudge", "must be in [0, 1): a fraction of theta per step")
+    _check(c.sae.revive_auxk >= 0, "sae.revive_auxk", "must be >= 0")
+    if c.sae.revive_tokens and (c.sae.revive_nudge or c.sae.revive_auxk):
+        _check(c.sae.arch == "jumprelu", "sae.revive_tokens", "the revive remedies are for jumprelu (topk has AuxK)")
+    _check(c.sae.b_dec_init in ("zero", "mean", "median"), "sae.b_dec_init", "must be 'zero', 'mean' or 'median'")
     _check(c.sae.dtype in DTYPES, "sae.dtype", f"{c.sae.dtype!r} is not one of {DTYPES}")
     _check(isinstance(c.sae.seeds, int) and c.sae.seeds >= 1, "sae.seeds", "must be an int >= 1")
     _check(c.train.tokens > 0, "train.tokens", "must be positive")
@@ -390,21 +449,25 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.train.lr > 0, "train.lr", "must be positive")
     _check(0 <= c.train.b1 < 1 and 0 <= c.train.b2 < 1, "train.b1", "Adam betas must be in [0, 1)")
     _check(c.train.source in ("store", "synthetic"), "train.source", "must be 'store' or 'synthetic'")
-    _check(c.train.lr_decay in ("none", "cosine"), "train.lr_decay", "must be 'none' or 'cosine'")
+    _check(c.train.lr_decay in ("none", "cosine", "linear"), "train.lr_decay", "must be 'none', 'cosine' or 'linear'")
+    _check(c.train.lr_decay_start >= 0, "train.lr_decay_start", "must be >= 0")
     _check(c.train.lr_warmup >= 0, "train.lr_warmup", "must be >= 0")
     _check(c.train.sparsity_warmup >= 0, "train.sparsity_warmup", "must be >= 0")
     _check(c.train.matmul_precision in ("default", "high", "highest"), "train.matmul_precision",
            "must be 'default', 'high' or 'highest'")
+    _check(c.train.matmul_dtype in ("float32", "bfloat16"), "train.matmul_dtype", "must be 'float32' or 'bfloat16'")
     _check(c.train.log_every > 0, "train.log_every", "must be positive")
     _check(c.train.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
     for axis in ("data", "latent", "stack"):
         size = c.mesh[axis]
         _check(size == -1 or size >= 1, f"mesh.{axis}", "must be -1 or a positive int")
     _check([c.mesh[a] for a in ("data", "latent", "stack")].count(-1) <= 1, "mesh", "at most one axis may be -1")
+    _check(c.mesh.plan in ("fixed", "auto"), "mesh.plan", f"{c.mesh.plan!r} is not 'fixed' or 'auto'")
     from saejax.chips import CHIPS
     _check(c.mesh.target_chip in CHIPS, "mesh.target_chip", f"{c.mesh.target_chip!r} is not one of {tuple(CHIPS)}")
     for f in c.release.formats:
-        _check(f in ("gemmascope", "saelens"), "release.formats", f"{f!r} is not 'gemmascope' or 'saelens'")
+        _check(f in ("gemmascope", "saelens", "circuit_tracer"), "release.formats",
+               f"{f!r} is not 'gemmascope', 'saelens' or 'circuit_tracer'")
     for a in c.analyze.analyses:
         _check(a in ANALYSES, "analyze.analyses", f"{a!r} is not one of {ANALYSES}")
     for key in ("rows", "fit_rows", "match_full_max", "match_candidates"):
@@ -422,6 +485,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
 def sites(c: ml_collections.ConfigDict) -> list[str]:
     """The configured hook sites, as ``"<kind>.<layer>"`` names (e.g. ``"res.12"``)."""
     return [f"{kind}.{layer}" for layer in c.harvest.layers for kind in c.harvest.kinds]
+
+
+def transcoder_pairs(c: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """(mlp_in.L, mlp.L) of every layer L in ``sae.transcoders``: a transcoder's (read, written) sites."""
+    return [(f"mlp_in.{layer}", f"mlp.{layer}") for layer in c.sae.transcoders]
+
+
+def pairs(c: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """The harvest's aligned pairs: ``harvest.pairs`` and those the transcoders imply."""
+    out = [tuple(p) for p in c.harvest.pairs]
+    return out + [p for p in transcoder_pairs(c) if p not in out]
 
 
 def schedule_steps(value: float, total_steps: int) -> int:
@@ -469,5 +543,6 @@ def runlocal(c: ml_collections.ConfigDict, model: str) -> None:
     c.train.lr_warmup = 0.1
     c.train.sparsity_warmup = 0.5
     c.mesh.data, c.mesh.stack, c.mesh.latent = -1, 1, 1
+    c.mesh.plan = "fixed"
     c.evaluate.contexts = 4
     c.evaluate.latent_cards = 2

@@ -8,9 +8,13 @@ from saejax import workdir as wd
 
 
 def synthetic_source(config):
-    """The planted-feature source of ``config.synthetic`` (sites ``res.0``, ``res.1``, ...)."""
-    from saejax.data.synthetic import SyntheticSource
+    """The planted-feature source of ``config.synthetic`` (sites ``res.0``, ``res.1``, ...); with
+    ``sae.transcoders``, aligned pairs ``mlp_in.L``, ``mlp.L`` with a planted sparse map instead."""
+    from saejax.data.synthetic import SyntheticPairs, SyntheticSource
     s = config.synthetic
+    if config.sae.transcoders:
+        return SyntheticPairs(config.sae.transcoders, d=s.d, n_features=s.n_features, active=s.active,
+                              zipf=s.zipf, noise=s.noise, seed=config.seed, dense=s.dense)
     sites = [f"res.{i}" for i in range(s.sites)]
     return SyntheticSource(sites, d=s.d, n_features=s.n_features, active=s.active, zipf=s.zipf,
                            noise=s.noise, seed=config.seed)
@@ -23,8 +27,22 @@ def make_source(config):
     from saejax import store
     st = store.open_store(wd.store_dir(config))
     store.check_store(st, config)  # written from this config's model, every configured site present
+    check_pairs(st, config)
     # a store may hold more sites than this run trains
     return st.reader(seed=config.seed, split="train", sites=cfg.sites(config))
+
+
+def check_pairs(st, config) -> None:
+    """Every transcoder's (mlp_in.L, mlp.L) is an aligned pair of the store (its manifest's ``pairs``):
+    a one-line StoreError naming the pair and the store otherwise."""
+    from saejax.store.manifest import align_keys
+    from saejax.store.reader import StoreError
+    keys = align_keys(st.sites, st.pairs)
+    for read, write in cfg.transcoder_pairs(config):
+        if keys.get(read) is None or keys.get(read) != keys.get(write):
+            raise StoreError(f"sae.transcoders: sites ({read}, {write}) are not an aligned pair in the store "
+                             f"{st.path} (its pairs: {[list(p) for p in st.pairs]}); harvest it with "
+                             f"sae.transcoders set")
 
 
 class PlannedSource:

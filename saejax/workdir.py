@@ -2,6 +2,7 @@
 
     <workdir>/store/                         the activation store (docs/store.md)
     <workdir>/store/manifest.json            its commit record
+    <workdir>/tokens/                        the tokenized corpus the harvest reuses (data.tokens_dir)
     <workdir>/train/<group>/                 one group's training (docs/training.md)
     <workdir>/train/<group>/checkpoints/     its orbax checkpoints
     <workdir>/train/<group>/metrics.jsonl    its logging steps
@@ -34,6 +35,11 @@ def store_dir(config) -> str:
 
 def manifest_path(config) -> str:
     return os.path.join(store_dir(config), "manifest.json")
+
+
+def tokens_dir(config) -> str:
+    """The tokenized corpus (saejax.data.tokens): ``data.tokens_dir``, by default ``<workdir>/tokens``."""
+    return config.data.get("tokens_dir") or os.path.join(config.workdir, "tokens")
 
 
 def train_dir(config) -> str:

@@ -2,10 +2,12 @@
 the memory refusal, and a group's state freed before the next group starts. 8 virtual CPU devices
 (tests/conftest.py), small shapes."""
 import dataclasses
+import os
 
 import jax
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from saejax import chips, config as cfg, mesh as meshlib
 from saejax.sae.group import GroupSpec
@@ -111,3 +113,69 @@ def test_previous_group_state_is_freed_before_the_next_starts(tmp_path, monkeypa
     monkeypatch.setattr(trainer.Trainer, "init_state", init_state)
     assert len(loop.run(c)) == 2
     assert live == [0, 0], live
+
+
+def _two_meshes_config(workdir):
+    """Two groups that the planner puts on different meshes of the 8 devices: on a chip with 4 MB
+    of memory the 64-wide group trains whole SAEs (stack x data), the 4,096-wide one must split latents."""
+    return _config(**{"workdir": str(workdir), "synthetic.sites": 2, "synthetic.d": 32,
+                      "synthetic.n_features": 64, "sae.widths": (64, 4096), "train.batch_size": 64,
+                      "train.tokens": 64 * 12, "train.log_every": 2, "train.checkpoint_every": 4,
+                      "mesh.data": 8, "mesh.plan": "auto"})
+
+
+def test_per_group_meshes_resume_bitwise(tmp_path, monkeypatch, capsys):
+    """mesh.plan = 'auto': each group trains on its own mesh of the same 8 devices; a run preempted
+    in the second group and rerun ends bitwise equal to a run never interrupted (the checkpoint
+    restores into that group's mesh)."""
+    monkeypatch.setitem(chips.CHIPS, "v5p", dataclasses.replace(chips.get("v5p"), hbm=4e6))
+    c = _two_meshes_config(tmp_path / "a")
+    cfg.validate(c)
+    plans = loop.plan_groups(c, loop.make_source(c))
+    meshes = cost.group_meshes(c, plans, 8)
+    assert meshes[0] == {"data": 4, "stack": 2, "latent": 1} and meshes[1]["latent"] > 1, meshes
+    want = loop.run(c)
+    err = capsys.readouterr().err
+    for (spec, _), sizes in zip(plans, meshes):
+        assert f"[{spec.name}] 2 sites x {spec.K} sweep members, 12 steps of 64 tokens (768 tokens), mesh {sizes}" in err
+
+    class Preempt:  # SIGTERM at step 6 of the second group
+        made = 0
+
+        def __init__(self):
+            Preempt.made += 1
+            self.at = 6 if Preempt.made == 2 else None
+
+        def reached(self, step):
+            return step == self.at
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(loop, "PreemptionWatch", Preempt)
+    c2 = _two_meshes_config(tmp_path / "b")
+    with pytest.raises(loop.Preempted):
+        loop.run(c2)
+    assert sorted(os.listdir(tmp_path / "b" / "train" / plans[1][0].name / "checkpoints")) == ["4", "6"]
+    got = loop.run(c2)
+    assert "resumed from the checkpoint at step 6" in capsys.readouterr().err
+    for a, b in zip(want, got):
+        pa, pb = load_file(os.path.join(a, "params.safetensors")), load_file(os.path.join(b, "params.safetensors"))
+        assert pa.keys() == pb.keys() and all(np.array_equal(pa[k], pb[k]) for k in pa), a
+        ma, mb = (open(os.path.join(os.path.dirname(p), "metrics.jsonl")).read() for p in (a, b))
+        assert ma == mb
+
+
+def test_mesh_plan_errors_are_one_line(tmp_path, monkeypatch):
+    """An unknown mesh.plan is refused naming the key; with 'auto', a group no mesh of the devices
+    fits is refused naming mesh.plan, before anything runs."""
+    c = _config(**{"mesh.plan": "best"})
+    with pytest.raises(cfg.ConfigError, match="mesh.plan"):
+        cfg.validate(c)
+    monkeypatch.setitem(chips.CHIPS, "v5p", dataclasses.replace(chips.get("v5p"), hbm=1e6))
+    c = _two_meshes_config(tmp_path)
+    cfg.validate(c)
+    with pytest.raises(cost.PlanError, match=r"^mesh.plan='auto': no mesh of 8 devices splits group "
+                       r"jumprelu_d32_w4096 .* \(mesh.target_chip\)$") as e:
+        loop.run(c)
+    assert "\n" not in str(e.value) and not (tmp_path / "train").exists()

@@ -280,3 +280,22 @@ def test_synthetic_runs_get_reconstruction_metrics_only(tmp_path):
     ident, zero, _ = doc["saes"]
     assert ident["fvu"] < 1e-10 and zero["fvu"] > 0.5 and ident.get("delta_lm_loss") is None
     assert doc["synthetic"] and saejax.evaluate.is_complete(c)
+
+
+def test_matryoshka_groups_report_fvu_per_prefix():
+    """Each prefix's FVU: its first m latents alone, against numpy."""
+    arrays, meta = probe_group(norm_scale=0.5)
+    meta = dict(meta, matryoshka=[3, D, 2 * D])
+    x = np.random.default_rng(2).standard_normal((200, D)).astype(np.float32)
+    out = metrics.site_metrics(meta, arrays, 0, x, chunk=64)
+    xn = x * 0.5
+    var = np.sum((xn - xn.mean(0)) ** 2)
+    for k in range(3):
+        w_enc, w_dec = arrays["W_enc"][0, k], arrays["W_dec"][0, k]
+        b_enc = arrays["b_enc"][0, k] - arrays["b_dec"][0, k] @ w_enc  # pre-encoder bias
+        f = np.maximum(xn @ w_enc + b_enc, 0)
+        for m in meta["matryoshka"]:
+            want = np.sum((f[:, :m] @ w_dec[:m] + arrays["b_dec"][0, k] - xn) ** 2) / var
+            assert abs(out[k]["fvu_prefix"][str(m)] - want) < 1e-5 * max(1, want), (k, m)
+        assert out[k]["fvu_prefix"][str(2 * D)] == pytest.approx(out[k]["fvu"], rel=1e-5)
+    assert out[0]["fvu_prefix"][str(D)] > 0.3 > out[0]["fvu"]  # the identity needs both halves

@@ -70,7 +70,8 @@ def test_default_pipeline_end_to_end_and_release_loads(tmp_path):
 
 def test_gemma_dry_run_plans_the_slice_offline(tmp_path, monkeypatch):
     """No network, two devices here: the Gemma 2 2B dry run still prints the store, the steps and
-    the per-device memory of its v5p mesh (built-in Gemma 2 shapes, the mesh from its shape alone)."""
+    the per-device memory of each group's v5p mesh (built-in Gemma 2 shapes, the meshes from the
+    slice's shape alone)."""
     spec = os.path.join(REPO, "experiments", "gemma2_2b.py") + ":width=16k"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = _saejax("run", "--config", spec, f"--config.workdir={tmp_path}", "--dry_run", cwd=tmp_path)
@@ -79,8 +80,13 @@ def test_gemma_dry_run_plans_the_slice_offline(tmp_path, monkeypatch):
     assert "res.25: width 2304" in text and "att.25: width 2048" in text  # Gemma 2 2B's site widths
     assert "needs 64 devices" in text
     line = next(ln for ln in text.splitlines() if "[jumprelu_d2304_w16384] dry run:" in ln)
-    # 52 sites x 5 targets x (2 x 2304 x 16384 + 16384 + 16384 + 2304) fp32, over stack 2 x latent 16
-    assert "per device: params 2,342.2 MiB" in line, line
+    # 52 sites x 5 targets x (2 x 2304 x 16384 + 16384 + 16384 + 2304) fp32, over stack 4 x latent 16:
+    # mesh.plan = "auto" gives each group its own mesh (the 26 att sites allow only stack 2)
+    assert "per device: params 1,171.1 MiB" in line, line
+    assert "mesh {'data': 1, 'stack': 4, 'latent': 16}" in next(
+        ln for ln in text.splitlines() if ln.startswith("[jumprelu_d2304_w16384] 52 sites"))
+    assert "mesh {'data': 1, 'stack': 2, 'latent': 32}" in next(
+        ln for ln in text.splitlines() if ln.startswith("[jumprelu_d2048_w16384] 26 sites"))
     # the step compiled on 64 virtual devices, projected on v5p, and the planner's proposal
     assert "[jumprelu_d2304_w16384] step cost per device, compiled program" in text
     assert "[jumprelu_d2304_w16384] projected on v5p" in text and "mesh planner (64 v5p chips)" in text
@@ -88,37 +94,63 @@ def test_gemma_dry_run_plans_the_slice_offline(tmp_path, monkeypatch):
 
 
 def _docstring_memory(name):
-    """(variant, mesh, peak GiB text) and the harvest line's GB text from a config's docstring."""
+    """(group, mesh) rows, (variant, peak GiB text) rows and the harvest line's GB text from a
+    config's docstring."""
     import re
     path = os.path.join(REPO, "experiments", f"{name}.py")
     text = open(path).read()
-    rows = re.findall(r"^\s+(:width=\S+|both widths)\s+mesh data (\d+) x stack (\d+) x latent (\d+); "
-                      r"peak ([\d.,]+) GiB per device$", text, re.M)
+    meshes = re.findall(r"^\s+(jumprelu_\S+)\s.*\smesh data (\d+) x stack (\d+) x latent (\d+)$", text, re.M)
+    peaks = re.findall(r"^\s+(:width=\S+|both widths)\s+peak ([\d.,]+) GiB per device$", text, re.M)
     harvest = re.search(r"^\s+harvest\s+shuffle buffers ~([\d.,]+ [GT]B) per process", text, re.M)
-    return path, rows, harvest.group(1) if harvest else None
+    return path, meshes, peaks, harvest.group(1) if harvest else None
 
 
 @pytest.mark.parametrize("name", ["gemma2_2b", "gemma2_9b"])
 def test_docstring_memory_equals_the_dry_run(name, monkeypatch):
-    """The mesh and memory figures a Gemma config's docstring quotes are what the dry run computes:
-    the config's mesh for each width set, the job's per-device peak (cost.memory_plan, what the
-    dry run prints) and the harvest's shuffle buffers per process."""
+    """The meshes and memory figures a Gemma config's docstring quotes are what the dry run computes:
+    each group's mesh (mesh.plan = "auto": the planner's per group, cost.group_meshes, for the slice
+    the config names and one process per host), the job's per-device peak for each width set
+    (cost.memory_plan, what the dry run prints) and the harvest's shuffle buffers per process."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from saejax import config as cfg, models
+    from saejax import chips, config as cfg, models
     from saejax.sources import PlannedSource
     from saejax.store import harvest
     from saejax.store.plan import Plan, fmt_bytes
     from saejax.train import cost
     from saejax.train.plan import plan_groups
-    path, rows, buffers = _docstring_memory(name)
-    assert len(rows) == 3 and buffers, "the docstring's memory block is missing"
-    for variant, D, S, L, peak in rows:
+    path, meshes, peaks, buffers = _docstring_memory(name)
+    assert len(meshes) == 4 and len(peaks) == 3 and buffers, "the docstring's memory block is missing"
+    quoted = {g: tuple(map(int, m)) for g, *m in meshes}
+    seen = {}
+    for variant, peak in peaks:
         config = cfg.load(path + (variant if variant.startswith(":") else ""))
-        sizes = cost.sizes_of(config.mesh)
-        assert (sizes["data"], sizes["stack"], sizes["latent"]) == (int(D), int(S), int(L)), variant
+        assert config.mesh.plan == "auto"
+        n = cost.math.prod(cost.sizes_of(config.mesh).values())
         model = models.load_shape(config.model.source)
         plans = plan_groups(config, PlannedSource({s: int(model.site_width(s)) for s in cfg.sites(config)}))
-        got = cost.memory_plan(config, plans, sizes)["peak"] / 2 ** 30
-        assert f"{got:,.2f}" == peak, (variant, got, peak)
+        got = cost.group_meshes(config, plans, n, n // chips.get(config.mesh.target_chip).chips_per_host)
+        for (spec, _), sizes in zip(plans, got):
+            assert quoted[spec.name] == cost.key(sizes), (variant, spec.name, sizes)
+            seen[spec.name] = sizes
+        gib = cost.memory_plan(config, plans, got)["peak"] / 2 ** 30
+        assert f"{gib:,.2f}" == peak, (variant, gib, peak)
+    assert set(seen) == set(quoted)
     pc = harvest._target_processes(config, 1, 1)
     assert fmt_bytes(Plan(config, model, None, pc).buffer_bytes) == buffers
+
+
+@pytest.mark.parametrize("spec,widths", [("gemma3.py:size=27b", ("res.61: width 5376", "att.61: width 4096")),
+                                         ("qwen3.py:size=8b", ("res.35: width 4096", "att.35: width 4096")),
+                                         ("olmo2.py:size=13b", ("res.39: width 5120", "att.39: width 5120"))])
+def test_new_family_dry_runs_plan_offline(spec, widths, tmp_path, monkeypatch):
+    """No network: Gemma 3 27B, Qwen 3 8B and OLMo 2 13B dry runs print their sites, store and
+    per-device memory from the built-in shapes, and write nothing."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = _saejax("run", "--config", os.path.join(REPO, "experiments", spec), f"--config.workdir={tmp_path}",
+                  "--dry_run", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    for w in widths:
+        assert w in text
+    assert "dry run:" in text and "per device: params" in text
+    assert not any(tmp_path.iterdir())

@@ -3,6 +3,7 @@
 The corpus is three small text files (byte tokenizer: ~560 tokens, 37 contexts of 16); the config
 is tests/configs/tiny.py. Subprocesses run ``python -m saejax.cli harvest``.
 """
+import dataclasses
 import io
 import json
 import re
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from saejax import config as cfg, models
-from saejax.data import corpus
+from saejax.data import corpus, tokens
 from saejax.store import StoreError, check_store, harvest, open_store
 from saejax.store.plan import Plan, print_plan, separator
 
@@ -124,8 +125,30 @@ def test_massive_activation_policy(setup):
     assert st.manifest["policy"] == {"skip_first": 2, "max_norm_ratio": 1.05}
 
 
-def cli(setup, workdir, env=None, extra=()):
-    cmd = [sys.executable, "-m", "saejax.cli", "harvest", "--config", TINY,
+# Runs the CLI with the model's tokenizer counting the documents it encodes; the count goes to argv[1].
+COUNTING_CLI = """
+import atexit, sys
+from saejax import cli, models
+from saejax.data import tokens
+calls, load, out = [0], models.load, sys.argv.pop(1)
+def counting_load(*args, **kwargs):
+    model = load(*args, **kwargs)
+    encode = model.tokenizer.encode
+    def counted(text):
+        calls[0] += text != tokens.PROBE
+        return encode(text)
+    model.tokenizer.encode = counted
+    return model
+models.load = counting_load
+atexit.register(lambda: open(out, "w").write(str(calls[0])))
+sys.exit(cli.main())
+"""
+
+
+def cli(setup, workdir, env=None, extra=(), count=None):
+    """``saejax harvest`` in a subprocess; ``count``: a file that receives its tokenizer's document count."""
+    run = [sys.executable, "-m", "saejax.cli"] if count is None else [sys.executable, "-c", COUNTING_CLI, str(count)]
+    cmd = [*run, "harvest", "--config", TINY,
            f"--config.data.corpus={setup['corpus']}", f"--config.workdir={workdir}", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -188,14 +211,18 @@ def test_sigterm_commits_exits_75_and_resumes_exactly(setup, base):
 
 
 def test_two_processes_equal_one(setup, base):
+    """... and tokenize the corpus once in all: process 0 writes the token folder, process 1 reads it."""
     work = setup["tmp"] / "two"
     port = free_port()
+    counts = [setup["tmp"] / f"two_calls_{i}" for i in range(2)]
     procs = [cli(setup, work, {"SAEJAX_COORDINATOR": f"localhost:{port}", "SAEJAX_NUM_PROCESSES": "2",
                                "SAEJAX_PROCESS_ID": str(i),
-                               "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}) for i in range(2)]
+                               "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, count=counts[i])
+             for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
+    assert [int(f.read_text()) for f in counts] == [len(TEXTS), 0]
     st = open_store(str(work / "store"))
     st.verify()
     files = [sh["file"] for sh in st.manifest["shards"]]
@@ -324,3 +351,100 @@ def test_bad_pairs_are_named(setup):
                          ("(('mlp.0', 'mlp.0'),)", "harvest.pairs.*is not a pair")):
         with pytest.raises(cfg.ConfigError, match=match):
             load(setup, setup["tmp"] / "bad", PAIRED[0], f"harvest.pairs={pairs}")
+
+
+# -- tokenize once (saejax.data.tokens) -----------------------------------------------------------
+
+class CountingTokenizer:
+    """The model's tokenizer, counting the documents it encodes (the identity probe aside);
+    ``shift`` > 0 maps byte ids b to (b + shift) % 256: another tokenizer under the same model name."""
+
+    def __init__(self, tok, shift=0):
+        self.tok, self.shift, self.calls = tok, shift, 0
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def encode(self, text):
+        self.calls += text != tokens.PROBE
+        ids = self.tok.encode(text)
+        return [(i + self.shift) % 256 if i < 256 else i for i in ids]
+
+
+def counting(model, shift=0):
+    return dataclasses.replace(model, tokenizer=CountingTokenizer(model.tokenizer, shift))
+
+
+def test_resume_reads_the_tokens_back(setup, base, monkeypatch):
+    """A harvest preempted after its first chunk resumes without tokenizing, into the very shards of
+    the uninterrupted run; the token files hold the corpus's contexts."""
+    c = load(setup, setup["tmp"] / "tok_resume")
+    m = counting(setup["model"])
+    monkeypatch.setenv("SAEJAX_HARVEST_CRASH", "term:commit:0")
+    with pytest.raises(SystemExit) as e:
+        harvest.run(c, model=m)
+    assert e.value.code == 75 and m.tokenizer.calls == len(TEXTS)
+    assert json.load(open(os.path.join(c.workdir, "store", "parts", "0.json")))["batches_done"] >= 1
+    monkeypatch.delenv("SAEJAX_HARVEST_CRASH")
+    m = counting(setup["model"])
+    harvest.run(c, model=m)
+    assert m.tokenizer.calls == 0
+    st = open_store(os.path.join(c.workdir, "store"))
+    assert shard_digests(st) == shard_digests(base["store"])
+    np.testing.assert_array_equal(st.heldout_tokens(), base["store"].heldout_tokens())
+    folder = os.path.join(c.workdir, "tokens")
+    record = json.load(open(os.path.join(folder, "tokens.json")))
+    on_disk = np.concatenate([np.load(os.path.join(folder, f["file"])) for f in record["files"]])
+    np.testing.assert_array_equal(on_disk, expected(setup, c)[0])
+    assert record["complete"] and record["contexts"] == len(on_disk)
+
+
+def test_second_harvest_of_other_sites_reuses_the_tokens(setup, base):
+    other = ["harvest.layers=(1, 2)", "harvest.kinds=('res', 'mlp')"]
+    c = load(setup, setup["tmp"] / "tok_other", *other,
+             f"data.tokens_dir={os.path.join(base['config'].workdir, 'tokens')}")
+    m = counting(setup["model"])
+    harvest.run(c, model=m)
+    assert m.tokenizer.calls == 0
+    ref = load(setup, setup["tmp"] / "tok_other_ref", *other)
+    harvest.run(ref, model=setup["model"])
+    st, want = open_store(os.path.join(c.workdir, "store")), open_store(os.path.join(ref.workdir, "store"))
+    assert st.sites == want.sites == ["res.1", "mlp.1", "res.2", "mlp.2"]
+    assert shard_digests(st) == shard_digests(want)  # the rows of a harvest from scratch
+    np.testing.assert_array_equal(st.heldout_tokens(), want.heldout_tokens())
+    assert not os.path.exists(os.path.join(c.workdir, "tokens"))
+
+
+def test_changed_corpus_or_tokenizer_is_detected(setup, tmp_path, monkeypatch, capsys):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for i, t in enumerate(TEXTS):
+        (d / f"{i}.txt").write_text(t)
+    c = cfg.load(TINY, [f"data.corpus={d}", f"workdir={tmp_path / 'w'}"])
+    store = tmp_path / "w" / "store"
+    monkeypatch.setenv("SAEJAX_HARVEST_CRASH", "term:commit:0")
+    with pytest.raises(SystemExit):
+        harvest.run(c, model=counting(setup["model"]))
+    monkeypatch.delenv("SAEJAX_HARVEST_CRASH")
+    (d / "1.txt").write_text(TEXTS[1].upper())
+    parts_before = open(store / "parts" / "0.json").read()
+    # a resume over changed text is refused: the committed rows come from the old tokens
+    with pytest.raises(tokens.TokensError, match="tokens.json: corpus_sha256 changed since this harvest began"):
+        harvest.run(c, model=counting(setup["model"]))
+    assert open(store / "parts" / "0.json").read() == parts_before
+    # a new harvest tokenizes the new text (a notice says why)
+    shutil.rmtree(store)
+    m = counting(setup["model"])
+    capsys.readouterr()
+    harvest.run(c, model=m)
+    assert m.tokenizer.calls == len(TEXTS) and "its corpus_sha256 differ" in capsys.readouterr().err
+    toks = expected(setup, c)[0]
+    assert b"FOUR DAYS" in bytes(toks[toks < 256].astype(np.uint8))
+    np.testing.assert_array_equal(open_store(str(store)).heldout_tokens(), toks[:c.data.heldout_contexts])
+    # another tokenizer under the same model name: the probe's ids differ, tokenized again
+    shutil.rmtree(store)
+    m = counting(setup["model"], shift=1)
+    harvest.run(c, model=m)
+    assert m.tokenizer.calls == len(TEXTS) and "its probe_sha256 differ" in capsys.readouterr().err
+    held = open_store(str(store)).heldout_tokens()
+    assert held[0, 1] == (toks[0, 1] + 1) % 256

@@ -33,9 +33,9 @@ class CappedReLU(Kind):
     def activate(self, pre, threshold, ks):
         return jnp.minimum(jax.nn.relu(pre), CAP)
 
-    def loss(self, spec, hp, params, state, x, lam):
+    def loss(self, spec, hp, params, state, x, y, lam):
         _, f, x_hat = self.train_forward(spec, params, x)
-        return recon_terms(x, f, x_hat, sparsity=lam * jnp.mean(jnp.sum(f, -1), -1))
+        return recon_terms(y, f, x_hat, sparsity=lam * jnp.mean(jnp.sum(f, -1), -1))
 
 
 def test_registered_kind_trains_on_the_synthetic_config(tmp_path):

@@ -40,8 +40,12 @@ def _source():
 
 
 def _spec(arch):
+    """``arch``, or ``arch:matryoshka``: prefixes 20 and 48 of 128 latents fall inside the 32-latent
+    shards of latent 4 (and the 64 of latent 2)."""
+    arch, _, variant = arch.partition(":")
     sparsity = (4.0, 12.0) if arch in ("topk", "batchtopk") else (0.003, 0.01)
-    return GroupSpec(arch=arch, sites=SITES, d=32, width=128, sweep=sparsity, auxk_k=32)
+    return GroupSpec(arch=arch, sites=SITES, d=32, width=128, sweep=sparsity, auxk_k=32,
+                     matryoshka=(20, 48, 128) if variant else ())
 
 
 def _hp(steps=100, **kw):
@@ -70,7 +74,7 @@ def _one_step(spec, hp, src, name):
     return g, to_host(new), to_host(m)
 
 
-@pytest.mark.parametrize("arch", ["jumprelu", "topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["jumprelu", "topk", "batchtopk", "jumprelu:matryoshka", "batchtopk:matryoshka"])
 def test_one_step_update_matches_one_device(arch):
     spec, hp, src = _spec(arch), _hp(), _source()
     ref_g, ref, ref_m = _one_step(spec, hp, src, "one")

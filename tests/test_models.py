@@ -1,9 +1,10 @@
 """saejax.models against transformers' PyTorch models (the reference) and the real SmolLM2 GGUF.
 
-Tiny random configs are built in transformers, saved as checkpoint directories and loaded back
-with ``hf:<dir>``, so the same weights run in both; logits and every hook site must agree to
-1e-4 relative. Torch hooks: res = decoder layer output, att = input of o_proj, mlp_in = input of
-the MLP, mlp = output of the MLP (Gemma 2: of post_feedforward_layernorm).
+Tiny random configs of every family are built in transformers (eager attention, the installed
+version's config names), saved as checkpoint directories and loaded back with ``hf:<dir>``, so the
+same weights run in both; logits and every hook site must agree to 1e-4 relative. Torch hooks:
+res = decoder layer output, att = input of o_proj, mlp_in = input of the MLP, mlp = output of the
+MLP (Gemma 2/3 and OLMo 2: of post_feedforward_layernorm, the term added to the residual stream).
 """
 import dataclasses
 import glob
@@ -38,7 +39,23 @@ CONFIGS = {
     "gemma2": C.ModelConfig("gemma2", 3, 64, 4, 2, 24, 96, 300, 1e-6, 10000.0, None, tie_embeddings=True,
                             sliding_window=8, sliding_layers=(True, False, True), query_pre_attn_scalar=32.0,
                             attn_softcap=3.0, final_softcap=5.0),
+    # 5:1 local/global over 7 layers (layer 5 global, layer 6 local again), window 8 < L, local base 10k,
+    # global base 1M with linear scaling 8 (the test checks both bases matter), per-head QK-norm (1+w),
+    # query_pre_attn_scalar 20 != head_dim 24, GQA 4 on 2
+    "gemma3": C.ModelConfig("gemma3", 7, 64, 4, 2, 24, 96, 300, 1e-6, 1_000_000.0,
+                            {"rope_type": "linear", "factor": 8.0}, tie_embeddings=True, sliding_window=8,
+                            sliding_layers=(True,) * 5 + (False, True), query_pre_attn_scalar=20.0,
+                            rope_local_theta=10_000.0),
+    # GQA 4 on 2, per-head QK-norm, head_dim 32 so att width 128 != d 64, untied
+    "qwen3": C.ModelConfig("qwen3", 3, 64, 4, 2, 32, 96, 300, 1e-6, 1_000_000.0, None, tie_embeddings=False),
+    # q/k/v biases, GQA, tied
+    "qwen2": C.ModelConfig("qwen2", 2, 64, 4, 2, 16, 96, 300, 1e-6, 1_000_000.0, None, tie_embeddings=True),
+    # post-norms, no pre-norms, QK-norm over the whole q (64) and k (2 kv heads: 32) projections
+    "olmo2": C.ModelConfig("olmo2", 3, 64, 4, 2, 16, 96, 300, 1e-6, 500_000.0, None, tie_embeddings=False),
 }
+HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+              "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "olmo2": ("Olmo2Config", "Olmo2ForCausalLM")}
 
 
 def rel(a, b):
@@ -46,51 +63,82 @@ def rel(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+def perturb(model, arch):
+    """Weights away from their init so that everything matters: norms off 1 (or 0), biases non-zero,
+    embeddings and projections scaled up."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.2 * torch.randn_like(p))
+            elif n.endswith("bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+            elif "embed" in n:
+                p.mul_(50.0 if C.FAMILIES[arch].embed_scale else 30.0)
+            elif "proj" in n or "lm_head" in n:
+                p.mul_(10.0)
+    return model.eval()
+
+
 def make_reference(cfg, path):
     """A random transformers model of ``cfg`` saved to ``path``; returns the torch model."""
     torch.manual_seed(0)
     d = C.to_hf(cfg)
-    if cfg.arch == "gemma2":
-        hf_cfg = transformers.Gemma2Config(**{k: v for k, v in d.items() if k != "model_type"},
-                                           attn_implementation="eager")
-        model = transformers.Gemma2ForCausalLM(hf_cfg)
-    else:
-        hf_cfg = transformers.LlamaConfig(**{k: v for k, v in d.items() if k != "model_type"})
-        model = transformers.LlamaForCausalLM(hf_cfg)
-    with torch.no_grad():  # norms away from their init (1 or 0) so that they matter
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.add_(0.2 * torch.randn_like(p))
-            elif "embed" in n:
-                p.mul_(30.0 if cfg.arch == "llama" else 50.0)
-            elif "proj" in n or "lm_head" in n:
-                p.mul_(10.0)
-    model.eval()
+    conf_cls, model_cls = (getattr(transformers, n) for n in HF_CLASSES[cfg.arch])
+    hf_cfg = conf_cls(**{k: v for k, v in d.items() if k not in ("model_type", "architectures")},
+                      attn_implementation="eager")
+    if hf_cfg.bos_token_id is None:  # Qwen's and OLMo 2's configs name none by default; real checkpoints do
+        hf_cfg.bos_token_id = 1
+    model = perturb(model_cls(hf_cfg), cfg.arch)
     model.save_pretrained(path)
     return model
 
 
-def torch_run(model, ids, arch):
+def torch_run(model, ids, arch, layers=None):
     """(logits, {site: activation}) from the torch model with forward hooks."""
     acts, hooks = {}, []
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(layers if layers is not None else model.model.layers):
         def save(name):
             return lambda mod, inp, out: acts.__setitem__(name, (out[0] if isinstance(out, tuple) else out).detach())
         hooks.append(layer.register_forward_hook(save(f"res.{i}")))
         hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(
             lambda mod, inp, i=i: acts.__setitem__(f"att.{i}", inp[0].detach())))
-        mlp_out = layer.post_feedforward_layernorm if arch == "gemma2" else layer.mlp
+        mlp_out = layer.post_feedforward_layernorm if C.FAMILIES[arch].norms != "pre" else layer.mlp
         hooks.append(mlp_out.register_forward_hook(save(f"mlp.{i}")))
         hooks.append(layer.mlp.register_forward_pre_hook(
             lambda mod, inp, i=i: acts.__setitem__(f"mlp_in.{i}", inp[0].detach())))
-        pre_mlp = layer.pre_feedforward_layernorm if arch == "gemma2" else layer.post_attention_layernorm
-        hooks.append(pre_mlp.register_forward_pre_hook(  # the residual stream the pre-MLP norm reads
-            lambda mod, inp, i=i: acts.__setitem__(f"resid_mid.{i}", inp[0].detach())))
+        norms = C.FAMILIES[arch].norms
+        pre_mlp = {"sandwich": "pre_feedforward_layernorm", "pre": "post_attention_layernorm", "post": "mlp"}[norms]
+        hooks.append(getattr(layer, pre_mlp).register_forward_pre_hook(  # the residual stream the MLP
+            lambda mod, inp, i=i: acts.__setitem__(f"resid_mid.{i}", inp[0].detach())))  # (pre-)norm reads
     with torch.no_grad():
         logits = model(torch.tensor(ids)).logits
     for h in hooks:
         h.remove()
     return logits.numpy(), {k: v.numpy() for k, v in acts.items()}
+
+
+def check_parity(model, ref, cfg, ids, layers=None):
+    want_logits, want = torch_run(ref, ids, cfg.arch, layers)
+    sites = tuple(f"{k}.{i}" for i in range(cfg.n_layers) for k in ("res", "att", "mlp_in", "mlp"))
+    logits, acts = model.forward_fn(sites)(model.params, jnp.asarray(ids))
+    assert rel(logits, want_logits) < 1e-4, cfg.arch
+    for s in sites:
+        assert acts[s].shape == want[s].shape and acts[s].shape[-1] == model.site_width(s)
+        assert rel(acts[s], want[s]) < 1e-4, (cfg.arch, s)
+    fam = C.FAMILIES[cfg.arch]
+    tlayers = layers if layers is not None else ref.model.layers
+    for i in range(cfg.n_layers):  # mlp_in = rms(resid_mid) * gain, gain = 1 + w (Gemma) or w; OLMo 2: resid_mid
+        r = want[f"resid_mid.{i}"].astype(np.float64)
+        gain = model.mlp_in_gain(i)
+        if fam.norms == "post":
+            np.testing.assert_array_equal(gain, np.ones(cfg.d_model, np.float32))
+            assert rel(np.asarray(acts[f"mlp_in.{i}"]), r) < 1e-4, (cfg.arch, i)
+            continue
+        normed = r / np.sqrt(np.mean(r * r, axis=-1, keepdims=True) + cfg.rms_eps)
+        norm = tlayers[i].pre_feedforward_layernorm if fam.norms == "sandwich" else tlayers[i].post_attention_layernorm
+        np.testing.assert_allclose(gain, (1.0 if fam.norm_offset else 0.0) + norm.weight.detach().numpy(), rtol=1e-6)
+        assert rel(np.asarray(acts[f"mlp_in.{i}"]) / gain, normed) < 1e-4, (cfg.arch, i)
+    return logits
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -100,33 +148,78 @@ def test_parity_with_transformers(name, tmp_path):
     model = M.load(f"hf:{tmp_path / name}")
     assert model.config == cfg  # config.json round trip
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, L))
-    want_logits, want = torch_run(ref, ids, cfg.arch)
-    sites = tuple(f"{k}.{i}" for i in range(cfg.n_layers) for k in ("res", "att", "mlp_in", "mlp"))
-    logits, acts = model.forward_fn(sites)(model.params, jnp.asarray(ids))
-    assert rel(logits, want_logits) < 1e-4, name
-    for s in sites:
-        assert acts[s].shape == want[s].shape and acts[s].shape[-1] == model.site_width(s)
-        assert rel(acts[s], want[s]) < 1e-4, (name, s)
-    for i in range(cfg.n_layers):  # mlp_in = rms(resid_mid) * gain, gain = 1 + w (Gemma 2) or w (Llama)
-        r = want[f"resid_mid.{i}"].astype(np.float64)
-        normed = r / np.sqrt(np.mean(r * r, axis=-1, keepdims=True) + cfg.rms_eps)
-        gain = model.mlp_in_gain(i)
-        w = ref.model.layers[i].pre_feedforward_layernorm.weight if cfg.arch == "gemma2" \
-            else ref.model.layers[i].post_attention_layernorm.weight
-        np.testing.assert_allclose(gain, (1.0 if cfg.arch == "gemma2" else 0.0) + w.detach().numpy(), rtol=1e-6)
-        assert rel(np.asarray(acts[f"mlp_in.{i}"]) / gain, normed) < 1e-4, (name, i)
+    logits = check_parity(model, ref, cfg, ids)
     if cfg.final_softcap:  # both caps bite: logits reach near the cap; without the caps they differ
-        assert np.abs(want_logits).max() > 0.8 * cfg.final_softcap
         for field in ("attn_softcap", "final_softcap"):
             uncapped = M.transformer.forward(dataclasses.replace(cfg, **{field: None}), model.params, ids)[0]
             assert rel(uncapped, logits) > 1e-2, field
-    if cfg.arch == "gemma2":
+    if cfg.final_softcap:
+        assert np.abs(torch_run(ref, ids, cfg.arch)[0]).max() > 0.8 * cfg.final_softcap
+    if cfg.arch in ("gemma2", "gemma3"):
         assert model.site_width("att.0") == 96 != cfg.d_model
+    if cfg.arch == "gemma3":  # both RoPE bases and the global scaling change the logits
+        for change in (dict(rope_local_theta=None), dict(rope_local_theta=cfg.rope_theta),
+                       dict(rope_scaling=None), dict(sliding_layers=(False,) * cfg.n_layers)):
+            other = M.transformer.forward(dataclasses.replace(cfg, **change), model.params, ids)[0]
+            assert rel(other, logits) > 1e-3, change
     if name == "llama-tied":  # a bfloat16 checkpoint (numpy has no bf16) loads, into float32 too
         ref.to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
         wq = np.asarray(M.load(f"hf:{tmp_path / 'bf16'}").params["layers"][1]["wq"])
         assert wq.dtype == np.float32
         np.testing.assert_array_equal(wq, np.asarray(jnp.asarray(model.params["layers"][1]["wq"], jnp.bfloat16), np.float32))
+
+
+def test_gemma3_multimodal_checkpoint_loads_the_text_tower(tmp_path):
+    """A Gemma3ForConditionalGeneration checkpoint (nested text_config, a vision tower, text weights
+    under language_model.model.*, the published layout transformers 5 also saves) loads its text tower
+    alone, matching the torch model on text ids; so does a checkpoint with transformers 5's in-memory
+    names (model.language_model.*) and a config.json in transformers 4's names (rope_theta,
+    rope_local_base_freq, rope_scaling)."""
+    from safetensors.torch import load_file, save_file
+    cfg = CONFIGS["gemma3"]
+    text = {k: v for k, v in C.to_hf(cfg).items() if k not in ("model_type", "architectures")}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    hf_cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       attn_implementation="eager")
+    ref = perturb(transformers.Gemma3ForConditionalGeneration(hf_cfg), "gemma3")
+    ref.save_pretrained(str(tmp_path / "v5"))
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, L))
+    layers = ref.model.language_model.layers
+    model = M.load(f"hf:{tmp_path / 'v5'}")
+    assert model.config == cfg
+    want = check_parity(model, ref, cfg, ids, layers)
+    # the other names: rename the tensors and write the config with transformers 4's names
+    (tmp_path / "v4").mkdir()
+    tensors = {}
+    for f in glob.glob(str(tmp_path / "v5" / "*.safetensors")):
+        tensors.update(load_file(f))
+    assert any(k.startswith("vision_tower.") for k in tensors)
+    assert any(k.startswith("language_model.model.layers.") for k in tensors)
+    save_file({k.replace("language_model.model.", "model.language_model."): v.contiguous()
+               for k, v in tensors.items()}, str(tmp_path / "v4" / "model.safetensors"))
+    v4 = {k: v for k, v in text.items() if k != "rope_parameters"}
+    v4.update(model_type="gemma3_text", rope_theta=cfg.rope_theta, rope_local_base_freq=cfg.rope_local_theta,
+              rope_scaling={"factor": 8.0, "rope_type": "linear"}, bos_token_id=2)
+    (tmp_path / "v4" / "config.json").write_text(json.dumps({
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "eos_token_id": [1, 106], "text_config": v4, "vision_config": vision}))
+    m4 = M.load(f"hf:{tmp_path / 'v4'}")
+    assert m4.config == cfg and m4.context_start_id == 2 and {1, 2, 106} <= set(m4.special_ids)
+    np.testing.assert_array_equal(np.asarray(m4.forward_fn()(m4.params, jnp.asarray(ids))[0]), np.asarray(want))
+
+
+def test_gemma3_config_names():
+    """The 5:1 pattern from sliding_window_pattern alone, and the built-in 27B shape (text_config
+    relying on Gemma3TextConfig's defaults)."""
+    c = C.from_hf({"model_type": "gemma3_text", "num_hidden_layers": 12, "sliding_window_pattern": 6,
+                   "hidden_size": 64, "intermediate_size": 96})
+    assert c.sliding_layers == (True,) * 5 + (False,) + (True,) * 5 + (False,)
+    assert (c.rope_theta, c.rope_local_theta, c.vocab_size, c.tie_embeddings) == (1e6, 1e4, 262208, True)
+    big = C.from_hf(W.KNOWN_HF_CONFIGS["google/gemma-3-27b-pt"])
+    assert (big.n_layers, big.d_model, big.att_width, big.query_pre_attn_scalar) == (62, 5376, 4096, 168.0)
+    assert big.rope_scaling == {"rope_type": "linear", "factor": 8.0} and sum(big.sliding_layers) == 52
 
 
 def test_sliding_window_matters():
@@ -147,7 +240,11 @@ def test_sliding_window_matters():
 
 
 @pytest.mark.parametrize("preset,sites", [("random:tiny-llama", ("res.1", "mlp.2")),
-                                          ("random:tiny-gemma2", ("att.1", "mlp.2"))])
+                                          ("random:tiny-gemma2", ("att.1", "mlp.2")),
+                                          ("random:tiny-gemma3", ("att.1", "mlp_in.2")),
+                                          ("random:tiny-qwen3", ("att.1", "mlp.2")),
+                                          ("random:tiny-qwen2", ("mlp_in.1", "res.2")),
+                                          ("random:tiny-olmo2", ("att.1", "mlp_in.2"))])
 def test_splice(preset, sites):
     model = M.load(preset)
     p = model.params
@@ -254,6 +351,10 @@ def test_bad_sources(tmp_path):
         M.load("random:nope")
     with pytest.raises(ValueError, match="'mistral'.*llama, gemma2"):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+        M.load(f"hf:{tmp_path}")
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3"}))
+    with pytest.raises(ValueError, match=r"^unsupported architecture 'Qwen3MoeForCausalLM'; supported: "
+                                         r"llama, gemma2, gemma3, qwen2, qwen3, olmo2 \(LlamaForCausalLM.*Olmo2ForCausalLM\)$"):
         M.load(f"hf:{tmp_path}")
     good = C.to_hf(CONFIGS["llama-tied"])
     with pytest.raises(ValueError, match="attention_bias=True"):  # biases would be dropped silently

@@ -427,3 +427,24 @@ def test_push_to_hub_failure_is_one_line_naming_the_repo(released, tmp_path, mon
                                                           r"\(OSError: Network is unreachable\); rerun to resume$"):
         saejax.release.run(c)
     assert os.path.isfile(os.path.join(work, "release", "suite.json"))  # the release itself is written
+
+
+def test_matryoshka_prefix_sizes_in_suite_and_saelens_cfg(tmp_path):
+    name = "topk_d16_w32"
+    g = make_group("topk", sparsity=(2, 5))
+    meta = dict(g[4], matryoshka=[8, 16, M])
+    sae_io.save_group(str(tmp_path / "train" / name / "final"), g[3], meta)
+    results = _results({name: g[:4] + (meta,)}, lambda t: raw_rows(256, t))
+    assert set(results[0]["fvu_prefix"]) == {"8", "16", str(M)}
+    os.makedirs(tmp_path / "evaluate")
+    with open(tmp_path / "evaluate" / "results.json", "w") as fh:
+        json.dump({"format": "saejax-eval/1", "model": "fake", "contexts": 4, "groups": [name], "saes": results}, fh)
+    c = cfg.defaults()
+    c.workdir = str(tmp_path)
+    saejax.release.run(c)
+    with open(tmp_path / "release" / "suite.json") as fh:
+        suite = json.load(fh)
+    for e in suite["saes"]:
+        assert e["matryoshka"] == [8, 16, M] and set(e["metrics"]["fvu_prefix"]) == {"8", "16", str(M)}
+        with open(tmp_path / "release" / e["saelens"] / "cfg.json") as fh:
+            assert json.load(fh)["metadata"]["matryoshka_widths"] == [8, 16, M]

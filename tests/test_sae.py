@@ -63,17 +63,22 @@ def test_jumprelu_l0_both_cotangents_and_broadcast_theta():
         np.testing.assert_allclose(dtheta, want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("blocks", [1, 3])
-def test_mse_l0_equals_autodiff_through_jumprelu_l0(blocks):
+@pytest.mark.parametrize("blocks,target", [(1, "x"), (3, "x"), (3, "y"), (1, "skip"), (3, "skip")])
+def test_mse_l0_equals_autodiff_through_jumprelu_l0(blocks, target):
     """The row-blocked training op gives the values and gradients of plain matmuls with
     ``jumprelu_l0`` (its per-latent counts are the L0 of the transposed [M, B] pre-activations),
-    for any cotangents on the mse and on each latent's count."""
+    for any cotangents on the mse and on each latent's count: an SAE (target x), a transcoder
+    (target y of another width) and a skip-transcoder (y_hat += x @ W_skip)."""
     T, K, B, d, M, eps = 2, 2, 12, 5, 7, 0.5
+    d_out = d if target == "x" else 3
     r = np.random.default_rng(0)
     x = jnp.asarray(r.normal(size=(T, B, d)), jnp.float32)
+    y = x if target == "x" else jnp.asarray(r.normal(size=(T, B, d_out)), jnp.float32)
     p = {"w_enc": r.normal(size=(T, K, d, M)), "b_enc": 0.3 * r.normal(size=(T, K, M)),
-         "w_dec": r.normal(size=(T, K, M, d)), "b_dec": r.normal(size=(T, K, d)),
+         "w_dec": r.normal(size=(T, K, M, d_out)), "b_dec": r.normal(size=(T, K, d_out)),
          "theta": r.uniform(0.2, 1.5, size=(T, K, M))}
+    if target == "skip":
+        p["w_skip"] = 0.5 * r.normal(size=(T, K, d, d_out))
     p = {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
     a = jnp.asarray(r.normal(size=(T, K)), jnp.float32)  # cotangent of each SAE's mse
     c = jnp.asarray(r.normal(size=(T, K, M)), jnp.float32)  # cotangent of each latent's count
@@ -83,12 +88,16 @@ def test_mse_l0_equals_autodiff_through_jumprelu_l0(blocks):
         pre = jnp.matmul(x[:, None], p["w_enc"], precision=hi) + p["b_enc"][:, :, None, :]
         f_t, counts = jr.jumprelu_l0(jnp.swapaxes(pre, -1, -2), p["theta"][..., None], eps)  # [T, K, M, B]
         x_hat = jnp.matmul(jnp.swapaxes(f_t, -1, -2), p["w_dec"], precision=hi) + p["b_dec"][:, :, None, :]
-        mse = jnp.mean(jnp.sum(jnp.square(x_hat - x[:, None]), -1), -1)
+        if "w_skip" in p:
+            x_hat = x_hat + jnp.matmul(x[:, None], p["w_skip"], precision=hi)
+        mse = jnp.mean(jnp.sum(jnp.square(x_hat - y[:, None]), -1), -1)
         return mse, counts, pre
 
     def fused(p):  # row block c: rows c*b .. (c+1)*b - 1
-        xb = jnp.moveaxis(x.reshape(T, blocks, B // blocks, d), 1, 0)
-        return jr.mse_l0(xb, p["w_enc"], p["b_enc"], p["w_dec"], p["b_dec"], p["theta"], eps, hi)
+        blocks_of = lambda a: jnp.moveaxis(a.reshape(T, blocks, B // blocks, a.shape[-1]), 1, 0)  # noqa: E731
+        yb = None if target == "x" else blocks_of(y)
+        return jr.mse_l0(blocks_of(x), yb, p["w_enc"], p["b_enc"], p["w_dec"], p["b_dec"], p["theta"],
+                         p.get("w_skip"), eps, hi)
 
     mse, counts, pre = reference(p)
     window = np.abs((np.asarray(pre) - np.asarray(p["theta"])[:, :, None, :]) / eps) < 0.5

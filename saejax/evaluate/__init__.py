@@ -116,16 +116,26 @@ class _Rows:
 
 def _check(groups, data):
     for name, _, meta in groups:
-        for site in meta["sites"]:
+        reads = meta.get("reads") or meta["sites"]
+        d_out = meta.get("d_out") or meta["d"]
+        for site, width in [(s, meta["d"]) for s in reads] + ([(s, d_out) for s in meta["sites"]]
+                                                            if meta.get("reads") else []):
             if site not in data.sites:
                 raise EvaluateError(f"group {name}: site {site!r} is not in the held-out data (sites {data.sites})")
-            if data.width(site) != meta["d"]:
+            if data.width(site) != width:
                 raise EvaluateError(f"group {name}: site {site} has width {data.width(site)} in the data, "
-                                    f"the SAEs take {meta['d']}")
+                                    f"the SAEs take {width}")
 
 
 def sae_id(group: str, site: str, member: int) -> str:
     return f"{site}__{group}__{member}"
+
+
+def entry_site(meta: dict, t: int) -> str:
+    """The name results and releases give SAE site t of a group: its site (``res.3``), or for a
+    transcoder ``transcoder.L`` (it reads mlp_in.L and writes mlp.L: results record both)."""
+    site = meta["sites"][t]
+    return f"transcoder.{site.split('.')[1]}" if meta.get("reads") else site
 
 
 def run(config, dry_run: bool = False) -> dict | None:
@@ -242,17 +252,28 @@ def _evaluate_group(name, arrays, meta, data, model, config, rng, out, bar=None)
     seed = sae_io.seeds(meta)
     for t, site in enumerate(meta["sites"]):
         rows, rmeta = data.rows(site)
-        recon, density = metrics.site_metrics(meta, arrays, t, rows, return_density=True)
+        read = meta["reads"][t] if meta.get("reads") else None
+        read_rows = data.rows(read)[0] if read else None
+        recon, density = metrics.site_metrics(meta, arrays, t, rows, return_density=True, read_rows=read_rows)
         losses = [{}] * len(recon)
         if model is not None:
-            losses = splice.site_losses(model, model.params, site, meta, arrays, t, data.tokens,
-                                        data.policy(site), batch=int(config.evaluate.batch_contexts))
+            policy = data.policy(site)
+            if read:  # a position counts if both sites' policies keep it
+                import dataclasses
+                policy = dataclasses.replace(policy, read_max_norm=data.policy(read).max_norm)
+            losses = splice.site_losses(model, model.params, site, meta, arrays, t, data.tokens, policy,
+                                        batch=int(config.evaluate.batch_contexts), read=read,
+                                        read_scale=meta["read_norm_scale"][t] if read else None)
+        name_site = entry_site(meta, t)
         card_of = {}
         if model is not None and config.evaluate.latent_cards > 0:
-            card_of = _cards(name, site, t, meta, arrays, rows, rmeta, density, recon, data, model, config, rng, out)
+            card_of = _cards(name, name_site, t, meta, arrays, rows if read is None else read_rows, rmeta, density,
+                             recon, data, model, config, rng, out)
         for k, (r, lo) in enumerate(zip(recon, losses)):
             results.append({
-                "id": sae_id(name, site, k), "group": name, "site": site, "kind": site.split(".")[0],
+                "id": sae_id(name, name_site, k), "group": name, "site": name_site, "kind": name_site.split(".")[0],
+                **({"reads": read, "writes": site, "skip": bool(meta.get("skip")), "d_out": meta["d_out"]}
+                   if read else {}),
                 "layer": int(site.split(".")[1]), "t": t, "member": k, "arch": meta["arch"], "d": meta["d"],
                 "width": meta["width"], "sparsity": meta["sweep"][k],
                 "target_l0": meta["target_l0"][k] if meta.get("target_l0") else None,
@@ -275,10 +296,11 @@ def _cards(name, site, t, meta, arrays, rows, rmeta, density, recon, data, model
         live = np.flatnonzero(density[k] > 0)
         pool = live if len(live) >= S else np.arange(M)
         latents[k] = np.sort(rng.choice(pool, S, replace=False))
-    acts, idx = metrics.top_activations(meta, arrays, t, rows, latents, N_TOP)
+    in_scale = float((meta.get("read_norm_scale") or meta["norm_scale"])[t])  # of the rows the latents read
+    acts, idx = metrics.top_activations(meta, arrays, t, rows, latents, N_TOP, scale=in_scale)
     row_of = {int(c): i for i, c in enumerate(data.all_context_ids)}
     decode = getattr(getattr(model, "tokenizer", None), "decode", None)
-    scale = 1.0 / float(meta["norm_scale"][t])  # cards show activations of the released (raw-input) SAE
+    scale = 1.0 / in_scale  # cards show activations of the released (raw-input) SAE
     paths = {}
     for k in range(K):
         lats = []

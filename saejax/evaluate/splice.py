@@ -65,7 +65,7 @@ def variants(arch, ks, sae, scale, act, mask, x_in=None, in_scale=None):
     x = act.astype(jnp.float32)
     src, s_in = (x, scale) if x_in is None else (x_in.astype(jnp.float32), in_scale)
     f = apply.encode_stacked(arch, sae, (src * s_in).reshape(1, B * L, src.shape[-1]), ks)
-    x_hat = apply.decode_stacked(sae, f)[0].reshape(-1, B, L, w) / scale  # [Kc, B, L, w]
+    x_hat = apply.decode_stacked(sae, f, (src * s_in).reshape(1, B * L, src.shape[-1]))[0].reshape(-1, B, L, w) / scale
     m = mask[:, :, None]  # [B, L, 1]
     out = jnp.concatenate([x[None], jnp.where(m, 0.0, x)[None], jnp.where(m[None], x_hat, x[None])])
     return out.reshape(-1, L, w).astype(act.dtype)

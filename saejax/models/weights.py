@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ARCHS, ModelConfig, ModelError, from_hf
+from .config import ModelConfig, ModelError, from_hf
 from .tokenizer import HFTokenizer, MissingTokenizer, bpe_from_gguf
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,7 +73,7 @@ def load_gguf(path: str, dtype: str, make, name: str | None = None):
     arch = f.get("general.architecture")
     if arch != "llama":
         raise ModelError(f"unsupported GGUF architecture {arch!r} in {path}; supported: llama "
-                         f"(other architectures {', '.join(a for a in ARCHS if a != 'llama')}: use hf:<dir>)")
+                         f"(other families: use hf:<dir>)")
     tensors = {t.name: t for t in r.tensors}
     if "rope_freqs.weight" in tensors or "llama.rope.scaling.type" in f:
         raise ModelError(f"{path}: GGUF rope scaling is not supported; load the checkpoint with hf:<dir>")
@@ -164,9 +164,55 @@ KNOWN_HF_CONFIGS = {
 }
 
 
+# Gemma 3 (google/gemma-3-{270m,1b-pt,4b-pt,12b-pt,27b-pt}): the two small ones are Gemma3ForCausalLM,
+# the others Gemma3ForConditionalGeneration whose text_config leaves out Gemma3TextConfig's defaults.
+_G3 = dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", vocab_size=262144, head_dim=256,
+           num_attention_heads=4, num_key_value_heads=1, sliding_window=512, rope_scaling=None)
+
+
+def _g3mm(**text):
+    return dict(architectures=["Gemma3ForConditionalGeneration"], model_type="gemma3", eos_token_id=[1, 106],
+                text_config=dict(model_type="gemma3_text", sliding_window=1024,
+                                 rope_scaling={"factor": 8.0, "rope_type": "linear"}, **text))
+
+
+KNOWN_HF_CONFIGS.update({
+    "google/gemma-3-270m": dict(_G3, hidden_size=640, intermediate_size=2048, num_hidden_layers=18),
+    "google/gemma-3-1b-pt": dict(_G3, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26),
+    "google/gemma-3-4b-pt": _g3mm(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34),
+    "google/gemma-3-12b-pt": _g3mm(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                                   num_attention_heads=16, num_key_value_heads=8),
+    "google/gemma-3-27b-pt": _g3mm(hidden_size=5376, intermediate_size=21504, num_hidden_layers=62, head_dim=128,
+                                   num_attention_heads=32, num_key_value_heads=16, query_pre_attn_scalar=168),
+})
+# Qwen 3 (dense) and OLMo 2, for the dry runs of experiments/qwen3.py and olmo2.py.
+_Q3 = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, head_dim=128,
+           num_key_value_heads=8, rms_norm_eps=1e-6, rope_theta=1_000_000.0, hidden_act="silu",
+           bos_token_id=151643, eos_token_id=151645)
+_O2 = dict(architectures=["Olmo2ForCausalLM"], model_type="olmo2", vocab_size=100352, rms_norm_eps=1e-6,
+           rope_theta=500_000.0, hidden_act="silu", tie_word_embeddings=False)
+KNOWN_HF_CONFIGS.update({
+    "Qwen/Qwen3-0.6B": dict(_Q3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                            num_attention_heads=16, tie_word_embeddings=True),
+    "Qwen/Qwen3-1.7B": dict(_Q3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                            num_attention_heads=16, tie_word_embeddings=True),
+    "Qwen/Qwen3-4B": dict(_Q3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                          num_attention_heads=32, tie_word_embeddings=True),
+    "Qwen/Qwen3-8B": dict(_Q3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                          num_attention_heads=32, tie_word_embeddings=False),
+    "allenai/OLMo-2-0425-1B": dict(_O2, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                   num_attention_heads=16, num_key_value_heads=16),
+    "allenai/OLMo-2-1124-7B": dict(_O2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=32),
+    "allenai/OLMo-2-1124-13B": dict(_O2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                    num_attention_heads=40, num_key_value_heads=40),
+})
+
+
 def hf_config(source: str) -> ModelConfig:
     """The ModelConfig of an hf: source without its weights: the directory's config.json, the hub's
-    config.json alone, or (offline) the built-in shapes of Gemma 2 2B/9B/27B."""
+    config.json alone, or (offline) the built-in shapes in KNOWN_HF_CONFIGS (Gemma 2 2B/9B/27B,
+    Gemma 3 270M/1B/4B/12B/27B, Qwen 3 0.6B-8B, OLMo 2 1B/7B/13B)."""
     if os.path.isdir(source):
         cpath = os.path.join(source, "config.json")
         if not os.path.isfile(cpath):
@@ -191,11 +237,44 @@ def hf_config(source: str) -> ModelConfig:
         raise ModelError(f"hf:{source}: cannot read config.json from the hub ({type(e).__name__}: {e})"[:300]) from None
 
 
-def load_hf(source: str, dtype: str, make):
-    """A Model from a transformers checkpoint (config.json + *.safetensors), Llama or Gemma 2.
+def hf_layer_names(cfg: ModelConfig) -> dict[str, str]:
+    """Our layer parameter name -> the transformers tensor name under ``layers.<i>.``, per family."""
+    fam = cfg.family
+    names = {"wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight",
+             "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight",
+             "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight"}
+    if fam.norms != "post":
+        names["attn_norm"] = "input_layernorm.weight"
+    if fam.norms == "pre":
+        names["mlp_norm"] = "post_attention_layernorm.weight"
+    else:
+        names.update(post_attn_norm="post_attention_layernorm.weight", post_mlp_norm="post_feedforward_layernorm.weight")
+    if fam.norms == "sandwich":
+        names["mlp_norm"] = "pre_feedforward_layernorm.weight"
+    if fam.qk_norm:
+        names.update(q_norm="self_attn.q_norm.weight", k_norm="self_attn.k_norm.weight")
+    if fam.qkv_bias:
+        names.update(bq="self_attn.q_proj.bias", bk="self_attn.k_proj.bias", bv="self_attn.v_proj.bias")
+    return names
 
-    Context start: the tokenizer's/config's BOS (Gemma 2: <bos>, as Gemma Scope); special_ids:
-    the tokenizer's special ids (plus bos/eos/pad from config.json).
+
+def _hf_keys(n: str) -> tuple[str, ...]:
+    """Where a text-model tensor (``embed_tokens.weight``, ``layers.3...``, ``lm_head.weight``) may be
+    stored: a CausalLM's ``model.<n>``, a bare ``<n>``, or a multimodal checkpoint's text tower
+    (Gemma 3 4B+: ``language_model.model.<n>`` as published, ``model.language_model.<n>`` as
+    transformers 5 saves it); the vision tower is never read."""
+    if n == "lm_head.weight":
+        return (n, "language_model.lm_head.weight")
+    return ("model." + n, n, "language_model.model." + n, "model.language_model." + n)
+
+
+def load_hf(source: str, dtype: str, make):
+    """A Model from a transformers checkpoint (config.json + *.safetensors) of any family in
+    config.FAMILIES; of a Gemma3ForConditionalGeneration, the text tower alone.
+
+    Context start: the tokenizer's/config's BOS (Gemma 2/3: <bos>, as Gemma Scope; Qwen, whose
+    tokenizer has none: config.json's bos_token_id, <|endoftext|>); special_ids: the tokenizer's
+    special ids (plus bos/eos/pad from config.json and its text_config).
     """
     from safetensors import safe_open
 
@@ -216,30 +295,19 @@ def load_hf(source: str, dtype: str, make):
     dt = jnp.dtype(dtype)
 
     def get(n):
-        for key in (n, n[len("model."):] if n.startswith("model.") else "model." + n):
+        for key in _hf_keys(n):
             if key in where:
                 with safe_open(where[key], framework="flax") as fh:  # bf16 too (numpy has no bf16)
                     return fh.get_tensor(key).astype(dt)
-        raise ModelError(f"hf:{source}: missing tensor {n}")
+        raise ModelError(f"hf:{source}: missing tensor {_hf_keys(n)[0]}")
 
-    gemma = cfg.arch == "gemma2"
-    p = {"embed": get("model.embed_tokens.weight"), "final_norm": get("model.norm.weight"), "layers": []}
+    p = {"embed": get("embed_tokens.weight"), "final_norm": get("norm.weight"), "layers": []}
     if not cfg.tie_embeddings:
         p["lm_head"] = get("lm_head.weight").T
     for i in range(cfg.n_layers):
-        b = f"model.layers.{i}."
-        lp = {"attn_norm": get(b + "input_layernorm.weight"),
-              "wq": get(b + "self_attn.q_proj.weight").T, "wk": get(b + "self_attn.k_proj.weight").T,
-              "wv": get(b + "self_attn.v_proj.weight").T, "wo": get(b + "self_attn.o_proj.weight").T,
-              "w_gate": get(b + "mlp.gate_proj.weight").T, "w_up": get(b + "mlp.up_proj.weight").T,
-              "w_down": get(b + "mlp.down_proj.weight").T}
-        if gemma:
-            lp.update(post_attn_norm=get(b + "post_attention_layernorm.weight"),
-                      mlp_norm=get(b + "pre_feedforward_layernorm.weight"),
-                      post_mlp_norm=get(b + "post_feedforward_layernorm.weight"))
-        else:
-            lp["mlp_norm"] = get(b + "post_attention_layernorm.weight")
-        p["layers"].append(lp)
+        b = f"layers.{i}."
+        p["layers"].append({k: (get(b + n).T if k.startswith("w") else get(b + n))
+                            for k, n in hf_layer_names(cfg).items()})
     has_tok = any(os.path.exists(os.path.join(root, n)) for n in ("tokenizer.json", "tokenizer.model"))
     if has_tok:
         from transformers import AutoTokenizer
@@ -247,9 +315,10 @@ def load_hf(source: str, dtype: str, make):
         bos = tok.tok.bos_token_id
     else:
         tok, bos = MissingTokenizer(f"hf:{source}"), None
-    ids = {hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    ids = {int(i) for v in ids if v is not None for i in (v if isinstance(v, list) else [v])}
-    start = bos if bos is not None else hf.get("bos_token_id")
+    text = hf.get("text_config") if isinstance(hf.get("text_config"), dict) else {}
+    vals = [c.get(k) for c in (hf, text) for k in ("bos_token_id", "eos_token_id", "pad_token_id")]
+    ids = {int(i) for v in vals if v is not None for i in (v if isinstance(v, list) else [v])}
+    start = bos if bos is not None else hf.get("bos_token_id", text.get("bos_token_id"))
     if isinstance(start, list):
         start = start[0]
     if start is None:

@@ -20,7 +20,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-KIND_NAMES = {"res": "residual stream", "att": "attention output", "mlp_in": "MLP input", "mlp": "MLP output"}
+KIND_NAMES = {"res": "residual stream", "att": "attention output", "mlp_in": "MLP input", "mlp": "MLP output",
+              "transcoder": "transcoders (MLP input to MLP output)"}
 KINDS = tuple(KIND_NAMES)
 WIDTH_STYLES = ("-", "--", ":", "-.")  # one per latent width, in the legend
 

@@ -13,6 +13,18 @@ params.npz (float32, no pickled objects):
     k      int64 scalar, only in releases of a kind that infers with k (TopK; threshold 0, unused)
 A released SAE computes, on raw activations x (Gemma Scope's tutorial formula):
     pre = x @ W_enc + b_enc;  f = (pre > threshold) * relu(pre);  x_hat = f @ W_dec + b_dec
+
+Transcoders (kind "transcoder": read mlp_in.L, write mlp.L) use the same archive for plain
+transcoders, as google/gemma-scope-2b-pt-transcoders (W_dec [M, d_out], b_dec [d_out]). Skip-
+transcoders use Gemma Scope 2's own layout (google/gemma-scope-2-*: the "_affine" transcoders):
+
+    <release>/transcoder/layer_<L>_width_<W>_l0_<N>_affine/params.safetensors   (``gs2_dir``)
+        w_enc [d, M]  w_dec [M, d_out]  b_enc [M]  b_dec [d_out]  threshold [M]
+        affine_skip_connection [d, d_out]     y_hat = f @ w_dec + b_dec + x @ affine_skip_connection
+    <release>/transcoder/layer_<L>_width_<W>_l0_<N>_affine/config.json
+        {"architecture": "jump_relu", "model_name", "hf_hook_point_in", "hf_hook_point_out",
+         "affine_connection": true}
+as SAELens's ``gemma_3`` loader and circuit-tracer's ``load_gemma_scope_2_transcoder`` read them.
 """
 from __future__ import annotations
 
@@ -24,7 +36,8 @@ import numpy as np
 
 from saejax.release.errors import ReleaseError
 
-KINDS = ("res", "att", "mlp_in", "mlp")
+KINDS = ("res", "att", "mlp_in", "mlp", "transcoder")
+REPO_KINDS = {"transcoders": "transcoder"}  # a Gemma Scope repository's suffix -> the kind it holds
 ARCH = "jumprelu"  # the SAE kind of Gemma Scope's own releases (folders without a suite.json)
 KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 _WIDTH = re.compile(r"^width_(\d+)(k|m)?$")
@@ -58,6 +71,64 @@ def parse_width(name: str) -> int:
 def sae_dir(kind: str, layer: int, width: int, l0: float) -> str:
     """The release-relative folder of one SAE (posix separators)."""
     return f"{kind}/layer_{layer}/{width_name(width)}/average_l0_{int(round(l0))}"
+
+
+def gs2_dir(layer: int, width: int, l0: float) -> str:
+    """The release-relative folder of one skip-transcoder in Gemma Scope 2's layout."""
+    return f"transcoder/layer_{layer}_{width_name(width)}_l0_{int(round(l0))}_affine"
+
+
+GS2_KEYS = {"W_enc": "w_enc", "W_dec": "w_dec", "b_enc": "b_enc", "b_dec": "b_dec", "threshold": "threshold",
+            "W_skip": "affine_skip_connection"}
+
+
+def write_gs2(folder: str, arrays: dict, layer: int, model: str = "") -> None:
+    """A skip-transcoder in Gemma Scope 2's layout (module docstring): params.safetensors and config.json."""
+    from safetensors.numpy import save_file
+    import json
+    os.makedirs(folder, exist_ok=True)
+    save_file({GS2_KEYS[n]: np.ascontiguousarray(arrays[n], np.float32) for n in GS2_KEYS if n in arrays},
+              os.path.join(folder, "params.safetensors"))
+    cfg = {"architecture": "jump_relu", "model_name": model,
+           "hf_hook_point_in": f"model.layers.{layer}.mlp.input",
+           "hf_hook_point_out": f"model.layers.{layer}.mlp.output",
+           "affine_connection": "W_skip" in arrays}
+    with open(os.path.join(folder, "config.json"), "w") as fh:
+        json.dump(cfg, fh, indent=1)
+
+
+def read_gs2(path: str) -> dict[str, np.ndarray]:
+    """A Gemma Scope 2 params.safetensors -> float32 arrays under saejax's names (W_skip [d, d_out]
+    from affine_skip_connection, when present); ReleaseError naming ``path`` if bad."""
+    from safetensors.numpy import load_file
+    try:
+        t = load_file(path)
+    except FileNotFoundError:
+        raise ReleaseError(f"{path}: file not found") from None
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ReleaseError(f"{path}: not a valid safetensors file ({e})".splitlines()[0]) from None
+    out = {}
+    for ours, theirs in GS2_KEYS.items():
+        if theirs in t:
+            out[ours] = np.asarray(t[theirs], np.float32)
+        elif ours != "W_skip":
+            raise ReleaseError(f"{path}: missing key {theirs!r} (has {sorted(t)})")
+    _check_shapes(path, out)
+    return out
+
+
+def _check_shapes(path: str, arrays: dict) -> None:
+    """W_enc [d, M], W_dec [M, d_out], b_enc [M], b_dec [d_out], threshold [M], W_skip [d, d_out]."""
+    w = arrays["W_enc"]
+    if w.ndim != 2 or arrays["b_dec"].ndim != 1:
+        raise ReleaseError(f"{path}: W_enc must be [d, M] and b_dec [d_out], got {w.shape}, {arrays['b_dec'].shape}")
+    dd, m = w.shape
+    d_out = arrays["b_dec"].shape[0]  # d for an SAE
+    want = {"W_dec": (m, d_out), "b_enc": (m,), "threshold": (m,), "W_skip": (dd, d_out)}
+    for name, shape in want.items():
+        if name in arrays and arrays[name].shape != shape:
+            raise ReleaseError(f"{path}: {name} has shape {arrays[name].shape}, expected {shape} "
+                               f"(W_enc is {w.shape})")
 
 
 def parse_path(rel: str, default_kind: str | None = None) -> dict | None:
@@ -102,15 +173,8 @@ def read_params(path: str, d: int | None = None) -> tuple[dict[str, np.ndarray],
     if missing:
         raise ReleaseError(f"{path}: missing key {missing[0]!r} (has {sorted(files)})")
     arrays = {name: np.asarray(files[name], np.float32) for name in KEYS}
-    w = arrays["W_enc"]
-    if w.ndim != 2:
-        raise ReleaseError(f"{path}: W_enc must be [d, M], got shape {w.shape}")
-    dd, m = w.shape
-    want = {"W_dec": (m, dd), "b_enc": (m,), "b_dec": (dd,), "threshold": (m,)}
-    for name, shape in want.items():
-        if arrays[name].shape != shape:
-            raise ReleaseError(f"{path}: {name} has shape {arrays[name].shape}, expected {shape} "
-                               f"(W_enc is {w.shape})")
+    _check_shapes(path, arrays)  # W_dec [M, d_out]: d_out = d for an SAE, a transcoder's output width
+    dd, m = arrays["W_enc"].shape
     if d is not None and dd != d:
         raise ReleaseError(f"{path}: input width {dd} does not match the site width {d}")
     k = None

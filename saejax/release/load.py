@@ -8,6 +8,13 @@
     sae = suite.canonical("res", 20, width="16k")             # L0 closest to 100
     sae.encode(x); sae.decode(f); model.apply(..., splice={"res.20": sae.splice(mask)})
 
+Transcoders are entries of kind "transcoder" (site ``transcoder.L``): ``suite.get("transcoder.3")``
+gives an SAE that reads mlp_in.3 and writes mlp.3 (``sae.reads``, ``sae.site``; splice it with
+``splice={sae.site: sae.splice(mask)}``, a cross-site splice). Gemma Scope's own transcoders
+(google/gemma-scope-2b-pt-transcoders, or a local folder in its layout) read the pre-MLP norm's
+output before its gain: ``get(..., model=model)`` divides W_enc's input rows by
+``model.mlp_in_gain(L)`` so they read mlp_in.L (docs/models.md); without ``model=`` they are refused.
+
 The index comes from ``suite.json`` (saejax releases) or from the file listing (Gemma Scope
 repositories hold hundreds of GB): nothing is read or downloaded until an SAE is asked for. The
 canonical SAE of a (site, width) is the one whose L0 is closest to 100, SAELens's rule for Gemma
@@ -45,6 +52,9 @@ class Entry:
     k: int | None = None
     metrics: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
     source: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # training provenance
+    # transcoders: the site read; whether W_enc reads before the pre-MLP norm's gain (Gemma Scope's own)
+    reads: str | None = None
+    pre_gain: bool = False
 
     @property
     def site(self) -> str:
@@ -62,10 +72,13 @@ def safe_relpath(rel: str, where: str) -> str:
 
 
 def _kind_of_repo(name: str) -> str | None:
-    """Gemma Scope repos hold one kind: ``gemma-scope-2b-pt-res(-canonical)`` -> "res"."""
+    """Gemma Scope repos hold one kind: ``gemma-scope-2b-pt-res(-canonical)`` -> "res",
+    ``gemma-scope-2b-pt-transcoders`` -> "transcoder"."""
     for part in reversed(name.rstrip("/").split("/")[-1].split("-")):
         if part in gs.KINDS:
             return part
+        if part in gs.REPO_KINDS:
+            return gs.REPO_KINDS[part]
     return None
 
 
@@ -142,17 +155,21 @@ class Suite:
         return min(known, key=lambda e: (abs(e.l0 - l0), e.l0))
 
     def get(self, site: str, layer: int | None = None, *, width: int | str | None = None,
-            l0: float | None = None) -> SAE:
-        """Read (or download) the SAE ``find`` chooses."""
-        return self.load(self.find(site, layer, width=width, l0=l0))
+            l0: float | None = None, model=None) -> SAE:
+        """Read (or download) the SAE ``find`` chooses (``model``: for Gemma Scope's own transcoders)."""
+        return self.load(self.find(site, layer, width=width, l0=l0), model=model)
 
     def canonical(self, site: str, layer: int | None = None, *, width: int | str | None = None) -> SAE:
         """The SAE with L0 closest to 100 (SAELens's Gemma Scope rule)."""
         return self.get(site, layer, width=width)
 
-    def load(self, e: Entry) -> SAE:
-        """Read (or download) one entry's weights."""
-        if e.path:
+    def load(self, e: Entry, model=None) -> SAE:
+        """Read (or download) one entry's weights; ``model`` divides the W_enc of a transcoder that
+        reads before the pre-MLP norm's gain (``Entry.pre_gain``) by that gain."""
+        if e.path and e.path.endswith(".safetensors"):  # Gemma Scope 2's layout
+            path = self._fetch(e.path)
+            arrays, k = gs.read_gs2(path), None
+        elif e.path:
             path = self._fetch(e.path)
             arrays, k = gs.read_params(path)
         else:
@@ -161,8 +178,16 @@ class Suite:
         arch, k = (kinds.released_with_k().name, k) if k is not None else (e.arch, e.k)
         if kinds.get(arch).infers_with_k and k is None:
             raise ReleaseError(f"{path}: a {arch} SAE without k")
-        return SAE(arch=arch, arrays={n: jnp.asarray(a) for n, a in arrays.items()}, k=k, site=e.site,
-                   path=path, info={"l0": e.l0, "width": e.width, **e.metrics})
+        if e.pre_gain:
+            if model is None:
+                raise ReleaseError(f"{path}: Gemma Scope's transcoders read the pre-MLP norm's output before its "
+                                   f"gain; pass model= so W_enc is divided by model.mlp_in_gain({e.layer})")
+            gain = np.asarray(model.mlp_in_gain(e.layer), np.float64)
+            arrays = dict(arrays, W_enc=(np.asarray(arrays["W_enc"], np.float64) / gain[:, None]).astype(np.float32))
+        site = f"mlp.{e.layer}" if e.kind == "transcoder" else e.site
+        reads = (e.reads or f"mlp_in.{e.layer}") if e.kind == "transcoder" else None
+        return SAE(arch=arch, arrays={n: jnp.asarray(a) for n, a in arrays.items()}, k=k, site=site,
+                   path=path, info={"l0": e.l0, "width": e.width, **e.metrics}, reads=reads)
 
 
 def _site(site: str, layer: int | None) -> str:
@@ -190,6 +215,8 @@ def _read_saelens(weights: str, cfg_path: str):
         if key not in t:
             raise ReleaseError(f"{weights}: missing key {key!r}")
     arrays = {n: np.asarray(t[n], np.float32) for n in ("W_enc", "W_dec", "b_enc", "b_dec")}
+    if "W_skip" in t:  # a SAELens skip-transcoder's [d_out, d_in]
+        arrays["W_skip"] = np.ascontiguousarray(np.asarray(t["W_skip"], np.float32).T)
     arrays["threshold"] = np.asarray(t["threshold"], np.float32) if "threshold" in t \
         else np.zeros(arrays["b_enc"].shape, np.float32)
     if cfg.get("apply_b_dec_to_input"):  # (x - b_dec) @ W_enc + b_enc
@@ -227,7 +254,8 @@ def _index(files: list[str], read_json, source: str, default_kind: str | None):
                 entries.append(Entry(kind=s["kind"], layer=int(s["layer"]), width=int(s["width"]),
                                      l0=None if s.get("l0") is None else float(s["l0"]), path=rel,
                                      arch=s.get("arch", gs.ARCH), k=s.get("k"), saelens=sl,
-                                     metrics=dict(s.get("metrics") or {}), source=dict(s.get("source") or {})))
+                                     metrics=dict(s.get("metrics") or {}), source=dict(s.get("source") or {}),
+                                     reads=s.get("reads")))
             except (KeyError, TypeError, ValueError) as e:
                 if isinstance(e, ReleaseError):
                     raise
@@ -238,7 +266,8 @@ def _index(files: list[str], read_json, source: str, default_kind: str | None):
         parsed = gs.parse_path(rel, default_kind)
         if parsed is not None:
             entries.append(Entry(kind=parsed["kind"], layer=parsed["layer"], width=parsed["width"],
-                                 l0=parsed["l0"], path=safe_relpath(rel, source)))
+                                 l0=parsed["l0"], path=safe_relpath(rel, source),
+                                 pre_gain=parsed["kind"] == "transcoder"))  # Gemma Scope's own transcoders
     return entries, {}
 
 

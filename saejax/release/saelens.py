@@ -10,6 +10,13 @@ Architectures: each released kind's ``saelens_name`` (saejax.sae.kinds): jumprel
 the threshold tensor), topk -> "topk" with k, relu -> "standard". Hook names are TransformerLens's: res ->
 blocks.L.hook_resid_post, mlp -> blocks.L.hook_mlp_out, att -> blocks.L.attn.hook_z (SAELens then
 flattens [..., n_heads, d_head] inputs itself: reshape_activations "hook_z").
+
+Transcoders (``transcoder_config``): SAELens's transcoder classes, by released kind and skip term:
+jumprelu -> "jumprelu_transcoder" / "jumprelu_skip_transcoder", relu -> "transcoder" /
+"skip_transcoder"; SAELens has no TopK transcoder, so a TopK transcoder is not exported (one-line
+ReleaseError) and BatchTopK is a JumpReLU with its global threshold. cfg.json adds d_out and
+metadata.hook_name_out (blocks.L.hook_mlp_out; hook_name is the input, blocks.L.mlp.hook_in);
+W_dec [M, d_out], b_dec [d_out], and W_skip [d_out, d_in] (SAELens's orientation: x @ W_skip.T).
 """
 from __future__ import annotations
 
@@ -48,12 +55,33 @@ def config(kind: str, layer: int, arch: str, d: int, width: int, k: int | None =
     return cfg
 
 
+TRANSCODER_ARCH = {"jumprelu": "jumprelu_", "relu": ""}  # released kind -> SAELens transcoder prefix
+
+
+def transcoder_architecture(arch: str, skip: bool) -> str | None:
+    """SAELens's transcoder architecture for a released kind ``arch`` (None: SAELens has none)."""
+    prefix = TRANSCODER_ARCH.get(arch)
+    return None if prefix is None else f"{prefix}{'skip_' if skip else ''}transcoder"
+
+
+def transcoder_config(layer: int, arch: str, d: int, d_out: int, width: int, skip: bool, model: str = "",
+                      context_size: int | None = None, extra: dict | None = None) -> dict:
+    """The cfg.json of one transcoder (mlp_in.L -> mlp.L) of the released kind ``arch``."""
+    cfg = config("mlp_in", layer, arch, d, width, None, model=model, context_size=context_size,
+                 extra={"hook_name_out": hook_name("mlp", layer), **(extra or {})})
+    cfg["architecture"] = transcoder_architecture(arch, skip)
+    cfg["d_out"] = int(d_out)
+    return cfg
+
+
 def write(folder: str, arrays: dict, cfg: dict, arch: str) -> None:
     """Write cfg.json and sae_weights.safetensors into ``folder`` (created): the threshold tensor
-    only for a released kind ``arch`` that infers with one."""
+    only for a released kind ``arch`` that infers with one, W_skip (transposed) for a skip-transcoder."""
     os.makedirs(folder, exist_ok=True)
     keys = ["W_enc", "W_dec", "b_enc", "b_dec"] + (["threshold"] if kinds.get(arch).uses_threshold else [])
-    save_file({n: np.ascontiguousarray(arrays[n], np.float32) for n in keys},
-              os.path.join(folder, "sae_weights.safetensors"))
+    out = {n: np.ascontiguousarray(arrays[n], np.float32) for n in keys}
+    if "W_skip" in arrays:
+        out["W_skip"] = np.ascontiguousarray(np.asarray(arrays["W_skip"], np.float32).T)
+    save_file(out, os.path.join(folder, "sae_weights.safetensors"))
     with open(os.path.join(folder, "cfg.json"), "w") as fh:
         json.dump(cfg, fh, indent=1)

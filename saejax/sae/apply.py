@@ -10,7 +10,8 @@ released SAEs):
 
 Stacked arrays: W_enc [T, K, d, M], b_enc [T, K, M], W_dec [T, K, M, d], b_dec [T, K, d],
 threshold [T, K, M]; ``x`` is then [T, N, d] and results [T, K, N, ...]. One SAE: the same
-without the [T, K] axes, ``x`` [..., d].
+without the [T, K] axes, ``x`` [..., d]. Transcoders: W_dec [.., M, d_out], b_dec [.., d_out]
+and, for skip-transcoders, W_skip [.., d, d_out]: x_hat += x @ W_skip.
 """
 from __future__ import annotations
 
@@ -45,9 +46,13 @@ def encode_stacked(arch: str, arrays: dict, x, ks=None):
     return kinds.get(arch).activate(pre, arrays.get("threshold"), ks)
 
 
-def decode_stacked(arrays: dict, f):
-    """A group: f [T, K, N, M] -> x_hat [T, K, N, d]."""
-    return forward.decode(f, arrays["W_dec"], arrays["b_dec"], HIGHEST)
+def decode_stacked(arrays: dict, f, x=None):
+    """A group: f [T, K, N, M] -> x_hat [T, K, N, d]; a skip-transcoder's (``W_skip`` [T, K, d_in, d]
+    in ``arrays``) adds x @ W_skip for its input x [T, N, d_in]."""
+    x_hat = forward.decode(f, arrays["W_dec"], arrays["b_dec"], HIGHEST)
+    if "W_skip" in arrays:
+        x_hat = x_hat + jnp.einsum("tnd,tkde->tkne", x, arrays["W_skip"], precision=HIGHEST)
+    return x_hat
 
 
 def _one(arrays: dict) -> dict:
@@ -60,7 +65,8 @@ def encode(arch: str, arrays: dict, x, k=None):
     return f.reshape(x.shape[:-1] + f.shape[-1:])
 
 
-def decode(arrays: dict, f):
-    """One SAE: f [..., M] -> x_hat [..., d]."""
-    x_hat = decode_stacked(_one(arrays), f.reshape(1, 1, -1, f.shape[-1]))
+def decode(arrays: dict, f, x=None):
+    """One SAE: f [..., M] -> x_hat [..., d]; a skip-transcoder adds x @ W_skip (x [..., d_in] its input)."""
+    xs = None if x is None else x.reshape(1, -1, x.shape[-1])
+    x_hat = decode_stacked(_one(arrays), f.reshape(1, 1, -1, f.shape[-1]), xs)
     return x_hat.reshape(f.shape[:-1] + x_hat.shape[-1:])

@@ -15,6 +15,11 @@ For a batch ``x [T, B, d]`` (site t's rows, normalized so that E||x||^2 = 1), SA
     x_hat = f @ W_dec + b_dec                                                        [T, K, B, d]
 
 The sweep members of a site all read the same rows: the data is never copied K times.
+
+A group of transcoders (``GroupSpec.reads``) reads x [T, B, d] at its ``reads`` sites (mlp_in.L)
+and reconstructs the rows y [T, B, d_out] of its ``sites`` (mlp.L, the sites it writes): W_dec
+[T, K, M, d_out], b_dec [T, K, d_out], and for skip-transcoders W_skip [T, K, d, d_out] (initialized
+at zero), x_hat += x @ W_skip.
 """
 from __future__ import annotations
 
@@ -49,7 +54,15 @@ class GroupSpec:
     auxk_k: int = 512
     auxk_coeff: float = 1.0 / 32
     dtype: str = "float32"
-    precision: str = "highest"
+    precision: str = "highest"  # float32 matmuls' lax precision (train.matmul_precision)
+    matmul_dtype: str = "float32"  # "bfloat16": training matmuls take bf16 inputs, accumulate in fp32
+    # Transcoders: the T sites read (``sites`` are then the sites written), the output width (0: d) and
+    # the skip term. Defaults: an SAE group.
+    reads: tuple[str, ...] = ()
+    d_out: int = 0
+    skip: bool = False
+    # Matryoshka prefix sizes m_1 < ... < m_n = width (saejax.sae.matryoshka); (): plain training.
+    matryoshka: tuple[int, ...] = ()
 
     @property
     def T(self) -> int:
@@ -60,7 +73,25 @@ class GroupSpec:
         return len(self.sweep)
 
     @property
+    def transcoder(self) -> bool:
+        return bool(self.reads)
+
+    @property
+    def dout(self) -> int:
+        """The output width: d_out for transcoders, d for SAEs."""
+        return self.d_out or self.d
+
+    @property
+    def input_sites(self) -> tuple[str, ...]:
+        """The sites whose rows x the group reads: ``reads`` for transcoders, ``sites`` for SAEs."""
+        return self.reads or self.sites
+
+    @property
     def name(self) -> str:
+        """SAEs ``jumprelu_d576_w4096``; transcoders ``transcoder_jumprelu_d576_576_w4096`` (skip-transcoders
+        ``skip_transcoder_...``)."""
+        if self.transcoder:
+            return f"{'skip_' if self.skip else ''}transcoder_{self.arch}_d{self.d}_{self.dout}_w{self.width}"
         return f"{self.arch}_d{self.d}_w{self.width}"
 
     @property
@@ -74,6 +105,7 @@ PARTITION_RULES = [
     (r"(^|/)W_dec$", P("stack", None, "latent", None)),
     (r"(^|/)(b_enc|threshold|log_threshold|since_fired)$", P("stack", None, "latent")),
     (r"(^|/)b_dec$", P("stack", None, None)),
+    (r"(^|/)W_skip$", P("stack", None, None, None)),  # a skip-transcoder's [T, K, d, d_out]: no latent axis
     (r"(^|/)(lam|l0_ema|frozen|bt_threshold)$", P("stack", None)),
 ]
 
@@ -92,17 +124,24 @@ class SAEGroup(nn.Module):
         s = self.spec
         dtype = jnp.dtype(s.dtype)
         norm = 1.0 if s.kind.unit_decoder else 0.1  # Anthropic (April 2024): small random-direction decoder
-        self.W_dec = self.param("W_dec", _init_decoder, (s.T, s.K, s.width, s.d), dtype, norm)
-        # Gemma Scope: W_enc = W_dec^T at init.
-        self.W_enc = self.param(
-            "W_enc", lambda _k, _s: s.encoder_init_scale * jnp.swapaxes(self.W_dec, -1, -2), (s.T, s.K, s.d, s.width))
+        self.W_dec = self.param("W_dec", _init_decoder, (s.T, s.K, s.width, s.dout), dtype, norm)
+        if s.dout == s.d:  # Gemma Scope: W_enc = W_dec^T at init.
+            self.W_enc = self.param("W_enc", lambda _k, _s: s.encoder_init_scale * jnp.swapaxes(self.W_dec, -1, -2),
+                                    (s.T, s.K, s.d, s.width))
+        else:  # a transcoder between widths: W_enc^T drawn as W_dec is, at the encoder scale
+            self.W_enc = self.param("W_enc", lambda k, shape: s.encoder_init_scale * jnp.swapaxes(
+                _init_decoder(k, (s.T, s.K, s.width, s.d), dtype, norm), -1, -2), (s.T, s.K, s.d, s.width))
         self.b_enc = self.param("b_enc", nn.initializers.zeros, (s.T, s.K, s.width), dtype)
-        self.b_dec = self.param("b_dec", nn.initializers.zeros, (s.T, s.K, s.d), dtype)
+        self.b_dec = self.param("b_dec", nn.initializers.zeros, (s.T, s.K, s.dout), dtype)
+        self.W_skip = (self.param("W_skip", nn.initializers.zeros, (s.T, s.K, s.d, s.dout), dtype)
+                       if s.skip else None)
         self.extra = {name: self.param(name, nn.initializers.constant(value), (s.T, s.K, s.width), dtype)
                       for name, value in s.kind.extra_params(s).items()}
 
     def _params(self) -> dict:
-        return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec, **self.extra}
+        skip = {} if self.W_skip is None else {"W_skip": self.W_skip}
+        return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec, **skip,
+                **self.extra}
 
     def pre_activations(self, x):
         """x [T, B, d] -> pre [T, K, B, M]."""

@@ -2,9 +2,11 @@
 
 A group folder holds two files (docs/formats.md):
     params.safetensors   float32 W_enc [T,K,d,M], b_enc [T,K,M], W_dec [T,K,M,d], b_dec [T,K,d],
-                         and the threshold [T,K,M] of kinds that infer with one (jumprelu, batchtopk)
+                         and the threshold [T,K,M] of kinds that infer with one (jumprelu, batchtopk);
+                         transcoders: W_dec [T,K,M,d_out], b_dec [T,K,d_out], skip-transcoders W_skip [T,K,d,d_out]
     group.json           arch, sites, sweep, sweep_name, k, norm_scale, pre_encoder_bias, d, width,
-                         model, steps, tokens, lam, ...
+                         model, steps, tokens, lam, ...; transcoders also reads, read_norm_scale, d_out, skip
+                         (sites are then the written sites, norm_scale their scales)
 The weights act on normalized inputs x = x_raw * norm_scale[t]; release folds that in. Files written
 before the sweep had its kind's name hold ``sparsity`` instead of ``sweep``; ``load_group`` reads both.
 """
@@ -27,7 +29,7 @@ def export_params(arch: str, params, bt_threshold) -> dict[str, np.ndarray]:
     infer with one, the threshold (``Kind.inference_threshold``; ``bt_threshold`` [T, K] from the
     train state)."""
     params = {k: np.asarray(v, np.float32) for k, v in params.items()}
-    out = {k: params[k] for k in PARAM_KEYS}
+    out = {k: params[k] for k in PARAM_KEYS + (("W_skip",) if "W_skip" in params else ())}
     threshold = kinds.get(arch).inference_threshold(params, bt_threshold)
     if threshold is not None:
         out["threshold"] = np.asarray(threshold, np.float32)

@@ -5,9 +5,9 @@ of a whole batch's B*M. Both reduce to a threshold: the k-th largest value ``kth
 
     f = where(pre >= kth, relu(pre), 0)
 
-is elementwise and stays sharded. Under latent sharding (``pre [T, K, B, M]`` laid out as
-``P("stack", None, "data", "latent")``) a plain ``lax.top_k`` would gather the [B, M] block on
-one device. Here the threshold is found in two stages inside ``jax.shard_map``:
+is elementwise and stays sharded. On any sharded mesh (``pre [T, K, B, M]`` laid out as
+``P("stack", None, "data", "latent")``) XLA's partitioner would gather the [B, M] block for a plain
+``lax.top_k``, even when only ``stack`` or ``data`` is split. Here the threshold is found in two stages inside ``jax.shard_map``:
 
     1. each device takes the top n_loc = min(k, local size) of its own block;
     2. the candidates are gathered over the sharded axes (``latent`` for TopK's rows; ``data`` and
@@ -76,6 +76,13 @@ def axis_sizes(mesh, *axes: str) -> tuple[int, ...]:
     return tuple(sizes.get(a, 1) for a in axes)
 
 
+def is_sharded(mesh) -> bool:
+    """Whether pre-activations are split over any device axis under ``mesh``: then thresholds are
+    found shard by shard (XLA's partitioner would gather the whole [B, M] block for a top-k, even
+    one along an unsharded axis)."""
+    return mesh is not None and any(s > 1 for s in axis_sizes(mesh, "stack", "data", "latent"))
+
+
 def row_kth(pre, ks: tuple[int, ...]):
     """TopK threshold: the k-th largest of each row of pre [T, K, B, M], per member k -> [T, K, B, 1].
 
@@ -83,7 +90,7 @@ def row_kth(pre, ks: tuple[int, ...]):
     """
     pre = lax.stop_gradient(pre)
     mesh = current_mesh()
-    if axis_sizes(mesh, "latent") == (1,):
+    if not is_sharded(mesh):
         return _local_kth(pre, ks)
     fn = jax.shard_map(lambda v: _two_stage(v, ks, ("latent",)), mesh=mesh,
                        in_specs=PRE_SPEC, out_specs=P("stack", None, "data", None))
@@ -96,7 +103,7 @@ def batch_kth(pre, ks: tuple[int, ...]):
     T, K, B, M = pre.shape
     kb = tuple(k * B for k in ks)
     mesh = current_mesh()
-    if axis_sizes(mesh, "latent", "data") == (1, 1):
+    if not is_sharded(mesh):
         return _local_kth(pre.reshape(T, K, 1, B * M), kb)
 
     def local(v):  # v [t, K, b, m] -> this shard's flat block [t, K, 1, b * m]

@@ -7,6 +7,9 @@ harvest agrees):
              i < H = data.heldout_contexts are the held-out split, the rest train. With
              max_tokens > 0 the train split stops after ceil(max_tokens / (L - 1 - skip_first))
              contexts.
+  tokens     the contexts are tokenized once, by process 0, into the token folder
+             (saejax.data.tokens, <workdir>/tokens) before the loop, and read from there: by a
+             resume, by another harvest of the same corpus and tokenizer, and by the other processes.
   batches    global batch b holds contexts [b*Bc, (b+1)*Bc), Bc = harvest.batch_contexts, sharded
              over the mesh's "data" axis; process p feeds (and keeps) the rows its devices hold.
   rows       position t of context i is stored for site s iff t >= 1 + skip_first, the token is
@@ -28,6 +31,7 @@ harvest agrees):
 from __future__ import annotations
 
 import copy
+import glob
 import os
 import signal
 import sys
@@ -96,13 +100,11 @@ def run(config, dry_run: bool = False, max_tokens: int | None = None, model=None
         plan.check_host_memory(config)  # after the plan is printed; before anything runs
         return out
     plan.check_host_memory(config)
-    if next(iter(contexts(config, model, 0, 1)), None) is None:  # the corpus opens: checked before any write
-        raise corpus_mod.CorpusError(f"data.corpus={config.data.corpus!r} holds no full context of "
-                                     f"{plan.L} tokens")
     root = local_path(wd.store_dir(config))
     if is_complete(config):
         print(f"saejax harvest: {root}/manifest.json is complete; nothing to do", file=sys.stderr)
         return read_json(wd.manifest_path(config))
+    open_tokens(config, model, plan, root, pi, pc)  # before any store write; the loop reads from it
     with parts.lock(root, pi):
         parts.remove_temp_files(root, pi)  # what a killed harvest left (its lock is ours now)
         watch = PreemptionWatch()
@@ -110,6 +112,50 @@ def run(config, dry_run: bool = False, max_tokens: int | None = None, model=None
             return _Harvest(config, model, plan, root, pi, pc).run(watch)
         finally:
             watch.close()
+
+
+def open_tokens(config, model, plan: Plan, root: str, pi: int, pc: int):
+    """The corpus's contexts ``[0, plan.stop)`` tokenized once (``saejax.data.tokens``), opened for
+    ``plan.contexts``: process 0 reuses or writes the token folder while the others wait for its
+    word, then open what it wrote. A resume with another config is refused first (parts.load_part)."""
+    from saejax.data import tokens as tokens_mod
+    from saejax.store.plan import separator
+    resuming = bool(glob.glob(os.path.join(root, parts.PART_DIR, "*.json")))
+    if os.path.isfile(parts.part_path(root, pi)):
+        parts.load_part(parts.part_path(root, pi), plan.fingerprint(config, model), plan.sites)
+    args = (config, model, separator(model), plan.stop, resuming)
+    if pc == 1:
+        return tokens_mod.ensure(*args, say=log)
+    key = "saejax-harvest-tokens"
+    if pi == 0:
+        try:
+            tf = tokens_mod.ensure(*args, say=log)
+        except BaseException as e:
+            _share(key, "error: " + (str(e).splitlines() or [type(e).__name__])[0])
+            raise
+        _share(key, "ok")
+        return tf
+    word = _shared(key)
+    if word != "ok":
+        raise corpus_mod.CorpusError(f"process 0 could not tokenize the corpus: {word.removeprefix('error: ')}")
+    tf = tokens_mod.read(wd.tokens_dir(config))
+    if tf is None or not tf.covers(plan.stop):
+        raise tokens_mod.TokensError(f"{wd.tokens_dir(config)}: process 0's tokens are not there; the work "
+                                     f"directory must be one shared file system (docs/store.md, Multi-host)")
+    tf.check(full=False)
+    return tokens_mod.adopt(config, model, tf)
+
+
+def _share(key: str, value: str) -> None:
+    """Process 0 tells the others ``value`` (the coordination service's key-value store)."""
+    from jax._src import distributed
+    distributed.global_state.client.key_value_set(key, value, allow_overwrite=True)
+
+
+def _shared(key: str, timeout_s: float = 24 * 3600.0) -> str:
+    """What process 0 told under ``key``; waits for it (tokenizing a large corpus takes a while)."""
+    from jax._src import distributed
+    return distributed.global_state.client.blocking_key_value_get(key, int(timeout_s * 1000))
 
 
 def _target_processes(config, devices: int, processes: int) -> int:

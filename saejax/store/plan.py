@@ -1,5 +1,6 @@
 """The harvest plan: everything a config implies (sites, widths, contexts, batching, chunking) and
-its printing for ``saejax harvest --dry_run``; the corpus's contexts as the harvest reads them.
+its printing for ``saejax harvest --dry_run``; the corpus's contexts as the harvest reads them (from
+the token folder, saejax.data.tokens, once the harvest has opened it).
 
 Imports no jax: the dry run's planning path stays light.
 """
@@ -13,6 +14,7 @@ import numpy as np
 
 from saejax import config as cfg
 from saejax.data import corpus as corpus_mod
+from saejax.data import tokens as tokens_mod
 from saejax.store.manifest import align_keys
 from saejax.store.writer import STORAGE
 
@@ -25,7 +27,7 @@ class Plan:
         self.pc = process_count
         self.sites = cfg.sites(config)
         self.widths = {s: int(model.site_width(s)) for s in self.sites}
-        self.pairs = [list(pair) for pair in h.pairs]
+        self.pairs = [list(pair) for pair in cfg.pairs(config)]  # harvest.pairs and the transcoders' pairs
         self.key = align_keys(self.sites, self.pairs)  # aligned sites share their key site's shuffle
         self.aligned = {k: [s for s in self.sites if self.key[s] == k] for k in set(self.key.values())}
         self.L = config.data.context_len
@@ -80,6 +82,9 @@ def corpus_files(config) -> list[str] | None:
 def count_contexts(config, model, max_bytes: int | None = None) -> int | None:
     """Contexts in a local corpus (tokenizes it); None for a streamed hub dataset, or when the
     corpus files exceed ``max_bytes``."""
+    tf = tokens_mod.opened(config, model)
+    if tf is not None and tf.complete:
+        return tf.n
     files = corpus_files(config)
     if files is None or (max_bytes is not None and sum(os.path.getsize(f) for f in files) > max_bytes):
         return None
@@ -101,7 +106,12 @@ def separator(model) -> int:
 
 
 def contexts(config, model, start, stop):
-    """(index, tokens [L]) of the corpus's contexts ``start`` <= index < ``stop`` (None: to the end)."""
+    """(index, tokens [L]) of the corpus's contexts ``start`` <= index < ``stop`` (None: to the end):
+    read from the token folder this process opened for the config and model (``saejax.data.tokens``,
+    which a harvest opens before its loop) when it holds them, else tokenized."""
+    tf = tokens_mod.opened(config, model)
+    if tf is not None and tf.covers(stop):
+        return tf.contexts(start, stop)
     return corpus_mod.corpus_contexts(config, model.tokenizer.encode, model.context_start_id,
                                       separator(model), start, stop)
 

@@ -15,7 +15,9 @@ passes over each SAE's [B, M] block), and the bytes each host reads from the sto
 passes of the matmul precision / bf16 peak), HBM, interconnect (bytes on the wire / ICI), summed
 (no overlap inside the step) and their max (perfect overlap); the host read is a separate floor
 (prefetched). ``design_comm`` is the design minimum of communication (docs/training.md), printed
-beside the program's. ``propose`` is the mesh planner.
+beside the program's. ``propose`` is the mesh planner: one mesh for a set of groups;
+``group_meshes`` gives each group its mesh (``mesh.plan``: the configured one, or the planner's per
+group).
 """
 from __future__ import annotations
 
@@ -50,6 +52,18 @@ def sizes_of(mesh_or_sizes) -> dict:
     if hasattr(mesh_or_sizes, "axis_names"):
         return {a: int(dict(mesh_or_sizes.shape).get(a, 1)) for a in AXES}
     return {a: int(mesh_or_sizes[a]) for a in AXES}
+
+
+def each_group(plans, sizes) -> list[dict]:
+    """One mesh per group: ``sizes`` is one mesh for every group (a mapping) or a list, one per group."""
+    if isinstance(sizes, (list, tuple)):
+        assert len(sizes) == len(plans), (len(sizes), len(plans))
+        return [sizes_of(s) for s in sizes]
+    return [sizes_of(sizes)] * len(plans)
+
+
+def key(sizes: dict) -> tuple[int, int, int]:
+    return tuple(int(sizes[a]) for a in AXES)
 
 
 def matmul_passes(spec) -> int:
@@ -120,6 +134,17 @@ def measure(plans, sizes: dict, subprocess_only: bool = False) -> list[dict]:
     if out.returncode != 0:
         raise RuntimeError(f"cost model: compiling on {n} virtual devices failed: {out.stderr.strip()[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_groups(plans, sizes) -> list[dict]:
+    """``measure`` with one mesh per group (``each_group``): one compile (or subprocess) per distinct mesh."""
+    meshes = each_group(plans, sizes)
+    out: list = [None] * len(plans)
+    for k in dict.fromkeys(key(s) for s in meshes):
+        idx = [i for i, s in enumerate(meshes) if key(s) == k]
+        for i, r in zip(idx, measure([plans[i] for i in idx], dict(zip(AXES, k)))):
+            out[i] = r
+    return out
 
 
 def _worker() -> None:
@@ -299,6 +324,26 @@ def propose(plans, n_devices: int, chip, itemsize: int = 4, processes: int = 1) 
     return dict(zip(("data", "stack", "latent"), best)), table
 
 
+def group_meshes(config, plans, n_devices: int, processes: int = 1) -> list[dict]:
+    """Each group's mesh of ``n_devices``. ``mesh.plan = "fixed"``: the configured axes for every
+    group; ``"auto"``: the planner's proposal (``propose``) for that group alone. A group that no mesh
+    of these devices splits and fits is a PlanError naming ``mesh.plan``."""
+    from saejax import mesh as meshlib
+    if config.mesh.plan == "fixed":
+        return [dict(zip(AXES, meshlib.mesh_shape(sizes_of(config.mesh), n_devices)))] * len(plans)
+    chip = chiplib.get(config.mesh.target_chip)
+    out = []
+    for spec, hp in plans:
+        best, _ = propose([(spec, hp)], n_devices, chip, store_itemsize(config) or 4, processes)
+        if best is None:
+            raise PlanError(f"mesh.plan='auto': no mesh of {n_devices} devices splits group {spec.name} "
+                            f"({spec.T} sites, width {spec.width}, train.batch_size={hp.batch_size} over "
+                            f"{processes} processes) and fits a {chip.name} chip's {_gib(chip.hbm)} "
+                            f"(mesh.target_chip)")
+        out.append(best)
+    return out
+
+
 if __name__ == "__main__":
     _worker()
 
@@ -329,15 +374,16 @@ def store_itemsize(config) -> int:
 def memory_plan(config, plans, sizes: dict) -> dict:
     """The job's memory on the target chip, from shapes alone: each group's per-device bytes, the
     peak over the job (groups train one after another, each freed before the next starts), and each
-    process's host bytes of training batches. What the dry run prints and the config docstrings quote."""
+    process's host bytes of training batches. What the dry run prints and the config docstrings quote.
+    ``sizes``: one mesh for every group, or a list of one per group (``each_group``)."""
     from saejax import mesh as meshlib
     from saejax.train.plan import state_memory
     chip = chiplib.get(config.mesh.target_chip)
     groups = {}
-    for spec, hp in plans:
-        mem = state_memory(spec, hp, meshlib.abstract_mesh(sizes))
-        groups[spec.name] = {"device": device_bytes(mem), "host": host_train_memory(spec, hp, sizes, chip),
-                             "mem": mem}
+    for (spec, hp), sz in zip(plans, each_group(plans, sizes)):
+        mem = state_memory(spec, hp, meshlib.abstract_mesh(sz))
+        groups[spec.name] = {"device": device_bytes(mem), "host": host_train_memory(spec, hp, sz, chip),
+                             "mem": mem, "sizes": sz}
     peak = max(groups, key=lambda g: groups[g]["device"])
     host = max(groups, key=lambda g: groups[g]["host"])
     return {"chip": chip, "groups": groups, "peak": groups[peak]["device"], "peak_group": peak,
@@ -350,38 +396,40 @@ def check_memory(config, plans, sizes: dict) -> dict:
     m = memory_plan(config, plans, sizes)
     chip = m["chip"]
     if m["peak"] > chip.hbm:
-        raise PlanError(f"mesh {sizes}: group {m['peak_group']} needs {_gib(m['peak'])} per device, more than "
+        raise PlanError(f"mesh {m['groups'][m['peak_group']]['sizes']}: group {m['peak_group']} needs {_gib(m['peak'])} per device, more than "
                         f"a {chip.name} chip's {_gib(chip.hbm)} (mesh.target_chip); shard more (mesh.latent, "
                         f"mesh.stack) or train fewer layers per job (see the config's variants)")
     if m["host"] > chip.host_memory:
-        raise PlanError(f"mesh {sizes}: group {m['host_group']} holds {_gib(m['host'])} of batches per "
+        raise PlanError(f"mesh {m['groups'][m['host_group']]['sizes']}: group {m['host_group']} holds {_gib(m['host'])} of batches per "
                         f"process, more than a {chip.name} host's {_gib(chip.host_memory)} (mesh.target_chip); "
                         f"lower train.batch_size")
     return m
 
 
-def report(config, plans, sizes: dict, programs: list[dict] | None) -> list[str]:
+def report(config, plans, sizes, programs: list[dict] | None) -> list[str]:
     """The dry run's cost lines: per group the program's counts (or, without ``programs``, the
     design's), the design minimum of communication, the projection on the target chip; then the
-    job's memory peak and the planner's proposal against the configured mesh."""
+    job's memory peak and the planner's proposals (one mesh for every group; one per group) against
+    the configured meshes. ``sizes``: one mesh for every group, or one per group (``each_group``)."""
     chip = chiplib.get(config.mesh.target_chip)
     itemsize = store_itemsize(config)
-    mem_plan = memory_plan(config, plans, sizes)
+    meshes = each_group(plans, sizes)
+    mem_plan = memory_plan(config, plans, meshes)
     lines = []
-    for i, (spec, hp) in enumerate(plans):
+    for i, ((spec, hp), sz) in enumerate(zip(plans, meshes)):
         mem = mem_plan["groups"][spec.name]["mem"]
-        design = design_comm(spec, hp, sizes)
+        design = design_comm(spec, hp, sz)
         prog = programs[i] if programs else None
         coll = prog["collectives"] if prog else design
-        flops = prog["flops"] if prog else shape_flops(spec, hp, sizes)
-        host = host_read_bytes(spec, hp, sizes, chip, itemsize)
-        pr = project(chip, flops=flops, passes=matmul_passes(spec), hbm=hbm_bytes(spec, hp, sizes, mem),
+        flops = prog["flops"] if prog else shape_flops(spec, hp, sz)
+        host = host_read_bytes(spec, hp, sz, chip, itemsize)
+        pr = project(chip, flops=flops, passes=matmul_passes(spec), hbm=hbm_bytes(spec, hp, sz, mem),
                      wire=wire_bytes(coll, prog["received"] if prog else None), host=host)
         shown = lambda c: ", ".join(f"{k} {_mb(v)}" for k, v in c.items() if v) or "none"  # noqa: E731
         what = (f"compiled program ({prog['compile_s']:.1f} s to compile)" if prog else "from shapes (not compiled)")
         lines.append(f"[{spec.name}] step cost per device, {what}: {flops / 1e12:,.3f} TFLOP "
-                     f"(design {shape_flops(spec, hp, sizes) / 1e12:,.3f}; x{matmul_passes(spec)} bf16 passes), "
-                     f"HBM {_gib(hbm_bytes(spec, hp, sizes, mem))}, collectives: {shown(coll)} "
+                     f"(design {shape_flops(spec, hp, sz) / 1e12:,.3f}; x{matmul_passes(spec)} bf16 passes), "
+                     f"HBM {_gib(hbm_bytes(spec, hp, sz, mem))}, collectives: {shown(coll)} "
                      f"(design minimum: {shown(design)}); store reads {_mb(host)} per host per step")
         t = pr["times"]
         lines.append(f"[{spec.name}] projected on {chip.name}: compute {_ms(t['compute'])} + HBM {_ms(t['HBM'])} + "
@@ -393,15 +441,37 @@ def report(config, plans, sizes: dict, programs: list[dict] | None) -> list[str]
     lines.append(f"job peak per device: {_gib(mem_plan['peak'])} (group {mem_plan['peak_group']}; each group's "
                  f"state is freed before the next starts) of a {chip.name} chip's {_gib(chip.hbm)}; host: "
                  f"{_gib(mem_plan['host'])} of batches per process of {_gib(chip.host_memory)}")
-    n = math.prod(sizes.values())
-    best, table = propose(plans, n, chip, itemsize or 4, max(1, n // chip.chips_per_host))
-    here = table.get((sizes["data"], sizes["stack"], sizes["latent"]))
+    n = math.prod(meshes[0].values())
+    it, procs = itemsize or 4, max(1, n // chip.chips_per_host)
+    best, table = propose(plans, n, chip, it, procs)
+    per = [propose([p], n, chip, it, procs)[0] for p in plans]
+    here = meshes_time(plans, meshes, chip, it)
+    head = f"mesh planner ({n} {chip.name} chips): "
     if best is None:
-        lines.append(f"mesh planner: no mesh of {n} devices fits a {chip.name} chip's memory")
+        head += "no one mesh for every group fits"
+        ref = None
     else:
-        b = table[(best["data"], best["stack"], best["latent"])]
-        rel = f"{here[0] / b[0]:.2f}x the proposal's projected time" if here and b[0] else "not a candidate"
-        lines.append(f"mesh planner ({n} {chip.name} chips): proposes {best}, projected "
-                     f"{b[0] / 3600:,.2f} h for the job without overlap (peak {_gib(b[1])}); the configured "
-                     f"mesh {sizes}: {rel}")
+        ref = table[key(best)][0]
+        head += (f"one mesh for every group {best}, projected {ref / 3600:,.2f} h for the job without overlap "
+                 f"(peak {_gib(table[key(best)][1])})")
+    if all(per):
+        t_per, peak_per = meshes_time(plans, per, chip, it)
+        ref = t_per if ref is None else min(ref, t_per)
+        head += (f"; per group (mesh.plan='auto'): "
+                 + ", ".join(f"{spec.name} {m}" for (spec, _), m in zip(plans, per))
+                 + f", projected {t_per / 3600:,.2f} h (peak {_gib(peak_per)})")
+    else:
+        head += "; per group: " + ", ".join(spec.name for (spec, _), m in zip(plans, per) if m is None) + " fits no mesh"
+    if ref:
+        head += f"; the configured meshes (mesh.plan={config.mesh.plan!r}): {here[0] / ref:.2f}x the best projection"
+    lines.append(head)
     return lines
+
+
+def meshes_time(plans, meshes, chip, itemsize: int = 4) -> tuple[float, int]:
+    """(projected seconds of the job without overlap, peak device bytes) with group i on ``meshes[i]``."""
+    total, peak = 0.0, 0
+    for p, sz in zip(plans, meshes):
+        t, pk, _ = job_time([p], sz, chip, itemsize)
+        total, peak = total + t, max(peak, pk)
+    return total, peak

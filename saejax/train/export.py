@@ -18,9 +18,13 @@ def group_meta(spec: GroupSpec, hp: optim.Hyper, source, state, model: str = "")
         "l0_ema": np.asarray(jax.device_get(state["l0_ema"])).tolist(),
         "frozen": np.asarray(jax.device_get(state["frozen"])).tolist(),
         "norm_scale": [float(source.norm_scale(s)) for s in spec.sites],
+        # transcoders: the sites read and their scales; norm_scale is then the written (output) sites'
+        **({"reads": list(spec.reads), "read_norm_scale": [float(source.norm_scale(s)) for s in spec.reads],
+            "d_out": spec.dout, "skip": spec.skip} if spec.transcoder else {}),
         "pre_encoder_bias": spec.pre_encoder_bias, "threshold_param": spec.threshold_param,
         "bandwidth": spec.bandwidth, "model": model, "steps": int(jax.device_get(state["step"])),
         "tokens": int(jax.device_get(state["step"])) * hp.batch_size, "batch_size": hp.batch_size,
+        **({"matryoshka": list(spec.matryoshka)} if spec.matryoshka else {}),
     }
 
 

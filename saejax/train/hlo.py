@@ -8,7 +8,8 @@ loops carry). Of a ``conditional``, the branch with the largest count is taken (
 
 Collective bytes are the **operand** bytes of each op (what one device contributes): for an
 all-reduce that is also its result; an all-gather's result is ``group size`` times its operand, a
-reduce-scatter's ``1/group size``. Async pairs count once (at ``-start``; ``-done`` and
+reduce-scatter's ``1/group size``. Ops whose replica groups are single devices (collectives over
+a size-1 mesh axis) move nothing and are not counted. Async pairs count once (at ``-start``; ``-done`` and
 ``async-done`` are skipped). Kinds: ``all-reduce``, ``all-gather``, ``reduce-scatter``,
 ``all-to-all`` (``ragged-all-to-all`` included), ``collective-permute``.
 
@@ -95,6 +96,7 @@ def _parse(text: str):
     comps: dict[str, list] = {}
     entry, cur = None, None
     for line in text.splitlines():
+        line = re.sub(r"/\*.*?\*/", "", line)  # /*index=5*/ comments in long operand lists
         if cur is None:
             m = _HEADER.match(line)
             if m:
@@ -135,7 +137,16 @@ def _called(attrs: str, key: str) -> list[str]:
 
 
 def _group_size(attrs: str, default: int) -> int:
-    """Devices per replica group: ``{{0,1,2,3},{4,5,6,7}}`` or the iota form ``[2,4]<=[8]``."""
+    """Devices per replica group: ``{{0,1,2,3},{4,5,6,7}}``, the iota form ``[2,4]<=[8]``, or the
+    mesh form ``mesh['axis_0'=2,'axis_1'=4] {'axis_1'}`` (the product of the named axes' sizes)."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+    if m:
+        sizes = {k.strip().strip("'\""): int(v) for k, v in (a.split("=") for a in m.group(1).split(","))}
+        n = 1
+        for a in m.group(2).split(","):
+            if a.strip():
+                n *= sizes[a.strip().strip("'\"")]
+        return n
     m = re.search(r"replica_groups=\[([0-9,]+)\]<=", attrs)
     if m:
         return _dims(m.group(1))[-1]
@@ -172,9 +183,11 @@ def _totals(text: str):
         for name, typ, opcode, operands, attrs in comps.get(comp, []):
             kind = _OPCODES.get(opcode)
             if kind is not None:
+                g = _group_size(attrs, n_devices)
+                if g == 1:  # groups of one device (a size-1 mesh axis): nothing moves
+                    continue
                 b = sum(_shape_bytes(shapes.get(o, "")) for o in operands)
                 total[kind] += b
-                g = _group_size(attrs, n_devices)
                 total["result:" + kind] += b * g if kind == "all-gather" else b / g if kind == "reduce-scatter" else b
             elif opcode == "dot":
                 lhs = _ARRAY.findall(shapes.get(operands[0], "")) if operands else []

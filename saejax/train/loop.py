@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -69,7 +70,7 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
         state = ckpts.restore(trainer.abstract, trainer.state_shardings)
         log(f"[{spec.name}] resumed from the checkpoint at step {int(jax.device_get(state['step']))}")
     state = trainer.init_state() if state is None else state
-    scales = norm_scales(source, spec.sites)
+    scales = trainer.norm_scales(source)
     start = int(jax.device_get(state["step"]))
     _truncate_log(log_path, start)
     records = open(log_path, "a") if log_path and jax.process_index() == 0 else None
@@ -164,11 +165,25 @@ def _freeze_nonfinite(spec, hp, state, trainer, loss, step):
     return state
 
 
+# Keys added after fingerprints were first written, with the value every older run had: a key at
+# that value is left out, so runs from before it still resume (docs/training.md, one config).
+LATER_SPEC = {"matmul_dtype": "float32", "matryoshka": ()}
+LATER_HYPER = {"lr_decay_start": 0, "revive_steps": 0, "revive_nudge": 0.0, "revive_auxk": 0.0, "b_dec_init": "zero"}
+TRANSCODER_SPEC = ("reads", "d_out", "skip")  # left out of SAE groups' fingerprints
+
+
+def _without_later(d: dict, later: dict) -> dict:
+    return {k: v for k, v in d.items() if not (k in later and v == later[k])}
+
+
 def fingerprint(spec, hp, seed: int, source) -> dict:
     """Everything that changes a group's result: its spec and hyper-parameters, the seed, and what
     the rows are (the store manifest's sha256, or the synthetic source's parameters). Not the mesh
     (a run may resume on another), nor logging and checkpointing intervals."""
-    fp = {"spec": dataclasses.asdict(spec), "hyper": dataclasses.asdict(hp), "seed": seed,
+    spec_fp = _without_later(dataclasses.asdict(spec), LATER_SPEC)
+    if not spec.transcoder:
+        spec_fp = {k: v for k, v in spec_fp.items() if k not in TRANSCODER_SPEC}
+    fp = {"spec": spec_fp, "hyper": _without_later(dataclasses.asdict(hp), LATER_HYPER), "seed": seed,
           "source": getattr(source, "identity", None)}
     return json.loads(json.dumps(fp))  # tuples as lists, as read back
 
@@ -232,49 +247,52 @@ def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> li
         source = PlannedSource(planned_widths)
     else:
         source = make_source(config)
-    n_devices = None
+    n_devices = None  # set when this machine has fewer devices than the configured mesh (a dry run)
     try:
-        mesh = meshlib.make_mesh(config.mesh)
+        n = math.prod(meshlib.mesh_shape(config.mesh, jax.device_count()))
     except meshlib.MeshError as e:
         if not dry_run:
             raise
-        mesh = meshlib.abstract_mesh(config.mesh)  # plan for the slice's devices from here
-        n_devices = mesh.size
+        n = n_devices = meshlib.abstract_mesh(config.mesh).size  # plan for the slice's devices from here
         log(f"saejax train: {e}; the dry run plans for that mesh from its shape and compiles the step "
-            f"on {mesh.size} virtual CPU devices")
+            f"on {n} virtual CPU devices")
     plans = plan_groups(config, source)
-    for spec, hp in plans:
-        meshlib.validate_group(config.mesh, spec.T, spec.width, hp.batch_size, n_devices=n_devices,
+    chip = cost.chiplib.get(config.mesh.target_chip)
+    processes = max(1, n // chip.chips_per_host) if n_devices else jax.process_count()
+    meshes = cost.group_meshes(config, plans, n, processes)  # mesh.plan: the configured or the planner's
+    for (spec, hp), sizes in zip(plans, meshes):
+        meshlib.validate_group(sizes, spec.T, spec.width, hp.batch_size, n_devices=n,
                                process_count=1 if n_devices else None, name=spec.name)
     clt_plan = clt_step.plan_clt(config, source) if config.clt.enabled else None
-    if clt_plan is not None:
-        if dict(mesh.shape).get("stack", 1) != 1:
-            raise meshlib.MeshError(f"mesh.stack={mesh.shape['stack']}: a CLT is one dictionary; use data and latent only")
-        meshlib.validate_group(config.mesh, 1, clt_plan[0].width, clt_plan[1].batch_size, n_devices=n_devices,
+    clt_sizes = None
+    if clt_plan is not None:  # a CLT trains on the configured mesh (not the planner's: it has no stack)
+        clt_sizes = dict(zip(meshlib.AXES, meshlib.mesh_shape(config.mesh, n)))
+        if clt_sizes["stack"] != 1:
+            raise meshlib.MeshError(f"mesh.stack={clt_sizes['stack']}: a CLT is one dictionary; use data and latent only")
+        meshlib.validate_group(clt_sizes, 1, clt_plan[0].width, clt_plan[1].batch_size, n_devices=n,
                                process_count=1 if n_devices else None, name=clt_plan[0].name)
-    sizes = cost.sizes_of(mesh)
     if dry_run:
-        # The real step compiled for this mesh (here, or on virtual CPU devices in a subprocess): its
-        # FLOPs and collectives feed the cost model; nothing runs.
-        programs = cost.measure(plans, sizes)
-        for (spec, hp), prog in zip(plans, programs):
-            log(_header(spec, hp, mesh))
-            mem = state_memory(spec, hp, mesh)
+        # The real step compiled for each group's mesh (here, or on virtual CPU devices in a
+        # subprocess): its FLOPs and collectives feed the cost model; nothing runs.
+        programs = cost.measure_groups(plans, meshes)
+        for (spec, hp), sizes, prog in zip(plans, meshes, programs):
+            log(_header(spec, hp, sizes))
+            mem = state_memory(spec, hp, meshlib.abstract_mesh(sizes))
             if "temp_bytes" in prog:
                 mem["compiled_temp"] = prog["temp_bytes"]
             log(dry_run_report(spec, hp, mem))
-        for line in cost.report(config, plans, sizes, programs):
+        for line in cost.report(config, plans, meshes, programs):
             log(line)
         if clt_plan is not None:  # shapes and shardings only (the cost model does not cover CLTs yet)
             spec, hp = clt_plan
-            log(_clt_header(spec, hp, mesh))
-            mem = clt_step.state_bytes(spec, hp, mesh)
+            log(_clt_header(spec, hp, clt_sizes))
+            mem = clt_step.state_bytes(spec, hp, meshlib.abstract_mesh(clt_sizes))
             log(f"[{spec.name}] dry run: {hp.total_steps} steps, {hp.total_steps * hp.batch_size:,} tokens; per device: "
                 + ", ".join(f"{k} {v / 2 ** 20:,.1f} MiB" for k, v in mem.items())
                 + f"; decoding {'sparse, cap ' + str(spec.active_cap) if spec.sparse else 'dense'}")
-        cost.check_memory(config, plans, sizes)
+        cost.check_memory(config, plans, meshes)
         return []
-    cost.check_memory(config, plans, sizes)  # before anything compiles or writes
+    cost.check_memory(config, plans, meshes)  # before anything compiles or writes
     with wd.stage_lock(config, "train"):
         prints = [fingerprint(spec, hp, config.seed, source) for spec, hp in plans]
         for (spec, _), fp in zip(plans, prints):  # every group, before any trains: a changed config is refused
@@ -282,31 +300,34 @@ def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> li
         if clt_plan is not None:
             clt_fp = fingerprint(*clt_plan, config.seed, source)
             check_fingerprint(config, clt_plan[0].name, clt_fp)
-        done = [_train_one(config, spec, hp, fp, source, mesh) for (spec, hp), fp in zip(plans, prints)]
+        # Groups train one after another, each on its own mesh over the same devices: only one is live.
+        done = [_train_one(config, spec, hp, fp, source, sizes)
+                for (spec, hp), fp, sizes in zip(plans, prints, meshes)]
         if clt_plan is not None:
-            done.append(_train_one(config, *clt_plan, clt_fp, source, mesh, clt=True))
+            done.append(_train_one(config, *clt_plan, clt_fp, source, clt_sizes, clt=True))
         return done
 
 
-def _clt_header(spec, hp, mesh) -> str:
+def _clt_header(spec, hp, sizes: dict) -> str:
     return (f"[{spec.name}] cross-layer transcoder over {spec.L} layers x {spec.width} latents, {hp.total_steps} "
-            f"steps of {hp.batch_size} tokens ({hp.total_steps * hp.batch_size:,} tokens), mesh {dict(mesh.shape)}")
+            f"steps of {hp.batch_size} tokens ({hp.total_steps * hp.batch_size:,} tokens), mesh {dict(sizes)}")
 
 
-def _header(spec, hp, mesh) -> str:
+def _header(spec, hp, sizes: dict) -> str:
     return (f"[{spec.name}] {spec.T} sites x {spec.K} sweep members, {hp.total_steps} steps of "
-            f"{hp.batch_size} tokens ({hp.total_steps * hp.batch_size:,} tokens), mesh {dict(mesh.shape)}")
+            f"{hp.batch_size} tokens ({hp.total_steps * hp.batch_size:,} tokens), mesh {dict(sizes)}")
 
 
-def _train_one(config, spec, hp, fp, source, mesh, clt: bool = False) -> str:
-    """Train (or resume) one group (or the CLT) to its ``final/`` folder; return that folder."""
+def _train_one(config, spec, hp, fp, source, sizes: dict, clt: bool = False) -> str:
+    """Train (or resume) one group (or the CLT) to its ``final/`` folder on its mesh ``sizes``; return that folder."""
     t, final = config.train, wd.final_dir(config, spec.name)
-    log(_clt_header(spec, hp, mesh) if clt else _header(spec, hp, mesh))
+    log(_clt_header(spec, hp, sizes) if clt else _header(spec, hp, sizes))
     if os.path.isdir(final):
         log(f"[{spec.name}] already trained: {final}")
         return final
     os.makedirs(wd.group_dir(config, spec.name), exist_ok=True)
     _write_fingerprint(config, spec.name, fp)
+    mesh = meshlib.make_mesh(sizes)
     with Tracker(config, f"train/{spec.name}") as tracker:
         trainer = clt_step.CLTTrainer(spec, hp, mesh, config.seed) if clt else None
         state = train_group(spec, hp, source, mesh, seed=config.seed, log_every=t.log_every,

@@ -26,13 +26,22 @@ class Hyper:
     lr_warmup_start: float = 0.1
     lr_decay: str = "none"
     lr_decay_end: float = 0.0
+    lr_decay_start: int = 0  # "linear": the step the decay starts at
     sparsity_warmup: int = 10000
     dead_steps: int = 2500  # steps without firing after which a latent counts as dead
     target_l0: tuple[float, ...] = ()  # per member; empty: fixed lambda from the sparsity sweep
+    # Dead-latent remedies (jumprelu; docs/sae.md): for a latent that has not fired for revive_steps steps,
+    # theta is lowered by the fraction revive_nudge per step, and/or an AuxK loss of coefficient revive_auxk
+    # (spec.auxk_k such latents per row) lets it model the residual. 0: off.
+    revive_steps: int = 0
+    revive_nudge: float = 0.0
+    revive_auxk: float = 0.0
+    b_dec_init: str = "zero"  # "zero" | "mean" | "median": b_dec set from the first batch (geometric median)
 
 
 def lr_schedule(hp: Hyper):
-    """step -> learning rate: cosine warmup from lr_warmup_start*lr, then constant or cosine decay."""
+    """step -> learning rate: cosine warmup from lr_warmup_start*lr, then constant, or a cosine decay
+    over the rest of the run, or a linear decay from step lr_decay_start, to lr_decay_end*lr."""
 
     def schedule(step):
         t = jnp.asarray(step, jnp.float32)
@@ -44,6 +53,10 @@ def lr_schedule(hp: Hyper):
             span = max(hp.total_steps - hp.lr_warmup, 1)
             frac = jnp.clip((t - hp.lr_warmup) / span, 0.0, 1.0)
             lr = lr * (hp.lr_decay_end + (1.0 - hp.lr_decay_end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac)))
+        elif hp.lr_decay == "linear":
+            span = max(hp.total_steps - hp.lr_decay_start, 1)
+            frac = jnp.clip((t - hp.lr_decay_start) / span, 0.0, 1.0)
+            lr = lr * (1.0 - (1.0 - hp.lr_decay_end) * frac)
         return lr
 
     return schedule

@@ -18,6 +18,8 @@ is exactly its own): mse + sparsity + aux, the terms its kind gives (``Kind.loss
                with target L0s t: ||x - x_hat||^2 + lam * t * (||f||_0 / t - 1)^2
     relu       ||x - x_hat||^2 + lam * sum_i f_i ||W_dec_i||   (Anthropic, April 2024)
     topk       ||x - x_hat||^2 + auxk_coeff * ||e - e_hat_dead||^2   (Gao et al. AuxK)
+With Matryoshka prefixes (spec.matryoshka) ||x - x_hat||^2 is the sum over the prefixes of each
+one's error (saejax.sae.matryoshka); the logged mse and fvu stay the full dictionary's.
 
 Why the step is laid out as it is (site and member scans, a ``lax.cond`` per SAE): docs/training.md,
 XLA:CPU notes.
@@ -61,11 +63,12 @@ def _mask_frozen(frozen, new, old):
     return jax.tree_util.tree_map(one, new, old)
 
 
-def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x):
-    """Per-SAE loss terms and diagnostics for x [T, B, d] (normalized). Returns (total, aux)."""
+def losses(spec: GroupSpec, hp: optim.Hyper, params, state, x, y=None):
+    """Per-SAE loss terms and diagnostics for x [T, B, d] and its target y [T, B, d_out] (normalized;
+    None: x itself, an SAE). Returns (total, aux)."""
     lam = state["lam"] * optim.sparsity_scale(hp, state["step"])
-    terms = spec.kind.loss(spec, hp, params, state, x, lam)
-    per_sae = terms["mse"] + terms["sparsity"] + terms["aux"]
+    terms = spec.kind.loss(spec, hp, params, state, x, x if y is None else y, lam)
+    per_sae = terms["recon"] + terms["sparsity"] + terms["aux"]
     total = jnp.sum(jnp.where(state["frozen"], 0.0, per_sae))
     out = {
         "loss": per_sae,
@@ -155,32 +158,49 @@ def scan_saes(fn, spec: GroupSpec, carry, per_sae, per_site):
         (T, K) + o[0].shape[3:]), *outs)
 
 
-def sae_update(spec: GroupSpec, hp: optim.Hyper, tx, params, opt_state, st, x):
-    """One optimizer step of the SAEs in ``params`` (slices of a group) on x [T, B, d]: the
+def sae_update(spec: GroupSpec, hp: optim.Hyper, tx, params, opt_state, st, x, y=None):
+    """One optimizer step of the SAEs in ``params`` (slices of a group) on x [T, B, d] with target y
+    (None: x): the
     gradient of their summed loss (each SAE's loss depends on its own parameters only), Adam, the
     decoder constraints, the kind's constraint and the frozen mask. Returns (params, opt_state,
     per-SAE diagnostics)."""
-    g, out = jax.grad(lambda q: losses(spec, hp, q, st, x), has_aux=True)(params)
+    g, out = jax.grad(lambda q: losses(spec, hp, q, st, x, y), has_aux=True)(params)
     if spec.kind.unit_decoder:
         g = dict(g, W_dec=optim.remove_parallel_grad(g["W_dec"], params["W_dec"]))
     updates, new_opt = tx.update(g, opt_state, params)
     new = jax.tree_util.tree_map(jnp.add, params, updates)
     if spec.kind.unit_decoder:
         new = dict(new, W_dec=optim.unit_rows(new["W_dec"]))
-    new = spec.kind.constrain(spec, new)
+    new = spec.kind.constrain(spec, spec.kind.revive(spec, hp, new, st))
     return _mask_frozen(st["frozen"], new, params), _mask_frozen(st["frozen"], new_opt, opt_state), out
 
 
+def data_b_dec(hp: optim.Hyper, params, x):
+    """``params`` with b_dec [T, K, d] set from the rows x [T, B, d] b_dec reconstructs (a transcoder's
+    targets) (``hp.b_dec_init``): each site's mean, or its geometric median (Weiszfeld's iteration from
+    the mean, 20 steps)."""
+    m = jnp.mean(x, 1)
+    if hp.b_dec_init == "median":
+        def weiszfeld(m, _):
+            w = 1.0 / jnp.maximum(jnp.linalg.norm(x - m[:, None], axis=-1), 1e-6)  # [T, B]
+            return jnp.sum(w[..., None] * x, 1) / jnp.sum(w, 1)[:, None], None
+        m = lax.scan(weiszfeld, m, None, length=20)[0]
+    return dict(params, b_dec=jnp.broadcast_to(m[:, None], params["b_dec"].shape).astype(params["b_dec"].dtype))
+
+
 def make_train_step(spec: GroupSpec, hp: optim.Hyper):
-    """``step_fn(state, x) -> (state, metrics)``; jit it (with shardings) at the call site."""
+    """``step_fn(state, x, y=None) -> (state, metrics)``: x [T, B, d] the rows, y [T, B, d_out] their
+    target (a transcoder's; None: x itself); jit it (with shardings) at the call site."""
     tx = optim.optimizer(hp)
     schedule = optim.lr_schedule(hp)
 
-    def step_fn(state, x):
+    def step_fn(state, x, y=None):
         params = state["params"]
         if spec.kind.calibrates(spec):
             params = lax.cond(state["step"] == 0, lambda p: map_sites(spec.kind.calibrate, spec, p, x),
                               lambda p: p, params)
+        if hp.b_dec_init != "zero":
+            params = lax.cond(state["step"] == 0, lambda p: data_b_dec(hp, p, x if y is None else y), lambda p: p, params)
         per_sae = {k: state[k] for k in ("lam", "since_fired", "bt_threshold", "frozen")}
         # The optimizer's scalar leaves (its step counts) are shared by all SAEs: their next values,
         # from an update of no parameters, for the SAEs that skip theirs.
@@ -195,7 +215,8 @@ def make_train_step(spec: GroupSpec, hp: optim.Hyper):
             st = dict(st, step=state["step"])
 
             def train(c):
-                p, o, out = sae_update(one, hp_k, tx, *c, st, xs)
+                p, o, out = sae_update(one, hp_k, tx, *c, st, *xs) if y is not None else \
+                    sae_update(one, hp_k, tx, *c, st, xs)
                 return (p, o), out
 
             def skip(c):
@@ -208,7 +229,8 @@ def make_train_step(spec: GroupSpec, hp: optim.Hyper):
                 return train(carry)
             return lax.cond(jnp.all(st["frozen"]), skip, train, carry)
 
-        (new_params, opt_state), out = scan_saes(one_sae, spec, (params, state["opt_state"]), per_sae, x)
+        (new_params, opt_state), out = scan_saes(one_sae, spec, (params, state["opt_state"]), per_sae,
+                                                 x if y is None else (x, y))
         frozen = state["frozen"]
 
         step = state["step"]

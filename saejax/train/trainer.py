@@ -21,6 +21,9 @@ class Trainer:
     State shardings come from ``PARTITION_RULES`` (SAEs over ``stack``, latents over ``latent``);
     the batch x [T, B, d] is laid out ``P("stack", "data", None)``. The step is traced under
     ``sharded.use_mesh`` so that top-k thresholds are computed shard by shard.
+
+    A batch is x for an SAE group, and the pair (x, y) for a transcoder group (x the rows of its
+    ``reads``, y of its ``sites``, both laid out as x is); ``norm_scales`` likewise.
     """
 
     def __init__(self, spec: GroupSpec, hp: optim.Hyper, mesh, seed: int = 0):
@@ -29,12 +32,13 @@ class Trainer:
         self.state_shardings = meshlib.tree_shardings(self.abstract, PARTITION_RULES, mesh)
         self.x_sharding = NamedSharding(mesh, P("stack", "data", None))
         self.x_shape = (spec.T, hp.batch_size, spec.d)
+        self.y_shape = (spec.T, hp.batch_size, spec.dout)
         replicated = NamedSharding(mesh, P())
         step_fn = make_train_step(spec, hp)
 
         def traced_step(state, x):
             with sharded.use_mesh(mesh):
-                return step_fn(state, x)
+                return step_fn(state, *x) if spec.transcoder else step_fn(state, x)
 
         self.init = jax.jit(lambda k: init_state(spec, hp, k), out_shardings=self.state_shardings)
         self.step = jax.jit(traced_step, in_shardings=(self.state_shardings, self.x_sharding),
@@ -44,8 +48,9 @@ class Trainer:
         def heldout_metrics(state, x):
             """Per-SAE L0 and FVU on a fixed held-out batch, inference mode (BatchTopK: its threshold)."""
             def one(sub, p, bt, xs):
+                xs, ys = xs if spec.transcoder else (xs, xs)
                 _, f, x_hat = SAEGroup(sub).apply({"params": p}, xs, bt, False)
-                _, fvu, l0 = recon_metrics(xs, f, x_hat)
+                _, fvu, l0 = recon_metrics(ys, f, x_hat)
                 return {"heldout_fvu": fvu, "heldout_l0": l0}
 
             with sharded.use_mesh(mesh):
@@ -71,23 +76,42 @@ class Trainer:
     def init_state(self):
         return self.init(jax.random.key(self.seed))
 
-    def local_batch(self, source, step: int, scales: np.ndarray) -> np.ndarray:
-        """This process's normalized rows of ``step``: [T_local, B_local, d]."""
-        (t0, t1), (part, parts) = self.site_range, self.rows
-        x = source.batch(list(self.spec.sites[t0:t1]), step, self.hp.batch_size, part, parts)
-        return x * scales[t0:t1]
+    def norm_scales(self, source):
+        """``norm_scales`` of the group's sites: [T, 1, 1]; a transcoder's (input, output) pair."""
+        if self.spec.transcoder:
+            return norm_scales(source, self.spec.reads), norm_scales(source, self.spec.sites)
+        return norm_scales(source, self.spec.sites)
 
-    def local_heldout(self, source, scales: np.ndarray):
+    def _rows(self, fn, scales, *args):
+        """fn(sites, *args) of this process's sites, normalized; (x, y) for a transcoder; None if fn gives None."""
+        (t0, t1), (part, parts) = self.site_range, self.rows
+        if not self.spec.transcoder:
+            x = fn(list(self.spec.sites[t0:t1]), *args, self.hp.batch_size, part, parts)
+            return None if x is None else x * scales[t0:t1]
+        out = []
+        for sites, s in zip((self.spec.reads, self.spec.sites), scales):
+            x = fn(list(sites[t0:t1]), *args, self.hp.batch_size, part, parts)
+            if x is None:
+                return None
+            out.append(x * s[t0:t1])
+        return tuple(out)
+
+    def local_batch(self, source, step: int, scales):
+        """This process's normalized rows of ``step``: [T_local, B_local, d] (a transcoder's: the
+        aligned pair x [T_local, B_local, d], y [T_local, B_local, d_out])."""
+        return self._rows(source.batch, scales, step)
+
+    def local_heldout(self, source, scales):
         """This process's normalized held-out rows (one batch, fixed), or None without a held-out split."""
         fn = getattr(source, "heldout_batch", None)
-        if fn is None:
-            return None
-        (t0, t1), (part, parts) = self.site_range, self.rows
-        x = fn(list(self.spec.sites[t0:t1]), self.hp.batch_size, part, parts)
-        return None if x is None else x * scales[t0:t1]
+        return None if fn is None else self._rows(fn, scales)
 
-    def put_batch(self, x_local: np.ndarray):
-        """This process's rows [T_local, B_local, d] -> a global mesh-sharded array [T, B, d]."""
+    def put_batch(self, x_local):
+        """This process's rows [T_local, B_local, d] -> a global mesh-sharded array [T, B, d] (a pair
+        of them for a transcoder)."""
+        if self.spec.transcoder:
+            return tuple(jax.make_array_from_process_local_data(self.x_sharding, a, shape)
+                         for a, shape in zip(x_local, (self.x_shape, self.y_shape)))
         return jax.make_array_from_process_local_data(self.x_sharding, x_local, self.x_shape)
 
     def memory(self) -> dict:
@@ -97,6 +121,8 @@ class Trainer:
         try:
             a, sh = self.abstract, self.state_shardings
             x = jax.ShapeDtypeStruct(self.x_shape, np.float32, sharding=self.x_sharding)
+            if self.spec.transcoder:
+                x = (x, jax.ShapeDtypeStruct(self.y_shape, np.float32, sharding=self.x_sharding))
             st = jax.tree_util.tree_map(lambda v, h: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=h), a, sh)
             ma = self.step.lower(st, x).compile().memory_analysis()
             out["compiled_temp"] = int(ma.temp_size_in_bytes)

@@ -1,7 +1,8 @@
 """``Kind``: what one SAE kind decides. The rest of saejax asks the kind instead of testing its name.
 
 Arguments the methods share: ``spec`` a GroupSpec (saejax.sae.group), ``params`` a group's
-parameters (leading [T, K] axes), ``x`` [T, B, d] normalized rows, ``pre`` [T, K, B, M]
+parameters (leading [T, K] axes), ``x`` [T, B, d] normalized rows, ``y`` [T, B, d_out] the
+normalized target rows (the same array as x for an SAE; the output site's for a transcoder), ``pre`` [T, K, B, M]
 pre-activations (saejax.sae.forward), ``hp`` the group's optim.Hyper, ``state`` the train state
 (saejax.train.step), ``lam`` [T, K] each SAE's sweep value times the sparsity warmup.
 """
@@ -15,15 +16,16 @@ from saejax.sae import forward
 def terms(mse, fvu, l0, fired, **extra) -> dict:
     """The per-SAE loss terms and diagnostics ``Kind.loss`` returns: mse, fvu, l0 [T, K], fired
     [T, K, M] (latents that fired on the batch), and ``extra`` in place of the defaults
-    sparsity = aux = 0 and min_active = inf [T, K] (the loss terms besides the mse, and BatchTopK's
-    smallest kept activation)."""
-    return {"mse": mse, "fvu": fvu, "l0": l0, "fired": fired, "sparsity": jnp.zeros_like(mse),
+    recon = mse (the reconstruction loss term: Matryoshka's sum over prefixes), sparsity = aux = 0 and
+    min_active = inf [T, K] (the loss terms besides the reconstruction, and BatchTopK's smallest kept
+    activation)."""
+    return {"mse": mse, "fvu": fvu, "l0": l0, "fired": fired, "recon": mse, "sparsity": jnp.zeros_like(mse),
             "aux": jnp.zeros_like(mse), "min_active": jnp.full_like(mse, jnp.inf), **extra}
 
 
-def recon_terms(x, f, x_hat, **extra) -> dict:
-    """``terms`` from a group's forward pass: x [T, B, d], f [T, K, B, M], x_hat [T, K, B, d]."""
-    return terms(*forward.recon_metrics(x, f, x_hat), jnp.any(f > 0, axis=2), **extra)
+def recon_terms(y, f, x_hat, **extra) -> dict:
+    """``terms`` from a group's forward pass: y [T, B, d] the target, f [T, K, B, M], x_hat [T, K, B, d]."""
+    return terms(*forward.recon_metrics(y, f, x_hat), jnp.any(f > 0, axis=2), **extra)
 
 
 class Kind:
@@ -39,6 +41,7 @@ class Kind:
     unit_decoder = True  # decoder rows kept unit-norm (gradient along a row removed, renormalized)
     uses_threshold = False  # the inference formula compares pre with a threshold array (exported)
     infers_with_k = False  # the inference formula keeps each row's k largest (k exported)
+    matryoshka = False  # trains with Matryoshka prefixes (GroupSpec.matryoshka, saejax.sae.matryoshka)
 
     def check_config(self, sae, check) -> None:
         """Kind-specific checks of the config's ``sae`` node; ``check(ok, key, message)`` raises."""
@@ -72,13 +75,19 @@ class Kind:
         """(pre, f, x_hat) of the group's forward pass with the training activation."""
         return forward.reconstruct(spec, params, x, lambda pre: self.train_activation(spec, params, pre))
 
-    def loss(self, spec, hp, params, state, x, lam) -> dict:
-        """Per-SAE loss terms and diagnostics (``terms``); the loss of SAE (t, k) is mse + sparsity + aux."""
+    def loss(self, spec, hp, params, state, x, y, lam) -> dict:
+        """Per-SAE loss terms and diagnostics (``terms``) of reconstructing y from x; the loss of SAE
+        (t, k) is mse + sparsity + aux."""
         _, f, x_hat = self.train_forward(spec, params, x)
-        return recon_terms(x, f, x_hat)
+        return recon_terms(y, f, x_hat)
 
     def constrain(self, spec, params):
         """Parameters after an optimizer update, put back in their domain."""
+        return params
+
+    def revive(self, spec, hp, params, state):
+        """Parameters after an update, with a dead-latent remedy applied (``state``: the SAEs' train
+        state slices, ``since_fired`` counting steps without firing before this one)."""
         return params
 
     def calibrates(self, spec) -> bool:

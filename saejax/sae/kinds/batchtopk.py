@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from saejax.sae import sharded
 from saejax.sae.kinds.base import recon_terms
 from saejax.sae.kinds.jumprelu import threshold_activation
-from saejax.sae.kinds.topk import TopK, auxk
+from saejax.sae.kinds.topk import TopK, loss_with_auxk
 
 
 def batchtopk_activation(pre, ks: tuple[int, ...]):
@@ -40,7 +40,7 @@ class BatchTopK(TopK):
     def train_activation(self, spec, params, pre):
         return batchtopk_activation(pre, self.ks(spec.sweep))
 
-    def loss(self, spec, hp, params, state, x, lam) -> dict:
-        pre, f, x_hat = self.train_forward(spec, params, x)
-        return recon_terms(x, f, x_hat, aux=auxk(spec, hp, params, state, x, pre, x_hat),
+    def loss(self, spec, hp, params, state, x, y, lam) -> dict:
+        _, f, x_hat, aux, *recon = loss_with_auxk(self, spec, hp, params, state, x, y)
+        return recon_terms(y, f, x_hat, aux=aux, **({"recon": recon[0]} if recon else {}),
                            min_active=jnp.min(jnp.where(f > 0, f, jnp.inf), axis=(2, 3)))

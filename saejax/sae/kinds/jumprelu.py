@@ -4,12 +4,18 @@
                                           threshold_param "log") or threshold (theta itself, "raw")
     loss  = ||x - x_hat||^2 + lam * L0    with target L0s t: ||x - x_hat||^2 + lam * t * (L0/t - 1)^2
 
+Dead-latent remedies (opt-in, docs/sae.md), for latents that have not fired for ``hp.revive_steps``
+steps: ``revive`` lowers their theta by the fraction ``hp.revive_nudge`` per step; ``revive_auxk``
+adds AuxK's loss (Gao et al.; saejax.sae.kinds.topk), the residual e = x - x_hat modelled by the
+``auxk_k`` largest relu'd pre-activations of those latents through W_dec, weighted ``hp.revive_auxk``.
+
 Training runs the fused op ``saejax.sae.jumprelu.mse_l0`` (reconstruction error and firing counts
 with the rectangle-kernel pseudo-derivatives, over the batch in row blocks); the same activation
 with those pseudo-derivatives alone is ``saejax.sae.jumprelu.jumprelu``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax.numpy as jnp
@@ -19,6 +25,7 @@ from jax import lax
 from saejax.sae import forward
 from saejax.sae import jumprelu as jr
 from saejax.sae.kinds.base import Kind, terms
+from saejax.sae.kinds.topk import auxk
 
 
 def theta(params):
@@ -48,6 +55,7 @@ class JumpReLU(Kind):
     release_name = "jumprelu"
     saelens_name = "jumprelu"
     uses_threshold = True
+    matryoshka = True
 
     def check_config(self, sae, check) -> None:
         """Any sweep of lambdas, or target L0s."""
@@ -66,19 +74,41 @@ class JumpReLU(Kind):
     def train_activation(self, spec, params, pre):
         return jr.jumprelu(pre, theta(params)[:, :, None, :], spec.bandwidth)
 
-    def loss(self, spec, hp, params, state, x, lam) -> dict:
+    def loss(self, spec, hp, params, state, x, y, lam) -> dict:
         """mse and L0 from ``mse_l0`` over row blocks; the L0 term as the module docstring says."""
-        xb = jr.row_blocks(x, jr.row_block_count(x.shape[1], spec.width))
-        mse, counts = jr.mse_l0(xb, params["W_enc"], forward.encoder_bias(spec, params), params["W_dec"],
-                                params["b_dec"], theta(params), spec.bandwidth, forward.PRECISIONS[spec.precision])
+        n = jr.row_block_count(x.shape[1], spec.width)
+        xb = jr.row_blocks(x, n)
+        yb = None if y is x else jr.row_blocks(y, n)  # an SAE's target is x itself
+        mse, counts, *full = jr.mse_l0(xb, yb, params["W_enc"], forward.encoder_bias(spec, params), params["W_dec"],
+                                params["b_dec"], theta(params), params.get("W_skip"), spec.bandwidth,
+                                forward.spec_matmul(spec), spec.matryoshka)
         l0_pseudo = jnp.sum(counts, -1) / x.shape[1]  # the L0, with theta's pseudo-derivative
         if hp.target_l0:  # lam * t * (L0/t - 1)^2: an L0 penalty 2 lam (L0/t - 1) that turns to a bonus below t
             target = jnp.asarray(hp.target_l0, jnp.float32)[None, :]
             sparsity = lam * target * jnp.square(l0_pseudo / target - 1.0)
         else:
             sparsity = lam * l0_pseudo
-        return terms(mse, mse / forward.batch_variance(x)[:, None], lax.stop_gradient(l0_pseudo), counts > 0,
-                     sparsity=sparsity)
+        aux = jnp.zeros_like(mse)
+        if hp.revive_steps and hp.revive_auxk:
+            aux = lax.cond(jnp.any(state["since_fired"] >= hp.revive_steps),
+                           lambda: self.revive_auxk(spec, hp, params, state, x, y), lambda: aux)
+        # With Matryoshka prefixes mse is their sum (the loss term) and full the full dictionary's (the metrics).
+        metric = lax.stop_gradient(full[0]) if full else mse
+        return terms(metric, metric / forward.batch_variance(y)[:, None], lax.stop_gradient(l0_pseudo), counts > 0,
+                     recon=mse, sparsity=sparsity, aux=aux)
+
+    def revive_auxk(self, spec, hp, params, state, x, y):
+        """[T, K]: AuxK's loss on the latents dead for ``hp.revive_steps`` steps (module docstring)."""
+        pre, _, x_hat = forward.reconstruct(spec, params, x, lambda p: threshold_activation(p, theta(params)))
+        spec = dataclasses.replace(spec, auxk_coeff=hp.revive_auxk)
+        return auxk(spec, dataclasses.replace(hp, dead_steps=hp.revive_steps), params, state, y, pre, x_hat)
+
+    def revive(self, spec, hp, params, state):
+        """Thresholds of the latents dead for ``hp.revive_steps`` steps lowered by ``hp.revive_nudge``."""
+        if not (hp.revive_steps and hp.revive_nudge):
+            return params
+        dead = state["since_fired"] >= hp.revive_steps
+        return with_theta(params, jnp.where(dead, (1.0 - hp.revive_nudge) * theta(params), theta(params)))
 
     def constrain(self, spec, params):
         """A raw theta stays positive."""

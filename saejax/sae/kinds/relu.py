@@ -21,7 +21,7 @@ class ReLU(Kind):
     def activate(self, pre, threshold, ks):
         return jax.nn.relu(pre)
 
-    def loss(self, spec, hp, params, state, x, lam) -> dict:
+    def loss(self, spec, hp, params, state, x, y, lam) -> dict:
         _, f, x_hat = self.train_forward(spec, params, x)
         dec_norm = jnp.linalg.norm(params["W_dec"], axis=-1)[:, :, None, :]
-        return recon_terms(x, f, x_hat, sparsity=lam * jnp.mean(jnp.sum(f * dec_norm, -1), -1))
+        return recon_terms(y, f, x_hat, sparsity=lam * jnp.mean(jnp.sum(f * dec_norm, -1), -1))

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from saejax.sae import forward, sharded
+from saejax.sae import forward, matryoshka, sharded
 from saejax.sae.kinds.base import Kind, recon_terms
 
 
@@ -23,16 +23,65 @@ def topk_activation(pre, ks: tuple[int, ...]):
     return jnp.where(pre >= kth, jax.nn.relu(pre), 0.0)
 
 
-def auxk(spec, hp, params, state, x, pre, x_hat):
-    """[T, K]: AuxK's loss on the dead latents (the module docstring), 0 for SAEs without any."""
+def auxk_latents(spec, hp, state, pre):
+    """(f_aux [T, K, B, M], dead [T, K, M]): each row's top ``auxk_k`` pre-activations among the dead
+    latents, rectified."""
     dead = state["since_fired"] >= hp.dead_steps  # [T, K, M]
     kaux = min(spec.auxk_k, spec.width)
     masked = jnp.where(dead[:, :, None, :], pre, -jnp.inf)
     kth = sharded.row_kth(masked, (kaux,))
-    f_aux = jnp.where(dead[:, :, None, :] & (masked >= kth), jax.nn.relu(pre), 0.0)
-    e = lax.stop_gradient(x[:, None] - x_hat)
-    e_hat = jnp.einsum("tkbm,tkmd->tkbd", f_aux, params["W_dec"], precision=forward.PRECISIONS[spec.precision])
+    return jnp.where(dead[:, :, None, :] & (masked >= kth), jax.nn.relu(pre), 0.0), dead
+
+
+def auxk_loss(spec, y, x_hat, e_hat, dead):
+    """[T, K]: AuxK's loss (the module docstring) from its reconstruction e_hat, 0 without dead
+    latents; y the target."""
+    e = lax.stop_gradient(y[:, None] - x_hat)
     return spec.auxk_coeff * jnp.mean(jnp.sum(jnp.square(e - e_hat), -1), -1) * jnp.any(dead, -1)
+
+
+def auxk(spec, hp, params, state, y, pre, x_hat):
+    """[T, K]: AuxK's loss on the dead latents (the module docstring), 0 for SAEs without any; y the target."""
+    f_aux, dead = auxk_latents(spec, hp, state, pre)
+    e_hat = forward.spec_einsum(spec, "tkbm,tkmd->tkbd", f_aux, params["W_dec"])
+    return auxk_loss(spec, y, x_hat, e_hat, dead)
+
+
+def loss_with_auxk(kind, spec, hp, params, state, x, y) -> dict:
+    """TopK's and BatchTopK's loss terms of reconstructing y from x: the reconstruction and AuxK.
+
+    With the batch split over the mesh's ``data`` axis, f and AuxK's f_aux go through W_dec in one
+    matmul (stacked on a new axis), so W_dec's gradient is one contraction over both and one
+    all-reduce per step, not two (docs/training.md, communication). Otherwise two matmuls, as
+    written in the module docstring (no [2, B, M] copy).
+    """
+    if spec.matryoshka:
+        return matryoshka_loss(kind, spec, hp, params, state, x, y)
+    if sharded.axis_sizes(sharded.current_mesh(), "data") == (1,):
+        pre, f, x_hat = kind.train_forward(spec, params, x)
+        return pre, f, x_hat, auxk(spec, hp, params, state, y, pre, x_hat)
+    pre = forward.pre_activations(spec, params, x)
+    f = kind.train_activation(spec, params, pre)
+    f_aux, dead = auxk_latents(spec, hp, state, pre)
+    both = forward.spec_einsum(spec, "tksbm,tkmd->tksbd", jnp.stack([f, f_aux], 2), params["W_dec"])
+    x_hat = both[:, :, 0] + params["b_dec"][:, :, None, :]
+    s = forward.skip(spec, params, x)
+    x_hat = x_hat if s is None else x_hat + s
+    return pre, f, x_hat, auxk_loss(spec, y, x_hat, both[:, :, 1], dead)
+
+
+def matryoshka_loss(kind, spec, hp, params, state, x, y):
+    """``loss_with_auxk`` with Matryoshka prefixes: the top-k selection once over all latents, the
+    prefix blocks decoded once (saejax.sae.matryoshka; autodiff turns the running sums into suffix
+    sums), AuxK on the full dictionary's error. Returns (pre, f, x_hat, aux, recon): recon [T, K]
+    the sum over the prefixes of their errors."""
+    pre = forward.pre_activations(spec, params, x)
+    f = kind.train_activation(spec, params, pre)
+    base = params["b_dec"][:, :, None, :]
+    s = forward.skip(spec, params, x)
+    recon, x_hat = matryoshka.prefix_mse(matryoshka.decodes(spec, f, params["W_dec"]),
+                                         base if s is None else base + s, y)
+    return pre, f, x_hat, auxk(spec, hp, params, state, y, pre, x_hat), recon
 
 
 class TopK(Kind):
@@ -41,6 +90,7 @@ class TopK(Kind):
     release_name = "topk"
     saelens_name = "topk"
     infers_with_k = True
+    matryoshka = True
 
     def check_config(self, sae, check) -> None:
         """Target L0s are refused; every sweep value is an integer k within every width."""
@@ -55,6 +105,6 @@ class TopK(Kind):
     def activate(self, pre, threshold, ks):
         return topk_activation(pre, ks)
 
-    def loss(self, spec, hp, params, state, x, lam) -> dict:
-        pre, f, x_hat = self.train_forward(spec, params, x)
-        return recon_terms(x, f, x_hat, aux=auxk(spec, hp, params, state, x, pre, x_hat))
+    def loss(self, spec, hp, params, state, x, y, lam) -> dict:
+        _, f, x_hat, aux, *recon = loss_with_auxk(self, spec, hp, params, state, x, y)
+        return recon_terms(y, f, x_hat, aux=aux, **({"recon": recon[0]} if recon else {}))

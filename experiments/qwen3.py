@@ -1,0 +1,60 @@
+"""SAEs on every layer of Qwen 3 (dense: 0.6B, 1.7B, 4B, 8B): res, att and mlp, as Gemma Scope does.
+
+Qwen 3 is the family Llama Scope 2 (OpenMOSS) trains transcoders on. Sites: the residual stream
+(block output, d_model), the attention output per head before o_proj (width n_heads x 128: 0.6B has
+16 x 128 = 2,048 against d_model 1,024) and the MLP output. JumpReLU SAEs, widths 16k and 65k, three
+L0 targets; 1,024-token contexts that begin with config.json's bos_token_id (<|endoftext|>, the
+document separator: Qwen's tokenizer names no BOS). MLP transcoders (mlp_in.L -> mlp.L) come with
+the transcoder training work (issue 21).
+
+Dry run, 8b at 16k (the default width), all layers, per device: about 42 GB (params + Adam +
+activations) on its 8 x 2 x 4 mesh; 65k is four times the params (about 170 GB): a third of the layers per job.
+
+    saejax run --config experiments/qwen3.py:size=8b --dry_run       # offline: the four shapes are built in
+    saejax run --config experiments/qwen3.py:size=0.6b,width=16k     # one GPU host or a v5p-16 slice
+
+Tiny mode for CPU tests: saejax run --config experiments/qwen3.py:runlocal
+"""
+from saejax import config as cfg
+
+SIZES = {"0.6b": ("Qwen/Qwen3-0.6B", 28, (4, 2, 2)), "1.7b": ("Qwen/Qwen3-1.7B", 28, (4, 2, 2)),
+         "4b": ("Qwen/Qwen3-4B", 36, (8, 2, 4)), "8b": ("Qwen/Qwen3-8B", 36, (8, 2, 4))}
+WIDTHS = {"16k": 2 ** 14, "65k": 2 ** 16}
+VARIANTS = {"runlocal": bool, "size": cfg.choices(*SIZES), "width": cfg.choices(*WIDTHS),
+            "layers": cfg.layer_range, "corpus": str}
+
+
+def get_config(arg: str = ""):
+    v = cfg.parse_variants(arg, VARIANTS)
+    sizes = v.get("size", ("0.6b",))
+    if len(sizes) != 1:
+        raise ValueError(f"size: one size per run, got {'+'.join(sizes)}")
+    hub, n_layers, mesh = SIZES[sizes[0]]
+    c = cfg.defaults()
+    c.workdir = f"runs/qwen3_{sizes[0]}"
+    c.model.source = f"hf:{hub}"
+    c.model.dtype = "bfloat16"  # Qwen 3 is released in bf16
+    c.data.corpus = v.get("corpus", "HuggingFaceFW/fineweb-edu")
+    c.data.context_len = 1024
+    c.data.heldout_contexts = 1024
+    c.harvest.layers = v.get("layers", tuple(range(n_layers)))
+    c.harvest.kinds = ("res", "att", "mlp")
+    c.harvest.max_tokens = 2_000_000_000
+    c.harvest.dtype = "bfloat16"
+    c.harvest.batch_contexts = 128
+    c.harvest.shard_bytes = 4 * 2 ** 30
+    c.harvest.shuffle_bytes = 2 ** 30  # per site; the dry run prints the host memory per process
+    c.sae.arch = "jumprelu"
+    c.sae.widths = tuple(WIDTHS[w] for w in v.get("width", ("16k",)))
+    c.sae.target_l0 = (20.0, 50.0, 120.0)
+    c.train.tokens = 1_000_000_000
+    c.train.tokens_wide = 2_000_000_000
+    c.train.batch_size = 4096
+    c.train.checkpoint_every = 2000
+    c.mesh.data, c.mesh.stack, c.mesh.latent = mesh
+    c.evaluate.contexts = 1024
+    c.release.name = f"saejax-qwen3-{sizes[0]}"
+    c.release.l0 = ()
+    if v.get("runlocal"):
+        cfg.runlocal(c, "random:tiny-qwen3")
+    return c
