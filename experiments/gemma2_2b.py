@@ -40,8 +40,8 @@ Cross-layer transcoder (`:clt`): harvests mlp_in and mlp of every layer (52 site
 joined into one aligned group) and trains one JumpReLU CLT of 16,384 latents per layer over all 26
 layers (13.3 B decoder parameters), sparse decoding with a cap of 256 active latents per row and
 layer, on a data 2 x latent 32 mesh of the 64 chips (per device, from its dry run: CLT params
-1,696.8 MiB, optimizer 1,696.8 MiB). Until branch tc's sae.site_kinds lands, SAE groups also train on
-the 52 sites (at :width=16k). The circuit-tracer export needs every layer (the default).
+1,696.8 MiB, optimizer 1,696.8 MiB). No SAEs; for comparison, 26 per-layer skip-transcoders of the
+chosen widths (sae.transcoders). The circuit-tracer export needs every layer (the default).
 
 Tiny mode for CPU tests (a random 2-layer Gemma 2, a few thousand tokens, seconds):
     saejax run --config experiments/gemma2_2b.py:runlocal
@@ -88,6 +88,9 @@ def get_config(arg: str = ""):
         c.workdir = "runs/gemma2_2b_clt"
         c.harvest.kinds = ("mlp_in", "mlp")
         c.harvest.pairs = tuple(clt_pairs(c.harvest.layers))
+        c.sae.site_kinds = ()
+        c.sae.transcoders = c.harvest.layers
+        c.sae.skip = True
         c.clt.enabled = True
         c.clt.arch = "jumprelu"
         c.clt.width = 2 ** 14
@@ -99,6 +102,7 @@ def get_config(arg: str = ""):
         cfg.runlocal(c, "random:tiny-gemma2")
         if v.get("clt"):
             c.harvest.pairs = tuple(clt_pairs(c.harvest.layers))
+            c.sae.transcoders = c.harvest.layers
             c.clt.width, c.clt.cap = 64, 32
     return c
 
