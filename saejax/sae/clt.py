@@ -115,6 +115,8 @@ class CLTSpec:
     def sweep(self) -> tuple[float, ...]:  # the train loop's labels (train.loop.sae_label)
         return (self.sparsity,)
 
+    transcoder = False  # not a per-site transcoder group (train.loop.fingerprint asks)
+
     @property
     def kind(self):
         return _Names("lambda" if self.arch == "jumprelu" else "k")

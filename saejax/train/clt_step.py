@@ -152,6 +152,10 @@ class CLTTrainer:
     def init_state(self):
         return self.init(jax.random.key(self.seed))
 
+    def norm_scales(self, source) -> np.ndarray:
+        """What train_group passes back to local_batch: ``scales``."""
+        return self.scales(source)
+
     def scales(self, source) -> np.ndarray:
         """[2L, 1, 1]: each input and output site's own norm scale."""
         return np.asarray([source.norm_scale(s) for s in self.data_sites], np.float32)[:, None, None]
