@@ -36,13 +36,20 @@ Storage: fp32 activations as Gemma Scope stored them: 8B tokens x (52 x 2,304 + 
 about 5.5 PB for one full pass; pass harvest.dtype=bfloat16 or fewer layers (:layers=0-12) to shrink it.
 Reading it needs over 1 GiB/s per SAE group per host (docs/store.md: buckets through gcsfuse).
 
+Cross-layer transcoder (`:clt`): harvests mlp_in and mlp of every layer (52 sites of width 2,304,
+joined into one aligned group) and trains one JumpReLU CLT of 16,384 latents per layer over all 26
+layers (13.3 B decoder parameters), sparse decoding with a cap of 256 active latents per row and
+layer, on a data 2 x latent 32 mesh of the 64 chips (per device, from its dry run: CLT params
+1,696.8 MiB, optimizer 1,696.8 MiB). No SAEs; for comparison, 26 per-layer skip-transcoders of the
+chosen widths (sae.transcoders). The circuit-tracer export needs every layer (the default).
+
 Tiny mode for CPU tests (a random 2-layer Gemma 2, a few thousand tokens, seconds):
     saejax run --config experiments/gemma2_2b.py:runlocal
 """
 from saejax import config as cfg
 
 WIDTHS = {"16k": 2 ** 14, "65k": 2 ** 16}
-VARIANTS = {"runlocal": bool, "width": cfg.choices(*WIDTHS), "layers": cfg.layer_range, "corpus": str}
+VARIANTS = {"runlocal": bool, "width": cfg.choices(*WIDTHS), "layers": cfg.layer_range, "corpus": str, "clt": bool}
 
 
 def get_config(arg: str = ""):
@@ -76,7 +83,26 @@ def get_config(arg: str = ""):
     c.evaluate.contexts = 2048
     c.release.name = "saejax-gemma2-2b"
     c.release.l0 = ()  # every calibrated level
+    if v.get("clt"):
+        from saejax.train.clt_step import clt_pairs
+        c.workdir = "runs/gemma2_2b_clt"
+        c.harvest.kinds = ("mlp_in", "mlp")
+        c.harvest.pairs = tuple(clt_pairs(c.harvest.layers))
+        c.sae.site_kinds = ()
+        c.sae.transcoders = c.harvest.layers
+        c.sae.skip = True
+        c.clt.enabled = True
+        c.clt.arch = "jumprelu"
+        c.clt.width = 2 ** 14
+        c.clt.sparsity = 1e-4  # lambda on the L0 summed over 26 layers
+        c.clt.cap = 256  # = 16,384 / 64: sparse decoding
+        c.mesh.data, c.mesh.stack, c.mesh.latent = 2, 1, 32
+        c.release.name = "saejax-gemma2-2b-clt"
     if v.get("runlocal"):
         cfg.runlocal(c, "random:tiny-gemma2")
+        if v.get("clt"):
+            c.harvest.pairs = tuple(clt_pairs(c.harvest.layers))
+            c.sae.transcoders = c.harvest.layers
+            c.clt.width, c.clt.cap = 64, 32
     return c
 

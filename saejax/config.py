@@ -118,6 +118,16 @@ def defaults() -> ml_collections.ConfigDict:
     c.sae.transcoders = ()
     c.sae.skip = False  # transcoders are skip-transcoders: y_hat += x @ W_skip (W_skip initialized at 0)
 
+    # --- cross-layer transcoder (saejax/sae/clt.py; docs/sae.md) --------------------------------
+    c.clt = ml_collections.ConfigDict()
+    c.clt.enabled = False
+    c.clt.layers = ()  # () = every layer of the model: encoders read mlp_in.l, decoders write mlp.l' >= l
+    c.clt.arch = "jumprelu"  # jumprelu | topk | batchtopk, per layer
+    c.clt.width = 2304  # latents per layer
+    c.clt.sparsity = 0.001  # jumprelu: lambda of the L0 term (summed over layers); topk/batchtopk: k per layer
+    c.clt.cap = 0  # sparse decoding: active latents kept per row and layer (0: 4k, or 256 for jumprelu)
+    c.clt.decode = "auto"  # auto (sparse when >= 16 layers and cap <= width/48, benchmarks/clt_step.py) | dense | sparse
+
     # --- training ----------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
     c.train.source = "store"  # "store" (<workdir>/store) or "synthetic" (planted features, below)
@@ -399,6 +409,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     sweep = c.sae.target_l0 or c.sae.sparsity
     _check(len(sweep) > 0, "sae.sparsity", "needs at least one value")
     kinds.get(c.sae.arch).check_config(c.sae, _check)
+    if c.clt.enabled:
+        from saejax.sae import clt  # jax, as for kinds
+
+        def fail(key, msg):
+            raise ConfigError(f"config key '{key}': {msg}")
+        clt.check(c.clt.arch, c.clt.layers, c.clt.width, c.clt.sparsity, c.clt.cap, c.clt.decode, fail)
     if c.sae.target_l0:
         _check(c.sae.target_l0_coeff > 0, "sae.target_l0_coeff", "must be positive")
         for t in c.sae.target_l0:

@@ -63,8 +63,13 @@ def final_dir(config, group: str) -> str:
 
 
 def final_dirs(config) -> list[str]:
-    """The finished groups' ``final/`` folders, sorted."""
-    return sorted(glob.glob(final_dir(config, "*")))
+    """The finished SAE groups' ``final/`` folders (those with a group.json), sorted."""
+    return sorted(p for p in glob.glob(final_dir(config, "*")) if os.path.isfile(os.path.join(p, "group.json")))
+
+
+def clt_final_dirs(config) -> list[str]:
+    """The finished cross-layer transcoders' ``final/`` folders (those with a clt.json), sorted."""
+    return sorted(p for p in glob.glob(final_dir(config, "*")) if os.path.isfile(os.path.join(p, "clt.json")))
 
 
 def group_of(final: str) -> str:

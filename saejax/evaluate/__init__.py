@@ -41,16 +41,17 @@ def is_complete(config) -> bool:
         return False
     try:
         with open(path) as fh:
-            done = set(json.load(fh).get("groups", []))
-    except (OSError, json.JSONDecodeError):
+            doc = json.load(fh)
+        done = set(doc.get("groups", [])) | {c["id"] for c in doc.get("clts", [])}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return False
-    names = {wd.group_of(p) for p in wd.final_dirs(config)}
+    names = {wd.group_of(p) for p in wd.final_dirs(config) + wd.clt_final_dirs(config)}
     return bool(names) and names <= done
 
 
 def _load_groups(config) -> list[tuple[str, dict, dict]]:
     paths = wd.final_dirs(config)
-    if not paths:
+    if not paths and not wd.clt_final_dirs(config):
         raise EvaluateError(f"no trained SAE groups under {wd.train_dir(config)} "
                             f"(expected <group>/final/; run saejax train first)")
     out = []
@@ -173,6 +174,9 @@ def run(config, dry_run: bool = False) -> dict | None:
             doc = {"format": "saejax-eval/1", "model": data.model_name, "contexts": data.n_contexts,
                    "heldout_contexts": 0 if data.synthetic else len(data.all_tokens),
                    "synthetic": data.synthetic, "groups": [g[0] for g in groups], "saes": results}
+            clts = [_evaluate_clt(p, data, model, config) for p in wd.clt_final_dirs(config)]
+            if clts:
+                doc["clts"] = clts
             with open(os.path.join(tmp, wd.RESULTS), "w") as fh:
                 json.dump(files.json_safe(doc), fh, indent=1, allow_nan=False)
             if os.path.exists(final):
@@ -182,6 +186,8 @@ def run(config, dry_run: bool = False) -> dict | None:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     print(table(results))
+    for c in doc.get("clts", []):
+        print(clt_table(c))
     _track(config, results)
     print(f"saejax evaluate: wrote {wd.results_path(config)}", file=sys.stderr)
     return doc
@@ -200,6 +206,44 @@ def _track(config, results: list[dict]) -> None:
                       [[r["id"], r["site"], r["width"], r["arch"], r["sparsity"],
                         *(None if r.get(m) is None else round(float(r[m]), 5) for m in TRACKED)]
                        for r in files.json_safe(results)])
+
+
+def _evaluate_clt(path, data, model, config) -> dict:
+    """A CLT's per-layer metrics on the aligned held-out rows and its replacement model (evaluate/clt.py)."""
+    from saejax.evaluate import clt as clt_eval
+    from saejax.sae import clt_io
+    a, meta = clt_io.load(path)
+    layers = meta["layers"]
+    for site in [f"{k}.{l}" for l in layers for k in ("mlp_in", "mlp")]:
+        if site not in data.sites:
+            raise EvaluateError(f"CLT {wd.group_of(path)}: site {site!r} is not in the held-out data")
+    rows_in = [data.rows(f"mlp_in.{l}")[0] for l in layers]
+    rows_out = [data.rows(f"mlp.{l}")[0] for l in layers]
+    per_layer = clt_eval.layer_metrics(a, meta, rows_in, rows_out)
+    out = {"id": wd.group_of(path), "arch": meta["arch"], "layers": layers, "width": meta["width"],
+           "sparsity": meta["sparsity"], "steps": meta.get("steps"), "tokens": meta.get("tokens"),
+           "per_layer": [{"site": f"mlp.{l}", "layer": l, **m} for l, m in zip(layers, per_layer)],
+           "l0_total": float(sum(m["l0"] for m in per_layer))}
+    if model is not None:
+        out["model_layers"] = int(model.config.n_layers)
+        out["replacement"] = clt_eval.replacement_losses(model, model.params, a, meta, data.tokens,
+                                                         data.policy(f"mlp.{layers[0]}"),
+                                                         batch=int(config.evaluate.batch_contexts))
+    return out
+
+
+def clt_table(c: dict) -> str:
+    """A CLT's lines of the terminal table: one per output layer, then the replacement model."""
+    lines = [f"CLT {c['id']}: {c['arch']}, {len(c['layers'])} layers x {c['width']} latents, "
+             f"total L0 {c['l0_total']:.1f}", "  site     L0    FVU   dead"]
+    for m in c["per_layer"]:
+        lines.append(f"{m['site']:>6} {m['l0']:6.1f} {m['fvu']:6.3f} {m['dead_frac']:6.1%}")
+    r = c.get("replacement")
+    if r:
+        ce = "-" if r["ce_score"] is None else f"{r['ce_score']:.3f}"
+        lines.append(f"  replacement model (every MLP at once): dLM {r['delta_lm_loss']:.4f} CEscore {ce} "
+                     f"KL {r['kl']:.4f}")
+    return "\n".join(lines)
 
 
 def _evaluate_group(name, arrays, meta, data, model, config, rng, out, bar=None) -> list[dict]:

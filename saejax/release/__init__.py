@@ -56,6 +56,34 @@ def _results(config) -> dict:
     return doc
 
 
+def _add_clts(config, doc: dict, tmp: str) -> dict:
+    """Every evaluated CLT into ``clt/<id>/`` of the release being built: the saejax layout and, when
+    circuit-tracer can read it (JumpReLU/BatchTopK over every layer of the model), its layout in
+    ``clt/<id>/circuit_tracer/``; else one line saying why not. Returns suite.json's "clts"."""
+    import shutil
+
+    from saejax.sae import clt_io
+    out = []
+    for c in doc.get("clts", []):
+        src = wd.final_dir(config, c["id"])
+        rel = f"clt/{c['id']}"
+        os.makedirs(os.path.join(tmp, rel))
+        for name in ("params.safetensors", "clt.json"):
+            shutil.copyfile(os.path.join(src, name), os.path.join(tmp, rel, name))
+        a, meta = clt_io.load(src)
+        ct = None
+        try:
+            clt_io.write_circuit_tracer(os.path.join(tmp, rel, "circuit_tracer"), a, meta,
+                                        c.get("model_layers") or len(meta["layers"]))
+            ct = f"{rel}/circuit_tracer"
+        except clt_io.ExportError as e:
+            print(f"saejax release: CLT {c['id']}: {e}", file=sys.stderr)
+        out.append({"id": c["id"], "path": rel, "circuit_tracer": ct, "arch": c["arch"], "layers": c["layers"],
+                    "width": c["width"], "l0_total": c.get("l0_total"), "per_layer": c.get("per_layer"),
+                    "replacement": c.get("replacement")})
+    return {"clts": out} if out else {}
+
+
 def run(config, dry_run: bool = False) -> dict | None:
     """Choose, fold and write the release; see suite.py."""
     from saejax.release import hub, suite as writer
@@ -93,7 +121,8 @@ def run(config, dry_run: bool = False) -> dict | None:
                              context_size=int(config.data.context_len), base_model=base, repo=repo,
                              extra={"results_sha256": _digest(wd.results_path(config)),
                                     "heldout_contexts": doc.get("heldout_contexts", 0),
-                                    "context_size": int(config.data.context_len)})
+                                    "context_size": int(config.data.context_len)},
+                             add=lambda tmp: _add_clts(config, doc, tmp))
     print(f"saejax release: wrote {wd.suite_path(config)}", file=sys.stderr)
     if repo:
         url = hub.push(wd.release_dir(config), repo, private=bool(config.release.private))

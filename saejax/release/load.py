@@ -100,6 +100,24 @@ class Suite:
     def __repr__(self) -> str:
         return f"Suite({self.source!r}, {len(self)} SAEs, sites {self.sites()})"
 
+    def clts(self) -> list[str]:
+        """The ids of the release's cross-layer transcoders (suite.json "clts")."""
+        return [c["id"] for c in self.meta.get("clts", [])]
+
+    def clt(self, id: str | None = None):
+        """A released CLT (saejax.release.clt.CLT): the one with ``id``, or the only one."""
+        from safetensors.numpy import load_file
+
+        from saejax.release.clt import CLT
+        found = [c for c in self.meta.get("clts", []) if id is None or c["id"] == id]
+        if len(found) != 1:
+            raise ReleaseError(f"{self.source}: {'no CLT ' + repr(id) if id else str(len(found)) + ' CLTs'} "
+                               f"(the release has {self.clts()})")
+        rel = safe_relpath(found[0]["path"], f"{self.source}/suite.json")
+        with open(self._fetch(f"{rel}/clt.json")) as fh:
+            meta = json.load(fh)
+        return CLT(load_file(self._fetch(f"{rel}/params.safetensors")), meta)
+
     def sites(self) -> list[str]:
         return sorted({e.site for e in self.entries}, key=lambda s: (s.split(".")[0], int(s.split(".")[1])))
 

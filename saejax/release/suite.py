@@ -74,7 +74,8 @@ def choose(results: list[dict], targets=()) -> tuple[list[dict], list[str]]:
 
 def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str, formats=("gemmascope", "saelens"),
           cards_dir: str | None = None, contexts: int = 0, context_size: int | None = None,
-          base_model: str | None = None, repo: str | None = None, extra: dict | None = None) -> dict:
+          base_model: str | None = None, repo: str | None = None, extra: dict | None = None,
+          add=None) -> dict:
     """Write the release into ``root`` atomically (built as ``root.tmp-<pid>``, renamed at the end).
     ``groups`` maps a group name to its (arrays, meta) from saejax.sae.io.load_group. ``base_model``:
     the model's Hub id (SAELens's model_name, the card's base_model); ``repo``: the Hub repo the
@@ -152,8 +153,9 @@ def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str,
             rel = circuit_tracer.set_dir(gs.width_name(width), member)
             circuit_tracer.write_set(os.path.join(tmp, rel), layers, True, model)
             transcoder_sets.append({"path": rel, "width": width, "member": member, "layers": len(layers)})
+        more = add(tmp) if add else {}  # files other stages' objects add (CLTs), and their suite.json fields
         suite = {"format": FORMAT, "name": name, "model": model, "base_model": base_model, "contexts": contexts,
-                 **(extra or {}),
+                 **(extra or {}), **more,
                  **({"circuit_tracer": transcoder_sets} if transcoder_sets else {}), "saes": entries}
         with open(os.path.join(tmp, "suite.json"), "w") as fh:
             json.dump(suite, fh, indent=1)

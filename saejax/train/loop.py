@@ -27,6 +27,7 @@ from saejax.preempt import EXIT_PREEMPTED, Preempted, PreemptionWatch
 from saejax.sources import PlannedSource, make_source
 from saejax.tracking import Tracker, group_scalars
 from saejax.train import checkpoint as ckpt
+from saejax.train import clt_step
 from saejax.train import cost
 from saejax.train.export import save_final
 from saejax.train.plan import dry_run_report, plan_groups, state_memory
@@ -226,7 +227,7 @@ def is_complete(config) -> bool:
     then skips training; with another config the train stage runs and says what changed)."""
     try:
         source = make_source(config)
-        plans = plan_groups(config, source)
+        plans = plan_groups(config, source) + ([clt_step.plan_clt(config, source)] if config.clt.enabled else [])
         return all(os.path.isdir(wd.final_dir(config, spec.name))
                    and check_fingerprint(config, spec.name, fingerprint(spec, hp, config.seed, source))
                    for spec, hp in plans)
@@ -262,6 +263,14 @@ def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> li
     for (spec, hp), sizes in zip(plans, meshes):
         meshlib.validate_group(sizes, spec.T, spec.width, hp.batch_size, n_devices=n,
                                process_count=1 if n_devices else None, name=spec.name)
+    clt_plan = clt_step.plan_clt(config, source) if config.clt.enabled else None
+    clt_sizes = None
+    if clt_plan is not None:  # a CLT trains on the configured mesh (not the planner's: it has no stack)
+        clt_sizes = dict(zip(meshlib.AXES, meshlib.mesh_shape(config.mesh, n)))
+        if clt_sizes["stack"] != 1:
+            raise meshlib.MeshError(f"mesh.stack={clt_sizes['stack']}: a CLT is one dictionary; use data and latent only")
+        meshlib.validate_group(clt_sizes, 1, clt_plan[0].width, clt_plan[1].batch_size, n_devices=n,
+                               process_count=1 if n_devices else None, name=clt_plan[0].name)
     if dry_run:
         # The real step compiled for each group's mesh (here, or on virtual CPU devices in a
         # subprocess): its FLOPs and collectives feed the cost model; nothing runs.
@@ -274,6 +283,13 @@ def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> li
             log(dry_run_report(spec, hp, mem))
         for line in cost.report(config, plans, meshes, programs):
             log(line)
+        if clt_plan is not None:  # shapes and shardings only (the cost model does not cover CLTs yet)
+            spec, hp = clt_plan
+            log(_clt_header(spec, hp, clt_sizes))
+            mem = clt_step.state_bytes(spec, hp, meshlib.abstract_mesh(clt_sizes))
+            log(f"[{spec.name}] dry run: {hp.total_steps} steps, {hp.total_steps * hp.batch_size:,} tokens; per device: "
+                + ", ".join(f"{k} {v / 2 ** 20:,.1f} MiB" for k, v in mem.items())
+                + f"; decoding {'sparse, cap ' + str(spec.active_cap) if spec.sparse else 'dense'}")
         cost.check_memory(config, plans, meshes)
         return []
     cost.check_memory(config, plans, meshes)  # before anything compiles or writes
@@ -281,9 +297,20 @@ def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> li
         prints = [fingerprint(spec, hp, config.seed, source) for spec, hp in plans]
         for (spec, _), fp in zip(plans, prints):  # every group, before any trains: a changed config is refused
             check_fingerprint(config, spec.name, fp)
+        if clt_plan is not None:
+            clt_fp = fingerprint(*clt_plan, config.seed, source)
+            check_fingerprint(config, clt_plan[0].name, clt_fp)
         # Groups train one after another, each on its own mesh over the same devices: only one is live.
-        return [_train_one(config, spec, hp, fp, source, sizes)
+        done = [_train_one(config, spec, hp, fp, source, sizes)
                 for (spec, hp), fp, sizes in zip(plans, prints, meshes)]
+        if clt_plan is not None:
+            done.append(_train_one(config, *clt_plan, clt_fp, source, clt_sizes, clt=True))
+        return done
+
+
+def _clt_header(spec, hp, sizes: dict) -> str:
+    return (f"[{spec.name}] cross-layer transcoder over {spec.L} layers x {spec.width} latents, {hp.total_steps} "
+            f"steps of {hp.batch_size} tokens ({hp.total_steps * hp.batch_size:,} tokens), mesh {dict(sizes)}")
 
 
 def _header(spec, hp, sizes: dict) -> str:
@@ -291,10 +318,10 @@ def _header(spec, hp, sizes: dict) -> str:
             f"{hp.batch_size} tokens ({hp.total_steps * hp.batch_size:,} tokens), mesh {dict(sizes)}")
 
 
-def _train_one(config, spec, hp, fp, source, sizes: dict) -> str:
-    """Train (or resume) one group to its ``final/`` folder on its mesh ``sizes``; return that folder."""
+def _train_one(config, spec, hp, fp, source, sizes: dict, clt: bool = False) -> str:
+    """Train (or resume) one group (or the CLT) to its ``final/`` folder on its mesh ``sizes``; return that folder."""
     t, final = config.train, wd.final_dir(config, spec.name)
-    log(_header(spec, hp, sizes))
+    log(_clt_header(spec, hp, sizes) if clt else _header(spec, hp, sizes))
     if os.path.isdir(final):
         log(f"[{spec.name}] already trained: {final}")
         return final
@@ -302,9 +329,10 @@ def _train_one(config, spec, hp, fp, source, sizes: dict) -> str:
     _write_fingerprint(config, spec.name, fp)
     mesh = meshlib.make_mesh(sizes)
     with Tracker(config, f"train/{spec.name}") as tracker:
+        trainer = clt_step.CLTTrainer(spec, hp, mesh, config.seed) if clt else None
         state = train_group(spec, hp, source, mesh, seed=config.seed, log_every=t.log_every,
                             log_path=wd.metrics_path(config, spec.name),
                             ckpt_dir=wd.checkpoint_dir(config, spec.name), checkpoint_every=t.checkpoint_every,
-                            keep_checkpoints=t.keep_checkpoints, tracker=tracker)
-    save_final(final, spec, hp, source, state)
+                            keep_checkpoints=t.keep_checkpoints, tracker=tracker, trainer=trainer)
+    (clt_step.save_final if clt else save_final)(final, spec, hp, source, state)
     return final

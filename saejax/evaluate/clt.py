@@ -1,0 +1,132 @@
+"""Evaluation of a cross-layer transcoder: per-layer metrics on held-out rows and the replacement model.
+
+Per output layer l' (on the store's aligned held-out rows of mlp_in.l and mlp.l'):
+    fvu_l'   sum over rows of ||y_l' - y_hat_l'||^2 / the rows' total variance (as metrics.site_metrics)
+    l0_l     active latents of layer l per row;  dead_frac_l  latents of layer l that never fired
+Raw-space weights (``clt_io.fold``): every number is of the released CLT.
+
+The replacement model: one forward pass in which every MLP output mlp.l' of the CLT's layers is
+replaced by the CLT's reconstruction from mlp_in.l, l <= l', of the same pass (so errors compound
+as they would in an attribution graph), through the model's cross-site splice. Three variants share
+the pass (N x B, variant-major): clean, every MLP zero-ablated, the replacement. At positions the
+store did not keep (position 0, ``skip_first``, special tokens) the activation is left alone.
+delta_lm_loss = CE_replacement - CE_clean; ce_score = (CE_ablate - CE_rep) / (CE_ablate - CE_clean);
+kl = KL(clean || replacement), per CE position (splice.ce_mask).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from saejax.evaluate import splice
+from saejax.sae import clt_io
+
+
+def _encode(f: dict, meta: dict, i: int, x):
+    """Layer i's latents of raw rows x [N, d_in] (folded arrays ``f``)."""
+    pre = x @ f["W_enc"][i] + f["b_enc"][i]
+    if "threshold" in f:
+        return jnp.where(pre > f["threshold"][i], pre, 0.0)
+    k = int(meta["sparsity"])
+    kth = jax.lax.top_k(pre, k)[0][..., k - 1:k]
+    return jnp.where(pre >= kth, jax.nn.relu(pre), 0.0)
+
+
+def layer_metrics(a: dict, meta: dict, rows_in: list, rows_out: list, chunk: int = 2048) -> list[dict]:
+    """Per output layer: fvu, l0 and dead_frac of its source layer, over raw aligned rows
+    (rows_in[i], rows_out[i]: [N, d] of mlp_in and mlp of the i-th CLT layer)."""
+    f = {k: jnp.asarray(v) for k, v in clt_io.fold(a, meta).items()}
+    L, N = len(rows_in), len(rows_in[0])
+
+    @jax.jit
+    def stats(xs, ys):
+        lat = [_encode(f, meta, i, xs[i]) for i in range(L)]
+        out = []
+        for j in range(L):
+            y_hat = f["b_dec"][j] + sum(lat[i] @ f[f"W_dec_{i}"][:, j - i] for i in range(j + 1))
+            out.append(jnp.sum(jnp.square(ys[j] - y_hat)))
+        return jnp.stack(out), jnp.stack([jnp.sum(x > 0) for x in lat]), jnp.stack([jnp.any(x > 0, 0) for x in lat])
+
+    sq, active = np.zeros(L), np.zeros(L)
+    fired = np.zeros((L, a["b_enc"].shape[1]), bool)
+    sum_y, sum_y2 = [0.0] * L, np.zeros(L)
+    for s in range(0, N, chunk):
+        xs = jnp.asarray(np.stack([np.asarray(r[s:s + chunk], np.float32) for r in rows_in]))
+        ys_np = np.stack([np.asarray(r[s:s + chunk], np.float32) for r in rows_out])
+        e, n_act, fi = stats(xs, jnp.asarray(ys_np))
+        sq += np.asarray(e, np.float64)
+        active += np.asarray(n_act, np.float64)
+        fired |= np.asarray(fi)
+        for j in range(L):
+            sum_y[j] = sum_y[j] + ys_np[j].astype(np.float64).sum(0)
+            sum_y2[j] += float(np.sum(ys_np[j].astype(np.float64) ** 2))
+    out = []
+    for j in range(L):
+        var = sum_y2[j] - float(np.sum(sum_y[j] ** 2)) / N
+        out.append({"fvu": float(sq[j] / var), "l0": float(active[j] / N), "dead_frac": float(np.mean(~fired[j])),
+                    "n_tokens": N})
+    return out
+
+
+def writes(a: dict, meta: dict) -> np.ndarray:
+    """[L, M, L]: the norm of each latent's decoder block to each output layer (0 before its own):
+    the layers a latent writes to, for latent cards."""
+    L = len(meta["layers"])
+    out = np.zeros((L, a["b_enc"].shape[1], L), np.float32)
+    for i in range(L):
+        out[i, :, i:] = np.linalg.norm(a[f"W_dec_{i}"], axis=-1)
+    return out
+
+
+def replacement_losses(model, params, a: dict, meta: dict, tokens: np.ndarray, policy: splice.Policy,
+                       batch: int = 8) -> dict:
+    """Delta LM loss, CE score and KL of the replacement model over held-out ``tokens`` [n, T]."""
+    f = {k: jnp.asarray(v) for k, v in clt_io.fold(a, meta).items()}
+    layers = list(meta["layers"])
+    L = len(layers)
+
+    def run(tokens, valid):
+        B, T = tokens.shape
+        keep = splice.token_keep(tokens, policy)[:, :, None]
+
+        def make(j):
+            def fn(act, reads):
+                x = act.astype(jnp.float32)
+                if x.shape[0] == B:  # the first splice: clean, ablated, replacement from here on
+                    x = jnp.concatenate([x, x, x])
+                # the replacement variant's inputs (a read recorded before the first splice has batch B)
+                ins = [reads[f"mlp_in.{layers[i]}"].astype(jnp.float32) for i in range(j + 1)]
+                ins = [r if r.shape[0] == B else r[2 * B:] for r in ins]
+                y_hat = f["b_dec"][j] + sum(
+                    _encode(f, meta, i, ins[i].reshape(B * T, -1)) @ f[f"W_dec_{i}"][:, j - i] for i in range(j + 1)
+                ).reshape(B, T, -1)
+                clean, zero, rep = x[:B], x[B:2 * B], x[2 * B:]
+                out = jnp.concatenate([clean, jnp.where(keep, 0.0, zero), jnp.where(keep, y_hat, rep)])
+                return out.astype(act.dtype)
+            return fn
+
+        sp = {f"mlp.{layers[j]}": (make(j), tuple(f"mlp_in.{layers[i]}" for i in range(j + 1))) for j in range(L)}
+        logits, _ = model.apply(params, tokens, sites=(), logits=True, splice=sp)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32)[:, :-1], axis=-1).reshape(3, B, T - 1, -1)
+        nll = -jnp.take_along_axis(logp, tokens[None, :, 1:, None], axis=-1)[..., 0]
+        kl = jnp.sum(jnp.exp(logp[0])[None] * (logp[0][None] - logp), axis=-1)
+        cm = splice.ce_mask(tokens, policy) & valid[:, None]
+        return jnp.sum(nll * cm, axis=(1, 2)), jnp.sum(kl * cm, axis=(1, 2)), jnp.sum(cm)
+
+    fn = jax.jit(run)
+    nll, kl, count = np.zeros(3), np.zeros(3), 0
+    for i in range(0, len(tokens), batch):
+        chunk = tokens[i:i + batch]
+        valid = np.arange(batch) < len(chunk)
+        if len(chunk) < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), 0)])
+        s_nll, s_kl, n = (np.asarray(v, np.float64) for v in fn(jnp.asarray(chunk), jnp.asarray(valid)))
+        nll, kl, count = nll + s_nll, kl + s_kl, count + int(n)
+    if count == 0:
+        raise ValueError("replacement model: no held-out positions left after masking")
+    ce_clean, ce_ablate, ce_rep = (float(v / count) for v in nll)
+    denom = ce_ablate - ce_clean
+    return {"ce_clean": ce_clean, "ce_ablate": ce_ablate, "ce_replacement": ce_rep,
+            "delta_lm_loss": ce_rep - ce_clean, "ce_score": (ce_ablate - ce_rep) / denom if denom else None,
+            "kl": float(kl[2] / count), "kl_ablate": float(kl[1] / count), "ce_positions": count}

@@ -1,0 +1,339 @@
+"""Cross-layer transcoders (CLTs; Anthropic, "Circuit Tracing", 2025): one dictionary over L layers.
+
+Layer l has M latents that read that layer's MLP input x_l (site ``mlp_in.l``) and write into the
+MLP output of every layer l' >= l (site ``mlp.l'``). For rows normalized per site (E||x||^2 = 1):
+
+    pre_l  = x_l W_enc[l] + b_enc[l]                                         [B, M]
+    f_l    = the kind's activation of pre_l (per layer: JumpReLU, TopK or BatchTopK)
+    y_hat_l' = sum_{l <= l'} f_l W_dec[l][:, l' - l, :] + b_dec[l']          [B, d_out]
+
+Parameters (L layers; P = L(L+1)/2 decoder blocks in all):
+    W_enc [L, d_in, M]  b_enc [L, M]  b_dec [L, d_out]  log_threshold [L, M] (jumprelu)
+    W_dec  a list of L arrays, W_dec[l] [M, L - l, d_out]: latent m of layer l's decoder to layers
+           l..L-1 (circuit-tracer's W_dec_l layout, so its rows are contiguous for sparse gathers)
+
+Loss: sum over output layers l' of ||y_l' - y_hat_l'||^2 (summed over d, averaged over rows), plus
+JumpReLU's lam * sum_l L0_l (pseudo-derivatives for theta, saejax.sae.jumprelu). TopK keeps each
+row's k largest pre-activations per layer; BatchTopK the k*B largest per layer over the batch (and
+infers with a running per-layer threshold, like the SAE kind).
+
+Decoder norm: each latent's decoder concatenated over its output layers, [L - l, d_out] flattened,
+has unit norm (the gradient along it removed, renormalized after each update). A latent's single
+activation scales all its output blocks together, so that is exactly its one scale symmetry; a
+unit norm per block would add L - l - 1 constraints the model does not have and forbid a latent from
+writing strongly to one layer and weakly to another (the block norms say where a latent writes).
+
+Decoding (``decode``): dense, f_l @ W_dec[l] as one matmul per source layer, O(L^2 M d) per row; or
+sparse, gathering the decoder rows of each row's active latents only, O(L^2 c d) per row, c the
+static cap on active latents per row and layer (``sparse_decode``, with its own VJP). Which latents
+the sparse path keeps: each row's c largest of a score, -inf for latents that can matter neither to
+the output nor to the gradients (JumpReLU: pre > theta - bandwidth/2, i.e. firing or inside the
+threshold's pseudo-derivative window; TopK: its k; BatchTopK: those kept). Below the cap both
+decodings give the same loss and gradients; above it the lowest-scoring latents of the row are
+dropped from the decoding (they still count in the L0), and the step reports the fraction of rows
+over the cap (``overflow``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from saejax.sae import jumprelu as jr
+
+ARCHS = ("jumprelu", "topk", "batchtopk")
+DECODES = ("auto", "dense", "sparse")
+PRECISIONS = {"highest": lax.Precision.HIGHEST, "default": lax.Precision.DEFAULT}
+# auto: sparse decoding when the cap is at most this fraction of the layer's width and there are at
+# least this many layers. Measured (benchmarks/clt_step.py, 2-core CPU): at L=30, M=2,304, d=576 the
+# sparse gradient took 0.59x the dense one at c=32 and 2.7x at c=128 (crossover c ~ 50 ~ M/45); at
+# L=4, M=512, d=64 dense won at every c down to 4 (M/128).
+SPARSE_MAX_FRACTION = 1 / 48
+SPARSE_MIN_LAYERS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class CLTSpec:
+    """The static description of one CLT (hashable: it parameterizes the compiled step)."""
+
+    arch: str  # jumprelu | topk | batchtopk
+    layers: tuple[int, ...]  # the L layers, increasing
+    d_in: int
+    d_out: int
+    width: int  # M latents per layer
+    sparsity: float  # jumprelu: lambda of the L0 term; topk/batchtopk: k per layer
+    cap: int = 0  # sparse decoding: active latents kept per row and layer (topk: k; 0 = 4k or 4 x 64)
+    decode: str = "auto"  # auto | dense | sparse
+    threshold_init: float = 0.001
+    bandwidth: float = 0.001
+    encoder_init_scale: float = 1.0
+    block_bytes: int = 32 << 20  # sparse decoding: row blocks whose largest gather is at most this
+    precision: str = "highest"
+
+    @property
+    def L(self) -> int:
+        return len(self.layers)
+
+    @property
+    def in_sites(self) -> tuple[str, ...]:
+        return tuple(f"mlp_in.{l}" for l in self.layers)
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """The output sites (one per layer; the labels of per-layer metrics)."""
+        return tuple(f"mlp.{l}" for l in self.layers)
+
+    @property
+    def name(self) -> str:
+        return f"clt_{self.arch}_L{self.L}_d{self.d_in}_w{self.width}_{self.sparsity:g}"
+
+    @property
+    def k(self) -> int:
+        return int(self.sparsity) if self.arch != "jumprelu" else 0
+
+    @property
+    def active_cap(self) -> int:
+        """c: latents per row and layer the sparse decoding keeps."""
+        if self.arch == "topk":
+            return self.k
+        if self.cap:
+            return min(self.cap, self.width)
+        return min(self.width, 4 * self.k if self.k else 256)
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the step decodes sparsely (``decode``; auto: the measured crossover)."""
+        if self.decode == "auto":
+            return self.L >= SPARSE_MIN_LAYERS and self.active_cap <= SPARSE_MAX_FRACTION * self.width
+        return self.decode == "sparse"
+
+    @property
+    def sweep(self) -> tuple[float, ...]:  # the train loop's labels (train.loop.sae_label)
+        return (self.sparsity,)
+
+    transcoder = False  # not a per-site transcoder group (train.loop.fingerprint asks)
+
+    @property
+    def kind(self):
+        return _Names("lambda" if self.arch == "jumprelu" else "k")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Names:
+    sweep_name: str
+
+
+def check(arch, layers, width, sparsity, cap, decode, fail) -> None:
+    """Config checks; ``fail(key, message)`` raises."""
+    if arch not in ARCHS:
+        fail("clt.arch", f"{arch!r} is not one of {ARCHS} (circuit-tracer reads JumpReLU CLTs)")
+    if decode not in DECODES:
+        fail("clt.decode", f"{decode!r} is not one of {DECODES}")
+    if not isinstance(width, int) or width <= 0:
+        fail("clt.width", f"{width!r} is not a positive int")
+    if list(layers) != sorted(set(layers)) or any(not isinstance(l, int) or l < 0 for l in layers):
+        fail("clt.layers", f"{tuple(layers)!r} must be distinct increasing layer indices")
+    if arch != "jumprelu" and (not float(sparsity).is_integer() or not 1 <= sparsity <= width):
+        fail("clt.sparsity", f"k={sparsity!r} must be an integer in 1..clt.width for {arch}")
+    if arch == "jumprelu" and not sparsity >= 0:
+        fail("clt.sparsity", f"lambda={sparsity!r} must be >= 0")
+    if not isinstance(cap, int) or cap < 0 or (arch != "jumprelu" and 0 < cap < sparsity):
+        fail("clt.cap", f"{cap!r} must be 0 (automatic) or an int >= k")
+
+
+def offsets(L: int) -> list[int]:
+    """The index of block (l, l) in the list of the P = L(L+1)/2 blocks ordered by source, then target."""
+    return [sum(L - j for j in range(l)) for l in range(L)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters.
+
+
+def unit_concat(w_dec: list) -> list:
+    """Each latent's decoder, concatenated over its output layers, at unit norm."""
+    return [w / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(w), (1, 2), keepdims=True)), 1e-12) for w in w_dec]
+
+
+def project_grad(g_dec: list, w_dec: list) -> list:
+    """Remove from each latent's (concatenated) decoder gradient its component along the decoder."""
+    return [g - jnp.sum(g * w, (1, 2), keepdims=True) * w for g, w in zip(g_dec, w_dec)]
+
+
+def init_params(spec: CLTSpec, key) -> dict:
+    """Decoders: random directions in each latent's concatenated output space, unit norm; encoders
+    uniform in +-``encoder_init_scale`` / sqrt(d_in); biases 0; JumpReLU thresholds at ``threshold_init``."""
+    L, M, di, do = spec.L, spec.width, spec.d_in, spec.d_out
+    k_enc, *k_dec = jax.random.split(key, L + 1)
+    w_dec = unit_concat([jax.random.normal(k, (M, L - l, do), jnp.float32) for l, k in enumerate(k_dec)])
+    bound = spec.encoder_init_scale / math.sqrt(di)
+    params = {
+        "W_enc": jax.random.uniform(k_enc, (L, di, M), jnp.float32, -bound, bound),
+        "b_enc": jnp.zeros((L, M), jnp.float32),
+        "W_dec": w_dec,
+        "b_dec": jnp.zeros((L, do), jnp.float32),
+    }
+    if spec.arch == "jumprelu":
+        params["log_threshold"] = jnp.full((L, M), math.log(spec.threshold_init), jnp.float32)
+    return params
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward.
+
+
+def encode(spec: CLTSpec, params, x):
+    """x [L, B, d_in] -> pre [L, B, M]."""
+    return jnp.einsum("lbd,ldm->lbm", x, params["W_enc"], precision=PRECISIONS[spec.precision]) \
+        + params["b_enc"][:, None, :]
+
+
+def _kth(a, k: int):
+    """The k-th largest value of a's last axis, keepdims."""
+    return lax.top_k(a, k)[0][..., k - 1:k]
+
+
+def activate(spec: CLTSpec, params, pre, train: bool = True, bt_threshold=None):
+    """(f [L, B, M], l0 [L, B] with pseudo-derivatives in training (jumprelu), score [L, B, M]).
+
+    ``score``: the sparse decoding keeps each row's ``active_cap`` largest (module docstring).
+    Inference (``train=False``) of BatchTopK compares with ``bt_threshold`` [L]."""
+    if spec.arch == "jumprelu":
+        theta = jnp.exp(params["log_threshold"])[:, None, :]
+        f, l0 = jr.jumprelu_l0(pre, theta, spec.bandwidth)
+        if not train:
+            l0 = lax.stop_gradient(l0)
+        return f, l0, jnp.where(pre > theta - spec.bandwidth / 2, pre, -jnp.inf)
+    if spec.arch == "batchtopk" and not train:
+        f = jnp.where(pre > bt_threshold[:, None, None], pre, 0.0)
+    elif spec.arch == "topk":
+        f = jnp.where(pre >= _kth(pre, spec.k), jax.nn.relu(pre), 0.0)
+    else:  # batchtopk in training: the k*B largest of each layer's batch
+        L, B, M = pre.shape
+        kth = _kth(pre.reshape(L, B * M), spec.k * B)[:, :, None]
+        f = jnp.where(pre >= kth, jax.nn.relu(pre), 0.0)
+    return f, jnp.sum(f > 0, -1).astype(jnp.float32), jnp.where(f > 0, pre, -jnp.inf)
+
+
+def decode_dense(spec: CLTSpec, w_dec: list, f):
+    """f [L, B, M] -> sum over sources of f_l @ W_dec[l] at the targets, [L, B, d_out] (no bias)."""
+    L, B, _ = f.shape
+    mm = partial(jnp.matmul, precision=PRECISIONS[spec.precision])
+    y = None
+    for l in range(L):
+        part = mm(f[l], w_dec[l].reshape(spec.width, -1)).reshape(B, L - l, spec.d_out)
+        part = jnp.pad(part, ((0, 0), (l, 0), (0, 0)))
+        y = part if y is None else y + part
+    return jnp.swapaxes(y, 0, 1)
+
+
+def select(spec: CLTSpec, f, score):
+    """(v [L, B, c], idx [L, B, c], overflow [L]: fraction of rows with more than c candidates)."""
+    c = spec.active_cap
+    _, idx = lax.top_k(score, c)
+    v = jnp.take_along_axis(f, idx, -1)
+    over = jnp.mean((jnp.sum(score > -jnp.inf, -1) > c).astype(jnp.float32), -1)
+    return v, idx, over
+
+
+def row_block(spec: CLTSpec, B: int) -> int:
+    """Rows per block of the sparse decoding: the largest divisor of B whose biggest gather (layer 0's
+    [b, c, L, d_out] float32) is at most ``spec.block_bytes``."""
+    per_row = spec.active_cap * spec.L * spec.d_out * 4
+    fits = [b for b in range(1, B + 1) if B % b == 0 and b * per_row <= spec.block_bytes]
+    return fits[-1] if fits else 1
+
+
+def _blocks(a, b):
+    """[L, B, ...] -> [B / b, L, b, ...]."""
+    L, B = a.shape[:2]
+    return jnp.moveaxis(a.reshape((L, B // b, b) + a.shape[2:]), 1, 0)
+
+
+def _sparse_fwd_block(w_dec, vb, ib, precision):
+    """One block's decoding: vb, ib [L, b, c] -> [b, L, d_out]."""
+    L = vb.shape[0]
+    y = None
+    for l in range(L):
+        rows = jnp.take(w_dec[l], ib[l], axis=0)  # [b, c, L - l, d]
+        part = jnp.einsum("bc,bcqd->bqd", vb[l], rows, precision=precision)
+        part = jnp.pad(part, ((0, 0), (l, 0), (0, 0)))
+        y = part if y is None else y + part
+    return y
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def sparse_decode(v, idx, w_dec, b: int, precision):
+    """sum_l sum_j v[l, :, j] W_dec[l][idx[l, :, j]] at the targets: v, idx [L, B, c] -> [L, B, d_out].
+
+    Row blocks of b rows in a ``lax.map``; the VJP gathers the same rows again for v's cotangent and
+    scatter-adds v times the output cotangent into each W_dec[l] (a ``lax.scan`` whose carry is the
+    decoder gradient): O(L^2 c d) per row both ways, nothing of size M per row."""
+    out = lax.map(lambda a: _sparse_fwd_block(w_dec, a[0], a[1], precision), (_blocks(v, b), _blocks(idx, b)))
+    nb, _, L, d = out.shape
+    return jnp.moveaxis(out.reshape(nb * b, L, d), 1, 0)
+
+
+def _sparse_decode_fwd(v, idx, w_dec, b, precision):
+    return sparse_decode(v, idx, w_dec, b, precision), (v, idx, w_dec)
+
+
+def _sparse_decode_bwd(b, precision, res, g):
+    v, idx, w_dec = res
+    L = v.shape[0]
+    gb = _blocks(g, b)  # [nb, L, b, d]
+
+    def body(acc, blk):
+        vb, ib, gy = blk  # [L, b, c], [L, b, c], [L, b, d]
+        gy = jnp.swapaxes(gy, 0, 1)  # [b, L, d]
+        g_v, new = [], []
+        for l in range(L):
+            rows = jnp.take(w_dec[l], ib[l], axis=0)  # [b, c, L - l, d]
+            g_v.append(jnp.einsum("bqd,bcqd->bc", gy[:, l:], rows, precision=precision))
+            upd = vb[l][:, :, None, None] * gy[:, None, l:, :]  # [b, c, L - l, d]
+            new.append(acc[l].at[ib[l].reshape(-1)].add(upd.reshape((-1,) + upd.shape[2:])))
+        return new, jnp.stack(g_v)
+
+    zeros = [jnp.zeros_like(w) for w in w_dec]
+    g_w, g_v = lax.scan(body, zeros, (_blocks(v, b), _blocks(idx, b), gb))
+    nb = g_v.shape[0]
+    g_v = jnp.moveaxis(g_v, 0, 1).reshape(v.shape)  # [nb, L, b, c] -> [L, B, c]
+    del nb
+    return g_v, None, g_w
+
+
+sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
+
+
+def forward(spec: CLTSpec, params, x, train: bool = True, bt_threshold=None, sparse: bool | None = None):
+    """x [L, B, d_in] -> dict(pre, f, l0 [L, B], y_hat [L, B, d_out], overflow [L])."""
+    pre = encode(spec, params, x)
+    f, l0, score = activate(spec, params, pre, train, bt_threshold)
+    sparse = spec.sparse if sparse is None else sparse
+    if sparse:
+        v, idx, over = select(spec, f, score)
+        y = sparse_decode(v, idx, params["W_dec"], row_block(spec, x.shape[1]), PRECISIONS[spec.precision])
+    else:
+        y, over = decode_dense(spec, params["W_dec"], f), jnp.zeros((spec.L,), jnp.float32)
+    return {"pre": pre, "f": f, "l0": l0, "y_hat": y + params["b_dec"][:, None, :], "overflow": over}
+
+
+def variance(y):
+    """[L]: each layer's total variance over the batch (the FVU's denominator)."""
+    return jnp.sum(jnp.var(y, axis=1), -1)
+
+
+def loss_terms(spec: CLTSpec, params, x, y, lam, sparse: bool | None = None) -> tuple:
+    """(total loss, per-layer terms) for x [L, B, d_in], y [L, B, d_out] normalized rows."""
+    out = forward(spec, params, x, sparse=sparse)
+    mse = jnp.mean(jnp.sum(jnp.square(out["y_hat"] - y), -1), -1)  # [L]
+    l0 = jnp.mean(out["l0"], -1)  # [L], with the pseudo-derivative (jumprelu)
+    sparsity = lam * l0 if spec.arch == "jumprelu" else jnp.zeros_like(mse)
+    terms = {"mse": mse, "sparsity_loss": sparsity, "fvu": mse / variance(y), "l0": lax.stop_gradient(l0),
+             "fired": jnp.any(out["f"] > 0, 1), "overflow": out["overflow"],
+             "min_active": jnp.min(jnp.where(out["f"] > 0, out["f"], jnp.inf), axis=(1, 2))}
+    return jnp.sum(mse) + jnp.sum(sparsity), terms

@@ -1,0 +1,266 @@
+"""Cross-layer transcoders (saejax/sae/clt.py, saejax/train/clt_step.py): sparse decoding equals
+dense below its cap, a planted cross-layer map is recovered, 1 device = 8 virtual devices, bitwise
+resume."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from saejax import mesh as meshlib
+from saejax.data.synthetic_clt import SyntheticCLT
+from saejax.sae import clt, clt_io
+from saejax.train import loop, optim
+from saejax.train.clt_step import CLTTrainer
+
+SPARS = {"jumprelu": 0.01, "topk": 4.0, "batchtopk": 4.0}
+
+
+def _small(arch, cap):
+    # block_bytes small enough for several row blocks: the blocked map and scan are exercised
+    return clt.CLTSpec(arch=arch, layers=(0, 1, 2), d_in=8, d_out=6, width=32, sparsity=SPARS[arch], cap=cap,
+                       block_bytes=2304, threshold_init=0.3, bandwidth=0.2)
+
+
+def _grads(spec, sparse):
+    p = clt.init_params(spec, jax.random.key(0))
+    p = dict(p, b_dec=jnp.linspace(-1, 1, 18).reshape(3, 6))
+    x = jax.random.normal(jax.random.key(1), (3, 16, 8))
+    y = jax.random.normal(jax.random.key(2), (3, 16, 6))
+    (loss, terms), g = jax.value_and_grad(lambda q: clt.loss_terms(spec, q, x, y, 0.1, sparse=sparse),
+                                          has_aux=True)(p)
+    return loss, terms, g
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk", "batchtopk"])
+def test_sparse_decoding_equals_dense_below_cap(arch):
+    """Loss and every gradient (thresholds' pseudo-derivatives included) within 1e-5; above the cap
+    the sparse loss differs and the overflow says so."""
+    spec = _small(arch, 32 if arch == "jumprelu" else 16)  # jumprelu: cap = M, nothing over it
+    assert clt.row_block(spec, 16) < 16
+    ld, td, gd = _grads(spec, False)
+    ls, ts, gs = _grads(spec, True)
+    assert float(jnp.max(ts["overflow"])) == 0.0
+    assert abs(float(ld - ls)) <= 1e-5 * abs(float(ld))
+    for a, b in zip(jax.tree_util.tree_leaves(gd), jax.tree_util.tree_leaves(gs)):
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(a))))
+    assert float(jnp.max(jnp.abs(gd["W_dec"][0]))) > 0  # the gradients compared are not all zero
+    if arch == "jumprelu":  # with a cap below the active count: rows over it, a different loss
+        lc, tc, _ = _grads(_small(arch, 4), True)
+        assert float(jnp.max(tc["overflow"])) > 0 and abs(float(lc - ld)) > 1e-3
+
+
+def _planted_cos(src, params, l):
+    """Each planted feature of layer l: the best cosine of its concatenated decoder with a latent's."""
+    P = src.dec[l].reshape(src.n, -1)
+    P = P / np.linalg.norm(P, axis=1, keepdims=True)
+    Q = np.asarray(params["W_dec"][l]).reshape(-1, P.shape[1])
+    sim = P @ Q.T
+    return sim.max(1), sim.argmax(1)
+
+
+def test_planted_cross_layer_map_recovered():
+    """Latents at layer l that write known directions into l and a later layer: the trained CLT's
+    concatenated decoders match them (the init's do not), and the recovered latents write most
+    into the planted later layer."""
+    src = SyntheticCLT(layers=3, d=32, n_features=32, active=3, noise=0.01)
+    spec = clt.CLTSpec(arch="topk", layers=(0, 1, 2), d_in=32, d_out=32, width=64, sparsity=3.0)
+    hp = optim.Hyper(total_steps=400, batch_size=256, lr=3e-3, lr_warmup=10, sparsity_warmup=0, dead_steps=50)
+    mesh = meshlib.make_mesh(dict(data=1, stack=1, latent=1), jax.devices()[:1])
+    tr = CLTTrainer(spec, hp, mesh)
+    init = tr.init_state()["params"]
+    assert np.mean(_planted_cos(src, init, 0)[0] > 0.9) == 0
+    st = loop.train_group(spec, hp, src, mesh, trainer=tr, progress=False)
+    held = tr.heldout_metrics(st, tr.put_batch(tr.local_heldout(src)))
+    assert np.all(np.asarray(held["heldout_fvu"]) < 0.2)
+    for l in range(3):
+        cos, best = _planted_cos(src, st["params"], l)
+        assert np.mean(cos > 0.9) >= 0.65, (l, np.round(cos, 2))
+        if l < 2:  # where a recovered cross-layer latent writes: its planted target beats the other later layer
+            W = np.asarray(st["params"]["W_dec"][l])
+            ok = cos > 0.9
+            norms = np.linalg.norm(W[best[ok]], axis=-1)  # [n_ok, L - l]
+            later = np.argmax(norms[:, 1:], -1) + l + 1
+            assert np.mean(later == src.targets[l][ok]) >= 0.95
+
+
+def _run(arch, sparse, mesh_sizes, n, steps=3):
+    src = SyntheticCLT(layers=3, d=16, n_features=24, active=3)
+    spec = clt.CLTSpec(arch=arch, layers=(0, 1, 2), d_in=16, d_out=16, width=32, sparsity=SPARS[arch],
+                       cap=32 if arch == "jumprelu" else 8, decode="sparse" if sparse else "dense",
+                       threshold_init=0.05)
+    hp = optim.Hyper(total_steps=steps, batch_size=64, lr=1e-3, lr_warmup=1, sparsity_warmup=0, dead_steps=5)
+    mesh = meshlib.make_mesh(mesh_sizes, jax.devices()[:n])
+    tr = CLTTrainer(spec, hp, mesh)
+    st = tr.init_state()
+    for s in range(steps):
+        st, m = tr.step(st, tr.put_batch(tr.local_batch(src, s)))
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(st["params"])), jax.device_get(m)
+
+
+@pytest.mark.parametrize("arch,sparse", [("jumprelu", True), ("batchtopk", False), ("topk", True)])
+def test_one_device_equals_eight(arch, sparse):
+    """data 2 x latent 4 on 8 virtual CPU devices gives the single-device parameters and metrics."""
+    p1, m1 = _run(arch, sparse, dict(data=1, stack=1, latent=1), 1)
+    p8, m8 = _run(arch, sparse, dict(data=2, stack=1, latent=4), 8)
+    for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p8)):
+        assert np.max(np.abs(a - b)) <= 1e-5 * max(1.0, np.max(np.abs(a)))
+    np.testing.assert_allclose(m1["fvu"], m8["fvu"], rtol=1e-5)
+    np.testing.assert_array_equal(m1["l0"], m8["l0"])
+
+
+def test_stack_axis_refused():
+    mesh = meshlib.make_mesh(dict(data=1, stack=2, latent=1), jax.devices()[:2])
+    spec = clt.CLTSpec(arch="topk", layers=(0, 1), d_in=8, d_out=8, width=16, sparsity=2.0)
+    with pytest.raises(meshlib.MeshError, match="mesh.stack=2: a CLT is one dictionary"):
+        CLTTrainer(spec, optim.Hyper(total_steps=1, batch_size=8), mesh)
+
+
+def test_resume_bitwise(tmp_path):
+    """6 steps straight = 3 steps, checkpoint, a new trainer resuming to 6: bitwise."""
+    src = SyntheticCLT(layers=2, d=16, n_features=16, active=2)
+    spec = clt.CLTSpec(arch="jumprelu", layers=(0, 1), d_in=16, d_out=16, width=32, sparsity=0.01,
+                       threshold_init=0.05, cap=8)
+    mesh = meshlib.make_mesh(dict(data=1, stack=1, latent=1), jax.devices()[:1])
+    hp = optim.Hyper(total_steps=6, batch_size=32, lr=1e-3, lr_warmup=2, sparsity_warmup=3, dead_steps=5)
+    straight = loop.train_group(spec, hp, src, mesh, progress=False, trainer=CLTTrainer(spec, hp, mesh))
+    hp3 = optim.Hyper(**{**hp.__dict__, "total_steps": 3})
+    d = str(tmp_path / "ck")
+    # the same schedules (total_steps only bounds the loop here: no lr decay)
+    loop.train_group(spec, hp3, src, mesh, progress=False, trainer=CLTTrainer(spec, hp3, mesh), ckpt_dir=d,
+                     checkpoint_every=3)
+    resumed = loop.train_group(spec, hp, src, mesh, progress=False, trainer=CLTTrainer(spec, hp, mesh), ckpt_dir=d,
+                               checkpoint_every=3)
+    for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(straight)), jax.tree_util.tree_leaves(jax.device_get(resumed))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "batchtopk", "topk"])
+def test_circuit_tracer_round_trip(tmp_path, arch):
+    """Our folder -> circuit-tracer's layout -> its own load_clt(folder): reconstructions of raw rows
+    equal ours (the training module's, unfolded); TopK refused in one line."""
+    src = SyntheticCLT(layers=3, d=16, n_features=24, active=3)
+    spec = clt.CLTSpec(arch=arch, layers=(0, 1, 2), d_in=16, d_out=16, width=32, sparsity=SPARS[arch],
+                       threshold_init=0.05)
+    params = clt.init_params(spec, jax.random.key(3))
+    params = dict(params, b_enc=params["b_enc"] + 0.05, b_dec=jnp.ones((3, 16)) * 0.1)
+    s_in = [src.norm_scale(s) for s in spec.in_sites]
+    s_out = [src.norm_scale(s) for s in spec.sites]
+    bt = jnp.full((3,), 0.05)
+    clt_io.save(str(tmp_path / "ours"), spec, params, bt, s_in, s_out)
+    a, meta = clt_io.load(str(tmp_path / "ours"))
+    x_raw = src.batch(list(spec.in_sites), 5, 32)
+    y_mod = clt.forward(spec, params, jnp.asarray(x_raw) * jnp.asarray(s_in)[:, None, None], train=False,
+                        bt_threshold=bt, sparse=False)["y_hat"] / jnp.asarray(s_out)[:, None, None]
+    np.testing.assert_allclose(clt_io.reconstruct(a, meta, x_raw), np.asarray(y_mod), rtol=1e-4, atol=1e-5)
+    if arch == "topk":
+        with pytest.raises(clt_io.ExportError, match="TopK CLT has no circuit-tracer export"):
+            clt_io.write_circuit_tracer(str(tmp_path / "ct"), a, meta, 3)
+        return
+    with pytest.raises(clt_io.ExportError, match="covers every layer 0..3"):
+        clt_io.write_circuit_tracer(str(tmp_path / "ct"), a, meta, 4)
+    clt_io.write_circuit_tracer(str(tmp_path / "ct"), a, meta, 3)
+    torch = pytest.importorskip("torch")
+    ct = pytest.importorskip("circuit_tracer.transcoder.cross_layer_transcoder")
+    model = ct.load_clt(str(tmp_path / "ct"), device=torch.device("cpu"), dtype=torch.float32)
+    with torch.no_grad():
+        y_ct = model(torch.from_numpy(x_raw)).numpy()
+    assert np.abs(np.asarray(y_mod)).max() > 0.1
+    np.testing.assert_allclose(y_ct, np.asarray(y_mod), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("clt.arch=relu", "clt.arch"), ("clt.sparsity=2.5", "clt.sparsity"), ("clt.layers=(3,1)", "clt.layers"),
+    ("clt.decode=fast", "clt.decode"), ("clt.cap=2", "clt.cap")])
+def test_config_errors_one_line(override, key):
+    from saejax import config as cfg
+    extra = ["clt.arch=topk", "clt.sparsity=4.0"] if key in ("clt.sparsity", "clt.cap") else []
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.load("experiments/synthetic.py", ["clt.enabled=True", *extra, override])
+    assert f"config key '{key}'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_plan_clt_from_config():
+    from saejax import config as cfg
+    from saejax.train.clt_step import plan_clt
+    c = cfg.load("experiments/synthetic.py", ["clt.enabled=True", "clt.width=64"])
+    spec, hp = plan_clt(c, SyntheticCLT(layers=3, d=16))
+    assert spec.layers == (0, 1, 2) and spec.d_in == 16 and spec.width == 64 and hp.batch_size == c.train.batch_size
+    c.clt.layers = (1, 3)
+    with pytest.raises(cfg.ConfigError, match="site mlp_in.3 is not in the training source"):
+        plan_clt(c, SyntheticCLT(layers=3, d=16))
+
+
+def test_pipeline_evaluate_release_load(tmp_path):
+    """smollm2_clt:runlocal end to end: evaluate's per-layer FVU equals one recomputed from the store's
+    held-out rows; the release holds the CLT (saejax and circuit-tracer layouts); load_suite's CLT
+    reconstructs as the trained one and, spliced, replaces every MLP output from the same pass's inputs."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-m", "saejax.cli", "run", "--config",
+                          os.path.join(repo, "experiments", "smollm2_clt.py") + ":runlocal",
+                          f"--config.workdir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "replacement model (every MLP at once)" in out.stdout
+    with open(tmp_path / "evaluate" / "results.json") as fh:
+        c = json.load(fh)["clts"][0]
+    assert c["layers"] == [0, 1, 2, 3] and c["model_layers"] == 4
+    r = c["replacement"]
+    assert np.isfinite(r["delta_lm_loss"]) and r["kl"] > 0 and r["ce_ablate"] != r["ce_clean"]
+
+    from saejax import models, store as storelib
+    st = storelib.open_store(str(tmp_path / "store"))
+    x = np.stack([st.rows(f"mlp_in.{l}", "heldout")[0] for l in range(4)]).astype(np.float32)
+    y = np.stack([st.rows(f"mlp.{l}", "heldout")[0] for l in range(4)]).astype(np.float64)
+    a, meta = clt_io.load(str(tmp_path / "train" / c["id"] / "final"))
+    y_hat = clt_io.reconstruct(a, meta, x)
+    for j in range(4):
+        fvu = np.sum((y[j] - y_hat[j]) ** 2) / np.sum((y[j] - y[j].mean(0)) ** 2)
+        assert abs(fvu - c["per_layer"][j]["fvu"]) <= 1e-4 * fvu
+
+    import saejax
+    suite = saejax.load_suite(str(tmp_path / "release"))
+    assert suite.clts() == [c["id"]]
+    released = suite.clt()
+    np.testing.assert_allclose(released.reconstruct(x[:, :64]), y_hat[:, :64], rtol=1e-4, atol=1e-5)
+    model = models.load("random:tiny-llama", dtype="float32")
+    toks = np.asarray(st.heldout_tokens())[:2]
+    sites = tuple(f"{k}.{l}" for l in range(4) for k in ("mlp_in", "mlp"))
+    _, clean = model.apply(model.params, jnp.asarray(toks), sites=sites, logits=False)
+    _, spl = model.apply(model.params, jnp.asarray(toks), sites=sites, logits=False, splice=released.splice())
+    want = released.reconstruct(np.stack([np.asarray(spl[f"mlp_in.{l}"]) for l in range(4)]))
+    for l in range(4):
+        np.testing.assert_allclose(np.asarray(spl[f"mlp.{l}"]), want[l], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(np.asarray(spl["mlp_in.1"]), np.asarray(clean["mlp_in.1"]))  # layer 1 saw layer 0's replacement
+
+    with open(tmp_path / "release" / "suite.json") as fh:
+        entry = json.load(fh)["clts"][0]
+    torch = pytest.importorskip("torch")
+    ct = pytest.importorskip("circuit_tracer.transcoder.cross_layer_transcoder")
+    loaded = ct.load_clt(str(tmp_path / "release" / entry["circuit_tracer"]), device=torch.device("cpu"),
+                         dtype=torch.float32)
+    with torch.no_grad():
+        y_ct = loaded(torch.from_numpy(x[:, :64])).numpy()
+    np.testing.assert_allclose(y_ct, y_hat[:, :64], rtol=1e-4, atol=1e-4)
+
+
+def test_gemma2_2b_clt_variant_sized_as_its_docstring_says():
+    """experiments/gemma2_2b.py:clt: 26 layers x 16k, sparse decoding, and the per-device state its
+    docstring quotes on the 64-chip data 2 x latent 32 mesh."""
+    import os
+
+    from saejax import config as cfg
+    from saejax.sources import PlannedSource
+    from saejax.train import clt_step
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "gemma2_2b.py")
+    c = cfg.load(path + ":clt")
+    spec, hp = clt_step.plan_clt(c, PlannedSource({s: 2304 for s in cfg.sites(c)}))
+    assert spec.layers == tuple(range(26)) and spec.width == 16384 and spec.sparse
+    mem = clt_step.state_bytes(spec, hp, meshlib.abstract_mesh(c.mesh))
+    text = open(path).read()
+    assert f"CLT params\n{mem['params'] / 2 ** 20:,.1f} MiB, optimizer {mem['optimizer'] / 2 ** 20:,.1f} MiB" in text
