@@ -55,23 +55,30 @@ def get_config(arg: str = ""):
     c.data.context_len = 1024
     c.data.heldout_contexts = 2048
     c.harvest.layers = v.get("layers", tuple(range(n_layers)))
-    c.harvest.kinds = ("res", "att", "mlp")
+    c.harvest.kinds = ("res", "att", "mlp_in", "mlp")  # mlp_in: the transcoders' input, aligned with mlp
     c.harvest.max_tokens = 8_000_000_000
     c.harvest.dtype = "float32"
     c.harvest.batch_contexts = 256
     c.harvest.shard_bytes = 16 * 2 ** 30
-    c.harvest.shuffle_bytes = 2 ** 30  # per site: 2 chunks in flight x 186 sites (27B) = 400 GB, inside a v5p host
+    c.harvest.shuffle_bytes = 3 * 2 ** 28  # per site: 2 chunks in flight x 248 sites (27B) = 399 GB, inside a v5p host
     c.sae.arch = "jumprelu"
     c.sae.widths = tuple(WIDTHS[w] for w in v.get("width", ("16k",)))
     c.sae.target_l0 = (15.0, 120.0)  # Gemma Scope 2's "small" and "big"
+    c.sae.matryoshka = (0.0625, 0.25, 1.0)  # Matryoshka training, as Gemma Scope 2 (prefix sizes chosen here)
+    c.sae.site_kinds = ("res", "att", "mlp")  # SAEs; mlp_in feeds the skip-transcoders
+    c.sae.skip = True
     c.train.tokens = 4_000_000_000
     c.train.tokens_wide = 8_000_000_000
     c.train.batch_size = 4096
     c.train.checkpoint_every = 2000
-    c.mesh.data, c.mesh.stack, c.mesh.latent = mesh
+    c.train.matmul_dtype = "bfloat16"  # bf16 matmul inputs, fp32 accumulation and state (docs/training.md)
+    # The slice's chips; each group trains on the mesh the dry run's planner proposes for it.
+    c.mesh.data, c.mesh.stack, c.mesh.latent = mesh[0] * mesh[1] * mesh[2], 1, 1
+    c.mesh.plan = "auto"
     c.evaluate.contexts = 2048
     c.release.name = f"saejax-gemma3-{sizes[0]}"
     c.release.l0 = ()
     if v.get("runlocal"):
         cfg.runlocal(c, "random:tiny-gemma3")
+    c.sae.transcoders = c.harvest.layers  # a skip-transcoder per layer: mlp_in.L -> mlp.L
     return c

@@ -51,7 +51,10 @@ def get_config(arg: str = ""):
     c.train.tokens_wide = 2_000_000_000
     c.train.batch_size = 4096
     c.train.checkpoint_every = 2000
-    c.mesh.data, c.mesh.stack, c.mesh.latent = mesh
+    c.train.matmul_dtype = "bfloat16"  # bf16 matmul inputs, fp32 accumulation and state (docs/training.md)
+    # The slice's chips; each group trains on the mesh the dry run's planner proposes for it.
+    c.mesh.data, c.mesh.stack, c.mesh.latent = mesh[0] * mesh[1] * mesh[2], 1, 1
+    c.mesh.plan = "auto"
     c.evaluate.contexts = 1024
     c.release.name = f"saejax-olmo2-{sizes[0]}"
     c.release.l0 = ()

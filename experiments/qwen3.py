@@ -38,7 +38,7 @@ def get_config(arg: str = ""):
     c.data.context_len = 1024
     c.data.heldout_contexts = 1024
     c.harvest.layers = v.get("layers", tuple(range(n_layers)))
-    c.harvest.kinds = ("res", "att", "mlp")
+    c.harvest.kinds = ("res", "att", "mlp_in", "mlp")  # mlp_in: the transcoders' input, aligned with mlp
     c.harvest.max_tokens = 2_000_000_000
     c.harvest.dtype = "bfloat16"
     c.harvest.batch_contexts = 128
@@ -47,14 +47,19 @@ def get_config(arg: str = ""):
     c.sae.arch = "jumprelu"
     c.sae.widths = tuple(WIDTHS[w] for w in v.get("width", ("16k",)))
     c.sae.target_l0 = (20.0, 50.0, 120.0)
+    c.sae.site_kinds = ("res", "att", "mlp")  # SAEs; mlp_in feeds the transcoders (as Llama Scope 2 trains)
     c.train.tokens = 1_000_000_000
     c.train.tokens_wide = 2_000_000_000
     c.train.batch_size = 4096
     c.train.checkpoint_every = 2000
-    c.mesh.data, c.mesh.stack, c.mesh.latent = mesh
+    c.train.matmul_dtype = "bfloat16"  # bf16 matmul inputs, fp32 accumulation and state (docs/training.md)
+    # The slice's chips; each group trains on the mesh the dry run's planner proposes for it.
+    c.mesh.data, c.mesh.stack, c.mesh.latent = mesh[0] * mesh[1] * mesh[2], 1, 1
+    c.mesh.plan = "auto"
     c.evaluate.contexts = 1024
     c.release.name = f"saejax-qwen3-{sizes[0]}"
     c.release.l0 = ()
     if v.get("runlocal"):
         cfg.runlocal(c, "random:tiny-qwen3")
+    c.sae.transcoders = c.harvest.layers  # a transcoder per layer: mlp_in.L -> mlp.L
     return c
