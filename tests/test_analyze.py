@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from saejax.analyze import dark_matter as dm, layers, seeds
+from saejax.analyze import absorption, dark_matter as dm, layers, seeds
 from saejax.release import load_suite
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,6 +118,48 @@ def test_layers_from_near_identical_activations_group_together():
     assert out["groups"] == [[0, 1, 2], [3, 4], [5, 6, 7]] and out["contiguous"]
     adj = {(p["a"], p["b"]): p["angular_distance"] for p in out["adjacent"]}
     assert adj[(0, 1)] < 0.05 and adj[(2, 3)] > 0.3 and out["n_tokens"] == n
+
+
+def test_first_letter_absorption_finds_a_planted_absorbing_latent_and_none_without(tmp_path):
+    """Rows x = 2 u_letter + 2 v_token + noise for letters a, b, c (8 word tokens each, 60 rows
+    per token) and two non-word tokens. The plain SAE has a latent per letter and per token; the
+    planted one's letter-a latent is switched off on one test-fold a-token t*, whose own latent's
+    decoder carries u_a: the a-rate is t*'s share of a's test rows, b and c stay 0."""
+    rng = np.random.default_rng(5)
+    d, per = 48, 60
+    basis, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    u, v = basis[:, :3].T, basis[:, 3:27].T  # letter and token directions
+    ids = np.arange(100, 124)
+    words = {int(t): " " + "abc"[i // 8] + "xyzwvuts"[i % 8] * 2 for i, t in enumerate(ids)}
+    words.update({200: " 42", 201: ","})
+    tok = np.repeat(np.r_[ids, 200, 201], per)
+    x = np.zeros((len(tok), d))
+    for i, t in enumerate(ids):
+        x[tok == t] = 2 * u[i // 8] + 2 * v[i]
+    x[tok >= 200] = 2 * basis[:, 30]
+    x = (x + 0.3 * rng.standard_normal(x.shape)).astype(np.float32)
+    test_ids = sorted(set(tok[absorption.token_split(tok)]) & set(ids[:8]))
+    star = int(test_ids[0]) - 100
+    enc = np.concatenate([u, v]).T  # [d, 27]
+    plain = {"W_enc": enc, "W_dec": enc.T.copy(), "b_enc": np.zeros(27), "b_dec": np.zeros(d), "threshold": np.ones(27)}
+    planted = {k: a.copy() for k, a in plain.items()}
+    planted["W_enc"][:, 0] -= 2 * v[star]  # the parent latent goes silent on t*
+    planted["W_dec"][3 + star] = (u[0] + v[star]) / np.sqrt(2)  # t*'s latent carries the letter
+    suite = gemma_scope_folder(tmp_path / "gs-res", {"layer_0/width_27/average_l0_2": plain,
+                                                     "layer_0/width_27/average_l0_3": planted})
+    probes = absorption.first_letter_probes(x, tok, lambda i: words[int(i[0])])
+    assert probes["letters"] == ["a", "b", "c"] and min(probes["probe_f1"]) > 0.95 and probes["n_tokens"] == 24
+    assert len(probes["skipped_few"]) == 23
+    none = absorption.first_letter(suite.get("res.0", l0=2), probes)
+    got = absorption.first_letter(suite.get("res.0", l0=3), probes)
+    assert max(none["rates"]) < 0.01 and min(none["recalls"]) > 0.99 and none["main_latent"] == [0, 1, 2]
+    a_test = probes["correct"][:, 0]
+    want = (probes["x"][a_test] @ v[star] > 1).mean()  # t*'s share of the a rows counted
+    assert 0.1 < want < 0.5
+    assert got["rates"][0] == pytest.approx(want, abs=0.01) and max(got["rates"][1:]) < 0.01, got["rates"]
+    assert got["main_latent"][0] == 0 and got["rate_ci"][0] <= got["rate"] <= got["rate_ci"][1]
+    # Without the probe-projection share test, a latent that fires beside the parent changes nothing.
+    assert absorption.first_letter(suite.get("res.0", l0=3), probes, share_min=0.0)["rates"][0] == pytest.approx(want, abs=0.01)
 
 
 def _saejax(*args, cwd):
