@@ -24,7 +24,7 @@ import ml_collections
 
 SITE_KINDS = ("res", "att", "mlp_in", "mlp")
 DTYPES = ("float32", "bfloat16", "float16")
-ANALYSES = ("dark_matter", "seeds", "layer_groups")  # saejax analyze (docs/analysis.md)
+ANALYSES = ("dark_matter", "seeds", "layer_groups", "absorption")  # saejax analyze (docs/analysis.md)
 
 
 class ConfigError(ValueError):
@@ -207,7 +207,7 @@ def defaults() -> ml_collections.ConfigDict:
     # --- research analyses of the released suite (saejax analyze, docs/analysis.md) -----------------
     c.analyze = ml_collections.ConfigDict()
     c.analyze.enabled = False  # saejax run chains analyze after release
-    c.analyze.analyses = ("dark_matter", "seeds", "layer_groups")
+    c.analyze.analyses = ("dark_matter", "seeds", "layer_groups", "absorption")
     c.analyze.release = ""  # the suite to analyze: "" = <workdir>/release, or a folder / HF repo id (load_suite)
     c.analyze.rows = 16384  # held-out rows per site every analysis is measured on (at most)
     c.analyze.fit_rows = 16384  # train rows per site the dark-matter regression is fit on
@@ -215,6 +215,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.analyze.seed_threshold = 0.7  # seeds: a latent is shared when its match's cosine is at least this
     c.analyze.match_full_max = 16384  # seeds: widths up to this get the full Hungarian matching (docs/analysis.md)
     c.analyze.match_candidates = 16  # seeds: candidates per latent (each side) above match_full_max
+    c.analyze.absorption_min_probe_f1 = 0.6  # absorption: letters whose probe's test F1 is below this are skipped
+    c.analyze.absorption_cos = 0.025  # absorption: decoder cosine with the probe an absorbing latent needs
+    c.analyze.absorption_share = 0.4  # absorption: share of the probe projection the absorbing latents carry
     c.analyze.layer_groups = 0  # layer groups: how many groups to cut the res layers into (0: n_layers // 4, at least 2)
 
     c.lock()
@@ -474,6 +477,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _check(c.analyze[key] >= 1, f"analyze.{key}", "must be >= 1")
     _check(c.analyze.ridge >= 0, "analyze.ridge", "must be >= 0")
     _check(-1 <= c.analyze.seed_threshold <= 1, "analyze.seed_threshold", "must be a cosine in [-1, 1]")
+    _check(0 <= c.analyze.absorption_min_probe_f1 <= 1, "analyze.absorption_min_probe_f1", "must be in [0, 1]")
+    _check(-1 <= c.analyze.absorption_cos <= 1, "analyze.absorption_cos", "must be a cosine in [-1, 1]")
+    _check(0 <= c.analyze.absorption_share <= 1, "analyze.absorption_share", "must be in [0, 1]")
     _check(c.analyze.layer_groups >= 0, "analyze.layer_groups", "must be >= 0 (0: n_layers // 4)")
     for key in ("push_to_hub", "base_model"):
         repo = c.release[key]

@@ -2,13 +2,14 @@
 
 Reads  a released suite (``analyze.release``; default <workdir>/release, loaded with
        ``saejax.load_suite``, so Gemma Scope's folders and repos too)  and  <workdir>/store/
-Writes <workdir>/analysis/{summary,dark_matter,seeds,layer_groups}.json and *.png (docs/analysis.md),
+Writes <workdir>/analysis/{summary,dark_matter,seeds,layer_groups,absorption}.json and *.png (docs/analysis.md),
        as one folder renamed into place; then, when the suite is this workdir's own release, adds
        the "analysis" section to it (saejax.release.annotate: release/analysis/*.png, suite.json
        "analysis", a README section). Stages still flow one way: release never reads analysis/.
 
 Each analysis is a function over released SAEs (saejax.release.SAE) and store rows:
-dark_matter.py (Engels et al. 2024), seeds.py (Paulo and Belrose 2025), layers.py (Ghilardi et al. 2024).
+dark_matter.py (Engels et al. 2024), seeds.py (Paulo and Belrose 2025), layers.py (Ghilardi et al. 2024),
+absorption.py (Chanin et al. 2024; needs the model's tokenizer to decode the rows' token ids).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import sys
 import numpy as np
 
 from saejax import files, workdir as wd
-from saejax.analyze import common, dark_matter as dm, layers, plots, seeds as seedlib
+from saejax.analyze import absorption as ab, common, dark_matter as dm, layers, plots, seeds as seedlib
 
 FORMAT = "saejax-analysis/1"
 SECTION = "analysis"  # the release's section (suite.json key, README markers, files folder)
@@ -146,6 +147,31 @@ def run_layer_groups(store, rows, config) -> dict | None:
                                int(config.analyze.layer_groups), int(config.analyze.rows))
 
 
+def run_absorption(suite, entries, rows, config, decode) -> dict:
+    """The first-letter task per SAE (transcoders left out: their latents write another site)."""
+    a = config.analyze
+    out, letters = [], {}
+    for site in sorted({e.site for e in entries if e.reads is None}):
+        x, meta = rows.heldout(site)
+        probes = ab.first_letter_probes(x, meta[:, 0], decode, float(a.absorption_min_probe_f1), seed=int(config.seed))
+        letters[site] = {k: probes[k] for k in ("letters", "probe_f1", "skipped_few", "skipped_f1", "n_rows",
+                                                "n_tokens", "n_train", "n_test")}
+        for e in [e for e in entries if e.site == site and e.reads is None]:
+            res = ab.first_letter(_load(suite, e, rows.store), probes, float(a.absorption_cos), float(a.absorption_share))
+            out.append({**common.entry_info(e), **{k: res[k] for k in ("rate", "rate_ci", "recall", "rates", "recalls",
+                                                                        "main_latent", "f1", "absorbers", "counted")}})
+    return {"min_probe_f1": float(a.absorption_min_probe_f1), "cos_min": float(a.absorption_cos),
+            "share_min": float(a.absorption_share), "sites": letters, "saes": out}
+
+
+def _decode(config):
+    from saejax import models
+    tok = models.load(config.model.source, dtype=config.model.dtype).tokenizer
+    if tok is None or not hasattr(tok, "decode"):
+        raise AnalyzeError(f"absorption: model {config.model.source} has no tokenizer to decode token ids")
+    return tok.decode
+
+
 def run(config, dry_run: bool = False) -> dict | None:
     """Run the configured analyses; write <workdir>/analysis/ and the release's section."""
     suite, store = _open(config)
@@ -175,6 +201,8 @@ def run(config, dry_run: bool = False) -> dict | None:
         docs["layer_groups"] = run_layer_groups(store, rows, config)
         if docs["layer_groups"] is None:
             print("saejax analyze: layer_groups: the store has fewer than two res sites", file=sys.stderr)
+    if "absorption" in todo:
+        docs["absorption"] = run_absorption(suite, entries, rows, config, _decode(config))
     summary = {"format": FORMAT, "suite": str(suite.source), "suite_sha256": _suite_digest(suite),
                "store_manifest_sha256": store.manifest_sha256, "analyses": todo, **_summary(docs)}
     final = wd.analysis_dir(config)
@@ -221,11 +249,14 @@ def _summary(docs: dict) -> dict:
     if docs.get("layer_groups"):
         g = docs["layer_groups"]
         out["layer_groups"] = {"groups": g["groups"], "contiguous": g["contiguous"], "adjacent": g["adjacent"]}
+    if docs.get("absorption"):
+        out["absorption"] = [{"label": s["label"], "rate": s["rate"], "rate_ci": s["rate_ci"], "recall": s["recall"],
+                              "letters": len(s["rates"])} for s in docs["absorption"]["saes"]]
     return out
 
 
 def _f(v, fmt="{:.3f}"):
-    return "-" if v is None else fmt.format(v)
+    return "-" if v is None or not np.isfinite(v) else fmt.format(v)
 
 
 def markdown(summary: dict, pngs: dict) -> str:
@@ -265,6 +296,16 @@ def markdown(summary: dict, pngs: dict) -> str:
                   + ", ".join(f"{a['a']}-{a['b']}: {a['angular_distance']:.3f}" for a in g["adjacent"]) + ".",
                   f"Average-linkage groups: {g['groups']}" + ("" if g["contiguous"] else " (not all contiguous)") + ".", ""]
         lines += ["![layer groups](analysis/layer_groups.png)", ""] if "layer_groups.png" in pngs else []
+    if "absorption" in summary:
+        lines += ["### Feature absorption (Chanin et al. 2024)", "",
+                  "First-letter task on the store's word tokens: a linear probe per letter, each letter's main "
+                  "latent, and the share of tokens (probe right) where it is silent while latents aligned with "
+                  "the probe carry the letter; mean over letters with a 95% interval.", "",
+                  "| SAE | letters | absorption rate | 95% interval | main-latent recall |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {s['label']} | {s['letters']} | {_f(s['rate'])} | {_f(s['rate_ci'][0])} - {_f(s['rate_ci'][1])} "
+                  f"| {_f(s['recall'])} |" for s in summary["absorption"]]
+        lines += [""] + (["![absorption](analysis/absorption.png)", ""] if "absorption.png" in pngs else [])
     return "\n".join(lines)
 
 

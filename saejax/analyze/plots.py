@@ -3,6 +3,7 @@
     dark_matter.png    per SAE: FVU split into the part a linear map from the input predicts and the rest
     seeds.png          per seed pair: the fraction of latents shared against log10 firing frequency
     layer_groups.png   angular distance between res layers, with the groups outlined
+    absorption.png     per SAE: the first-letter absorption rate (mean over letters, 95% interval)
 """
 from __future__ import annotations
 
@@ -68,4 +69,21 @@ def layer_groups(doc: dict, path: str) -> None:
         ax.plot([i0, i1, i1, i0, i0], [i0, i0, i1, i1, i0], color="red", lw=1.5)
     ax.set_xlabel("res layer")
     ax.set_ylabel("res layer")
+    _save(fig, path)
+
+
+def absorption(doc: dict, path: str) -> None:
+    saes = doc["saes"]
+    fig = Figure(figsize=(max(5.0, 0.35 * len(saes) + 2), 4.0))
+    ax = fig.add_subplot()
+    x = np.arange(len(saes))
+    rate = np.array([np.nan if s["rate"] is None else s["rate"] for s in saes], float)
+    lo = np.array([np.nan if s["rate_ci"][0] is None else s["rate_ci"][0] for s in saes], float)
+    hi = np.array([np.nan if s["rate_ci"][1] is None else s["rate_ci"][1] for s in saes], float)
+    ax.bar(x, np.nan_to_num(rate))
+    ok = np.isfinite(lo) & np.isfinite(hi)
+    ax.errorbar(x[ok], rate[ok], yerr=[rate[ok] - lo[ok], hi[ok] - rate[ok]], fmt="none", color="black", capsize=3)
+    ax.set_xticks(x, [s["label"] for s in saes], rotation=70, fontsize=7)
+    ax.set_ylabel("first-letter absorption rate (held-out)")
+    ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
