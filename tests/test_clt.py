@@ -210,6 +210,8 @@ def test_pipeline_evaluate_release_load(tmp_path):
     with open(tmp_path / "evaluate" / "results.json") as fh:
         c = json.load(fh)["clts"][0]
     assert c["layers"] == [0, 1, 2, 3] and c["model_layers"] == 4
+    card = (tmp_path / "evaluate" / c["per_layer"][1]["card"]).read_text()  # layer 1's latents write to 1..3
+    assert "<td>mlp.1</td>" in card and "<td>mlp.3</td>" in card and "<td>mlp.0</td>" not in card
     r = c["replacement"]
     assert np.isfinite(r["delta_lm_loss"]) and r["kl"] > 0 and r["ce_ablate"] != r["ce_clean"]
 
