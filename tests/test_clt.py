@@ -210,6 +210,8 @@ def test_pipeline_evaluate_release_load(tmp_path):
     with open(tmp_path / "evaluate" / "results.json") as fh:
         c = json.load(fh)["clts"][0]
     assert c["layers"] == [0, 1, 2, 3] and c["model_layers"] == 4
+    card = (tmp_path / "evaluate" / c["per_layer"][1]["card"]).read_text()  # layer 1's latents write to 1..3
+    assert "<td>mlp.1</td>" in card and "<td>mlp.3</td>" in card and "<td>mlp.0</td>" not in card
     r = c["replacement"]
     assert np.isfinite(r["delta_lm_loss"]) and r["kl"] > 0 and r["ce_ablate"] != r["ce_clean"]
 
@@ -264,3 +266,52 @@ def test_gemma2_2b_clt_variant_sized_as_its_docstring_says():
     mem = clt_step.state_bytes(spec, hp, meshlib.abstract_mesh(c.mesh))
     text = open(path).read()
     assert f"CLT params\n{mem['params'] / 2 ** 20:,.1f} MiB, optimizer {mem['optimizer'] / 2 ** 20:,.1f} MiB" in text
+
+
+def test_clt_latent_cards_show_top_contexts_and_the_layers_written(tmp_path):
+    """A CLT layer's card: each latent's top held-out contexts are the rows where it fires most
+    (a planted encoder: latent m reads coordinate m), and its per-layer decoder norms are those of
+    the released (raw-space) decoder, zero-free from its own layer on."""
+    import re
+    import types
+
+    from saejax import config as cfg
+    from saejax.evaluate import _clt_cards, clt as clt_eval
+    L, d, M, N = 2, 4, 3, 40
+    rng = np.random.default_rng(0)
+    W_enc = np.zeros((L, d, M), np.float32)
+    W_enc[:, np.arange(M), np.arange(M)] = 1.0
+    dec0 = np.zeros((M, 2, d), np.float32)
+    dec0[:, 0, 0], dec0[:, 1, 1] = [0.6, 0.8, 0.0], [0.8, 0.6, 1.0]
+    a = {"W_enc": W_enc, "b_enc": np.zeros((L, M), np.float32), "b_dec": np.zeros((L, d), np.float32),
+         "threshold": np.full((L, M), 0.5, np.float32), "W_dec_0": dec0,
+         "W_dec_1": np.ones((M, 1, d), np.float32) / 2}
+    meta = {"layers": [0, 1], "arch": "jumprelu", "sparsity": 1e-3, "width": M,
+            "norm_scale_in": [1.0, 1.0], "norm_scale_out": [1.0, 2.0]}
+    x = (rng.random((N, d)) * 0.4).astype(np.float32)  # nothing fires...
+    x[np.arange(N), np.arange(N) % M] = 1 + np.arange(N)  # ...but latent r % 3 on row r, at r + 1
+    rmeta = np.stack([np.zeros(N), np.arange(N) // 8, np.arange(N) % 8], 1).astype(np.int64)
+    data = types.SimpleNamespace(rows=lambda site: (x, rmeta), all_context_ids=np.arange(5),
+                                 all_tokens=np.arange(5 * 8).reshape(5, 8) + 100)
+    density, acts, idx = clt_eval.layer_top(a, meta, 0, x, np.array([0, 2]), 4, chunk=16)
+    np.testing.assert_allclose(density, [14 / 40, 13 / 40, 13 / 40])
+    np.testing.assert_array_equal(idx, [[39, 36, 33, 30], [38, 35, 32, 29]])
+    np.testing.assert_allclose(acts, idx + 1.0)
+
+    c = cfg.defaults()
+    c.evaluate.latent_cards = 3
+    res = {"id": "clt_x", "per_layer": [{"l0": 1.0, "fvu": 0.5}, {"l0": 1.0, "fvu": 0.4}]}
+    (tmp_path / "cards").mkdir()
+    paths = _clt_cards(res, a, meta, data, types.SimpleNamespace(tokenizer=None), c,
+                       np.random.default_rng(0), str(tmp_path))
+    assert paths == ["cards/clt.0__clt_x.html", "cards/clt.1__clt_x.html"]
+    page = (tmp_path / paths[0]).read_text()
+    writes = re.findall(r"<td>(mlp\.\d)</td><td class=act>([\d.e-]+)</td>", page)
+    # latent m of layer 0 writes dec0[m, 0] to mlp.0 and dec0[m, 1] / 2 (mlp.1's scale) to mlp.1
+    assert writes == [("mlp.0", "0.6"), ("mlp.1", "0.4"), ("mlp.0", "0.8"), ("mlp.1", "0.3"),
+                      ("mlp.0", "0"), ("mlp.1", "0.5")]
+    latent2 = page.split("<h2>latent 2</h2>")[1]
+    assert latent2.index("<td class=act>39</td>") < latent2.index("<td class=act>36</td>")  # row 38: ctx 4 pos 6
+    assert '<span class="hit">[138]</span>' in latent2 and "ctx 4 pos 6" in latent2
+    page1 = (tmp_path / paths[1]).read_text()
+    assert re.findall(r"<td>(mlp\.\d)</td><td class=act>([\d.e-]+)</td>", page1) == [("mlp.1", "0.5")] * 3  # norm 1 / scale 2

@@ -179,3 +179,42 @@ def test_mesh_plan_errors_are_one_line(tmp_path, monkeypatch):
                        r"jumprelu_d32_w4096 .* \(mesh.target_chip\)$") as e:
         loop.run(c)
     assert "\n" not in str(e.value) and not (tmp_path / "train").exists()
+
+
+def test_clt_step_cost_is_its_compiled_step(tmp_path, capsys):
+    """A CLT (clt.enabled) in the cost model: its collective bytes and FLOPs are hlo's counts of
+    CLTTrainer's compiled step (here and through the virtual-device subprocess alike), data sharding
+    all-reduces at least the design minimum, and the dry run prints its cost and projection lines."""
+    from saejax import models
+    from saejax.sae.clt import CLTSpec
+    from saejax.train.clt_step import CLTTrainer
+    spec = CLTSpec(arch="jumprelu", layers=(0, 1, 2), d_in=16, d_out=16, width=64, sparsity=1e-3)
+    hp = optim.Hyper(total_steps=10, batch_size=256, lr=1e-3)
+    sizes = {"data": 4, "stack": 1, "latent": 2}
+    tr = CLTTrainer(spec, hp, meshlib.make_mesh(sizes, jax.devices()[:8]))
+    st = jax.tree_util.tree_map(lambda v, h: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=h),
+                                tr.abstract, tr.state_shardings)
+    text = tr.step.lower(st, jax.ShapeDtypeStruct(tr.x_shape, np.float32, sharding=tr.x_sharding)).compile().as_text()
+    got = cost.measure([(spec, hp)], sizes)[0]
+    assert got["collectives"] == hlo.collectives(text) and got["flops"] == hlo.flops(text)
+    assert cost.measure([(spec, hp)], sizes, subprocess_only=True)[0]["collectives"] == got["collectives"]
+    assert got["collectives"]["all-reduce"] >= cost.clt_design_comm(spec, hp, sizes)["all-reduce"] > 0
+    assert got["flops"] >= cost.clt_shape_flops(spec, hp, sizes) > 0
+
+    c = cfg.load("experiments/smollm2_clt.py:runlocal", [f"--config.workdir={tmp_path}"])
+    c.sae.transcoders = (0,)  # one group beside the CLT keeps the dry run short
+    shape = models.load_shape(c.model.source)
+    loop.run(c, dry_run=True, planned_widths={s: int(shape.site_width(s)) for s in cfg.sites(c)})
+    err = capsys.readouterr().err
+    from saejax.train.clt_step import plan_clt
+    from saejax.sources import PlannedSource
+    cspec, chp = plan_clt(c, PlannedSource({s: int(shape.site_width(s)) for s in cfg.sites(c)}))
+    csizes = {"data": 8, "stack": 1, "latent": 1}
+    prog = cost.measure([(cspec, chp)], csizes)[0]
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"[{cspec.name}]")]
+    want = cost.clt_report(c, cspec, chp, csizes, prog)
+    cut = lambda ln: ln.split(": ", 1)[1].split("TFLOP", 1)[1]  # noqa: E731 - the compile time differs
+    assert [cut(ln) for ln in lines if "step cost per device" in ln] == [cut(want[0])]
+    assert f"all-reduce {prog['collectives']['all-reduce'] / 2 ** 20:,.1f} MiB" in want[0]
+    assert want[1] in lines and "limited by" in want[1]
+    assert not (tmp_path / "train").exists()

@@ -174,7 +174,8 @@ def run(config, dry_run: bool = False) -> dict | None:
             doc = {"format": "saejax-eval/1", "model": data.model_name, "contexts": data.n_contexts,
                    "heldout_contexts": 0 if data.synthetic else len(data.all_tokens),
                    "synthetic": data.synthetic, "groups": [g[0] for g in groups], "saes": results}
-            clts = [_evaluate_clt(p, data, model, config) for p in wd.clt_final_dirs(config)]
+            clt_rng = np.random.default_rng(config.seed)  # apart from the SAEs' card sampling
+            clts = [_evaluate_clt(p, data, model, config, tmp, clt_rng) for p in wd.clt_final_dirs(config)]
             if clts:
                 doc["clts"] = clts
             with open(os.path.join(tmp, wd.RESULTS), "w") as fh:
@@ -208,8 +209,9 @@ def _track(config, results: list[dict]) -> None:
                        for r in files.json_safe(results)])
 
 
-def _evaluate_clt(path, data, model, config) -> dict:
-    """A CLT's per-layer metrics on the aligned held-out rows and its replacement model (evaluate/clt.py)."""
+def _evaluate_clt(path, data, model, config, out_dir, rng) -> dict:
+    """A CLT's per-layer metrics on the aligned held-out rows, its latent cards (one per layer, in
+    ``out_dir``) and its replacement model (evaluate/clt.py)."""
     from saejax.evaluate import clt as clt_eval
     from saejax.sae import clt_io
     a, meta = clt_io.load(path)
@@ -224,12 +226,47 @@ def _evaluate_clt(path, data, model, config) -> dict:
            "sparsity": meta["sparsity"], "steps": meta.get("steps"), "tokens": meta.get("tokens"),
            "per_layer": [{"site": f"mlp.{l}", "layer": l, **m} for l, m in zip(layers, per_layer)],
            "l0_total": float(sum(m["l0"] for m in per_layer))}
+    if model is not None and config.evaluate.latent_cards > 0:
+        for m, rel in zip(out["per_layer"], _clt_cards(out, a, meta, data, model, config, rng, out_dir)):
+            m["card"] = rel
     if model is not None:
         out["model_layers"] = int(model.config.n_layers)
         out["replacement"] = clt_eval.replacement_losses(model, model.params, a, meta, data.tokens,
                                                          data.policy(f"mlp.{layers[0]}"),
                                                          batch=int(config.evaluate.batch_contexts))
     return out
+
+
+def _clt_cards(c: dict, a: dict, meta: dict, data, model, config, rng, out_dir: str) -> list[str]:
+    """One latent card per CLT layer (``cards/clt.<layer>__<id>.html``): a sample of the layer's live
+    latents, each with its top held-out contexts on mlp_in and the norm of its decoder to every layer
+    it writes to (raw space, evaluate/clt.py ``writes``); return the cards' relative paths."""
+    from saejax.evaluate import clt as clt_eval
+    layers, M = meta["layers"], a["b_enc"].shape[1]
+    S = min(int(config.evaluate.latent_cards), M)
+    norms = clt_eval.writes(a, meta)
+    row_of = {int(ctx): i for i, ctx in enumerate(data.all_context_ids)}
+    decode = getattr(getattr(model, "tokenizer", None), "decode", None)
+    paths = []
+    for i, l in enumerate(layers):
+        rows, rmeta = data.rows(f"mlp_in.{l}")
+        density, _, _ = clt_eval.layer_top(a, meta, i, rows, np.zeros(1, np.int64), 1)
+        live = np.flatnonzero(density > 0)
+        latents = np.sort(rng.choice(live if len(live) >= S else np.arange(M), S, replace=False))
+        _, acts, idx = clt_eval.layer_top(a, meta, i, rows, latents, N_TOP)
+        lats = []
+        for s, m in enumerate(latents):
+            ex = [{"act": float(v), "tokens": data.all_tokens[row_of[int(rmeta[r, 1])]], "pos": int(rmeta[r, 2]),
+                   "context": int(rmeta[r, 1])} for v, r in zip(acts[s], idx[s]) if v > 0]
+            lats.append({"latent": int(m), "density": float(density[m]), "examples": ex,
+                         "writes": [(f"mlp.{layers[j]}", float(norms[i, m, j])) for j in range(i, len(layers))]})
+        rel = f"{wd.CARDS}/clt.{l}__{c['id']}.html"
+        pl = c["per_layer"][i]
+        cards.write_card(os.path.join(out_dir, rel), f"CLT {c['id']} layer {l} (reads mlp_in.{l})",
+                         {"clt": c["id"], "layer": l, "arch": meta["arch"], "width": M,
+                          "L0": pl["l0"], f"FVU of mlp.{l}": pl["fvu"]}, lats, decode)
+        paths.append(rel)
+    return paths
 
 
 def clt_table(c: dict) -> str:

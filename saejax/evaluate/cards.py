@@ -11,7 +11,8 @@ STYLE = """body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;
 h2{font-size:1.1em;margin-top:2em;border-top:1px solid #ccc;padding-top:.5em}
 table{border-collapse:collapse}td{padding:.15em .6em;vertical-align:top}
 .ctx{font-family:ui-monospace,monospace;white-space:pre-wrap}.hit{background:#f6a23a;font-weight:bold}
-.act{text-align:right;color:#555}.meta{color:#666}"""
+.act{text-align:right;color:#555}.meta{color:#666}
+.bar{display:inline-block;height:.7em;background:#4a7fb5}"""
 
 
 def token_text(decode, token_id: int) -> str:
@@ -38,7 +39,8 @@ def write_card(path: str, title: str, summary: dict, latents: list[dict], decode
     """Write one SAE's card.
 
     ``latents``: [{"latent": i, "density": float, "examples": [{"act": float, "tokens": ids [L],
-    "pos": p, "context": c}, ...]}, ...], examples sorted by activation, strongest first.
+    "pos": p, "context": c}, ...]}, ...], examples sorted by activation, strongest first. A CLT
+    latent also has "writes": [(output site, its decoder block's norm), ...], shown as bars.
     """
     out = [f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title><style>{STYLE}</style>",
            f"<h1>{html.escape(title)}</h1><p class=meta>"
@@ -47,7 +49,14 @@ def write_card(path: str, title: str, summary: dict, latents: list[dict], decode
         ex = lat["examples"]
         peak = ex[0]["act"] if ex else 0.0
         out.append(f"<h2>latent {lat['latent']}</h2><p class=meta>fires on {100 * lat['density']:.3g}% of "
-                   f"held-out tokens; max activation {peak:.4g}</p><table>")
+                   f"held-out tokens; max activation {peak:.4g}</p>")
+        if lat.get("writes"):
+            top = max(v for _, v in lat["writes"]) or 1.0
+            out.append("<table class=meta><tr><td colspan=3>decoder norm to each layer it writes to</td></tr>"
+                       + "".join(f'<tr><td>{html.escape(site)}</td><td class=act>{v:.3g}</td><td><span class=bar '
+                                 f'style="width:{12 * v / top:.2f}em"></span></td></tr>' for site, v in lat["writes"])
+                       + "</table>")
+        out.append("<table>")
         for e in ex:
             out.append(f"<tr><td class=act>{e['act']:.4g}</td><td class=ctx>{context_html(e['tokens'], e['pos'], decode)}"
                        f"</td><td class=meta>ctx {e['context']} pos {e['pos']}</td></tr>")

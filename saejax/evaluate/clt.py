@@ -70,13 +70,47 @@ def layer_metrics(a: dict, meta: dict, rows_in: list, rows_out: list, chunk: int
 
 
 def writes(a: dict, meta: dict) -> np.ndarray:
-    """[L, M, L]: the norm of each latent's decoder block to each output layer (0 before its own):
-    the layers a latent writes to, for latent cards."""
+    """[L, M, L]: the norm of each latent's decoder block to each output layer in raw space (the
+    released CLT's, ``clt_io.fold``; 0 before its own layer): the layers a latent writes to, for
+    latent cards."""
+    f = clt_io.fold(a, meta)
     L = len(meta["layers"])
     out = np.zeros((L, a["b_enc"].shape[1], L), np.float32)
     for i in range(L):
-        out[i, :, i:] = np.linalg.norm(a[f"W_dec_{i}"], axis=-1)
+        out[i, :, i:] = np.linalg.norm(f[f"W_dec_{i}"], axis=-1)
     return out
+
+
+def layer_top(a: dict, meta: dict, i: int, rows, latents: np.ndarray, n_top: int,
+              chunk: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Layer i's latents on its raw held-out rows of mlp_in [N, d_in]: (density [M], the fraction
+    of rows each fires on; activations [S, n] and row indices [S, n] of the ``n_top`` rows where each
+    of ``latents`` [S] fires most, strongest first; activation 0: fired on fewer rows)."""
+    f = {k: jnp.asarray(v) for k, v in clt_io.fold(a, meta).items()}
+    lat = jnp.asarray(latents, jnp.int32)
+    n = min(n_top, len(rows))
+
+    @jax.jit
+    def stats(x, valid):
+        act = jnp.where((jnp.arange(x.shape[0]) < valid)[:, None], _encode(f, meta, i, x), 0.0)
+        v, j = jax.lax.top_k(act[:, lat].T, n)
+        return jnp.sum(act > 0, 0), v, j
+
+    fired = np.zeros(a["b_enc"].shape[1], np.int64)
+    best_v = np.full((len(latents), n), -np.inf, np.float32)
+    best_i = np.zeros((len(latents), n), np.int64)
+    for s in range(0, len(rows), chunk):
+        x = np.asarray(rows[s:s + chunk], np.float32)
+        valid = len(x)
+        if valid < n:  # top_k needs n rows: pad with rows that are dropped below
+            x = np.concatenate([x, np.zeros((n - valid, x.shape[1]), np.float32)])
+        c, v, j = (np.asarray(t) for t in stats(jnp.asarray(x), valid))
+        fired += c
+        v = np.where(j < valid, v, -np.inf)
+        allv, alli = np.concatenate([best_v, v], -1), np.concatenate([best_i, j + s], -1)
+        order = np.argsort(-allv, axis=-1, kind="stable")[:, :n]
+        best_v, best_i = np.take_along_axis(allv, order, -1), np.take_along_axis(alli, order, -1)
+    return fired / max(1, len(rows)), np.maximum(best_v, 0.0), best_i
 
 
 def replacement_losses(model, params, a: dict, meta: dict, tokens: np.ndarray, policy: splice.Policy,

@@ -78,15 +78,23 @@ def matmul_passes(spec) -> int:
 # The compiled program.
 
 
+def is_clt(spec) -> bool:
+    """Whether ``spec`` is a cross-layer transcoder (saejax.sae.clt.CLTSpec) rather than a group."""
+    from saejax.sae.clt import CLTSpec
+    return isinstance(spec, CLTSpec)
+
+
 def program(spec, hp, mesh) -> dict:
-    """Compile ``Trainer(spec, hp, mesh).step`` with abstract inputs; its per-device counts."""
+    """Compile ``Trainer(spec, hp, mesh).step`` (a CLT: ``CLTTrainer``'s) with abstract inputs; its
+    per-device counts."""
     import jax
     import numpy as np
     from saejax.train import hlo
+    from saejax.train.clt_step import CLTTrainer
     from saejax.train.trainer import Trainer
 
     t0 = time.time()
-    tr = Trainer(spec, hp, mesh)
+    tr = (CLTTrainer if is_clt(spec) else Trainer)(spec, hp, mesh)
     st = jax.tree_util.tree_map(lambda v, h: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=h),
                                 tr.abstract, tr.state_shardings)
     x = jax.ShapeDtypeStruct(tr.x_shape, np.float32, sharding=tr.x_sharding)
@@ -104,7 +112,7 @@ def program(spec, hp, mesh) -> dict:
 
 
 def _to_json(spec, hp) -> list:
-    return [dataclasses.asdict(spec), dataclasses.asdict(hp)]
+    return [dataclasses.asdict(spec), dataclasses.asdict(hp), "clt" if is_clt(spec) else "group"]
 
 
 def _from_json(cls, d: dict):
@@ -151,10 +159,12 @@ def measure_groups(plans, sizes) -> list[dict]:
 
 def _worker() -> None:
     """``python -m saejax.train.cost``: a ``measure`` request on stdin, the results on stdout."""
+    from saejax.sae.clt import CLTSpec
     from saejax.sae.group import GroupSpec
     from saejax.train import optim
     req = json.loads(sys.stdin.read())
-    plans = [(_from_json(GroupSpec, s), _from_json(optim.Hyper, h)) for s, h in req["plans"]]
+    plans = [(_from_json(CLTSpec if kind == "clt" else GroupSpec, s), _from_json(optim.Hyper, h))
+             for s, h, kind in req["plans"]]
     print(json.dumps(measure(plans, req["sizes"])))
 
 
@@ -420,26 +430,10 @@ def report(config, plans, sizes, programs: list[dict] | None) -> list[str]:
     lines = []
     for i, ((spec, hp), sz) in enumerate(zip(plans, meshes)):
         mem = mem_plan["groups"][spec.name]["mem"]
-        design = design_comm(spec, hp, sz)
-        prog = programs[i] if programs else None
-        coll = prog["collectives"] if prog else design
-        flops = prog["flops"] if prog else shape_flops(spec, hp, sz)
-        host = host_read_bytes(spec, hp, sz, chip, itemsize)
-        pr = project(chip, flops=flops, passes=matmul_passes(spec), hbm=hbm_bytes(spec, hp, sz, mem),
-                     wire=wire_bytes(coll, prog["received"] if prog else None), host=host)
-        shown = lambda c: ", ".join(f"{k} {_mb(v)}" for k, v in c.items() if v) or "none"  # noqa: E731
-        what = (f"compiled program ({prog['compile_s']:.1f} s to compile)" if prog else "from shapes (not compiled)")
-        lines.append(f"[{spec.name}] step cost per device, {what}: {flops / 1e12:,.3f} TFLOP "
-                     f"(design {shape_flops(spec, hp, sz) / 1e12:,.3f}; x{matmul_passes(spec)} bf16 passes), "
-                     f"HBM {_gib(hbm_bytes(spec, hp, sz, mem))}, collectives: {shown(coll)} "
-                     f"(design minimum: {shown(design)}); store reads {_mb(host)} per host per step")
-        t = pr["times"]
-        lines.append(f"[{spec.name}] projected on {chip.name}: compute {_ms(t['compute'])} + HBM {_ms(t['HBM'])} + "
-                     f"interconnect {_ms(t['interconnect'])} = {_ms(pr['serial'])} per step without overlap "
-                     f"({pr['fraction']:.1%} of bf16 peak), {_ms(pr['overlap'])} with perfect overlap "
-                     f"({pr['fraction_overlap']:.1%}); host read {_ms(t['host read'])} (a floor, prefetched); "
-                     f"limited by {pr['limit']}; {pr['serial'] * hp.total_steps / 3600:,.2f} h for "
-                     f"{hp.total_steps} steps")
+        lines += _cost_lines(spec.name, chip, hp.total_steps, programs[i] if programs else None,
+                             flops=shape_flops(spec, hp, sz), passes=matmul_passes(spec),
+                             hbm=hbm_bytes(spec, hp, sz, mem), design=design_comm(spec, hp, sz),
+                             host=host_read_bytes(spec, hp, sz, chip, itemsize))
     lines.append(f"job peak per device: {_gib(mem_plan['peak'])} (group {mem_plan['peak_group']}; each group's "
                  f"state is freed before the next starts) of a {chip.name} chip's {_gib(chip.hbm)}; host: "
                  f"{_gib(mem_plan['host'])} of batches per process of {_gib(chip.host_memory)}")
@@ -470,6 +464,29 @@ def report(config, plans, sizes, programs: list[dict] | None) -> list[str]:
     return lines
 
 
+def _cost_lines(name: str, chip, steps: int, prog: dict | None, *, flops: float, passes: int, hbm: float,
+                design: dict, host: float) -> list[str]:
+    """Two lines of the dry run for one group (or the CLT): the program's counts (without ``prog``:
+    the design's) beside the design's, then the projection on ``chip`` and its limit. ``flops``:
+    the design's dense work."""
+    coll = prog["collectives"] if prog else design
+    got = prog["flops"] if prog else flops
+    pr = project(chip, flops=got, passes=passes, hbm=hbm,
+                 wire=wire_bytes(coll, prog["received"] if prog else None), host=host)
+    shown = lambda c: ", ".join(f"{k} {_mb(v)}" for k, v in c.items() if v) or "none"  # noqa: E731
+    what = (f"compiled program ({prog['compile_s']:.1f} s to compile)" if prog else "from shapes (not compiled)")
+    t = pr["times"]
+    return [f"[{name}] step cost per device, {what}: {got / 1e12:,.3f} TFLOP "
+            f"(design {flops / 1e12:,.3f}; x{passes} bf16 passes), "
+            f"HBM {_gib(hbm)}, collectives: {shown(coll)} "
+            f"(design minimum: {shown(design)}); store reads {_mb(host)} per host per step",
+            f"[{name}] projected on {chip.name}: compute {_ms(t['compute'])} + HBM {_ms(t['HBM'])} + "
+            f"interconnect {_ms(t['interconnect'])} = {_ms(pr['serial'])} per step without overlap "
+            f"({pr['fraction']:.1%} of bf16 peak), {_ms(pr['overlap'])} with perfect overlap "
+            f"({pr['fraction_overlap']:.1%}); host read {_ms(t['host read'])} (a floor, prefetched); "
+            f"limited by {pr['limit']}; {pr['serial'] * steps / 3600:,.2f} h for {steps} steps"]
+
+
 def meshes_time(plans, meshes, chip, itemsize: int = 4) -> tuple[float, int]:
     """(projected seconds of the job without overlap, peak device bytes) with group i on ``meshes[i]``."""
     total, peak = 0.0, 0
@@ -477,3 +494,77 @@ def meshes_time(plans, meshes, chip, itemsize: int = 4) -> tuple[float, int]:
         t, pk, _ = job_time([p], sz, chip, itemsize)
         total, peak = total + t, max(peak, pk)
     return total, peak
+
+
+# ---------------------------------------------------------------------------------------------
+# A cross-layer transcoder (saejax.sae.clt; its step: saejax.train.clt_step). One dictionary over
+# L layers on a data x latent mesh (stack 1); its batch x [2L, B, d] is laid out P(None, "data", None).
+
+CLT_BM_PASSES = {"jumprelu": 10, "relu": 10, "topk": 12, "batchtopk": 12}  # BM_PASSES without AuxK's 4
+
+
+def clt_blocks(spec) -> int:
+    """P = L(L+1)/2 decoder blocks (layer l to every l' >= l)."""
+    return spec.L * (spec.L + 1) // 2
+
+
+def clt_shape_flops(spec, hp, sizes: dict) -> float:
+    """The design's work per device per step: per layer the encoder forward and its weight gradient
+    (2 matmuls of B d_in M), per decoder block its forward, weight gradient and the latents'
+    gradient (3 matmuls of B M d_out; sparse decoding: B c d_out, c the active cap)."""
+    B, M = hp.batch_size // sizes["data"], spec.width // sizes["latent"]
+    dec = min(spec.active_cap, M) if spec.sparse else M
+    return 2.0 * B * (2 * spec.L * spec.d_in * M + 3 * clt_blocks(spec) * dec * spec.d_out)
+
+
+def clt_hbm_bytes(spec, hp, sizes: dict, mem: dict) -> float:
+    """HBM bytes per device per step from shapes: the state as for a group (``hbm_bytes``), the
+    kind's passes over each layer's [B, M] (``CLT_BM_PASSES``), the batch [2L, B, d] read once, and
+    each decoder block's output [B, d_out] written forward and its gradient read backward.
+    ``mem``: ``clt_step.state_bytes``."""
+    B, M = hp.batch_size // sizes["data"], spec.width // sizes["latent"]
+    passes = CLT_BM_PASSES.get(spec.arch, CLT_BM_PASSES["jumprelu"])
+    state = 5 * mem["params"] + 2 * mem["optimizer"] + 2 * mem["counters"]
+    return state + 4 * B * (spec.L * passes * M + spec.L * (spec.d_in + spec.d_out)
+                            + 2 * clt_blocks(spec) * spec.d_out)
+
+
+def clt_host_read_bytes(spec, hp, sizes: dict, chip, itemsize: int) -> int:
+    """Store bytes one host reads per step: every CLT site (mlp_in.l and mlp.l) of its chips' rows."""
+    per = min(chip.chips_per_host, math.prod(sizes[a] for a in AXES))
+    data = {i // (sizes["stack"] * sizes["latent"]) for i in range(per)}
+    return hp.batch_size // sizes["data"] * len(data) * spec.L * (spec.d_in + spec.d_out) * itemsize
+
+
+def clt_design_comm(spec, hp, sizes: dict) -> dict:
+    """The design minimum of communication of a CLT's step per device, operand bytes by kind: data D
+    shards all-reduce the gradients of their 1/L_shards share of the parameters (BatchTopK gathers
+    its candidates per layer); latent shards all-reduce the decoder output [L, B/D, d_out] (TopK
+    gathers [B/D, k] candidates per layer)."""
+    D, Ls = sizes["data"], sizes["latent"]
+    B, L, M = hp.batch_size, spec.L, spec.width
+    out = {"all-reduce": 0.0, "all-gather": 0.0}
+    if D > 1:
+        n = L * spec.d_in * M + clt_blocks(spec) * M * spec.d_out + L * M * (2 if spec.arch == "jumprelu" else 1) \
+            + L * spec.d_out
+        out["all-reduce"] += n * 4 / Ls
+        if spec.arch == "batchtopk":
+            out["all-gather"] += L * min(spec.k * B, B * M / (D * Ls)) * 4
+    if Ls > 1:
+        out["all-reduce"] += L * (B / D) * spec.d_out * 4
+        if spec.arch == "topk":
+            out["all-gather"] += L * (B / D) * spec.k * 4
+    return out
+
+
+def clt_report(config, spec, hp, sizes: dict, prog: dict | None) -> list[str]:
+    """The dry run's cost lines for the CLT on its mesh ``sizes`` (``prog``: ``measure`` of its step),
+    as ``report``'s for a group."""
+    from saejax import mesh as meshlib
+    from saejax.train.clt_step import state_bytes
+    chip = chiplib.get(config.mesh.target_chip)
+    mem = state_bytes(spec, hp, meshlib.abstract_mesh(sizes))
+    return _cost_lines(spec.name, chip, hp.total_steps, prog, flops=clt_shape_flops(spec, hp, sizes),
+                       passes=matmul_passes(spec), hbm=clt_hbm_bytes(spec, hp, sizes, mem),
+                       design=clt_design_comm(spec, hp, sizes),
+                       host=clt_host_read_bytes(spec, hp, sizes, chip, store_itemsize(config)))

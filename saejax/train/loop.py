@@ -283,13 +283,18 @@ def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> li
             log(dry_run_report(spec, hp, mem))
         for line in cost.report(config, plans, meshes, programs):
             log(line)
-        if clt_plan is not None:  # shapes and shardings only (the cost model does not cover CLTs yet)
+        if clt_plan is not None:  # the CLT's real step (CLTTrainer) compiled for its mesh, as for groups
             spec, hp = clt_plan
             log(_clt_header(spec, hp, clt_sizes))
+            prog = cost.measure([clt_plan], clt_sizes)[0]
             mem = clt_step.state_bytes(spec, hp, meshlib.abstract_mesh(clt_sizes))
+            if "temp_bytes" in prog:
+                mem["compiled_temp"] = prog["temp_bytes"]
             log(f"[{spec.name}] dry run: {hp.total_steps} steps, {hp.total_steps * hp.batch_size:,} tokens; per device: "
                 + ", ".join(f"{k} {v / 2 ** 20:,.1f} MiB" for k, v in mem.items())
                 + f"; decoding {'sparse, cap ' + str(spec.active_cap) if spec.sparse else 'dense'}")
+            for line in cost.clt_report(config, spec, hp, clt_sizes, prog):
+                log(line)
         cost.check_memory(config, plans, meshes)
         return []
     cost.check_memory(config, plans, meshes)  # before anything compiles or writes
