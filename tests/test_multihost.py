@@ -153,7 +153,7 @@ def _evaluate(workdir, processes):
         procs.append(subprocess.Popen([sys.executable, "-m", "saejax.cli", "evaluate", "--config", spec,
                                        f"--config.workdir={workdir}"], cwd=REPO, env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    _finish(procs)
+    errs = _finish(procs)
     evaluate = os.path.join(workdir, "evaluate")
     with open(os.path.join(evaluate, "results.json")) as fh:
         doc = json.load(fh)
@@ -161,7 +161,7 @@ def _evaluate(workdir, processes):
     for name in sorted(os.listdir(os.path.join(evaluate, "cards"))):
         with open(os.path.join(evaluate, "cards", name)) as fh:
             cards[name] = fh.read()
-    return doc, cards, sorted(os.listdir(evaluate))
+    return doc, cards, sorted(os.listdir(evaluate)), errs
 
 
 def test_two_processes_evaluate_like_one_process(tmp_path):
@@ -179,8 +179,11 @@ def test_two_processes_evaluate_like_one_process(tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
     two = str(tmp_path / "two")
     shutil.copytree(one, two)
-    doc1, cards1, files1 = _evaluate(one, 1)
-    doc2, cards2, files2 = _evaluate(two, 2)
+    doc1, cards1, files1, _ = _evaluate(one, 1)
+    doc2, cards2, files2, errs = _evaluate(two, 2)
+    n = len({(r["group"], r["t"]) for r in doc1["saes"]})  # work units: the sites of every group
+    for i, err in enumerate(errs):  # each process evaluated its half
+        assert f"process {i} of 2 evaluated {(n + 1 - i) // 2} of {n} work units" in err, err[-2000:]
     kinds = {r["kind"] for r in doc1["saes"]}
     assert "transcoder" in kinds and len(kinds) > 1 and len(doc1["saes"]) > 4
     assert all(r["delta_lm_loss"] is not None and r["card"] for r in doc1["saes"])

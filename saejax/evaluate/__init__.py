@@ -184,6 +184,8 @@ def run(config, dry_run: bool = False) -> dict | None:
                     done[u] = _evaluate_site(name, arrays, meta, u[1], data, model, config, tmp)
                     bar.update(1)
             if pc > 1:
+                print(f"saejax evaluate: process {pi} of {pc} evaluated {len(mine)} of {len(units)} work units",
+                      file=sys.stderr)
                 done = _gather(done, units, tmp, pc, pi)
             if pi == 0:
                 results = [r for u in units if u[0] != "clt" for r in done[u]]
