@@ -138,3 +138,56 @@ def test_sigterm_to_one_process_checkpoints_both_at_an_agreed_step(tmp_path):
     with open(os.path.join(work, "train", GROUP, "metrics.jsonl")) as fh:
         steps = [json.loads(ln)["step"] for ln in fh]
     assert steps == list(range(10, 401, 10))
+
+
+def _evaluate(workdir, processes):
+    """``saejax evaluate`` of the tiny default's trained workdir as ``processes`` processes."""
+    spec = os.path.join(REPO, "experiments", "default.py") + ":runlocal"
+    port, procs = _port(), []
+    for i in range(processes):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={4 // processes} {SLOW_OK}"}
+        if processes > 1:
+            env.update(SAEJAX_COORDINATOR=f"localhost:{port}", SAEJAX_NUM_PROCESSES=str(processes),
+                       SAEJAX_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen([sys.executable, "-m", "saejax.cli", "evaluate", "--config", spec,
+                                       f"--config.workdir={workdir}"], cwd=REPO, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    errs = _finish(procs)
+    evaluate = os.path.join(workdir, "evaluate")
+    with open(os.path.join(evaluate, "results.json")) as fh:
+        doc = json.load(fh)
+    cards = {}
+    for name in sorted(os.listdir(os.path.join(evaluate, "cards"))):
+        with open(os.path.join(evaluate, "cards", name)) as fh:
+            cards[name] = fh.read()
+    return doc, cards, sorted(os.listdir(evaluate)), errs
+
+
+def test_two_processes_evaluate_like_one_process(tmp_path):
+    """The tiny default (SAE and transcoder groups): sites split over 2 processes, results gathered
+    to process 0: results.json equals one process's exactly (every site's SAEs run on one device,
+    so the numbers do not depend on the split), and so do the latent cards."""
+    import shutil
+    spec = os.path.join(REPO, "experiments", "default.py") + ":runlocal"
+    one = str(tmp_path / "one")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    for stage in ("harvest", "train"):
+        out = subprocess.run([sys.executable, "-m", "saejax.cli", stage, "--config", spec,
+                              f"--config.workdir={one}"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+    two = str(tmp_path / "two")
+    shutil.copytree(one, two)
+    doc1, cards1, files1, _ = _evaluate(one, 1)
+    doc2, cards2, files2, errs = _evaluate(two, 2)
+    n = len({(r["group"], r["t"]) for r in doc1["saes"]})  # work units: the sites of every group
+    for i, err in enumerate(errs):  # each process evaluated its half
+        assert f"process {i} of 2 evaluated {(n + 1 - i) // 2} of {n} work units" in err, err[-2000:]
+    kinds = {r["kind"] for r in doc1["saes"]}
+    assert "transcoder" in kinds and len(kinds) > 1 and len(doc1["saes"]) > 4
+    assert all(r["delta_lm_loss"] is not None and r["card"] for r in doc1["saes"])
+    assert doc2 == doc1
+    assert cards2 == cards1 and len(cards1) == len(doc1["saes"])
+    assert files2 == files1 == ["cards", "results.json"]  # no parts left behind
+    assert not [n for n in os.listdir(two) if n.startswith("evaluate.tmp")]

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import sys
+import zlib
 
 import numpy as np
 
@@ -153,39 +154,62 @@ def run(config, dry_run: bool = False) -> dict | None:
                   f"{len(meta['sites'])} spliced passes per context batch", file=sys.stderr)
         return None
     import jax
-    if jax.process_index() != 0:  # evaluation is small: process 0 does it all
-        return None
+    pc, pi = jax.process_count(), jax.process_index()
+    # Work units: the sites of every group in order, then the CLTs; unit u is process u % pc's.
+    units = [(g, t) for g in range(len(groups)) for t in range(len(groups[g][2]["sites"]))]
+    clt_paths = wd.clt_final_dirs(config)
+    units += [("clt", j) for j in range(len(clt_paths))]
+    mine = [u for i, u in enumerate(units) if i % pc == pi]
     model = None
-    if not data.synthetic:
+    if not data.synthetic and mine:
         from saejax import models
         model = models.load(config.model.source, dtype=config.model.dtype)
         if data.model_name and model.name != data.model_name:
             raise EvaluateError(f"{wd.store_dir(config)}: harvested from model "
                                 f"{data.model_name!r}, but config.model.source loads {model.name!r}")
-    final, tmp = wd.evaluate_dir(config), f"{wd.evaluate_dir(config)}.tmp-{os.getpid()}"
+    final = wd.evaluate_dir(config)
+    tmp = f"{final}.tmp-{os.getpid()}" if pc == 1 else f"{final}.tmp-{pc}procs"  # one folder all processes share
     with wd.stage_lock(config, "evaluate", output=final):
         try:
-            os.makedirs(os.path.join(tmp, wd.CARDS))
-            rng = np.random.default_rng(config.seed)
-            results = []
-            with progress(sum(len(m["sites"]) for _, _, m in groups), "evaluate", unit="site") as bar:
-                for name, arrays, meta in groups:
-                    results += _evaluate_group(name, arrays, meta, data, model, config, rng, tmp, bar)
-            doc = {"format": "saejax-eval/1", "model": data.model_name, "contexts": data.n_contexts,
-                   "heldout_contexts": 0 if data.synthetic else len(data.all_tokens),
-                   "synthetic": data.synthetic, "groups": [g[0] for g in groups], "saes": results}
-            clt_rng = np.random.default_rng(config.seed)  # apart from the SAEs' card sampling
-            clts = [_evaluate_clt(p, data, model, config, tmp, clt_rng) for p in wd.clt_final_dirs(config)]
-            if clts:
-                doc["clts"] = clts
-            with open(os.path.join(tmp, wd.RESULTS), "w") as fh:
-                json.dump(files.json_safe(doc), fh, indent=1, allow_nan=False)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            if pc > 1:
+                _barrier("saejax-evaluate-start")  # every process has cleared old temporaries (stage_lock)
+            os.makedirs(os.path.join(tmp, wd.CARDS), exist_ok=pc > 1)
+            done = {}  # unit -> its results (a list of SAE entries, or a CLT's entry)
+            with progress(sum(1 for u in mine if u[0] != "clt"), "evaluate", unit="site") as bar:
+                for u in mine:
+                    if u[0] == "clt":
+                        # each CLT's card latents from its own stream, whichever process evaluates it
+                        done[u] = _evaluate_clt(clt_paths[u[1]], data, model, config, tmp,
+                                                np.random.default_rng([int(config.seed), u[1]]))
+                        continue
+                    name, arrays, meta = groups[u[0]]
+                    done[u] = _evaluate_site(name, arrays, meta, u[1], data, model, config, tmp)
+                    bar.update(1)
+            if pc > 1:
+                print(f"saejax evaluate: process {pi} of {pc} evaluated {len(mine)} of {len(units)} work units",
+                      file=sys.stderr)
+                done = _gather(done, units, tmp, pc, pi)
+            if pi == 0:
+                results = [r for u in units if u[0] != "clt" for r in done[u]]
+                doc = {"format": "saejax-eval/1", "model": data.model_name, "contexts": data.n_contexts,
+                       "heldout_contexts": 0 if data.synthetic else len(data.all_tokens),
+                       "synthetic": data.synthetic, "groups": [g[0] for g in groups], "saes": results}
+                clts = [done[u] for u in units if u[0] == "clt"]
+                if clts:
+                    doc["clts"] = clts
+                with open(os.path.join(tmp, wd.RESULTS), "w") as fh:
+                    json.dump(files.json_safe(doc), fh, indent=1, allow_nan=False)
+                if os.path.exists(final):
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            if pc > 1:
+                _barrier("saejax-evaluate-written")  # results.json is there when every process returns
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if pi == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
+    if pi != 0:
+        return None
     print(table(results))
     for c in doc.get("clts", []):
         print(clt_table(c))
@@ -283,45 +307,75 @@ def clt_table(c: dict) -> str:
     return "\n".join(lines)
 
 
-def _evaluate_group(name, arrays, meta, data, model, config, rng, out, bar=None) -> list[dict]:
+def _evaluate_site(name, arrays, meta, t, data, model, config, out) -> list[dict]:
+    """The entries of group ``name``'s SAEs at site t (one per sweep member); writes their cards."""
     results = []
     frozen = np.asarray(meta.get("frozen") or np.zeros((len(meta["sites"]), len(meta["sweep"])), bool))
     seed = sae_io.seeds(meta)
-    for t, site in enumerate(meta["sites"]):
-        rows, rmeta = data.rows(site)
-        read = meta["reads"][t] if meta.get("reads") else None
-        read_rows = data.rows(read)[0] if read else None
-        recon, density = metrics.site_metrics(meta, arrays, t, rows, return_density=True, read_rows=read_rows)
-        losses = [{}] * len(recon)
-        if model is not None:
-            policy = data.policy(site)
-            if read:  # a position counts if both sites' policies keep it
-                import dataclasses
-                policy = dataclasses.replace(policy, read_max_norm=data.policy(read).max_norm)
-            losses = splice.site_losses(model, model.params, site, meta, arrays, t, data.tokens, policy,
-                                        batch=int(config.evaluate.batch_contexts), read=read,
-                                        read_scale=meta["read_norm_scale"][t] if read else None)
-        name_site = entry_site(meta, t)
-        card_of = {}
-        if model is not None and config.evaluate.latent_cards > 0:
-            card_of = _cards(name, name_site, t, meta, arrays, rows if read is None else read_rows, rmeta, density,
-                             recon, data, model, config, rng, out)
-        for k, (r, lo) in enumerate(zip(recon, losses)):
-            results.append({
-                "id": sae_id(name, name_site, k), "group": name, "site": name_site, "kind": name_site.split(".")[0],
-                **({"reads": read, "writes": site, "skip": bool(meta.get("skip")), "d_out": meta["d_out"]}
-                   if read else {}),
-                "layer": int(site.split(".")[1]), "t": t, "member": k, "arch": meta["arch"], "d": meta["d"],
-                "width": meta["width"], "sparsity": meta["sweep"][k],
-                "target_l0": meta["target_l0"][k] if meta.get("target_l0") else None,
-                "lam": meta["lam"][t][k] if meta.get("lam") else None,
-                "k": int(meta["k"][k]) if meta["k"] else None,
-                "seed": seed[k],
-                "frozen": bool(frozen[t][k]), "steps": meta.get("steps"), "tokens": meta.get("tokens"),
-                **r, **lo, "card": card_of.get(k)})
-        if bar is not None:
-            bar.update(1)
+    site = meta["sites"][t]
+    rows, rmeta = data.rows(site)
+    read = meta["reads"][t] if meta.get("reads") else None
+    read_rows = data.rows(read)[0] if read else None
+    recon, density = metrics.site_metrics(meta, arrays, t, rows, return_density=True, read_rows=read_rows)
+    losses = [{}] * len(recon)
+    if model is not None:
+        policy = data.policy(site)
+        if read:  # a position counts if both sites' policies keep it
+            import dataclasses
+            policy = dataclasses.replace(policy, read_max_norm=data.policy(read).max_norm)
+        losses = splice.site_losses(model, model.params, site, meta, arrays, t, data.tokens, policy,
+                                    batch=int(config.evaluate.batch_contexts), read=read,
+                                    read_scale=meta["read_norm_scale"][t] if read else None)
+    name_site = entry_site(meta, t)
+    card_of = {}
+    if model is not None and config.evaluate.latent_cards > 0:
+        # The latent sample of each site's cards has its own stream: any process draws the same.
+        rng = np.random.default_rng([int(config.seed), zlib.crc32(f"{name}/{name_site}".encode())])
+        card_of = _cards(name, name_site, t, meta, arrays, rows if read is None else read_rows, rmeta, density,
+                         recon, data, model, config, rng, out)
+    for k, (r, lo) in enumerate(zip(recon, losses)):
+        results.append({
+            "id": sae_id(name, name_site, k), "group": name, "site": name_site, "kind": name_site.split(".")[0],
+            **({"reads": read, "writes": site, "skip": bool(meta.get("skip")), "d_out": meta["d_out"]}
+               if read else {}),
+            "layer": int(site.split(".")[1]), "t": t, "member": k, "arch": meta["arch"], "d": meta["d"],
+            "width": meta["width"], "sparsity": meta["sweep"][k],
+            "target_l0": meta["target_l0"][k] if meta.get("target_l0") else None,
+            "lam": meta["lam"][t][k] if meta.get("lam") else None,
+            "k": int(meta["k"][k]) if meta["k"] else None,
+            "seed": seed[k],
+            "frozen": bool(frozen[t][k]), "steps": meta.get("steps"), "tokens": meta.get("tokens"),
+            **r, **lo, "card": card_of.get(k)})
     return results
+
+
+def _barrier(name: str) -> None:
+    from saejax.store.harvest import _barrier as barrier  # the coordination service's, long timeout
+    barrier(name)
+
+
+def _gather(done: dict, units: list, tmp: str, pc: int, pi: int) -> dict:
+    """Every process writes its units' results to ``<tmp>/part-<pi>.json`` (atomically); after a
+    barrier process 0 reads them all and returns every unit's results (the others: their own)."""
+    part = os.path.join(tmp, f"part-{pi}.json")
+    index = {u: i for i, u in enumerate(units)}
+    with open(part + ".partial", "w") as fh:
+        json.dump([[index[u], files.json_safe(r)] for u, r in done.items()], fh, allow_nan=False)
+    os.replace(part + ".partial", part)
+    _barrier("saejax-evaluate-parts")
+    if pi != 0:
+        return done
+    out = {}
+    for p in range(pc):
+        path = os.path.join(tmp, f"part-{p}.json")
+        with open(path) as fh:
+            for i, r in json.load(fh):
+                out[units[i]] = r
+        os.remove(path)
+    missing = [u for u in units if u not in out]
+    if missing:
+        raise EvaluateError(f"{tmp}: the processes' parts lack {len(missing)} of {len(units)} work units")
+    return out
 
 
 def _cards(name, site, t, meta, arrays, rows, rmeta, density, recon, data, model, config, rng, out) -> dict:
