@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --stack 18      # the stacked group's size (sites x sweep members)
     python benchmarks/train_step.py --bf16 --stack 0   # also the step with train.matmul_dtype bfloat16
     python benchmarks/train_step.py --matryoshka 0.0625,0.25,1 --stack 0   # also a Matryoshka step
+    python benchmarks/train_step.py --transcoder --skip --stack 0   # also transcoder and skip-transcoder steps
 
 Printed, all measured in this one run on one device:
   roofline   the five dense matmuls a step needs (encoder and decoder forward, latent gradient,
@@ -28,7 +29,11 @@ Printed, all measured in this one run on one device:
              (train.matmul_dtype), and its time over the float32 step's;
   matryoshka (``--matryoshka``) the step with Matryoshka prefixes (fractions of the width; the
              same five matmuls' FLOPs: the prefix blocks are decoded once), its fraction of the
-             roofline and its time over the plain step's.
+             roofline and its time over the plain step's;
+  transcoder (``--transcoder``) a transcoder's step (mlp_in.L -> mlp.L, d_out = d: the SAE's five
+             matmuls) and its fraction of the roofline;
+  skip       (``--skip``) a skip-transcoder's step against its own roofline: the five matmuls plus
+             the skip term's forward x W_skip and gradient x^T g (4*B*d*d_out FLOPs more), timed alike.
 Memory does not grow with the store: the step holds one batch [T, B, d]; the reader's buffer is a
 few blocks; nothing accumulates over steps (metrics are written out at logging steps).
 """
@@ -54,10 +59,10 @@ def _once(fn) -> float:
     return time.perf_counter() - t0
 
 
-def measure(fns: dict, rounds: int) -> dict:
+def measure(fns: dict, rounds: int, stat=min) -> dict:
     """Seconds of each ``fn()`` (each blocks until done): warmed up twice, then timed once per
     round with the functions interleaved, so that load from other processes hits all of them alike;
-    the minimum over rounds (the least disturbed run) is kept."""
+    ``stat`` of the rounds is kept (min: the least disturbed run; ``--stat median``)."""
     for fn in fns.values():
         fn()
         fn()
@@ -65,47 +70,61 @@ def measure(fns: dict, rounds: int) -> dict:
     for _ in range(rounds):
         for k, fn in fns.items():
             times[k].append(_once(fn))
-    return {k: min(v) for k, v in times.items()}
+    return {k: float(stat(v)) for k, v in times.items()}
 
 
-def roofline(B: int, d: int, M: int, blocks: int):
-    """The five [B,d]x[d,M]-sized fp32 matmuls of one step, in XLA, for the whole batch at once and
-    in ``blocks`` row blocks (as the train step runs them): {form: blocking callable}."""
-    k = jax.random.split(jax.random.key(0), 4)
+def roofline(B: int, d: int, M: int, blocks: int, d_out: int = 0, skip: bool = False):
+    """The five [B,d]x[d,M]-sized fp32 matmuls of one step (a transcoder's decoder side [M, d_out];
+    with ``skip`` also the skip term's forward x W_skip and gradient x^T g, [B,d]x[d,d_out] each),
+    in XLA, for the whole batch at once and in ``blocks`` row blocks (as the train step runs them):
+    {form: blocking callable}."""
+    d_out = d_out or d
+    k = jax.random.split(jax.random.key(0), 5)
     x = jax.random.normal(k[0], (B, d))
     w_enc = jax.random.normal(k[1], (d, M))
-    w_dec = jax.random.normal(k[2], (M, d))
-    g = jax.random.normal(k[3], (B, d))
+    w_dec = jax.random.normal(k[2], (M, d_out))
+    g = jax.random.normal(k[3], (B, d_out))
+    w_skip = jax.random.normal(k[4], (d, d_out))
     hi = jax.lax.Precision.HIGHEST
 
     def five(x, g):
         f = jnp.dot(x, w_enc, precision=hi)  # encoder forward       [B, M]
-        y = jnp.dot(f, w_dec, precision=hi)  # decoder forward       [B, d]
+        y = jnp.dot(f, w_dec, precision=hi)  # decoder forward       [B, d_out]
         df = jnp.dot(g, w_dec.T, precision=hi)  # latent gradient    [B, M]
-        dw_dec = jnp.dot(g.T, f, precision=hi)  # decoder gradient   [d, M] (transposed, as the step has it)
+        dw_dec = jnp.dot(g.T, f, precision=hi)  # decoder gradient   [d_out, M] (transposed, as the step has it)
         dw_enc = jnp.dot(x.T, df, precision=hi)  # encoder gradient  [d, M]
+        if skip:
+            y = y + jnp.dot(x, w_skip, precision=hi)  # skip forward  [B, d_out]
+            return jnp.sum(y), dw_dec, dw_enc, jnp.dot(x.T, g, precision=hi)  # skip gradient [d, d_out]
         return jnp.sum(y), dw_dec, dw_enc
 
     def blocked(x, g):  # the matmuls of row block c, summed over blocks
-        xs, gs = (a.reshape(blocks, B // blocks, d) for a in (x, g))
-        zero = (jnp.zeros(()), jnp.zeros((d, M)), jnp.zeros((d, M)))
+        xs, gs = x.reshape(blocks, B // blocks, d), g.reshape(blocks, B // blocks, d_out)
+        zero = (jnp.zeros(()), jnp.zeros((d_out, M)), jnp.zeros((d, M))) + ((jnp.zeros((d, d_out)),) if skip else ())
         return jax.lax.scan(lambda acc, xg: (jax.tree_util.tree_map(jnp.add, acc, five(*xg)), None), zero, (xs, gs))[0]
 
     return {name: (lambda f=jax.jit(fn): jax.block_until_ready(f(x, g)))
             for name, fn in (("whole", five), ("blocked", blocked))}
 
 
-def saejax_step(T: int, K: int, B: int, d: int, M: int, matmul_dtype: str = "float32", matryoshka=()):
-    """One train step of a T x K JumpReLU group on one device: a blocking callable, and XLA's
+def saejax_step(T: int, K: int, B: int, d: int, M: int, matmul_dtype: str = "float32", matryoshka=(),
+                transcoder: bool = False, skip: bool = False):
+    """One train step of a T x K JumpReLU group on one device (``transcoder``: a transcoder group
+    mlp_in.L -> mlp.L with d_out = d, ``skip`` with its W_skip): a blocking callable, and XLA's
     temporary-buffer bytes of the compiled step (``Trainer.memory``; None if not reported)."""
-    spec = GroupSpec(arch="jumprelu", sites=tuple(f"res.{i}" for i in range(T)), d=d, width=M,
+    tc = dict(sites=tuple(f"mlp.{i}" for i in range(T)), reads=tuple(f"mlp_in.{i}" for i in range(T)),
+              d_out=d, skip=skip) if transcoder else dict(sites=tuple(f"res.{i}" for i in range(T)))
+    spec = GroupSpec(arch="jumprelu", d=d, width=M, **tc,
                      sweep=tuple(1e-3 * (i + 1) for i in range(K)), matmul_dtype=matmul_dtype,
                      matryoshka=tuple(matryoshka))
     hp = optim.Hyper(total_steps=10 ** 6, batch_size=B, lr_warmup=10, sparsity_warmup=10)
     mesh = meshlib.make_mesh(dict(data=1, stack=1, latent=1), jax.devices()[:1])
     trainer = Trainer(spec, hp, mesh)
     rng = np.random.default_rng(0)
-    x = trainer.put_batch((rng.standard_normal((T, B, d), dtype=np.float32) / np.sqrt(d)))
+    x = rng.standard_normal((T, B, d), dtype=np.float32) / np.sqrt(d)
+    if transcoder:  # an output site correlated with the input, as an MLP's is
+        x = (x, 0.5 * x + rng.standard_normal((T, B, d), dtype=np.float32) / np.sqrt(d))
+    x = trainer.put_batch(x)
     box = [trainer.init_state()]
 
     def one():
@@ -168,20 +187,26 @@ def main():
                    help="interleaved timing rounds (minimum kept; on a shared VM 3 left the minima 20%% apart run to run)")
     p.add_argument("--stack", type=int, default=18, help="SAEs in the stacked group (0: skip)")
     p.add_argument("--bf16", action="store_true", help="also time the step with bfloat16 matmul inputs")
+    p.add_argument("--stat", choices=("min", "median"), default="min", help="statistic of the rounds kept")
+    p.add_argument("--no-saelens", dest="saelens", action="store_false", help="skip SAELens' step")
+    p.add_argument("--transcoder", action="store_true", help="also time a transcoder step (d_out = d) "
+                   "against its own roofline")
+    p.add_argument("--skip", action="store_true", help="also time a skip-transcoder step against its own "
+                   "roofline (the five matmuls plus W_skip's forward and gradient)")
     p.add_argument("--matryoshka", default="", help="also time a Matryoshka step: prefix sizes as fractions "
                    "of the width, comma-separated (e.g. 0.0625,0.25,1)")
     a = p.parse_args()
     B, d, M = a.batch, a.d, a.width
     flops = 10 * B * d * M
     print(f"shape: d={d} width={M} batch={B}; step FLOPs 10*B*d*M = {flops / 1e9:.1f} GFLOP; "
-          f"devices {jax.devices()[0].platform} x1")
+          f"devices {jax.devices()[0].platform} x1; {a.stat} of {a.rounds} rounds")
 
     K = 3 if a.stack % 3 == 0 else 1
     blocks = jr.row_block_count(B, M)
     roofs = roofline(B, d, M, blocks)
     single_fn, single_temp = saejax_step(1, 1, B, d, M)
     fns = {"roof_whole": roofs["whole"], "roof_blocked": roofs["blocked"], "saejax": single_fn}
-    lens_fn = saelens_step(B, d, M)
+    lens_fn = saelens_step(B, d, M) if a.saelens else None
     if lens_fn is not None:
         fns["lens"], fns["roof_torch"] = lens_fn, torch_roofline(B, d, M)
     if a.stack:
@@ -192,7 +217,12 @@ def main():
     prefixes = matryoshka.resolve([float(v) for v in a.matryoshka.split(",")], M) if a.matryoshka else ()
     if prefixes:
         fns["matryoshka"] = saejax_step(1, 1, B, d, M, matryoshka=prefixes)[0]
-    t = measure(fns, a.rounds)
+    if a.transcoder:
+        fns["transcoder"] = saejax_step(1, 1, B, d, M, transcoder=True)[0]  # d_out = d: the SAE's roofline
+    if a.skip:
+        fns["roof_skip_whole"], fns["roof_skip_blocked"] = roofline(B, d, M, blocks, skip=True).values()
+        fns["skip"] = saejax_step(1, 1, B, d, M, transcoder=True, skip=True)[0]
+    t = measure(fns, a.rounds, dict(min=min, median=np.median)[a.stat])
     roof, one = min(t["roof_whole"], t["roof_blocked"]), t["saejax"]
     print(f"roofline : five dense matmuls {roof * 1e3:8.1f} ms  ({flops / roof / 1e9:.1f} GFLOP/s; the faster of "
           f"the whole batch {t['roof_whole'] * 1e3:.1f} ms and {blocks} row blocks {t['roof_blocked'] * 1e3:.1f} ms)")
@@ -205,6 +235,18 @@ def main():
         mt = t["matryoshka"]
         print(f"matryoshka: prefixes {prefixes}  {mt * 1e3:8.1f} ms  {B / mt:>10,.0f} tok/s  "
               f"roofline fraction {roof / mt:.2f}  (target >= 0.85)  time over the plain step {mt / one:.2f}")
+    if a.transcoder:
+        tt = t["transcoder"]
+        print(f"transcoder: d_in = d_out = {d}    {tt * 1e3:8.1f} ms  {B / tt:>10,.0f} tok/s  "
+              f"roofline fraction {roof / tt:.2f}  (target >= 0.85; its five matmuls are the SAE's)")
+    if a.skip:
+        sk, skf = t["skip"], flops + 4 * B * d * d
+        roof_skip = min(t["roof_skip_whole"], t["roof_skip_blocked"])
+        print(f"skip     : roofline (five + W_skip forward and gradient, {skf / 1e9:.1f} GFLOP) "
+              f"{roof_skip * 1e3:.1f} ms (whole {t['roof_skip_whole'] * 1e3:.1f}, blocked "
+              f"{t['roof_skip_blocked'] * 1e3:.1f})")
+        print(f"skip     : skip-transcoder step {sk * 1e3:8.1f} ms  {B / sk:>10,.0f} tok/s  "
+              f"roofline fraction {roof_skip / sk:.2f}  (target >= 0.85)")
     if "lens" in t:
         lens = t["lens"]
         print(f"sae-lens : train step         {lens * 1e3:8.1f} ms  {B / lens:>10,.0f} tok/s  "
