@@ -7,13 +7,14 @@ the two widths its every-layer release has, 16k and 262k, and two L0 targets per
 names its levels "small" 10-20 and "big" 90-150 without exact values: here 15 and 120). Contexts of
 1,024 tokens begin with <bos>; Gemma Scope's optimizer, schedules and token budgets (4B tokens for
 16k-wide SAEs, 8B for wider). The 4B/12B/27B checkpoints are Gemma3ForConditionalGeneration: the
-text tower is loaded alone (docs/models.md). Gemma Scope 2's MLP transcoders read `mlp_in.L` and
-write `mlp.L`; they come with the transcoder training work (issue 21), not from this file.
+text tower is loaded alone (docs/models.md). As Gemma Scope 2, the SAEs train with Matryoshka
+prefixes (1/16, 1/4 and all of the width; the sizes are chosen here) and every layer also gets a
+skip-transcoder reading `mlp_in.L` and reconstructing `mlp.L` (harvested aligned).
 
-Hardware: Gemma Scope's v5p meshes (data x stack x latent): 270m and 1b 4 x 2 x 2 (16 chips), 4b
-8 x 2 x 4 (64), 12b and 27b 16 x 2 x 8 (256). The dry run (offline: the five sizes' shapes are built
-in) gives per device for 27b at 16k, all 62 layers, params + Adam + activations: 21 GB for the 124
-res/mlp sites x 2 targets, 8 GB for the 62 att sites; 262k is 16 times the params: a few layers per job.
+Hardware: v5p slices of 16 chips (270m, 1b), 64 (4b) and 256 (12b, 27b), bf16 matmuls; each group
+trains on the mesh the dry run's planner proposes for it (mesh.plan = "auto"). The dry run (offline:
+the five sizes' shapes are built in) prints each group's mesh, its projected step and the job's peak
+per device; 262k is 16 times the params of 16k: a few layers per job.
 
     saejax run --config experiments/gemma3.py:size=27b --dry_run           # store, steps, memory
     python launch/launch.py tpu-vm --tpu my-v5p-512 --zone us-east5-a -- \

@@ -7,8 +7,9 @@ MLP output (the term added to the residual stream), and `mlp_in.L` (for transcod
 residual stream between attention and MLP. JumpReLU SAEs, widths 16k and 65k, three L0 targets,
 1,024-token contexts beginning with the tokenizer's BOS (<|endoftext|>).
 
-Dry run, 7b at 16k (the default width), all layers, per device: about 42 GB (params + Adam +
-activations) on its 8 x 2 x 4 mesh; 65k is four times the params (about 170 GB): a third of the layers per job.
+Hardware: v5p slices, bf16 matmuls, each group on the mesh the dry run's planner proposes for it
+(mesh.plan = "auto"); the dry run prints each group's mesh, projected step and the job's peak per
+device. 65k is four times the params of 16k: fewer layers per job.
 
     saejax run --config experiments/olmo2.py:size=7b --dry_run       # offline: the three shapes are built in
     saejax run --config experiments/olmo2.py:size=1b,width=16k

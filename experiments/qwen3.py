@@ -1,14 +1,15 @@
-"""SAEs on every layer of Qwen 3 (dense: 0.6B, 1.7B, 4B, 8B): res, att and mlp, as Gemma Scope does.
+"""SAEs and MLP transcoders on every layer of Qwen 3 (dense: 0.6B, 1.7B, 4B, 8B): SAEs on res, att and mlp.
 
 Qwen 3 is the family Llama Scope 2 (OpenMOSS) trains transcoders on. Sites: the residual stream
 (block output, d_model), the attention output per head before o_proj (width n_heads x 128: 0.6B has
 16 x 128 = 2,048 against d_model 1,024) and the MLP output. JumpReLU SAEs, widths 16k and 65k, three
 L0 targets; 1,024-token contexts that begin with config.json's bos_token_id (<|endoftext|>, the
-document separator: Qwen's tokenizer names no BOS). MLP transcoders (mlp_in.L -> mlp.L) come with
-the transcoder training work (issue 21).
+document separator: Qwen's tokenizer names no BOS). Every layer also gets an MLP transcoder (mlp_in.L ->
+mlp.L), as Llama Scope 2 trains on Qwen 3.
 
-Dry run, 8b at 16k (the default width), all layers, per device: about 42 GB (params + Adam +
-activations) on its 8 x 2 x 4 mesh; 65k is four times the params (about 170 GB): a third of the layers per job.
+Hardware: v5p slices, bf16 matmuls, each group on the mesh the dry run's planner proposes for it
+(mesh.plan = "auto"); the dry run prints each group's mesh, projected step and the job's peak per
+device. 65k is four times the params of 16k: fewer layers per job.
 
     saejax run --config experiments/qwen3.py:size=8b --dry_run       # offline: the four shapes are built in
     saejax run --config experiments/qwen3.py:size=0.6b,width=16k     # one GPU host or a v5p-16 slice
