@@ -6,6 +6,8 @@ it needed, how many were free).
     with files.writing(path, nbytes):       # ENOSPC / EDQUOT inside -> DiskFull naming path and bytes
         ...
     files.ensure_free(folder, nbytes, "a checkpoint")   # DiskFull before a write that cannot fit
+    with files.atomic_dir(path) as tmp:     # a folder built beside ``path`` and renamed over it
+        ...
     files.json_safe(doc)                    # non-finite floats as None, numpy scalars as Python's
 
 The CLI prints a DiskFull as one line with exit code 2.
@@ -81,6 +83,23 @@ def writing(path: str, nbytes: int):
             raise
         raise DiskFull(e.errno, f"{path}: disk full while writing it: it needs about {_gib(nbytes)}, "
                                 f"{_gib(free_bytes(path))} free") from None
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str):
+    """A folder built as ``<path>.tmp-<pid>`` (yielded) and renamed to ``path`` when the block ends,
+    replacing what was there; removed if the block fails."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
 
 
 def json_safe(obj):

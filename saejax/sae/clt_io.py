@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from saejax import files
 from saejax.sae import clt
 
 
@@ -43,19 +43,14 @@ def arrays(spec: clt.CLTSpec, params, bt_threshold) -> dict[str, np.ndarray]:
 
 def save(path: str, spec: clt.CLTSpec, params, bt_threshold, scales_in, scales_out, **meta) -> None:
     """Write a CLT folder atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays(spec, params, bt_threshold).items()},
-              os.path.join(tmp, "params.safetensors"))
     info = {"arch": spec.arch, "layers": list(spec.layers), "d_in": spec.d_in, "d_out": spec.d_out,
             "width": spec.width, "sparsity": spec.sparsity, "norm_scale_in": [float(s) for s in scales_in],
             "norm_scale_out": [float(s) for s in scales_out], **meta}
-    with open(os.path.join(tmp, "clt.json"), "w") as fh:
-        json.dump(info, fh, indent=1)
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    with files.atomic_dir(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays(spec, params, bt_threshold).items()},
+                  os.path.join(tmp, "params.safetensors"))
+        with open(os.path.join(tmp, "clt.json"), "w") as fh:
+            json.dump(info, fh, indent=1)
 
 
 def load(path: str) -> tuple[dict[str, np.ndarray], dict]:

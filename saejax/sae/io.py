@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from saejax import files
 from saejax.sae import kinds
 
 PARAM_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -51,15 +51,10 @@ def seeds(meta: dict) -> list[int]:
 
 def save_group(path: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
     """Write a group folder atomically (a temporary folder renamed into place)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, os.path.join(tmp, "params.safetensors"))
-    with open(os.path.join(tmp, "group.json"), "w") as fh:
-        json.dump(meta, fh, indent=1)
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    with files.atomic_dir(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, os.path.join(tmp, "params.safetensors"))
+        with open(os.path.join(tmp, "group.json"), "w") as fh:
+            json.dump(meta, fh, indent=1)
 
 
 def load_group(path: str) -> tuple[dict[str, np.ndarray], dict]:
