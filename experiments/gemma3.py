@@ -38,18 +38,16 @@ SIZES = {  # hub id, layers, mesh (data, stack, latent)
     "27b": ("google/gemma-3-27b-pt", 62, (16, 2, 8)),
 }
 WIDTHS = {"16k": 2 ** 14, "262k": 2 ** 18}
-VARIANTS = {"runlocal": bool, "size": cfg.choices(*SIZES), "width": cfg.choices(*WIDTHS),
+VARIANTS = {"runlocal": bool, "size": cfg.choice(*SIZES), "width": cfg.choices(*WIDTHS),
             "layers": cfg.layer_range, "corpus": str}
 
 
 def get_config(arg: str = ""):
     v = cfg.parse_variants(arg, VARIANTS)
-    sizes = v.get("size", ("1b",))
-    if len(sizes) != 1:
-        raise ValueError(f"size: one size per run, got {'+'.join(sizes)}")
-    hub, n_layers, mesh = SIZES[sizes[0]]
+    size = v.get("size", "1b")
+    hub, n_layers, mesh = SIZES[size]
     c = cfg.defaults()
-    c.workdir = f"runs/gemma3_{sizes[0]}"
+    c.workdir = f"runs/gemma3_{size}"
     c.model.source = f"hf:{hub}"
     c.model.dtype = "float32"
     c.data.corpus = v.get("corpus", "monology/pile-uncopyrighted")
@@ -77,7 +75,7 @@ def get_config(arg: str = ""):
     c.mesh.data, c.mesh.stack, c.mesh.latent = mesh[0] * mesh[1] * mesh[2], 1, 1
     c.mesh.plan = "auto"
     c.evaluate.contexts = 2048
-    c.release.name = f"saejax-gemma3-{sizes[0]}"
+    c.release.name = f"saejax-gemma3-{size}"
     c.release.l0 = ()
     if v.get("runlocal"):
         cfg.runlocal(c, "random:tiny-gemma3")

@@ -21,18 +21,16 @@ from saejax import config as cfg
 SIZES = {"1b": ("allenai/OLMo-2-0425-1B", 16, (4, 2, 2)), "7b": ("allenai/OLMo-2-1124-7B", 32, (8, 2, 4)),
          "13b": ("allenai/OLMo-2-1124-13B", 40, (8, 2, 4))}
 WIDTHS = {"16k": 2 ** 14, "65k": 2 ** 16}
-VARIANTS = {"runlocal": bool, "size": cfg.choices(*SIZES), "width": cfg.choices(*WIDTHS),
+VARIANTS = {"runlocal": bool, "size": cfg.choice(*SIZES), "width": cfg.choices(*WIDTHS),
             "layers": cfg.layer_range, "corpus": str}
 
 
 def get_config(arg: str = ""):
     v = cfg.parse_variants(arg, VARIANTS)
-    sizes = v.get("size", ("1b",))
-    if len(sizes) != 1:
-        raise ValueError(f"size: one size per run, got {'+'.join(sizes)}")
-    hub, n_layers, mesh = SIZES[sizes[0]]
+    size = v.get("size", "1b")
+    hub, n_layers, mesh = SIZES[size]
     c = cfg.defaults()
-    c.workdir = f"runs/olmo2_{sizes[0]}"
+    c.workdir = f"runs/olmo2_{size}"
     c.model.source = f"hf:{hub}"
     c.model.dtype = "bfloat16"
     c.data.corpus = v.get("corpus", "HuggingFaceFW/fineweb-edu")
@@ -57,7 +55,7 @@ def get_config(arg: str = ""):
     c.mesh.data, c.mesh.stack, c.mesh.latent = mesh[0] * mesh[1] * mesh[2], 1, 1
     c.mesh.plan = "auto"
     c.evaluate.contexts = 1024
-    c.release.name = f"saejax-olmo2-{sizes[0]}"
+    c.release.name = f"saejax-olmo2-{size}"
     c.release.l0 = ()
     if v.get("runlocal"):
         cfg.runlocal(c, "random:tiny-olmo2")

@@ -322,7 +322,7 @@ def parse_variants(arg: str, accepted: dict[str, Callable]) -> dict:
 
     ``accepted`` maps each variant's name to ``bool`` for a flag, given bare (``runlocal`` -> True),
     or to a parser of its value's text that raises ValueError for a bad value (``str``, ``int``,
-    ``layer_range``, ``choices(...)``). Returns the given variants, parsed; variants not given are
+    ``layer_range``, ``choice(...)``, ``choices(...)``). Returns the given variants, parsed; variants not given are
     absent. An unknown variant, a bad value, a flag with a value, a variant without one, or one given
     twice is a ConfigError naming it and what is accepted.
     """
@@ -348,6 +348,15 @@ def parse_variants(arg: str, accepted: dict[str, Callable]) -> dict:
                 why = f"expected {parse.__name__}" if isinstance(parse, type) else first_line(e)
                 raise ConfigError(f"variant {item!r}: {why}") from None
     return out
+
+
+def choice(*names: str) -> Callable[[str], str]:
+    """A variant parser: exactly one of ``names``."""
+    def parse(text: str) -> str:
+        if text not in names:
+            raise ValueError(f"{text!r} is not one of {', '.join(names)} (one per run)")
+        return text
+    return parse
 
 
 def choices(*names: str) -> Callable[[str], tuple[str, ...]]:
