@@ -106,6 +106,8 @@ def train_saelens(source, site, scale, coeff, hp, width, x_held, seed=0):
 def interpolate(runs, l0):
     """SAELens FVU at ``l0`` from runs [(l0, fvu)], linear in log L0; (fvu, bracketed)."""
     pts = sorted(runs)
+    if len({p[0] for p in pts}) < 2:
+        raise SystemExit("SAELens's runs at --coeffs gave one L0: nothing to interpolate between")
     xs = np.log([p[0] for p in pts])
     ys = np.asarray([p[1] for p in pts])
     t = np.log(l0)
@@ -128,6 +130,9 @@ def main(argv=None):
     p.add_argument("--cache", default="/tmp/saejax_quality_saelens.json")
     p.add_argument("--json", default="", help="also write the rows to this file")
     a = p.parse_args(argv)
+    coeffs = [float(c) for c in a.coeffs.split(",") if c]
+    if len(coeffs) == 1:
+        p.error("--coeffs: give two or more SAELens L0 coefficients (to interpolate between) or '' (saejax only)")
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from saejax import config as cfg
@@ -152,7 +157,6 @@ def main(argv=None):
 
     cache = json.load(open(a.cache)) if os.path.isfile(a.cache) else {}
     ident = hashlib.sha256(json.dumps(source.identity, sort_keys=True).encode()).hexdigest()[:16]
-    coeffs = [float(c) for c in a.coeffs.split(",") if c]
     theirs = {}
     t0 = time.time()
     for t, site in enumerate(sites):
