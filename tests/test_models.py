@@ -575,10 +575,21 @@ def test_gguf_families(name, tmp_path):
     else:
         assert model.context_start_id == cfg.vocab_size - 2 and cfg.vocab_size - 2 in model.special_ids
         assert cfg.vocab_size - 1 in ours and cfg.vocab_size - 2 in ours  # <think>, <|endoftext|> whole
-    if name in ("olmo2", "gemma3-scaled"):  # not in transformers' GGUF loader / its scaling is not read
-        return
-    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    if name == "olmo2":  # transformers' GGUF loader has no olmo2: its tokenizer from the same metadata under llama
+        tokens, merges, types = bpe_vocab(cfg.vocab_size)
+        w = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), "llama")
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(GGUF_PRE[name])
+        w.add_token_list(tokens)
+        w.add_token_merges(merges)
+        w.add_token_types(types)
+        for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+            step()
+    file = "tok.gguf" if name == "olmo2" else "m.gguf"
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=file)
     assert ours == tok.encode(TEXT, add_special_tokens=False)
+    if name in ("olmo2", "gemma3-scaled"):  # no olmo2 in transformers' GGUF models; nor Gemma 3's rope scaling
+        return
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
     with torch.no_grad():
         want = theirs.eval()(torch.tensor(ids)).logits.numpy()
@@ -611,7 +622,8 @@ def test_gguf_f16_and_metadata(tmp_path):
                           {}, 300, "x")
     assert other.rope_local_theta == 5e3 and other.sliding_layers == (True, False, True, False)
     for bad, match in (({"gemma3.rope.scaling.type": "yarn"}, r"^x: unsupported rope scaling 'yarn'"),
-                       ({"gemma3.attention.sliding_window": None}, r"^x: missing GGUF key gemma3.attention.sliding_window$"),
+                       ({"gemma3.attention.sliding_window": None},
+                        r"^x: missing GGUF key gemma3.attention.sliding_window$"),
                        ({"gemma3.rope.dimension_count": 64}, r"^x: unsupported GGUF gemma3.rope.dimension_count 64")):
         with pytest.raises(ValueError, match=match):
             W.gguf_config("gemma3", {k: v for k, v in {**base, **bad}.items() if v is not None}, {}, 300, "x")

@@ -143,7 +143,11 @@ def load_gguf(path: str, dtype: str, make, name: str | None = None):
     tensors = {t.name: t for t in r.tensors}
     if "rope_freqs.weight" in tensors:
         raise ModelError(f"{path}: GGUF rope scaling (rope_freqs) is not supported; load the checkpoint with hf:<dir>")
-    tok_list = r.fields["tokenizer.ggml.tokens"].contents()
+    def field(k):  # a large tokenizer array
+        if k not in r.fields:
+            raise ModelError(f"{path}: missing GGUF key {k}")
+        return r.fields[k].contents()
+    tok_list = field("tokenizer.ggml.tokens")
     cfg = gguf_config(arch, f, tensors, len(tok_list), path)
     H, KV = cfg.n_heads, cfg.n_kv_heads
     names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), cfg.n_layers)
@@ -175,9 +179,9 @@ def load_gguf(path: str, dtype: str, make, name: str | None = None):
         raise ModelError(f"{path}: unsupported {arch} GGUF tensor {extra[0]}"
                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     model = f.get("tokenizer.ggml.model")
-    types = r.fields["tokenizer.ggml.token_type"].contents()
+    types = field("tokenizer.ggml.token_type")
     if model == "gpt2":
-        tok = bpe_from_gguf(tok_list, r.fields["tokenizer.ggml.merges"].contents(), types, f.get("tokenizer.ggml.pre"))
+        tok = bpe_from_gguf(tok_list, field("tokenizer.ggml.merges"), types, f.get("tokenizer.ggml.pre"))
     elif model == "llama" and arch in ("gemma2", "gemma3"):
         tok = spm_from_gguf(tok_list, types, f.get("tokenizer.ggml.unknown_token_id"))
     else:
