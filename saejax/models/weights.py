@@ -3,10 +3,11 @@
 Both produce the parameter pytree of ``transformer`` (weights [in, out]); torch Linear weights
 and GGUF matrices are stored [out, in] and are transposed here.
 
-GGUF (llama.cpp): tensors are dequantized to float32 with ``gguf.quants.dequantize``. llama.cpp's
-converter permutes the rows of attn_q / attn_k so that RoPE rotates adjacent pairs (x0, x1);
-this code (like transformers' GGUF loader) undoes it per head, going back to the rotate-half
-layout: rows [n, hd/2, 2] -> [n, 2, hd/2].
+GGUF (llama.cpp): tensors are dequantized to float32 with ``gguf.quants.dequantize``, and what
+llama.cpp's converter did to the checkpoint is undone: for llama, the rows of attn_q / attn_k are
+permuted so that RoPE rotates adjacent pairs (x0, x1); this code (like transformers' GGUF loader)
+undoes it per head, going back to the rotate-half layout: rows [n, hd/2, 2] -> [n, 2, hd/2]. Gemma's
+norms are stored as 1 + w. Metadata becomes a config.json dict read by ``config.from_hf``.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig, ModelError, from_hf
-from .tokenizer import HFTokenizer, MissingTokenizer, bpe_from_gguf
+from .config import FAMILIES, ModelConfig, ModelError, from_hf
+from .tokenizer import HFTokenizer, MissingTokenizer, bpe_from_gguf, spm_from_gguf
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -53,12 +54,78 @@ def _cast(tree, dtype):
 
 
 # --- GGUF ------------------------------------------------------------------------------------
+# Every supported general.architecture is a FAMILIES key; what llama.cpp's convert_hf_to_gguf.py changed
+# in the transformers checkpoint, undone below:
+# - Q/K rows permuted for its adjacent-pair ("normal") RoPE: llama only (qwen2, qwen3, gemma2, gemma3,
+#   olmo2 use its NEOX RoPE, the rotate-half layout, and are stored as transformers has them);
+# - every RMSNorm weight (attention/MLP pre- and post-norms, q/k norms, output_norm) stored as 1 + w:
+#   the (1 + w) families (Gemma 2/3), because llama.cpp's RMSNorm multiplies by the stored weight.
+# Tensor names come from the gguf package's own table (gguf.get_tensor_name_map), keyed by the
+# transformers names of hf_layer_names; metadata keys are "<arch>.<key>" (gguf.Keys).
+GGUF_PERMUTED_QK = ("llama",)
+# llama.cpp computes Gemma's query scale from the model size: 1/sqrt(d_model / n_heads) for the 27B
+# models (Gemma 2: 46 layers, Gemma 3: 62), else 1/sqrt(head_dim); nothing in the file states it.
+_GGUF_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def gguf_config(arch: str, f: dict, tensor_names, n_vocab: int, where: str) -> ModelConfig:
+    """A ModelConfig from GGUF metadata ``f`` (key -> value) of a FAMILIES architecture, through the
+    config.json names ``from_hf`` reads; what the file lacks takes the family's defaults (Gemma 3:
+    local RoPE base 10k, five sliding layers to one global), as llama.cpp assumes them."""
+    def key(name, default=None, need=False):
+        v = f.get(f"{arch}.{name}", default)
+        if v is None and need:
+            raise ModelError(f"{where}: missing GGUF key {arch}.{name}")
+        return v
+    fam = FAMILIES[arch]
+    d_model, H = int(key("embedding_length", need=True)), int(key("attention.head_count", need=True))
+    hd = int(key("attention.key_length", d_model // H))
+    if int(key("attention.value_length", hd)) != hd:
+        raise ModelError(f"{where}: unsupported GGUF {arch}.attention.value_length "
+                         f"{key('attention.value_length')} != key_length {hd}")
+    d = dict(architectures=[fam.architectures[0]], model_type=fam.model_types[0],
+             num_hidden_layers=int(key("block_count", need=True)), hidden_size=d_model, num_attention_heads=H,
+             num_key_value_heads=int(key("attention.head_count_kv", H)), head_dim=hd,
+             intermediate_size=int(key("feed_forward_length", need=True)),
+             vocab_size=int(key("vocab_size", n_vocab)),
+             rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", need=True)),
+             tie_word_embeddings="output.weight" not in tensor_names)
+    if int(key("rope.dimension_count", hd)) != hd:  # partial rotary
+        raise ModelError(f"{where}: unsupported GGUF {arch}.rope.dimension_count {key('rope.dimension_count')} "
+                         f"!= head_dim {hd}")
+    if key("rope.freq_base") is not None:
+        d["rope_theta"] = float(key("rope.freq_base"))
+    kind = key("rope.scaling.type")
+    if kind not in (None, "none"):
+        d["rope_scaling"] = {"rope_type": kind, "factor": key("rope.scaling.factor")}
+    if fam.act == "gelu_tanh":  # Gemma 2/3
+        d.update(sliding_window=int(key("attention.sliding_window", need=True)),
+                 query_pre_attn_scalar=d_model // H if d["num_hidden_layers"] == _GGUF_27B_LAYERS[arch] else hd)
+    if arch == "gemma2":  # llama.cpp's defaults when the keys are absent, as transformers'
+        d.update(attn_logit_softcapping=key("attn_logit_softcapping", 50.0),
+                 final_logit_softcapping=key("final_logit_softcapping", 30.0))
+    if arch == "gemma3":
+        if key("rope.freq_base_swa") is not None:
+            d["rope_local_base_freq"] = float(key("rope.freq_base_swa"))
+        pattern = key("attention.sliding_window_pattern")
+        if isinstance(pattern, list):  # per layer: whether it slides
+            d["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+        elif pattern is not None:
+            d["sliding_window_pattern"] = int(pattern)
+    try:
+        return from_hf(d)
+    except ModelError as e:
+        raise ModelError(f"{where}: {e}".replace("config.json: ", "GGUF: ")) from None
+
+
 def load_gguf(path: str, dtype: str, make, name: str | None = None):
-    """A Model from a llama-architecture GGUF file (dequantized to float32, then cast to dtype).
+    """A Model from a GGUF file of a FAMILIES architecture (llama, gemma2, gemma3, qwen2, qwen3,
+    olmo2), dequantized to float32, with llama.cpp's conversions undone, then cast to dtype.
 
     Context start: <|endoftext|> when the vocabulary has it (SmolLM2: id 0, its pretraining
     document separator; the GGUF's BOS <|im_start|> is a chat-turn token and add_bos_token is
-    false), else the BOS id. special_ids: every CONTROL token of the vocabulary.
+    false; Qwen, OLMo 2: their document separator, config.json's bos_token_id), else the BOS id
+    (Gemma: <bos>). special_ids: every CONTROL token of the vocabulary, plus bos and eos.
     """
     import gguf
 
@@ -68,46 +135,58 @@ def load_gguf(path: str, dtype: str, make, name: str | None = None):
         r = gguf.GGUFReader(path)
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
         raise ModelError(f"cannot read GGUF file {path}: {e}") from None
-    f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("tokenizer.ggml.")
-         or k in ("tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")}
+    big = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+    f = {k: v.contents() for k, v in r.fields.items() if k not in big}
     arch = f.get("general.architecture")
-    if arch != "llama":
-        raise ModelError(f"unsupported GGUF architecture {arch!r} in {path}; supported: llama "
-                         f"(other families: use hf:<dir>)")
+    if arch not in FAMILIES:
+        raise ModelError(f"unsupported GGUF architecture {arch!r} in {path}; supported: {', '.join(FAMILIES)}")
     tensors = {t.name: t for t in r.tensors}
-    if "rope_freqs.weight" in tensors or "llama.rope.scaling.type" in f:
-        raise ModelError(f"{path}: GGUF rope scaling is not supported; load the checkpoint with hf:<dir>")
-    H, KV = int(f["llama.attention.head_count"]), int(f["llama.attention.head_count_kv"])
-    d = int(f["llama.embedding_length"])
-    tok_list = r.fields["tokenizer.ggml.tokens"].contents()
-    cfg = ModelConfig(arch="llama", n_layers=int(f["llama.block_count"]), d_model=d, n_heads=H, n_kv_heads=KV,
-                      head_dim=int(f.get("llama.attention.key_length", d // H)),
-                      ffn=int(f["llama.feed_forward_length"]), vocab_size=len(tok_list),
-                      rms_eps=float(f["llama.attention.layer_norm_rms_epsilon"]),
-                      rope_theta=float(f.get("llama.rope.freq_base", 10000.0)),
-                      tie_embeddings="output.weight" not in tensors)
+    if "rope_freqs.weight" in tensors:
+        raise ModelError(f"{path}: GGUF rope scaling (rope_freqs) is not supported; load the checkpoint with hf:<dir>")
+    def field(k):  # a large tokenizer array
+        if k not in r.fields:
+            raise ModelError(f"{path}: missing GGUF key {k}")
+        return r.fields[k].contents()
+    tok_list = field("tokenizer.ggml.tokens")
+    cfg = gguf_config(arch, f, tensors, len(tok_list), path)
+    H, KV = cfg.n_heads, cfg.n_kv_heads
+    names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), cfg.n_layers)
+    used = set()
 
-    def get(n):
+    def get(ours, hf_name):  # our parameter name, its transformers name -> our layout ([in, out])
+        stem, _, suffix = hf_name.rpartition(".")
+        n = f"{names.get_name(stem)}.{suffix}"
         if n not in tensors:
             raise ModelError(f"{path}: missing tensor {n}")
+        used.add(n)
         t = tensors[n]
         a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        return a.reshape(tuple(int(s) for s in reversed(t.shape)))  # numpy order [out, in]
+        a = a.reshape(tuple(int(s) for s in reversed(t.shape)))  # numpy order [out, in]
+        if arch in GGUF_PERMUTED_QK and ours in ("wq", "wk"):
+            a = unpermute_qk(a, H if ours == "wq" else KV)
+        if cfg.family.norm_offset and ours.endswith("norm"):
+            a = a - np.float32(1.0)
+        return a.T if a.ndim == 2 and ours != "embed" else a
 
-    p = {"embed": get("token_embd.weight"), "final_norm": get("output_norm.weight"), "layers": []}
+    p = {"embed": get("embed", "model.embed_tokens.weight"), "final_norm": get("final_norm", "model.norm.weight"),
+         "layers": []}
     if not cfg.tie_embeddings:
-        p["lm_head"] = get("output.weight").T
+        p["lm_head"] = get("lm_head", "lm_head.weight")
     for i in range(cfg.n_layers):
-        b = f"blk.{i}."
-        p["layers"].append({
-            "attn_norm": get(b + "attn_norm.weight"),
-            "wq": unpermute_qk(get(b + "attn_q.weight"), H).T,
-            "wk": unpermute_qk(get(b + "attn_k.weight"), KV).T,
-            "wv": get(b + "attn_v.weight").T, "wo": get(b + "attn_output.weight").T,
-            "mlp_norm": get(b + "ffn_norm.weight"), "w_gate": get(b + "ffn_gate.weight").T,
-            "w_up": get(b + "ffn_up.weight").T, "w_down": get(b + "ffn_down.weight").T})
-    tok = bpe_from_gguf(tok_list, r.fields["tokenizer.ggml.merges"].contents(),
-                        r.fields["tokenizer.ggml.token_type"].contents(), f.get("tokenizer.ggml.pre"))
+        p["layers"].append({k: get(k, f"model.layers.{i}.{n}") for k, n in hf_layer_names(cfg).items()})
+    extra = sorted(set(tensors) - used)
+    if extra:  # e.g. biases the family has none of: refused rather than dropped
+        raise ModelError(f"{path}: unsupported {arch} GGUF tensor {extra[0]}"
+                         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    model = f.get("tokenizer.ggml.model")
+    types = field("tokenizer.ggml.token_type")
+    if model == "gpt2":
+        tok = bpe_from_gguf(tok_list, field("tokenizer.ggml.merges"), types, f.get("tokenizer.ggml.pre"))
+    elif model == "llama" and arch in ("gemma2", "gemma3"):
+        tok = spm_from_gguf(tok_list, types, f.get("tokenizer.ggml.unknown_token_id"))
+    else:
+        raise ModelError(f"{path}: unsupported GGUF tokenizer {model!r} for {arch}; supported: gpt2 "
+                         f"(byte-level BPE), llama (SentencePiece) for Gemma")
     start = tok_list.index("<|endoftext|>") if "<|endoftext|>" in tok_list else int(f["tokenizer.ggml.bos_token_id"])
     specials = set(tok.special_ids) | {int(f[k]) for k in ("tokenizer.ggml.bos_token_id",
                                                            "tokenizer.ggml.eos_token_id") if k in f}
