@@ -91,6 +91,7 @@ def get_config(arg: str = ""):
         c.harvest.kinds = ("res",)
         root += "_runlocal"
         groups = v.get("groups", 1)  # the tests: both tiny layers in one pooled SAE
+        groups = groups if groups == "per_layer" else min(groups, len(c.harvest.layers))
     c.sae.layer_groups = () if groups == "per_layer" else runs(c.harvest.layers, groups)
     name = "per_layer" if groups == "per_layer" else f"groups{groups}"
     c.workdir = f"{root}/{name}"

@@ -425,7 +425,9 @@ def table(results: list[dict]) -> str:
     """The terminal table: one row per SAE."""
     sweep = ("target", "target_l0", "{:g}") if any(r.get("target_l0") for r in results) \
         else ("sparsity", "sparsity", "{:g}")  # calibrated runs: the L0 target; else lambda or k
-    cols = [("site", "site", "{}"), ("width", "width", "{}"), ("arch", "arch", "{}"), sweep,
+    cols = [("site", "site", "{}"), *([("group", "layer_group", "{}")] if any(r.get("layer_group") for r in results)
+                                      else []),  # sae.layer_groups: the pooled site an SAE was trained on
+            ("width", "width", "{}"), ("arch", "arch", "{}"), sweep,
             ("L0", "l0", "{:.1f}"), ("FVU", "fvu", "{:.3f}"), ("dead", "dead_frac", "{:.1%}"),
             (">10%", "dense_10pct", "{:.1%}"), ("dLM", "delta_lm_loss", "{:.4f}"), ("CEscore", "ce_score", "{:.3f}"),
             ("KL", "kl", "{:.4f}")]
