@@ -24,6 +24,7 @@ import ml_collections
 
 SITE_KINDS = ("res", "att", "mlp_in", "mlp")
 DTYPES = ("float32", "bfloat16", "float16")
+LAYER_GROUP_KIND = "res"  # the kind sae.layer_groups pools (the residual stream, as Ghilardi et al.)
 ANALYSES = ("dark_matter", "seeds", "layer_groups", "absorption")  # saejax analyze (docs/analysis.md)
 
 
@@ -75,6 +76,9 @@ def defaults() -> ml_collections.ConfigDict:
     # Paired sites ((in_site, out_site), ...), e.g. (("mlp_in.3", "mlp.3"),) for a transcoder: their rows
     # align (one keep mask, one shuffle, the same shards and read order; docs/store.md, "Paired sites").
     c.harvest.pairs = ()
+    # The activation store ("": <workdir>/store). Another run's store: train and evaluate other SAEs on the
+    # same rows in this workdir without harvesting again (experiments/layer_groups.py; docs/store.md).
+    c.harvest.store_dir = ""
 
     # --- the SAEs ----------------------------------------------------------------------------
     c.sae = ml_collections.ConfigDict()
@@ -117,6 +121,11 @@ def defaults() -> ml_collections.ConfigDict:
     # harvest aligns it as it does harvest.pairs (both sites must be harvested).
     c.sae.transcoders = ()
     c.sae.skip = False  # transcoders are skip-transcoders: y_hat += x @ W_skip (W_skip initialized at 0)
+    # Layer groups (Ghilardi et al. 2024; docs/training.md): () one SAE per res layer; or runs of adjacent
+    # layers covering harvest.layers, e.g. ((0, 1, 2), (3, 4)): one SAE per run, trained on the pooled res
+    # rows of its layers (site "res.0-2"), evaluated and released on each of them. `saejax analyze` prints
+    # a value for it.
+    c.sae.layer_groups = ()
 
     # --- cross-layer transcoder (saejax/sae/clt.py; docs/sae.md) --------------------------------
     c.clt = ml_collections.ConfigDict()
@@ -409,6 +418,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
            "transcoders take no pre-encoder bias (their input and output spaces differ); set it False")
     _check(not c.sae.skip or bool(c.sae.transcoders), "sae.skip", "skip-transcoders need sae.transcoders (layers)")
     _check(0 <= c.synthetic.dense < c.synthetic.d, "synthetic.dense", "must be in [0, synthetic.d)")
+    _check_layer_groups(c)
     from saejax.sae import kinds  # imported here: the kinds import jax, ``import saejax.config`` does not
     _check(c.sae.arch in kinds.names(), "sae.arch", f"{c.sae.arch!r} is not one of {kinds.names()}")
     _check(len(c.sae.widths) > 0, "sae.widths", "needs at least one width")
@@ -495,6 +505,65 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _check(not repo or re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo) is not None, f"release.{key}",
                f"{repo!r} is not a Hub repo id (owner/name)")
     _check(c.log.wandb_mode in ("online", "offline"), "log.wandb_mode", "must be 'online' or 'offline'")
+
+
+def _check_layer_groups(c: ml_collections.ConfigDict) -> None:
+    """``sae.layer_groups``: runs of adjacent harvested layers, each layer in exactly one; the batch
+    splits evenly over each run's layers."""
+    groups, key = c.sae.layer_groups, "sae.layer_groups"
+    if not groups:
+        return
+    _check(c.train.source == "store", key, "layer groups pool the store's res sites; set train.source='store'")
+    _check(LAYER_GROUP_KIND in c.harvest.kinds and LAYER_GROUP_KIND in c.sae.site_kinds, key,
+           f"layer groups pool {LAYER_GROUP_KIND} sites: {LAYER_GROUP_KIND!r} must be in harvest.kinds and sae.site_kinds")
+    seen = set()
+    for g in groups:
+        _check(isinstance(g, (tuple, list)) and len(g) > 0
+               and all(isinstance(l, int) and not isinstance(l, bool) for l in g), key,
+               f"{g!r} is not a tuple of layer indices, e.g. ((0, 1, 2), (3, 4))")
+        _check(list(g) == list(range(g[0], g[0] + len(g))), key,
+               f"{tuple(g)} is not a run of adjacent layers in ascending order")
+        for layer in g:
+            _check(layer in c.harvest.layers, key, f"layer {layer} of {tuple(g)} is not harvested "
+                   f"(harvest.layers: {tuple(c.harvest.layers)})")
+            _check(layer not in seen, key, f"layer {layer} is in two groups")
+            seen.add(layer)
+    missing = [layer for layer in c.harvest.layers if layer not in seen]
+    _check(not missing, key, f"harvested layers {missing} are in no group (each harvested layer must be in exactly one)")
+    for g in groups:
+        _check(c.train.batch_size % len(g) == 0, "train.batch_size",
+               f"{c.train.batch_size} does not divide by {len(g)}, the size of layer group {tuple(g)} "
+               f"(sae.layer_groups): a pooled batch takes an equal share of rows from each of its layers")
+
+
+def group_site(kind: str, layers) -> str:
+    """The site name of a layer group: ``res.0-2`` for layers 0, 1, 2; ``res.3`` for layer 3 alone."""
+    layers = tuple(layers)
+    return f"{kind}.{layers[0]}" if len(layers) == 1 else f"{kind}.{layers[0]}-{layers[-1]}"
+
+
+def site_layers(site: str) -> tuple[int, ...]:
+    """``"res.3"`` -> (3,); a layer group's ``"res.0-2"`` -> (0, 1, 2)."""
+    first, _, last = site.rsplit(".", 1)[1].partition("-")
+    return tuple(range(int(first), int(last or first) + 1))
+
+
+def layer_pools(c: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]:
+    """The pooled sites ``sae.layer_groups`` makes: {``"res.0-2"``: (``"res.0"``, ``"res.1"``, ``"res.2"``)};
+    a group of one layer is that layer's own site and no pool."""
+    return {group_site(LAYER_GROUP_KIND, g): tuple(f"{LAYER_GROUP_KIND}.{layer}" for layer in g)
+            for g in c.sae.layer_groups if len(g) > 1}
+
+
+def pool_sites(sites, pools: dict) -> list[str]:
+    """``sites`` with each pool's member sites replaced by the pool, where its first member was."""
+    member = {s: name for name, members in pools.items() for s in members}
+    out = []
+    for s in sites:
+        name = member.get(s, s)
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def sites(c: ml_collections.ConfigDict) -> list[str]:

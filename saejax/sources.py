@@ -28,8 +28,9 @@ def make_source(config):
     st = store.open_store(wd.store_dir(config))
     store.check_store(st, config)  # written from this config's model, every configured site present
     check_pairs(st, config)
-    # a store may hold more sites than this run trains
-    return st.reader(seed=config.seed, split="train", sites=cfg.sites(config))
+    # a store may hold more sites than this run trains; sae.layer_groups pools res sites (docs/store.md)
+    pools = cfg.layer_pools(config)
+    return st.reader(seed=config.seed, split="train", sites=cfg.pool_sites(cfg.sites(config), pools), pools=pools)
 
 
 def check_pairs(st, config) -> None:
@@ -46,10 +47,13 @@ def check_pairs(st, config) -> None:
 
 
 class PlannedSource:
-    """Sites and widths of a store not yet harvested (from the harvest plan): enough for a dry run."""
+    """Sites and widths of a store not yet harvested (from the harvest plan): enough for a dry run.
+    ``pools`` (``config.layer_pools``): pooled sites stand in for their members, as the reader's do."""
 
-    def __init__(self, widths: dict):
-        self.sites, self._widths, self.model = list(widths), dict(widths), ""
+    def __init__(self, widths: dict, pools: dict | None = None):
+        pools = pools or {}
+        self.sites, self.model = cfg.pool_sites(list(widths), pools), ""
+        self._widths = {**widths, **{name: widths[m[0]] for name, m in pools.items()}}
 
     def width(self, site: str) -> int:
         return self._widths[site]

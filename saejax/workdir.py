@@ -1,6 +1,6 @@
 """The layout of a run's work directory (``config.workdir``): every stage asks here for its paths.
 
-    <workdir>/store/                         the activation store (docs/store.md)
+    <workdir>/store/                         the activation store (docs/store.md; harvest.store_dir)
     <workdir>/store/manifest.json            its commit record
     <workdir>/tokens/                        the tokenized corpus the harvest reuses (data.tokens_dir)
     <workdir>/train/<group>/                 one group's training (docs/training.md)
@@ -30,7 +30,8 @@ SUITE = "suite.json"  # in the release folder
 
 
 def store_dir(config) -> str:
-    return os.path.join(config.workdir, "store")
+    """The activation store: ``harvest.store_dir``, by default ``<workdir>/store``."""
+    return config.harvest.get("store_dir") or os.path.join(config.workdir, "store")
 
 
 def manifest_path(config) -> str:

@@ -52,7 +52,8 @@ def test_cli_error_is_one_line_and_before_compilation():
 
 EXPERIMENTS = sorted(glob.glob("experiments/*.py"))
 # A value for every variant an experiment declares (a new variant needs one here).
-SAMPLE_VALUES = {"width": "16k", "layers": "0-3", "corpus": "my/corpus", "tokens": "100_000", "arch": "topk"}
+SAMPLE_VALUES = {"width": "16k", "layers": "0-3", "corpus": "my/corpus", "tokens": "100_000", "arch": "topk",
+                 "groups": "6"}
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS)

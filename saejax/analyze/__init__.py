@@ -248,7 +248,8 @@ def _summary(docs: dict) -> dict:
                         for p in docs["seeds"]["pairs"]]
     if docs.get("layer_groups"):
         g = docs["layer_groups"]
-        out["layer_groups"] = {"groups": g["groups"], "contiguous": g["contiguous"], "adjacent": g["adjacent"]}
+        out["layer_groups"] = {"groups": g["groups"], "contiguous": g["contiguous"], "adjacent": g["adjacent"],
+                               "config": g["config"]}
     if docs.get("absorption"):
         out["absorption"] = [{"label": s["label"], "rate": s["rate"], "rate_ci": s["rate_ci"], "recall": s["recall"],
                               "letters": len(s["rates"])} for s in docs["absorption"]["saes"]]
@@ -294,7 +295,9 @@ def markdown(summary: dict, pngs: dict) -> str:
         lines += ["### Layer groups (Ghilardi et al. 2024)", "",
                   "Mean angular distance between adjacent residual-stream layers: "
                   + ", ".join(f"{a['a']}-{a['b']}: {a['angular_distance']:.3f}" for a in g["adjacent"]) + ".",
-                  f"Average-linkage groups: {g['groups']}" + ("" if g["contiguous"] else " (not all contiguous)") + ".", ""]
+                  f"Average-linkage groups: {g['groups']}" + ("" if g["contiguous"] else " (not all contiguous)") + ".",
+                  "One SAE per group (each cut into runs of adjacent layers), trained on its layers' pooled rows: "
+                  f"`--config.sae.layer_groups='{g['config']}'`.", ""]
         lines += ["![layer groups](analysis/layer_groups.png)", ""] if "layer_groups.png" in pngs else []
     if "absorption" in summary:
         lines += ["### Feature absorption (Chanin et al. 2024)", "",

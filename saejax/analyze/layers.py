@@ -6,7 +6,9 @@ distance between two layers' residual streams is arccos(cos(x_i, x_j)) / pi per 
 The layers are then grouped by agglomerative clustering of that distance matrix
 (``scipy.cluster.hierarchy.linkage``, average linkage) cut into ``k`` groups (``fcluster``
 "maxclust"); the paper trains one SAE per group of adjacent layers, so ``contiguous`` says whether
-every group is a run of adjacent layers.
+every group is a run of adjacent layers. ``config_value`` writes the grouping as a value of the
+config key ``sae.layer_groups`` (each group cut into its runs of adjacent layers), which trains one
+SAE per group on its layers' pooled rows.
 """
 from __future__ import annotations
 
@@ -64,6 +66,21 @@ def groups(layers: list[int], dist: np.ndarray, k: int) -> dict:
     return {"k": len(out), "groups": out, "contiguous": contiguous, "linkage": np.round(z, 6).tolist()}
 
 
+def config_value(groups: list[list[int]]) -> str:
+    """The grouping as a ``sae.layer_groups`` value, e.g. ``((0, 1, 2), (3, 4))``: every group cut into
+    runs of adjacent layers (the training mode pools adjacent layers only), ordered by first layer."""
+    runs = []
+    for g in groups:
+        g = sorted(g)
+        start = 0
+        for i in range(1, len(g) + 1):
+            if i == len(g) or g[i] != g[i - 1] + 1:
+                runs.append(tuple(g[start:i]))
+                start = i
+    return "(" + ", ".join("(" + ", ".join(map(str, r)) + ("," if len(r) == 1 else "") + ")"
+                           for r in sorted(runs)) + ("," if len(runs) == 1 else "") + ")"
+
+
 def layer_groups(rows: dict[int, tuple[np.ndarray, np.ndarray]], k: int = 0, limit: int | None = None) -> dict:
     """Held-out res rows per layer ({layer: (x [n, d], meta [n, 3])}) -> the JSON of layer_groups.json:
     layers, tokens, the distance matrix, adjacent distances, and the grouping (``k`` 0: n // 4, at least 2)."""
@@ -71,7 +88,8 @@ def layer_groups(rows: dict[int, tuple[np.ndarray, np.ndarray]], k: int = 0, lim
     x, n = align({layer: rows[layer] for layer in layers}, limit)
     dist = angular_distances(x)
     k = k or min(len(layers), max(2, len(layers) // 4))
+    g = groups(layers, dist, k)
     return {"layers": layers, "n_tokens": n, "distance": np.round(dist, 6).tolist(),
             "adjacent": [{"a": a, "b": b, "angular_distance": float(dist[i, i + 1])}
                          for i, (a, b) in enumerate(zip(layers, layers[1:]))],
-            **groups(layers, dist, k)}
+            **g, "config": config_value(g["groups"])}

@@ -117,7 +117,7 @@ class _Rows:
 
 def _check(groups, data):
     for name, _, meta in groups:
-        reads = meta.get("reads") or meta["sites"]
+        reads = meta.get("reads") or [s for t in range(len(meta["sites"])) for s in sae_io.layer_sites(meta, t)]
         d_out = meta.get("d_out") or meta["d"]
         for site, width in [(s, meta["d"]) for s in reads] + ([(s, d_out) for s in meta["sites"]]
                                                             if meta.get("reads") else []):
@@ -144,7 +144,7 @@ def run(config, dry_run: bool = False) -> dict | None:
     groups = _load_groups(config)
     data = _Rows(config)
     _check(groups, data)
-    n_sae = sum(len(m["sites"]) * len(m["sweep"]) for _, _, m in groups)
+    n_sae = sum(len(m["sites"]) * len(m["sweep"]) for _, _, m in groups)  # a pooled SAE counts once
     print(f"saejax evaluate: {len(groups)} groups, {n_sae} SAEs"
           + (" on synthetic rows" if data.synthetic else f" on {len(data.all_tokens)} held-out contexts, "
              f"{data.n_contexts} of them spliced"), file=sys.stderr)
@@ -155,8 +155,10 @@ def run(config, dry_run: bool = False) -> dict | None:
         return None
     import jax
     pc, pi = jax.process_count(), jax.process_index()
-    # Work units: the sites of every group in order, then the CLTs; unit u is process u % pc's.
-    units = [(g, t) for g in range(len(groups)) for t in range(len(groups[g][2]["sites"]))]
+    # Work units: the sites of every group in order (a pooled site: once per layer it serves), then the
+    # CLTs; unit u is process u % pc's.
+    units = [(g, t, site) for g in range(len(groups)) for t in range(len(groups[g][2]["sites"]))
+             for site in sae_io.layer_sites(groups[g][2], t)]
     clt_paths = wd.clt_final_dirs(config)
     units += [("clt", j) for j in range(len(clt_paths))]
     mine = [u for i, u in enumerate(units) if i % pc == pi]
@@ -183,7 +185,9 @@ def run(config, dry_run: bool = False) -> dict | None:
                                                 np.random.default_rng([int(config.seed), u[1]]))
                         continue
                     name, arrays, meta = groups[u[0]]
-                    done[u] = _evaluate_site(name, arrays, meta, u[1], data, model, config, tmp)
+                    pooled = u[2] != meta["sites"][u[1]]  # sae.layer_groups: the pooled SAE on layer u[2]
+                    done[u] = _evaluate_site(name, arrays, sae_io.on_layer(meta, u[1], u[2]), u[1], data, model,
+                                             config, tmp, layer_group=meta["sites"][u[1]] if pooled else None)
                     bar.update(1)
             if pc > 1:
                 print(f"saejax evaluate: process {pi} of {pc} evaluated {len(mine)} of {len(units)} work units",
@@ -307,8 +311,10 @@ def clt_table(c: dict) -> str:
     return "\n".join(lines)
 
 
-def _evaluate_site(name, arrays, meta, t, data, model, config, out) -> list[dict]:
-    """The entries of group ``name``'s SAEs at site t (one per sweep member); writes their cards."""
+def _evaluate_site(name, arrays, meta, t, data, model, config, out, layer_group=None) -> list[dict]:
+    """The entries of group ``name``'s SAEs at site t (one per sweep member); writes their cards.
+    ``layer_group``: the pooled site whose SAEs these are, ``meta`` then being ``sae_io.on_layer``'s view
+    of it on one of its layers (its entries say ``layer_group``)."""
     results = []
     frozen = np.asarray(meta.get("frozen") or np.zeros((len(meta["sites"]), len(meta["sweep"])), bool))
     seed = sae_io.seeds(meta)
@@ -345,6 +351,7 @@ def _evaluate_site(name, arrays, meta, t, data, model, config, out) -> list[dict
             "k": int(meta["k"][k]) if meta["k"] else None,
             "seed": seed[k],
             "frozen": bool(frozen[t][k]), "steps": meta.get("steps"), "tokens": meta.get("tokens"),
+            **({"layer_group": layer_group} if layer_group else {}),
             **r, **lo, "card": card_of.get(k)})
     return results
 
@@ -418,7 +425,9 @@ def table(results: list[dict]) -> str:
     """The terminal table: one row per SAE."""
     sweep = ("target", "target_l0", "{:g}") if any(r.get("target_l0") for r in results) \
         else ("sparsity", "sparsity", "{:g}")  # calibrated runs: the L0 target; else lambda or k
-    cols = [("site", "site", "{}"), ("width", "width", "{}"), ("arch", "arch", "{}"), sweep,
+    cols = [("site", "site", "{}"), *([("group", "layer_group", "{}")] if any(r.get("layer_group") for r in results)
+                                      else []),  # sae.layer_groups: the pooled site an SAE was trained on
+            ("width", "width", "{}"), ("arch", "arch", "{}"), sweep,
             ("L0", "l0", "{:.1f}"), ("FVU", "fvu", "{:.3f}"), ("dead", "dead_frac", "{:.1%}"),
             (">10%", "dense_10pct", "{:.1%}"), ("dLM", "delta_lm_loss", "{:.4f}"), ("CEscore", "ce_score", "{:.3f}"),
             ("KL", "kl", "{:.4f}")]

@@ -55,6 +55,8 @@ class Entry:
     # transcoders: the site read; whether W_enc reads before the pre-MLP norm's gain (Gemma Scope's own)
     reads: str | None = None
     pre_gain: bool = False
+    # an SAE trained on a layer group (sae.layer_groups): the group's sites, this entry's layer among them
+    layer_group: tuple | None = None
 
     @property
     def site(self) -> str:
@@ -124,7 +126,8 @@ class Suite:
     def index(self) -> list[dict]:
         """One row per SAE (site, kind, layer, width, L0, arch, path); reads no weights."""
         return [{"site": e.site, "kind": e.kind, "layer": e.layer, "width": e.width, "l0": e.l0,
-                 "arch": e.arch, "path": e.path or e.saelens} for e in self.entries]
+                 "arch": e.arch, "path": e.path or e.saelens,
+                 **({"layer_group": list(e.layer_group)} if e.layer_group else {})} for e in self.entries]
 
     def select(self, site: str | None = None, kind: str | None = None, layer: int | None = None,
                width: int | str | None = None) -> list[Entry]:
@@ -255,7 +258,8 @@ def _index(files: list[str], read_json, source: str, default_kind: str | None):
                                      l0=None if s.get("l0") is None else float(s["l0"]), path=rel,
                                      arch=s.get("arch", gs.ARCH), k=s.get("k"), saelens=sl,
                                      metrics=dict(s.get("metrics") or {}), source=dict(s.get("source") or {}),
-                                     reads=s.get("reads")))
+                                     reads=s.get("reads"),
+                                     layer_group=tuple((s.get("layer_group") or {}).get("sites") or ()) or None))
             except (KeyError, TypeError, ValueError) as e:
                 if isinstance(e, ReleaseError):
                     raise

@@ -12,7 +12,9 @@ suite.json: {"format": "saejax-suite/1", "name", "model", "base_model", "context
 to the release. A suite that was analyzed (saejax analyze) also holds "analysis" (annotate below).
 A Matryoshka SAE's entry adds "matryoshka" (its prefix sizes) and metrics "fvu_prefix" (each
 prefix's held-out FVU); its SAELens cfg.json has them as metadata "matryoshka_widths" (SAELens's
-name). Inference is the kind's formula: nothing else differs.
+name). Inference is the kind's formula: nothing else differs. An SAE trained on a layer group
+(sae.layer_groups) is released once per layer of the group, folded with that layer's norm scale, in
+that layer's folders; its entries add "layer_group": {"site": "res.0-2", "sites": [the group's sites]}.
 N in average_l0_N is the held-out L0, rounded, as Gemma Scope named theirs.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from saejax.log import progress
 from saejax.release import card as model_card
 from saejax.release import circuit_tracer, fold, gemmascope as gs, saelens
 from saejax.release.errors import ReleaseError
+from saejax.sae import io as sae_io
 from saejax.sae import kinds
 
 FORMAT = "saejax-suite/1"
@@ -98,6 +101,10 @@ def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str,
         sets: dict = {}  # circuit-tracer: (width, member) -> {layer: folded arrays}
         for r in picked:
             arrays, meta = groups[r["group"]]
+            pool = r.get("layer_group")  # sae.layer_groups: one SAE released on each layer it serves
+            pool = {"site": pool, "sites": list(meta["layer_groups"][pool]["sites"])} if pool else None
+            if pool:
+                meta = sae_io.on_layer(meta, r["t"], r["site"])  # folded with this layer's norm scale
             folded, arch, k = fold.group_sae(arrays, meta, r["t"], r["member"])
             rel = sae_dir(r)
             tc = bool(r.get("reads"))
@@ -110,6 +117,8 @@ def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str,
                  "source": {"group": r["group"], "member": r["member"], "sparsity": r["sparsity"],
                             "target_l0": r.get("target_l0"), "seed": r.get("seed") or 0,
                             "arch": meta["arch"], "steps": meta.get("steps"), "tokens": meta.get("tokens")}}
+            if pool:
+                e["layer_group"] = pool
             if meta.get("matryoshka"):  # Matryoshka prefix sizes, and each prefix's held-out FVU
                 e["matryoshka"] = list(meta["matryoshka"])
                 e["metrics"]["fvu_prefix"] = r.get("fvu_prefix")
@@ -125,6 +134,7 @@ def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str,
                 e["path"] = f"{rel}/params.npz"
             if "saelens" in formats:
                 extra_md = {"saejax_l0": r["l0"], "saejax_fvu": r["fvu"],
+                            **({"saejax_layer_group": pool["sites"]} if pool else {}),
                             **({"matryoshka_widths": list(meta["matryoshka"])} if meta.get("matryoshka") else {})}
                 if tc:
                     cfg = saelens.transcoder_config(r["layer"], arch, r["d"], r["d_out"], r["width"],

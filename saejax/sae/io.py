@@ -6,7 +6,9 @@ A group folder holds two files (docs/formats.md):
                          transcoders: W_dec [T,K,M,d_out], b_dec [T,K,d_out], skip-transcoders W_skip [T,K,d,d_out]
     group.json           arch, sites, sweep, sweep_name, k, norm_scale, pre_encoder_bias, d, width,
                          model, steps, tokens, lam, ...; transcoders also reads, read_norm_scale, d_out, skip
-                         (sites are then the written sites, norm_scale their scales)
+                         (sites are then the written sites, norm_scale their scales); a group with
+                         pooled sites (sae.layer_groups) also layer_groups: {pooled site: {"sites": its
+                         layers' sites, "norm_scale": theirs}}, the pooled site's own norm_scale being 1
 The weights act on normalized inputs x = x_raw * norm_scale[t]; release folds that in. Files written
 before the sweep had its kind's name hold ``sparsity`` instead of ``sweep``; ``load_group`` reads both.
 """
@@ -47,6 +49,28 @@ def seeds(meta: dict) -> list[int]:
         out.append(seen.get(key, 0))
         seen[key] = out[-1] + 1
     return out
+
+
+def layer_sites(meta: dict, t: int) -> list[str]:
+    """The sites SAE site t of a group serves: its member layers' sites for a pooled site
+    (``sae.layer_groups``), else the site itself."""
+    site = meta["sites"][t]
+    pool = (meta.get("layer_groups") or {}).get(site)
+    return list(pool["sites"]) if pool else [site]
+
+
+def on_layer(meta: dict, t: int, site: str) -> dict:
+    """``meta`` as if site t were ``site``, one of the layers it serves (``layer_sites``): that site's
+    name and norm scale at index t, so evaluation and release treat a pooled SAE as that layer's."""
+    pool = (meta.get("layer_groups") or {}).get(meta["sites"][t])
+    if pool is None:
+        if site != meta["sites"][t]:
+            raise ValueError(f"site {t} of the group is {meta['sites'][t]}, not {site}")
+        return meta
+    j = pool["sites"].index(site)
+    sites, scales = list(meta["sites"]), list(meta["norm_scale"])
+    sites[t], scales[t] = site, float(pool["norm_scale"][j])
+    return {**meta, "sites": sites, "norm_scale": scales}
 
 
 def save_group(path: str, arrays: dict[str, np.ndarray], meta: dict) -> None:

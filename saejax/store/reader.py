@@ -10,7 +10,14 @@ each is the same token. The stream is epoch 0, epoch 1, ...;
 global step ``s`` with batch B takes stream rows ``[s*B, (s+1)*B)``, and process ``p`` of ``P``
 takes the rows ``[s*B + p*B/P, s*B + (p+1)*B/P)``. So a batch is a pure function of
 (seed, step, batch_size), a resumed run sees the data it would have seen, and each process reads
-only its own rows. Rows are read from ``np.load(mmap_mode="r")`` views, so memory holds only the
+only its own rows.
+
+Pooled sites (``sae.layer_groups``; ``pools``): a pool such as ``res.0-2`` of g member sites serves,
+at step ``s`` with batch B, m = B/g rows of each member: row i of the global pooled batch is member
+j = i // m's stream row ``s*m + i - j*m`` (each member's stream as above, read with batch m), times
+that member's norm scale; so the pool's own norm scale is 1 and process ``p`` of ``P`` takes the pooled
+rows ``[p*B/P, (p+1)*B/P)``. Its held-out batch is built the same way from each member's held-out rows
+``[0, m)``. Rows are read from ``np.load(mmap_mode="r")`` views, so memory holds only the
 batches in flight: the one returned plus ``prefetch`` ahead, computed in one background thread
 when steps are asked for in order.
 
@@ -227,9 +234,10 @@ class Store:
         return np.load(f, allow_pickle=False)
 
     def reader(self, seed: int = 0, split: str = "train", block_rows: int = 4096, prefetch: int = 2,
-               sites=None) -> "Reader":
-        """A training Source over ``split``; its ``sites`` are ``sites`` (default: every site of the store)."""
-        return Reader(self, seed, split, block_rows, prefetch, sites)
+               sites=None, pools=None) -> "Reader":
+        """A training Source over ``split``; its ``sites`` are ``sites`` (default: every site of the store).
+        ``pools`` ({name: member sites}): pooled sites the reader serves (module doc), named in ``sites``."""
+        return Reader(self, seed, split, block_rows, prefetch, sites, pools)
 
 
 class _SiteStream:
@@ -290,7 +298,8 @@ class _SiteStream:
 class Reader:
     """A training Source over one split of a store (docs/architecture.md: Training sources)."""
 
-    def __init__(self, store: Store, seed: int, split: str, block_rows: int, prefetch: int, sites=None):
+    def __init__(self, store: Store, seed: int, split: str, block_rows: int, prefetch: int, sites=None,
+                 pools=None):
         if split not in SPLITS:
             raise StoreError(f"split {split!r} is not one of {SPLITS}")
         if block_rows < 1 or prefetch < 0:
@@ -298,6 +307,11 @@ class Reader:
         self.store, self.seed, self.split, self.block_rows, self.prefetch = store, seed, split, block_rows, prefetch
         self.sites, self.model = store.sites if sites is None else list(sites), store.model
         self.identity = {"store_manifest_sha256": store.manifest_sha256}
+        self.pools = {name: tuple(m) for name, m in (pools or {}).items()}  # {pooled site: its member sites}
+        for name, members in self.pools.items():
+            widths = {store.width(s) for s in members}  # a missing member: StoreError naming it
+            if len(widths) != 1:
+                raise StoreError(f"pooled site {name}: its sites {list(members)} have different widths {sorted(widths)}")
         self._streams: dict[str, _SiteStream] = {}
         self._pending: dict[tuple, object] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saejax-prefetch") if prefetch else None
@@ -305,12 +319,46 @@ class Reader:
         self._stream_lock = threading.Lock()
 
     def width(self, site: str) -> int:
-        return self.store.width(site)
+        return self.store.width(self.pools[site][0] if site in self.pools else site)
 
     def norm_scale(self, site: str) -> float:
-        return self.store.norm_scale(site)
+        """A store site's ``Store.norm_scale``; 1 for a pooled site (its rows come normalized, each by its
+        member site's scale)."""
+        return 1.0 if site in self.pools else self.store.norm_scale(site)
+
+    def _read(self, site: str, split: str, r0: int, r1: int, rows_per_step: int, out: np.ndarray,
+              key: str = "file") -> None:
+        """Stream rows [r0, r1) of ``site`` (of ``split``; ``rows_per_step`` the batch) into ``out``; a
+        pooled site's rows [r0, r1) of the pooled stream (module doc), normalized per member."""
+        if site not in self.pools:
+            (self._stream(site) if split == self.split else self._heldout_stream(site)).read(r0, r1, out, key)
+            return
+        members = self.pools[site]
+        m = rows_per_step // len(members)
+        step, i0 = divmod(r0, rows_per_step)
+        i1 = i0 + (r1 - r0)
+        for j, member in enumerate(members):
+            lo, hi = max(i0, j * m), min(i1, (j + 1) * m)
+            if lo >= hi:
+                continue
+            part = out[lo - i0:hi - i0]
+            base = step * m - j * m
+            (self._stream(member) if split == self.split else self._heldout_stream(member)).read(
+                base + lo, base + hi, part, key)
+            if key == "file":
+                part *= np.float32(self.store.norm_scale(member))
+
+    def _heldout_stream(self, site: str) -> _SiteStream:
+        return _SiteStream(self.store, site, "heldout", self.seed, self.block_rows)
+
+    def _members(self, site: str) -> tuple:
+        return self.pools.get(site, (site,))
 
     def _stream(self, site: str) -> _SiteStream:
+        if site in self.pools:
+            for member in self.pools[site]:
+                self._stream(member)
+            return None
         with self._stream_lock:
             if site not in self._streams:
                 self.store._site(site)
@@ -330,9 +378,8 @@ class Reader:
             raise StoreError(f"sites {list(sites)} have different widths {sorted(w)}; batch one width at a time")
         out = np.empty((len(sites), b, w.pop()), np.float32)
         for t, site in enumerate(sites):
-            st = self._stream(site)
             r0 = step * batch_size + pi * b
-            st.read(r0, r0 + b, out[t])
+            self._read(site, self.split, r0, r0 + b, batch_size, out[t])
         return out
 
     def batch(self, sites, step: int, batch_size: int, process_index: int = 0, process_count: int = 1) -> np.ndarray:
@@ -341,6 +388,9 @@ class Reader:
         if batch_size % process_count:
             raise StoreError(f"batch size {batch_size} does not split over {process_count} processes")
         for s in sites:
+            if s in self.pools and batch_size % len(self.pools[s]):
+                raise StoreError(f"batch size {batch_size} does not divide by the {len(self.pools[s])} sites of "
+                                 f"pooled site {s} (train.batch_size)")
             self._stream(s)  # bad site: error here, in the caller's thread
         self._log_epochs(sites, step, batch_size)
         key = (sites, step, batch_size, process_index, process_count)
@@ -362,12 +412,11 @@ class Reader:
         b = batch_size // process_count
         out = None
         for t, site in enumerate(sites):
-            if self.store.n_rows(site, "heldout") == 0:
+            if any(self.store.n_rows(s, "heldout") == 0 for s in self._members(site)):
                 return None
-            st = _SiteStream(self.store, site, "heldout", self.seed, self.block_rows)
             if out is None:
                 out = np.empty((len(sites), b, self.width(site)), np.float32)
-            st.read(process_index * b, (process_index + 1) * b, out[t])
+            self._read(site, "heldout", process_index * b, (process_index + 1) * b, batch_size, out[t])
         return out
 
     def batch_meta(self, sites, step: int, batch_size: int, process_index: int = 0,
@@ -377,8 +426,9 @@ class Reader:
         b = batch_size // process_count
         out = np.empty((len(sites), b, 3), np.int32)
         for t, site in enumerate(sites):
+            self._stream(site)
             r0 = step * batch_size + process_index * b
-            self._stream(site).read(r0, r0 + b, out[t], "meta")
+            self._read(site, self.split, r0, r0 + b, batch_size, out[t], "meta")
         return out
 
     def heldout_meta(self, sites, batch_size: int, process_index: int = 0, process_count: int = 1):
@@ -386,17 +436,17 @@ class Reader:
         b = batch_size // process_count
         out = np.empty((len(sites), b, 3), np.int32)
         for t, site in enumerate(sites):
-            if self.store.n_rows(site, "heldout") == 0:
+            if any(self.store.n_rows(s, "heldout") == 0 for s in self._members(site)):
                 return None
-            st = _SiteStream(self.store, site, "heldout", self.seed, self.block_rows)
-            st.read(process_index * b, (process_index + 1) * b, out[t], "meta")
+            self._read(site, "heldout", process_index * b, (process_index + 1) * b, batch_size, out[t], "meta")
         return out
 
     def _log_epochs(self, sites, step: int, batch_size: int) -> None:
         """One stderr line per (epoch, step) at which some sites' streams enter a new epoch."""
         new = {}
-        for s in sites:
-            e = ((step + 1) * batch_size - 1) // self._stream(s).n
+        per_site = [(m, batch_size // len(self._members(s))) for s in sites for m in self._members(s)]
+        for s, rows in per_site:  # a pool's members each give rows = B / g per step
+            e = ((step + 1) * rows - 1) // self._stream(s).n
             if e > self._epochs_logged.get(s, 0):
                 self._epochs_logged[s] = e
                 new.setdefault(e, []).append(f"{s} ({self._stream(s).n} rows)")

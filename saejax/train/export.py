@@ -11,6 +11,9 @@ from saejax.train.trainer import gather
 
 
 def group_meta(spec: GroupSpec, hp: optim.Hyper, source, state, model: str = "") -> dict:
+    pools = getattr(source, "pools", None) or {}  # sae.layer_groups: the pooled sites' layers and scales
+    lg = {s: {"sites": list(pools[s]), "norm_scale": [float(source.norm_scale(m)) for m in pools[s]]}
+          for s in spec.sites if s in pools}
     return {
         "arch": spec.arch, "sites": list(spec.sites), "d": spec.d, "width": spec.width,
         "sweep": list(spec.sweep), "sweep_name": spec.kind.sweep_name, "k": list(spec.kind.ks(spec.sweep)),
@@ -25,6 +28,7 @@ def group_meta(spec: GroupSpec, hp: optim.Hyper, source, state, model: str = "")
         "bandwidth": spec.bandwidth, "model": model, "steps": int(jax.device_get(state["step"])),
         "tokens": int(jax.device_get(state["step"])) * hp.batch_size, "batch_size": hp.batch_size,
         **({"matryoshka": list(spec.matryoshka)} if spec.matryoshka else {}),
+        **({"layer_groups": lg} if lg else {}),
     }
 
 

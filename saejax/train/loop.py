@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saejax import config as cfg
 from saejax import files
 from saejax import mesh as meshlib
 from saejax import workdir as wd
@@ -244,7 +245,7 @@ def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> li
     """
     store_missing = not os.path.isfile(wd.manifest_path(config))
     if dry_run and planned_widths and config.train.source != "synthetic" and store_missing:
-        source = PlannedSource(planned_widths)
+        source = PlannedSource(planned_widths, cfg.layer_pools(config))
     else:
         source = make_source(config)
     n_devices = None  # set when this machine has fewer devices than the configured mesh (a dry run)
