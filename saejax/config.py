@@ -105,6 +105,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.sae.revive_tokens = 0  # 0: no remedy
     c.sae.revive_nudge = 0.0  # lower their theta by this fraction per step
     c.sae.revive_auxk = 0.0  # AuxK loss of this coefficient: they model the residual through W_dec
+    c.sae.revive_bias = False  # raise their b_enc until each fires on its best row of the batch's first 128
     c.sae.b_dec_init = "zero"  # "zero", or from the first batch: "mean" or "median" (geometric median)
     c.sae.dtype = "float32"  # parameter dtype; Gemma Scope trained in fp32
     # Seeds per sweep value: members that differ only in their random init and read the same rows
@@ -461,7 +462,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.sae.revive_tokens >= 0, "sae.revive_tokens", "must be >= 0 (0: no dead-latent remedy)")
     _check(0 <= c.sae.revive_nudge < 1, "sae.revive_nudge", "must be in [0, 1): a fraction of theta per step")
     _check(c.sae.revive_auxk >= 0, "sae.revive_auxk", "must be >= 0")
-    if c.sae.revive_tokens and (c.sae.revive_nudge or c.sae.revive_auxk):
+    _check(isinstance(c.sae.revive_bias, bool), "sae.revive_bias", "must be True or False")
+    if c.sae.revive_tokens and (c.sae.revive_nudge or c.sae.revive_auxk or c.sae.revive_bias):
         _check(c.sae.arch == "jumprelu", "sae.revive_tokens", "the revive remedies are for jumprelu (topk has AuxK)")
     _check(c.sae.b_dec_init in ("zero", "mean", "median"), "sae.b_dec_init", "must be 'zero', 'mean' or 'median'")
     _check(c.sae.dtype in DTYPES, "sae.dtype", f"{c.sae.dtype!r} is not one of {DTYPES}")

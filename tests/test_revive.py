@@ -78,3 +78,53 @@ def test_remedies_are_jumprelu_only():
     with pytest.raises(cfg.ConfigError, match=r"sae\.revive_tokens"):
         cfg.load("experiments/default.py", ["sae.arch=topk", "sae.target_l0=()", "sae.sparsity=(8.0,)",
                                             "sae.revive_tokens=1000", "sae.revive_nudge=0.01"])
+
+
+def test_bias_revive_fires_latents_a_threshold_nudge_cannot():
+    """A dead latent whose pre-activations are all negative: no theta > 0 makes it fire; revive_bias
+    lifts its b_enc so that it fires on its best of the first rows (and leaves live latents alone)."""
+    spec = GroupSpec(arch="jumprelu", sites=("a",), d=4, width=3, sweep=(0.0,), threshold_param="raw",
+                     threshold_init=0.5)
+    hp = optim.Hyper(total_steps=10, batch_size=8, lr=1e-9, lr_warmup=0, revive_steps=5, revive_bias=True)
+    state = init_state(spec, hp, jax.random.key(0))
+    w = np.zeros((1, 1, 4, 3), np.float32)
+    w[0, 0, 0] = [1.0, -1.0, 1.0]  # latents 0, 2 read +x0, latent 1 reads -x0
+    state["params"] = dict(state["params"], W_enc=jnp.asarray(w), b_enc=jnp.asarray([[[0.0, -2.0, 0.0]]]))
+    state["since_fired"] = jnp.asarray([[[0, 9, 9]]], jnp.int32)  # latent 0 alive; 1 and 2 dead
+    x = np.zeros((1, 8, 4), np.float32)
+    x[0, :, 0] = np.linspace(0.1, 0.8, 8)  # latent 1's pre-activations: -2.1 .. -2.8
+    new, _ = jax.jit(make_train_step(spec, hp))(state, jnp.asarray(x))
+    b = np.asarray(new["params"]["b_enc"][0, 0])
+    pre = x[0] @ np.asarray(new["params"]["W_enc"][0, 0]) + b
+    theta = np.asarray(new["params"]["threshold"][0, 0])
+    assert abs(b[0]) < 1e-6 and (pre[:, 1] > theta[1]).sum() >= 1 and (pre[:, 2] > theta[2]).sum() >= 1
+    np.testing.assert_allclose(pre[:, 1].max(), 1.1 * theta[1], rtol=1e-4)  # fires on its best row, just
+
+
+def _dead_from_bad_init(**remedy):
+    """Half of the latents start dead (b_enc = -10: no row reaches theta) on a source with more
+    planted directions (256 in d = 64, 4 per row) than latents (128), so that revived latents have
+    something to learn. Returns the fraction dead on 4,096 held-out rows after 300 steps."""
+    src = SyntheticSource(("res.0",), d=64, n_features=256, active=4, zipf=0.5, noise=0.01, seed=1)
+    spec = GroupSpec(arch="jumprelu", sites=("res.0",), d=64, width=128, sweep=(0.0,), threshold_param="raw",
+                     encoder_init_scale=0.5)
+    hp = optim.Hyper(total_steps=300, batch_size=256, lr=3e-3, lr_warmup=20, sparsity_warmup=100,
+                     target_l0=(8.0,), **remedy)
+    scale = src.norm_scale("res.0")
+    state, step = init_state(spec, hp, jax.random.key(0)), jax.jit(make_train_step(spec, hp), donate_argnums=0)
+    state["params"] = dict(state["params"], b_enc=state["params"]["b_enc"].at[..., :64].set(-10.0))
+    for i in range(hp.total_steps):
+        state, _ = step(state, jnp.asarray(src.batch(src.sites, i, hp.batch_size) * scale))
+    x = src.batch(src.sites, 10 ** 6, 4096) * scale
+    _, f, _ = SAEGroup(spec).apply({"params": state["params"]}, jnp.asarray(x), None, False)
+    return float(np.mean(~np.any(np.asarray(f[0, 0]) > 0, 0)))
+
+
+def test_bias_revive_revives_what_the_nudge_cannot():
+    """Latents whose pre-activations are far below zero: lowering theta cannot revive them, raising
+    b_enc to their best row does, and they stay alive (there are more directions than latents)."""
+    off = _dead_from_bad_init()
+    nudge = _dead_from_bad_init(revive_steps=10, revive_nudge=0.02)
+    bias = _dead_from_bad_init(revive_steps=10, revive_nudge=0.02, revive_bias=True)
+    print(off, nudge, bias)
+    assert off > 0.4 and nudge > 0.4 and bias < 0.1, (off, nudge, bias)

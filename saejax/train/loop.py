@@ -169,7 +169,7 @@ def _freeze_nonfinite(spec, hp, state, trainer, loss, step):
 # Keys added after fingerprints were first written, with the value every older run had: a key at
 # that value is left out, so runs from before it still resume (docs/training.md, one config).
 LATER_SPEC = {"matmul_dtype": "float32", "matryoshka": ()}
-LATER_HYPER = {"lr_decay_start": 0, "revive_steps": 0, "revive_nudge": 0.0, "revive_auxk": 0.0, "b_dec_init": "zero"}
+LATER_HYPER = {"lr_decay_start": 0, "revive_steps": 0, "revive_nudge": 0.0, "revive_auxk": 0.0, "revive_bias": False, "b_dec_init": "zero"}
 TRANSCODER_SPEC = ("reads", "d_out", "skip")  # left out of SAE groups' fingerprints
 
 

@@ -36,6 +36,7 @@ class Hyper:
     revive_steps: int = 0
     revive_nudge: float = 0.0
     revive_auxk: float = 0.0
+    revive_bias: bool = False  # and b_enc raised until each fires on its best of REVIVE_ROWS rows
     b_dec_init: str = "zero"  # "zero" | "mean" | "median": b_dec set from the first batch (geometric median)
 
 

@@ -65,8 +65,8 @@ def plan_groups(config, source) -> list[tuple[GroupSpec, optim.Hyper]]:
                 sparsity_warmup=cfg.schedule_steps(t.sparsity_warmup, total),
                 dead_steps=max(1, math.ceil(t.dead_tokens / t.batch_size)),
                 target_l0=targets,
-                revive_steps=math.ceil(s.revive_tokens / t.batch_size) if s.revive_tokens and (s.revive_nudge or s.revive_auxk) else 0,
-                revive_nudge=s.revive_nudge, revive_auxk=s.revive_auxk, b_dec_init=s.b_dec_init)
+                revive_steps=math.ceil(s.revive_tokens / t.batch_size) if s.revive_tokens and (s.revive_nudge or s.revive_auxk or s.revive_bias) else 0,
+                revive_nudge=s.revive_nudge, revive_auxk=s.revive_auxk, revive_bias=s.revive_bias, b_dec_init=s.b_dec_init)
             plans.append((spec, hp))
     return plans
 

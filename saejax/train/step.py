@@ -171,7 +171,7 @@ def sae_update(spec: GroupSpec, hp: optim.Hyper, tx, params, opt_state, st, x, y
     new = jax.tree_util.tree_map(jnp.add, params, updates)
     if spec.kind.unit_decoder:
         new = dict(new, W_dec=optim.unit_rows(new["W_dec"]))
-    new = spec.kind.constrain(spec, spec.kind.revive(spec, hp, new, st))
+    new = spec.kind.constrain(spec, spec.kind.revive(spec, hp, new, st, x))
     return _mask_frozen(st["frozen"], new, params), _mask_frozen(st["frozen"], new_opt, opt_state), out
 
 

@@ -85,9 +85,10 @@ class Kind:
         """Parameters after an optimizer update, put back in their domain."""
         return params
 
-    def revive(self, spec, hp, params, state):
+    def revive(self, spec, hp, params, state, x):
         """Parameters after an update, with a dead-latent remedy applied (``state``: the SAEs' train
-        state slices, ``since_fired`` counting steps without firing before this one)."""
+        state slices, ``since_fired`` counting steps without firing before this one; x [T, B, d]:
+        this step's rows)."""
         return params
 
     def calibrates(self, spec) -> bool:

@@ -7,7 +7,10 @@
 Dead-latent remedies (opt-in, docs/sae.md), for latents that have not fired for ``hp.revive_steps``
 steps: ``revive`` lowers their theta by the fraction ``hp.revive_nudge`` per step; ``revive_auxk``
 adds AuxK's loss (Gao et al.; saejax.sae.kinds.topk), the residual e = x - x_hat modelled by the
-``auxk_k`` largest relu'd pre-activations of those latents through W_dec, weighted ``hp.revive_auxk``.
+``auxk_k`` largest relu'd pre-activations of those latents through W_dec, weighted ``hp.revive_auxk``;
+``hp.revive_bias`` raises their b_enc (after the update) until each fires on its best of the batch's
+first ``REVIVE_ROWS`` rows, pre = theta (1 + ``REVIVE_MARGIN``) there: lowering theta cannot revive a
+latent whose pre-activations are all negative; this can.
 
 Training runs the fused op ``saejax.sae.jumprelu.mse_l0`` (reconstruction error and firing counts
 with the rectangle-kernel pseudo-derivatives, over the batch in row blocks); the same activation
@@ -26,6 +29,9 @@ from saejax.sae import forward
 from saejax.sae import jumprelu as jr
 from saejax.sae.kinds.base import Kind, terms
 from saejax.sae.kinds.topk import auxk
+
+REVIVE_ROWS = 128  # rows of the batch whose pre-activations hp.revive_bias reads (one [128, d] x [d, M] matmul)
+REVIVE_MARGIN = 0.1
 
 
 def theta(params):
@@ -103,12 +109,21 @@ class JumpReLU(Kind):
         spec = dataclasses.replace(spec, auxk_coeff=hp.revive_auxk)
         return auxk(spec, dataclasses.replace(hp, dead_steps=hp.revive_steps), params, state, y, pre, x_hat)
 
-    def revive(self, spec, hp, params, state):
-        """Thresholds of the latents dead for ``hp.revive_steps`` steps lowered by ``hp.revive_nudge``."""
-        if not (hp.revive_steps and hp.revive_nudge):
+    def revive(self, spec, hp, params, state, x):
+        """The latents dead for ``hp.revive_steps`` steps: theta lowered by ``hp.revive_nudge``, then
+        b_enc raised by ``hp.revive_bias`` (module docstring; its matmul runs only while one is dead)."""
+        if not hp.revive_steps:
             return params
         dead = state["since_fired"] >= hp.revive_steps
-        return with_theta(params, jnp.where(dead, (1.0 - hp.revive_nudge) * theta(params), theta(params)))
+        if hp.revive_nudge:
+            params = with_theta(params, jnp.where(dead, (1.0 - hp.revive_nudge) * theta(params), theta(params)))
+        if hp.revive_bias:
+            def raise_bias(params):
+                best = jnp.max(forward.pre_activations(spec, params, x[:, :REVIVE_ROWS]), axis=2)  # [T, K, M]
+                lift = jnp.maximum(theta(params) * (1.0 + REVIVE_MARGIN) - best, 0.0)
+                return dict(params, b_enc=params["b_enc"] + jnp.where(dead, lift, 0.0).astype(params["b_enc"].dtype))
+            params = lax.cond(jnp.any(dead), raise_bias, lambda p: p, params)
+        return params
 
     def constrain(self, spec, params):
         """A raw theta stays positive."""
