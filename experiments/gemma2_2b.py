@@ -39,9 +39,13 @@ Reading it needs over 1 GiB/s per SAE group per host (docs/store.md: buckets thr
 Cross-layer transcoder (`:clt`): harvests mlp_in and mlp of every layer (52 sites of width 2,304,
 joined into one aligned group) and trains one JumpReLU CLT of 16,384 latents per layer over all 26
 layers (13.3 B decoder parameters), sparse decoding with a cap of 256 active latents per row and
-layer, on a data 2 x latent 32 mesh of the 64 chips (per device, from its dry run: CLT params
-1,696.8 MiB, optimizer 1,696.8 MiB). No SAEs; for comparison, 26 per-layer skip-transcoders of the
-chosen widths (sae.transcoders). The circuit-tracer export needs every layer (the default).
+layer. No SAEs; for comparison, 26 per-layer skip-transcoders of the chosen widths (sae.transcoders).
+The circuit-tracer export needs every layer (the default). The planner gives the CLT its own data x
+latent mesh of the 64 chips (stack 1: one dictionary; data only while a device keeps 1,024 of the
+4,096 rows); from the dry run, its mesh and the job's peak (the CLT's: params 3,393.4 MiB, optimizer
+3,393.4 MiB, activations ~11,908.3 MiB per device):
+
+    :clt  clt_jumprelu_L26_d2304_w16384_0.0001  mesh data 4 x stack 1 x latent 16, peak 18.26 GiB per device
 
 Tiny mode for CPU tests (a random 2-layer Gemma 2, a few thousand tokens, seconds):
     saejax run --config experiments/gemma2_2b.py:runlocal
@@ -95,8 +99,7 @@ def get_config(arg: str = ""):
         c.clt.arch = "jumprelu"
         c.clt.width = 2 ** 14
         c.clt.sparsity = 1e-4  # lambda on the L0 summed over 26 layers
-        c.clt.cap = 256  # = 16,384 / 64: sparse decoding
-        c.mesh.data, c.mesh.stack, c.mesh.latent = 2, 1, 32
+        c.clt.cap = 256  # = 16,384 / 64: sparse decoding; the CLT's mesh is the planner's (docstring)
         c.release.name = "saejax-gemma2-2b-clt"
     if v.get("runlocal"):
         cfg.runlocal(c, "random:tiny-gemma2")

@@ -251,21 +251,38 @@ def test_pipeline_evaluate_release_load(tmp_path):
     np.testing.assert_allclose(y_ct, y_hat[:, :64], rtol=1e-4, atol=1e-4)
 
 
-def test_gemma2_2b_clt_variant_sized_as_its_docstring_says():
-    """experiments/gemma2_2b.py:clt: 26 layers x 16k, sparse decoding, and the per-device state its
-    docstring quotes on the 64-chip data 2 x latent 32 mesh."""
+def test_gemma2_2b_clt_variant_planned_as_its_docstring_says(monkeypatch):
+    """experiments/gemma2_2b.py:clt: 26 layers x 16k, sparse decoding; with mesh.plan = "auto" the
+    CLT's mesh is the planner's (cost.group_meshes, stack 1), and the docstring quotes that mesh, the
+    job's per-device peak (cost.memory_plan, the dry run's figure) and the CLT's state on it."""
     import os
+    import re
 
-    from saejax import config as cfg
+    from saejax import chips, config as cfg, models
     from saejax.sources import PlannedSource
-    from saejax.train import clt_step
+    from saejax.train import clt_step, cost
+    from saejax.train.plan import plan_groups
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "gemma2_2b.py")
     c = cfg.load(path + ":clt")
-    spec, hp = clt_step.plan_clt(c, PlannedSource({s: 2304 for s in cfg.sites(c)}))
+    assert c.mesh.plan == "auto"
+    model = models.load_shape(c.model.source)
+    src = PlannedSource({s: int(model.site_width(s)) for s in cfg.sites(c)})
+    spec, hp = clt_step.plan_clt(c, src)
     assert spec.layers == tuple(range(26)) and spec.width == 16384 and spec.sparse
-    mem = clt_step.state_bytes(spec, hp, meshlib.abstract_mesh(c.mesh))
+    plans = plan_groups(c, src) + [(spec, hp)]
+    n = cost.math.prod(cost.sizes_of(c.mesh).values())
+    meshes = cost.group_meshes(c, plans, n, n // chips.get(c.mesh.target_chip).chips_per_host)
     text = open(path).read()
-    assert f"CLT params\n{mem['params'] / 2 ** 20:,.1f} MiB, optimizer {mem['optimizer'] / 2 ** 20:,.1f} MiB" in text
+    name, *sizes, peak = re.search(r"^\s+:clt\s+(\S+)\s+mesh data (\d+) x stack (\d+) x latent (\d+), "
+                                   r"peak ([\d.,]+) GiB per device$", text, re.M).groups()
+    assert name == spec.name and cost.key(meshes[-1]) == tuple(map(int, sizes)) and meshes[-1]["latent"] > 1
+    m = cost.memory_plan(c, plans, meshes)
+    assert f"{m['peak'] / 2 ** 30:,.2f}" == peak and m["peak_group"] == spec.name
+    mem = m["groups"][spec.name]["mem"]
+    mib = lambda k: f"{mem[k] / 2 ** 20:,.1f} MiB"  # noqa: E731
+    assert (f"params {mib('params')}, optimizer\n{mib('optimizer')}, activations ~{mib('activations')} per device"
+            in text)
 
 
 def test_clt_latent_cards_show_top_contexts_and_the_layers_written(tmp_path):

@@ -218,3 +218,105 @@ def test_clt_step_cost_is_its_compiled_step(tmp_path, capsys):
     assert f"all-reduce {prog['collectives']['all-reduce'] / 2 ** 20:,.1f} MiB" in want[0]
     assert want[1] in lines and "limited by" in want[1]
     assert not (tmp_path / "train").exists()
+
+
+def _clt_config(workdir, **over):
+    """A transcoder group (layers 0 and 1, width 64) and a CLT over the same two layers (width 4,096)
+    on synthetic pairs, planned per group on 8 devices."""
+    return _config(**{"workdir": str(workdir), "synthetic.d": 32, "synthetic.n_features": 64,
+                      "sae.transcoders": (0, 1), "sae.site_kinds": (), "sae.widths": (64,), "clt.enabled": True,
+                      "clt.width": 4096, "train.batch_size": 64, "train.tokens": 64 * 12, "train.log_every": 2,
+                      "train.checkpoint_every": 4, "mesh.data": 8, "mesh.plan": "auto", **over})
+
+
+def _plans(c):
+    from saejax.train import clt_step
+    src = loop.make_source(c)
+    return loop.plan_groups(c, src) + [clt_step.plan_clt(c, src)]
+
+
+def test_planner_gives_a_clt_a_data_x_latent_mesh(tmp_path, monkeypatch):
+    """The CLT is one more plan (mesh.plan = 'auto'): its candidates have stack 1; one that fits a device
+    whole shards data only; on a chip too small for it whole it splits latents, and the job's peak
+    counts it."""
+    c = _clt_config(tmp_path)
+    cfg.validate(c)
+    plans = _plans(c)
+    spec, hp = plans[-1]
+    assert cost.is_clt(spec)
+    _, table = cost.propose([plans[-1]], 8, chips.get("v5p"))
+    assert {k[1] for k in table} == {1}, table
+    assert cost.group_meshes(c, plans, 8)[-1] == {"data": 8, "stack": 1, "latent": 1}
+    monkeypatch.setitem(chips.CHIPS, "v5p", dataclasses.replace(chips.get("v5p"), hbm=4e6))
+    meshes = cost.group_meshes(c, plans, 8)
+    assert meshes[-1]["stack"] == 1 and meshes[-1]["latent"] > 1, meshes
+    _, table = cost.propose([plans[-1]], 8, chips.get("v5p"))
+    assert all(v[1] > 4e6 for k, v in table.items() if k[2] == 1) and table[cost.key(meshes[-1])][1] <= 4e6
+    m = cost.memory_plan(c, plans, meshes)
+    assert m["peak_group"] == spec.name and m["peak"] == cost.device_bytes(cost.memory(spec, hp, meshes[-1]))
+
+
+def test_too_big_clt_is_refused_in_one_line(tmp_path, monkeypatch):
+    """A CLT over the chip's memory: on the configured mesh (dry run after printing, real run before
+    anything compiles or writes) refused naming clt.width and mesh.latent; with mesh.plan = 'auto'
+    when no data x latent mesh fits, naming mesh.plan and clt.width."""
+    from saejax.train import clt_step
+    monkeypatch.setitem(chips.CHIPS, "v5p", dataclasses.replace(chips.get("v5p"), hbm=4e6))
+    for cls in (trainer.Trainer, clt_step.CLTTrainer):
+        monkeypatch.setattr(cls, "init_state", lambda self: pytest.fail("a refused plan ran"))
+    c = _clt_config(tmp_path, **{"mesh.plan": "fixed"})
+    cfg.validate(c)
+    for dry in (False, True):
+        if dry:
+            monkeypatch.setattr(cost, "measure", lambda plans, sizes: [{} for _ in plans])  # no compile
+        with pytest.raises(cost.PlanError, match=r"^mesh \{'data': 8, 'stack': 1, 'latent': 1\}: the CLT "
+                           r"clt_jumprelu_L2_d32_w4096_0.001 needs .* \(mesh.latent, .*\(clt.width, clt.layers\)$") as e:
+            loop.run(c, dry_run=dry)
+        assert "\n" not in str(e.value)
+    c = _clt_config(tmp_path, **{"clt.width": 2 ** 16})
+    cfg.validate(c)
+    with pytest.raises(cost.PlanError, match=r"^mesh.plan='auto': no data x latent mesh of 8 devices splits the "
+                       r"CLT .* clt.width=65536.*\(clt.width, clt.layers\)$") as e:
+        loop.run(c)
+    assert "\n" not in str(e.value) and not (tmp_path / "train").exists()
+
+
+def test_group_and_clt_on_planned_meshes_resume_bitwise(tmp_path, monkeypatch, capsys):
+    """mesh.plan = 'auto': the transcoder group trains on data x stack, the CLT after it on latent
+    shards of the same 8 devices; a run preempted in the CLT and rerun ends bitwise equal to one never
+    interrupted."""
+    monkeypatch.setitem(chips.CHIPS, "v5p", dataclasses.replace(chips.get("v5p"), hbm=4e6))
+    c = _clt_config(tmp_path / "a")
+    cfg.validate(c)
+    plans = _plans(c)
+    meshes = cost.group_meshes(c, plans, 8)
+    assert meshes[0]["stack"] > 1 and meshes[1]["latent"] > 1, meshes
+    want = loop.run(c)
+    assert f"[{plans[1][0].name}] cross-layer transcoder over 2 layers x 4096 latents, 12 steps of 64 tokens " \
+           f"(768 tokens), mesh {meshes[1]}" in capsys.readouterr().err
+
+    class Preempt:  # SIGTERM at step 6 of the CLT
+        made = 0
+
+        def __init__(self):
+            Preempt.made += 1
+            self.at = 6 if Preempt.made == 2 else None
+
+        def reached(self, step):
+            return step == self.at
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(loop, "PreemptionWatch", Preempt)
+    c2 = _clt_config(tmp_path / "b")
+    with pytest.raises(loop.Preempted):
+        loop.run(c2)
+    assert sorted(os.listdir(tmp_path / "b" / "train" / plans[1][0].name / "checkpoints")) == ["4", "6"]
+    got = loop.run(c2)
+    assert "resumed from the checkpoint at step 6" in capsys.readouterr().err
+    for a, b in zip(want, got):
+        pa, pb = load_file(os.path.join(a, "params.safetensors")), load_file(os.path.join(b, "params.safetensors"))
+        assert pa.keys() == pb.keys() and all(np.array_equal(pa[k], pb[k]) for k in pa), a
+        ma, mb = (open(os.path.join(os.path.dirname(p), "metrics.jsonl")).read() for p in (a, b))
+        assert ma == mb

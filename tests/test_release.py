@@ -448,3 +448,37 @@ def test_matryoshka_prefix_sizes_in_suite_and_saelens_cfg(tmp_path):
         assert e["matryoshka"] == [8, 16, M] and set(e["metrics"]["fvu_prefix"]) == {"8", "16", str(M)}
         with open(tmp_path / "release" / e["saelens"] / "cfg.json") as fh:
             assert json.load(fh)["metadata"]["matryoshka_widths"] == [8, 16, M]
+
+
+def test_release_copies_clt_latent_cards(tmp_path):
+    """A CLT's per-layer latent cards (evaluate/cards/clt.<l>__<id>.html) are copied into the release's
+    cards/, suite.json's CLT entry names each in per_layer[i]["card"] (None where evaluate wrote none)
+    and the README's CLT section links them."""
+    from saejax.sae import clt, clt_io
+    work = str(tmp_path)
+    g = make_group("jumprelu")
+    sae_io.save_group(os.path.join(work, "train", "jumprelu_d16_w32", "final"), g[3], g[4])
+    spec = clt.CLTSpec(arch="jumprelu", layers=(0, 1), d_in=D, d_out=D, width=M, sparsity=0.01)
+    cid = spec.name
+    clt_io.save(os.path.join(work, "train", cid, "final"), spec, clt.init_params(spec, jax.random.key(0)),
+                np.zeros(2, np.float32), [1.0, 1.0], [1.0, 1.0])
+    os.makedirs(os.path.join(work, "evaluate", "cards"))
+    card0 = f"cards/clt.0__{cid}.html"
+    with open(os.path.join(work, "evaluate", card0), "w") as fh:
+        fh.write("<html>layer 0's latents</html>")
+    per_layer = [{"site": f"mlp.{l}", "layer": l, "l0": 3.0, "fvu": 0.4, "dead_frac": 0.0,
+                  "card": f"cards/clt.{l}__{cid}.html"} for l in (0, 1)]  # layer 1's card was not written
+    with open(os.path.join(work, "evaluate", "results.json"), "w") as fh:
+        json.dump({"format": "saejax-eval/1", "model": "fake", "contexts": 4, "groups": ["jumprelu_d16_w32"],
+                   "saes": _results({"jumprelu_d16_w32": g}, lambda t: raw_rows(512, t)),
+                   "clts": [{"id": cid, "arch": "jumprelu", "layers": [0, 1], "width": M, "l0_total": 6.0,
+                             "per_layer": per_layer}]}, fh)
+    c = cfg.defaults()
+    c.workdir = work
+    saejax.release.run(c)
+    root = tmp_path / "release"
+    entry, = json.loads((root / "suite.json").read_text())["clts"]
+    assert [m["card"] for m in entry["per_layer"]] == [card0, None]
+    assert (root / card0).read_text() == "<html>layer 0's latents</html>"
+    readme = (root / "README.md").read_text()
+    assert f"| mlp.0 | 3.0 | 0.400 | 0.0% | [card]({card0}) |" in readme and "| mlp.1 | 3.0 | 0.400 | 0.0% | - |" in readme

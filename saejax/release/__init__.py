@@ -59,7 +59,8 @@ def _results(config) -> dict:
 def _add_clts(config, doc: dict, tmp: str) -> dict:
     """Every evaluated CLT into ``clt/<id>/`` of the release being built: the saejax layout and, when
     circuit-tracer can read it (JumpReLU/BatchTopK over every layer of the model), its layout in
-    ``clt/<id>/circuit_tracer/``; else one line saying why not. Returns suite.json's "clts"."""
+    ``clt/<id>/circuit_tracer/``; else one line saying why not; its per-layer latent cards into
+    ``cards/`` (each ``per_layer[i]["card"]``, None where evaluate wrote none). Returns suite.json's "clts"."""
     import shutil
 
     from saejax.sae import clt_io
@@ -78,8 +79,16 @@ def _add_clts(config, doc: dict, tmp: str) -> dict:
             ct = f"{rel}/circuit_tracer"
         except clt_io.ExportError as e:
             print(f"saejax release: CLT {c['id']}: {e}", file=sys.stderr)
+        per_layer = [dict(m) for m in c.get("per_layer") or []]
+        for m in per_layer:  # the card paths are relative to evaluate/ and to the release alike
+            card = m.get("card")
+            if card and os.path.isfile(os.path.join(wd.evaluate_dir(config), card)):
+                os.makedirs(os.path.join(tmp, wd.CARDS), exist_ok=True)
+                shutil.copyfile(os.path.join(wd.evaluate_dir(config), card), os.path.join(tmp, card))
+            else:
+                m["card"] = None
         out.append({"id": c["id"], "path": rel, "circuit_tracer": ct, "arch": c["arch"], "layers": c["layers"],
-                    "width": c["width"], "l0_total": c.get("l0_total"), "per_layer": c.get("per_layer"),
+                    "width": c["width"], "l0_total": c.get("l0_total"), "per_layer": per_layer or None,
                     "replacement": c.get("replacement")})
     return {"clts": out} if out else {}
 

@@ -156,6 +156,31 @@ def _usage(suite: dict, repo: str | None) -> list[str]:
     return lines
 
 
+def _clt_lines(clts: list) -> list[str]:
+    """A section per cross-layer transcoder: a row per layer (its latents read mlp_in.l and write
+    mlp.l' >= l; the row's metrics are mlp.l's reconstruction) with its latent card, then the
+    replacement model (every MLP output replaced at once)."""
+    lines = []
+    for c in clts:
+        lines += ["", f"## Cross-layer transcoder `{c['id']}`", "",
+                  f"{c['arch']}, {len(c['layers'])} layers x {c['width']} latents, total L0 "
+                  f"{_f(c.get('l0_total'), '{:.1f}')}; weights in [`{c['path']}`]({c['path']})"
+                  + (f", circuit-tracer's layout in [`{c['circuit_tracer']}`]({c['circuit_tracer']})"
+                     if c.get("circuit_tracer") else "") + ". Each latent card shows a layer's latents' top "
+                  "contexts and the layers each latent writes to.", "",
+                  "| layer | L0 | FVU | dead | latent card |", "| --- | --- | --- | --- | --- |"]
+        for m in c.get("per_layer") or []:
+            card = f"[card]({m['card']})" if m.get("card") else "-"
+            lines.append(f"| {m['site']} | {_f(m.get('l0'), '{:.1f}')} | {_f(m.get('fvu'), '{:.3f}')} "
+                         f"| {_f(m.get('dead_frac'), '{:.1%}')} | {card} |")
+        r = c.get("replacement")
+        if r:
+            lines += ["", f"Replacement model (every MLP output replaced at once): delta LM loss "
+                      f"{_f(r.get('delta_lm_loss'), '{:.4f}')}, CE score {_f(r.get('ce_score'), '{:.3f}')}, "
+                      f"KL {_f(r.get('kl'), '{:.4f}')}."]
+    return lines
+
+
 def write_readme(root: str, suite: dict, repo: str | None = None) -> None:
     """Plots and README.md into the release folder ``root``; ``suite`` is suite.json's content;
     ``repo``: the Hub repo it is uploaded to (named in the usage snippets)."""
@@ -199,6 +224,7 @@ def write_readme(root: str, suite: dict, repo: str | None = None) -> None:
                      f"| {_f(m['l0'], '{:.1f}')} | {_f(m['fvu'], '{:.3f}')} | {_f(m.get('dead_frac'), '{:.1%}')} "
                      f"| {_f(m.get('delta_lm_loss'), '{:.4f}')} | {_f(m.get('ce_score'), '{:.3f}')} "
                      f"| {_f(m.get('kl'), '{:.4f}')} | {weights} | {card} |")
+    lines += _clt_lines(suite.get("clts") or [])
     card = ModelCard(f"---\n{card_data(suite).to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
     tmp = os.path.join(root, f"README.md.tmp-{os.getpid()}")
     card.save(tmp)

@@ -222,15 +222,28 @@ def clt_pairs(layers) -> list[tuple[str, str]]:
 
 
 def state_bytes(spec: clt.CLTSpec, hp: optim.Hyper, mesh) -> dict:
-    """Per-device bytes of the CLT's state (params, optimizer, counters) from shapes and shardings."""
+    """Per-device bytes of the CLT's step from shapes and shardings (``mesh`` may be an AbstractMesh):
+    the state (params, optimizer, counters) and one step's activations, estimated as 7 live [L, B, M]
+    fp32 buffers (pre, f, the sparse score, masks and pseudo-derivative products, their cotangents),
+    the batch [2L, B, d], y_hat and its cotangent [L, B, d_out], the gradient and Adam temporaries
+    (3 x the parameters: the CLT is one dictionary, its whole gradient is live at once) and, with
+    sparse decoding, a forward and a backward row block's gathers (2 x ``block_bytes``). What the
+    planner and the job's memory peak use (saejax.train.cost)."""
     a = jax.eval_shape(lambda k: init_state(spec, hp, k), jax.random.key(0))
     sh = meshlib.tree_shardings(a, PARTITION_RULES, mesh)
 
     def total(tree, shardings):
         return sum(meshlib.shard_bytes(x.shape, x.dtype, s) for x, s in
                    zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings)))
-    return {"params": total(a["params"], sh["params"]), "optimizer": total(a["opt_state"], sh["opt_state"]),
-            "counters": sum(total(a[k], sh[k]) for k in a if k not in ("params", "opt_state"))}
+    out = {"params": total(a["params"], sh["params"]), "optimizer": total(a["opt_state"], sh["opt_state"]),
+           "counters": sum(total(a[k], sh[k]) for k in a if k not in ("params", "opt_state"))}
+    L, B, f32 = spec.L, hp.batch_size, np.float32
+    rows = NamedSharding(mesh, P(None, "data", None))
+    out["activations"] = (7 * meshlib.shard_bytes((L, B, spec.width), f32, NamedSharding(mesh, P(None, "data", "latent")))
+                          + meshlib.shard_bytes((2 * L, B, spec.d_in), f32, rows)
+                          + 2 * meshlib.shard_bytes((L, B, spec.d_out), f32, rows)
+                          + 3 * out["params"] + (2 * spec.block_bytes if spec.sparse else 0))
+    return out
 
 
 def save_final(final: str, spec: clt.CLTSpec, hp: optim.Hyper, source, state) -> None:

@@ -17,7 +17,8 @@ passes of the matmul precision / bf16 peak), HBM, interconnect (bytes on the wir
 (prefetched). ``design_comm`` is the design minimum of communication (docs/training.md), printed
 beside the program's. ``propose`` is the mesh planner: one mesh for a set of groups;
 ``group_meshes`` gives each group its mesh (``mesh.plan``: the configured one, or the planner's per
-group).
+group). A cross-layer transcoder (``is_clt``) is one more plan everywhere: on a data x latent mesh
+(stack 1), its state from ``clt_step.state_bytes``, its step from the ``clt_*`` functions below.
 """
 from __future__ import annotations
 
@@ -270,11 +271,24 @@ def project(chip, *, flops: float, passes: int, hbm: float, wire: float, host: f
             "fraction": useful / serial if serial else 0.0, "fraction_overlap": useful / overlap if overlap else 0.0}
 
 
+def memory(spec, hp, sizes: dict) -> dict:
+    """Per-device bytes on a mesh of ``sizes`` from shapes: a group's ``plan.state_memory``, a CLT's
+    ``clt_step.state_bytes`` (both: params, optimizer, counters, activations)."""
+    from saejax import mesh as meshlib
+    if is_clt(spec):
+        from saejax.train.clt_step import state_bytes
+        return state_bytes(spec, hp, meshlib.abstract_mesh(sizes))
+    from saejax.train.plan import state_memory
+    return state_memory(spec, hp, meshlib.abstract_mesh(sizes))
+
+
 def analytic(spec, hp, sizes: dict, chip, itemsize: int = 4, mem: dict | None = None) -> dict:
     """``project`` from shapes alone, with the design minimum of communication (the planner's model)."""
-    from saejax import mesh as meshlib
-    from saejax.train.plan import state_memory
-    mem = mem or state_memory(spec, hp, meshlib.abstract_mesh(sizes))
+    mem = mem or memory(spec, hp, sizes)
+    if is_clt(spec):
+        return project(chip, flops=clt_shape_flops(spec, hp, sizes), passes=matmul_passes(spec),
+                       hbm=clt_hbm_bytes(spec, hp, sizes, mem), wire=wire_bytes(clt_design_comm(spec, hp, sizes)),
+                       host=clt_host_read_bytes(spec, hp, sizes, chip, itemsize))
     comm = design_comm(spec, hp, sizes)
     return project(chip, flops=shape_flops(spec, hp, sizes), passes=matmul_passes(spec),
                    hbm=hbm_bytes(spec, hp, sizes, mem), wire=wire_bytes(comm),
@@ -282,7 +296,7 @@ def analytic(spec, hp, sizes: dict, chip, itemsize: int = 4, mem: dict | None = 
 
 
 def device_bytes(mem: dict) -> int:
-    """A group's per-device peak: state plus one step's activations (``plan.state_memory``)."""
+    """A group's (or the CLT's) per-device peak: state plus one step's activations (``memory``)."""
     return int(mem["params"] + mem["optimizer"] + mem["counters"] + mem["activations"])
 
 
@@ -291,12 +305,13 @@ def _divisors(n: int) -> list[int]:
 
 
 def candidates(plans, n_devices: int, processes: int = 1) -> list[dict]:
-    """Every mesh of ``n_devices`` that every group splits over (saejax.mesh.validate_group's rules)."""
+    """Every mesh of ``n_devices`` that every group splits over (saejax.mesh.validate_group's rules;
+    a CLT: stack 1)."""
     out = []
     for S in _divisors(n_devices):
         for L in _divisors(n_devices // S):
             D = n_devices // S // L
-            if all(spec.T % S == 0 and spec.width % L == 0 and hp.batch_size % D == 0
+            if all((S == 1 if is_clt(spec) else spec.T % S == 0) and spec.width % L == 0 and hp.batch_size % D == 0
                    and hp.batch_size % processes == 0 for spec, hp in plans):
                 out.append({"data": D, "stack": S, "latent": L})
     return out
@@ -304,11 +319,9 @@ def candidates(plans, n_devices: int, processes: int = 1) -> list[dict]:
 
 def job_time(plans, sizes: dict, chip, itemsize: int = 4) -> tuple[float, int, list[dict]]:
     """(projected seconds of the whole job without overlap, peak device bytes, per-group projections)."""
-    from saejax import mesh as meshlib
-    from saejax.train.plan import state_memory
     total, peak, per = 0.0, 0, []
     for spec, hp in plans:
-        mem = state_memory(spec, hp, meshlib.abstract_mesh(sizes))
+        mem = memory(spec, hp, sizes)
         pr = analytic(spec, hp, sizes, chip, itemsize, mem)
         total += pr["serial"] * hp.total_steps
         peak = max(peak, device_bytes(mem))
@@ -338,8 +351,9 @@ def propose(plans, n_devices: int, chip, itemsize: int = 4, processes: int = 1) 
 
 def group_meshes(config, plans, n_devices: int, processes: int = 1) -> list[dict]:
     """Each group's mesh of ``n_devices``. ``mesh.plan = "fixed"``: the configured axes for every
-    group; ``"auto"``: the planner's proposal (``propose``) for that group alone. A group that no mesh
-    of these devices splits and fits is a PlanError naming ``mesh.plan``."""
+    group; ``"auto"``: the planner's proposal (``propose``) for that group alone (a CLT: among data x
+    latent meshes). A group that no mesh of these devices splits and fits is a PlanError naming
+    ``mesh.plan`` (a CLT: and its clt.* keys)."""
     from saejax import mesh as meshlib
     if config.mesh.plan == "fixed":
         return [dict(zip(AXES, meshlib.mesh_shape(sizes_of(config.mesh), n_devices)))] * len(plans)
@@ -347,6 +361,11 @@ def group_meshes(config, plans, n_devices: int, processes: int = 1) -> list[dict
     out = []
     for spec, hp in plans:
         best, _ = propose([(spec, hp)], n_devices, chip, store_itemsize(config) or 4, processes)
+        if best is None and is_clt(spec):
+            raise PlanError(f"mesh.plan='auto': no data x latent mesh of {n_devices} devices splits the CLT "
+                            f"{spec.name} ({spec.L} layers, clt.width={spec.width}, train.batch_size={hp.batch_size} "
+                            f"over {processes} processes) and fits a {chip.name} chip's {_gib(chip.hbm)} "
+                            f"(mesh.target_chip); narrow it (clt.width, clt.layers)")
         if best is None:
             raise PlanError(f"mesh.plan='auto': no mesh of {n_devices} devices splits group {spec.name} "
                             f"({spec.T} sites, width {spec.width}, train.batch_size={hp.batch_size} over "
@@ -387,15 +406,16 @@ def memory_plan(config, plans, sizes: dict) -> dict:
     """The job's memory on the target chip, from shapes alone: each group's per-device bytes, the
     peak over the job (groups train one after another, each freed before the next starts), and each
     process's host bytes of training batches. What the dry run prints and the config docstrings quote.
-    ``sizes``: one mesh for every group, or a list of one per group (``each_group``)."""
-    from saejax import mesh as meshlib
-    from saejax.train.plan import state_memory
+    ``sizes``: one mesh for every group, or a list of one per group (``each_group``). A CLT is one
+    more entry of "groups" (its own mesh, trained after the groups)."""
     chip = chiplib.get(config.mesh.target_chip)
     groups = {}
     for (spec, hp), sz in zip(plans, each_group(plans, sizes)):
-        mem = state_memory(spec, hp, meshlib.abstract_mesh(sz))
-        groups[spec.name] = {"device": device_bytes(mem), "host": host_train_memory(spec, hp, sz, chip),
-                             "mem": mem, "sizes": sz}
+        mem = memory(spec, hp, sz)
+        host = (4 * clt_host_read_bytes(spec, hp, sz, chip, 4) if is_clt(spec)  # 4 float32 blocks, as a group's
+                else host_train_memory(spec, hp, sz, chip))
+        groups[spec.name] = {"device": device_bytes(mem), "host": host, "mem": mem, "sizes": sz,
+                             "clt": is_clt(spec)}
     peak = max(groups, key=lambda g: groups[g]["device"])
     host = max(groups, key=lambda g: groups[g]["host"])
     return {"chip": chip, "groups": groups, "peak": groups[peak]["device"], "peak_group": peak,
@@ -407,6 +427,10 @@ def check_memory(config, plans, sizes: dict) -> dict:
     memory or one process's host memory."""
     m = memory_plan(config, plans, sizes)
     chip = m["chip"]
+    if m["peak"] > chip.hbm and m["groups"][m["peak_group"]]["clt"]:
+        raise PlanError(f"mesh {m['groups'][m['peak_group']]['sizes']}: the CLT {m['peak_group']} needs {_gib(m['peak'])} "
+                        f"per device, more than a {chip.name} chip's {_gib(chip.hbm)} (mesh.target_chip); split its "
+                        f"latents more (mesh.latent, or mesh.plan='auto') or narrow it (clt.width, clt.layers)")
     if m["peak"] > chip.hbm:
         raise PlanError(f"mesh {m['groups'][m['peak_group']]['sizes']}: group {m['peak_group']} needs {_gib(m['peak'])} per device, more than "
                         f"a {chip.name} chip's {_gib(chip.hbm)} (mesh.target_chip); shard more (mesh.latent, "
@@ -429,14 +453,21 @@ def report(config, plans, sizes, programs: list[dict] | None) -> list[str]:
     mem_plan = memory_plan(config, plans, meshes)
     lines = []
     for i, ((spec, hp), sz) in enumerate(zip(plans, meshes)):
+        if is_clt(spec):
+            lines += clt_report(config, spec, hp, sz, programs[i] if programs else None)
+            continue
         mem = mem_plan["groups"][spec.name]["mem"]
         lines += _cost_lines(spec.name, chip, hp.total_steps, programs[i] if programs else None,
                              flops=shape_flops(spec, hp, sz), passes=matmul_passes(spec),
                              hbm=hbm_bytes(spec, hp, sz, mem), design=design_comm(spec, hp, sz),
                              host=host_read_bytes(spec, hp, sz, chip, itemsize))
-    lines.append(f"job peak per device: {_gib(mem_plan['peak'])} (group {mem_plan['peak_group']}; each group's "
+    clts = [g for g, v in mem_plan["groups"].items() if v["clt"]]
+    what = ("the CLT " if mem_plan["groups"][mem_plan["peak_group"]]["clt"] else "group ") + mem_plan["peak_group"]
+    lines.append(f"job peak per device: {_gib(mem_plan['peak'])} ({what}; each group's "
                  f"state is freed before the next starts) of a {chip.name} chip's {_gib(chip.hbm)}; host: "
-                 f"{_gib(mem_plan['host'])} of batches per process of {_gib(chip.host_memory)}")
+                 f"{_gib(mem_plan['host'])} of batches per process of {_gib(chip.host_memory)}"
+                 + "".join(f"; the CLT {g}: {_gib(mem_plan['groups'][g]['device'])} per device on "
+                           f"{mem_plan['groups'][g]['sizes']}" for g in clts))
     n = math.prod(meshes[0].values())
     it, procs = itemsize or 4, max(1, n // chip.chips_per_host)
     best, table = propose(plans, n, chip, it, procs)
@@ -559,11 +590,9 @@ def clt_design_comm(spec, hp, sizes: dict) -> dict:
 
 def clt_report(config, spec, hp, sizes: dict, prog: dict | None) -> list[str]:
     """The dry run's cost lines for the CLT on its mesh ``sizes`` (``prog``: ``measure`` of its step),
-    as ``report``'s for a group."""
-    from saejax import mesh as meshlib
-    from saejax.train.clt_step import state_bytes
+    as ``report``'s for a group (``report`` calls it for a CLT among its plans)."""
     chip = chiplib.get(config.mesh.target_chip)
-    mem = state_bytes(spec, hp, meshlib.abstract_mesh(sizes))
+    mem = memory(spec, hp, sizes)
     return _cost_lines(spec.name, chip, hp.total_steps, prog, flops=clt_shape_flops(spec, hp, sizes),
                        passes=matmul_passes(spec), hbm=clt_hbm_bytes(spec, hp, sizes, mem),
                        design=clt_design_comm(spec, hp, sizes),

@@ -258,47 +258,44 @@ def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> li
         log(f"saejax train: {e}; the dry run plans for that mesh from its shape and compiles the step "
             f"on {n} virtual CPU devices")
     plans = plan_groups(config, source)
+    clt_plan = clt_step.plan_clt(config, source) if config.clt.enabled else None
+    every = plans + ([clt_plan] if clt_plan else [])  # the CLT trains after the groups, on its own mesh
     chip = cost.chiplib.get(config.mesh.target_chip)
     processes = max(1, n // chip.chips_per_host) if n_devices else jax.process_count()
-    meshes = cost.group_meshes(config, plans, n, processes)  # mesh.plan: the configured or the planner's
+    meshes = cost.group_meshes(config, every, n, processes)  # mesh.plan: the configured or the planner's
     for (spec, hp), sizes in zip(plans, meshes):
         meshlib.validate_group(sizes, spec.T, spec.width, hp.batch_size, n_devices=n,
                                process_count=1 if n_devices else None, name=spec.name)
-    clt_plan = clt_step.plan_clt(config, source) if config.clt.enabled else None
-    clt_sizes = None
-    if clt_plan is not None:  # a CLT trains on the configured mesh (not the planner's: it has no stack)
-        clt_sizes = dict(zip(meshlib.AXES, meshlib.mesh_shape(config.mesh, n)))
+    if clt_plan is not None:  # mesh.plan='fixed': the configured mesh, which must have stack 1
+        clt_sizes = meshes[-1]
         if clt_sizes["stack"] != 1:
             raise meshlib.MeshError(f"mesh.stack={clt_sizes['stack']}: a CLT is one dictionary; use data and latent only")
         meshlib.validate_group(clt_sizes, 1, clt_plan[0].width, clt_plan[1].batch_size, n_devices=n,
                                process_count=1 if n_devices else None, name=clt_plan[0].name)
     if dry_run:
-        # The real step compiled for each group's mesh (here, or on virtual CPU devices in a
-        # subprocess): its FLOPs and collectives feed the cost model; nothing runs.
-        programs = cost.measure_groups(plans, meshes)
-        for (spec, hp), sizes, prog in zip(plans, meshes, programs):
-            log(_header(spec, hp, sizes))
-            mem = state_memory(spec, hp, meshlib.abstract_mesh(sizes))
-            if "temp_bytes" in prog:
-                mem["compiled_temp"] = prog["temp_bytes"]
-            log(dry_run_report(spec, hp, mem))
-        for line in cost.report(config, plans, meshes, programs):
-            log(line)
-        if clt_plan is not None:  # the CLT's real step (CLTTrainer) compiled for its mesh, as for groups
-            spec, hp = clt_plan
-            log(_clt_header(spec, hp, clt_sizes))
-            prog = cost.measure([clt_plan], clt_sizes)[0]
-            mem = clt_step.state_bytes(spec, hp, meshlib.abstract_mesh(clt_sizes))
+        # The real step compiled for each group's (and the CLT's) mesh (here, or on virtual CPU
+        # devices in a subprocess): its FLOPs and collectives feed the cost model; nothing runs.
+        programs = cost.measure_groups(every, meshes)
+        for (spec, hp), sizes, prog in zip(every, meshes, programs):
+            if not cost.is_clt(spec):
+                log(_header(spec, hp, sizes))
+                mem = state_memory(spec, hp, meshlib.abstract_mesh(sizes))
+                if "temp_bytes" in prog:
+                    mem["compiled_temp"] = prog["temp_bytes"]
+                log(dry_run_report(spec, hp, mem))
+                continue
+            log(_clt_header(spec, hp, sizes))
+            mem = clt_step.state_bytes(spec, hp, meshlib.abstract_mesh(sizes))
             if "temp_bytes" in prog:
                 mem["compiled_temp"] = prog["temp_bytes"]
             log(f"[{spec.name}] dry run: {hp.total_steps} steps, {hp.total_steps * hp.batch_size:,} tokens; per device: "
                 + ", ".join(f"{k} {v / 2 ** 20:,.1f} MiB" for k, v in mem.items())
                 + f"; decoding {'sparse, cap ' + str(spec.active_cap) if spec.sparse else 'dense'}")
-            for line in cost.clt_report(config, spec, hp, clt_sizes, prog):
-                log(line)
-        cost.check_memory(config, plans, meshes)
+        for line in cost.report(config, every, meshes, programs):
+            log(line)
+        cost.check_memory(config, every, meshes)
         return []
-    cost.check_memory(config, plans, meshes)  # before anything compiles or writes
+    cost.check_memory(config, every, meshes)  # before anything compiles or writes
     with wd.stage_lock(config, "train"):
         prints = [fingerprint(spec, hp, config.seed, source) for spec, hp in plans]
         for (spec, _), fp in zip(plans, prints):  # every group, before any trains: a changed config is refused
@@ -310,7 +307,7 @@ def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> li
         done = [_train_one(config, spec, hp, fp, source, sizes)
                 for (spec, hp), fp, sizes in zip(plans, prints, meshes)]
         if clt_plan is not None:
-            done.append(_train_one(config, *clt_plan, clt_fp, source, clt_sizes, clt=True))
+            done.append(_train_one(config, *clt_plan, clt_fp, source, meshes[-1], clt=True))
         return done
 
 
