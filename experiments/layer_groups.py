@@ -77,6 +77,7 @@ def get_config(arg: str = ""):
     c.sae.encoder_init_scale = 576 / 2304  # d/M, as the default
     c.sae.revive_tokens = 480 * 20
     c.sae.revive_nudge = 0.01
+    c.sae.revive_bias = True
     c.train.tokens = 480 * 400
     c.train.batch_size = 480
     c.train.lr = 1.5e-3
