@@ -569,18 +569,19 @@ def clt_host_read_bytes(spec, hp, sizes: dict, chip, itemsize: int) -> int:
 
 def clt_design_comm(spec, hp, sizes: dict) -> dict:
     """The design minimum of communication of a CLT's step per device, operand bytes by kind: data D
-    shards all-reduce the gradients of their 1/L_shards share of the parameters (BatchTopK gathers
-    its candidates per layer); latent shards all-reduce the decoder output [L, B/D, d_out] (TopK
-    gathers [B/D, k] candidates per layer)."""
+    shards all-reduce the gradients of their 1/L_shards share of the parameters and which of those
+    latents fired ([L, M / L_shards], the dead-latent counters); latent shards all-reduce the decoder
+    output [L, B/D, d_out] (TopK gathers [B/D, k] candidates per layer); BatchTopK on any split
+    gathers its candidates per layer over data x latent."""
     D, Ls = sizes["data"], sizes["latent"]
     B, L, M = hp.batch_size, spec.L, spec.width
     out = {"all-reduce": 0.0, "all-gather": 0.0}
     if D > 1:
         n = L * spec.d_in * M + clt_blocks(spec) * M * spec.d_out + L * M * (2 if spec.arch == "jumprelu" else 1) \
-            + L * spec.d_out
+            + L * spec.d_out + L * M
         out["all-reduce"] += n * 4 / Ls
-        if spec.arch == "batchtopk":
-            out["all-gather"] += L * min(spec.k * B, B * M / (D * Ls)) * 4
+    if spec.arch == "batchtopk" and D * Ls > 1:
+        out["all-gather"] += L * min(spec.k * B, B * M / (D * Ls)) * 4
     if Ls > 1:
         out["all-reduce"] += L * (B / D) * spec.d_out * 4
         if spec.arch == "topk":
