@@ -32,6 +32,11 @@ threshold's pseudo-derivative window; TopK: its k; BatchTopK: those kept). Below
 decodings give the same loss and gradients; above it the lowest-scoring latents of the row are
 dropped from the decoding (they still count in the L0), and the step reports the fraction of rows
 over the cap (``overflow``).
+
+On a mesh that splits rows or latents, the step's loss and gradient run inside ``jax.shard_map``
+(``loss_and_grad``): each latent shard selects and decodes its own active latents (``shard_cap``),
+the partial outputs are summed over ``latent`` once, the gradients over ``data`` once
+(docs/training.md, communication).
 """
 from __future__ import annotations
 

@@ -542,9 +542,11 @@ def clt_blocks(spec) -> int:
 def clt_shape_flops(spec, hp, sizes: dict) -> float:
     """The design's work per device per step: per layer the encoder forward and its weight gradient
     (2 matmuls of B d_in M), per decoder block its forward, weight gradient and the latents'
-    gradient (3 matmuls of B M d_out; sparse decoding: B c d_out, c the active cap)."""
+    gradient (3 matmuls of B M d_out; sparse decoding: B c d_out, c the latent shard's own cap,
+    ``clt.shard_cap``)."""
+    from saejax.sae.clt import shard_cap
     B, M = hp.batch_size // sizes["data"], spec.width // sizes["latent"]
-    dec = min(spec.active_cap, M) if spec.sparse else M
+    dec = shard_cap(spec, sizes["latent"]) if spec.sparse else M
     return 2.0 * B * (2 * spec.L * spec.d_in * M + 3 * clt_blocks(spec) * dec * spec.d_out)
 
 
