@@ -135,7 +135,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.clt.arch = "jumprelu"  # jumprelu | topk | batchtopk, per layer
     c.clt.width = 2304  # latents per layer
     c.clt.sparsity = 0.001  # jumprelu: lambda of the L0 term (summed over layers); topk/batchtopk: k per layer
-    c.clt.cap = 0  # sparse decoding: active latents kept per row and layer (0: 4k, or 256 for jumprelu)
+    c.clt.cap = 0  # sparse decoding: latents kept per row and layer (0: 4k, or 256 for jumprelu); per mesh.latent shard: cap / shards
     c.clt.decode = "auto"  # auto (sparse when >= 16 layers and cap <= width/48, benchmarks/clt_step.py) | dense | sparse
 
     # --- training ----------------------------------------------------------------------------

@@ -21,11 +21,14 @@ def _small(arch, cap):
                        block_bytes=2304, threshold_init=0.3, bandwidth=0.2)
 
 
-def _grads(spec, sparse):
+def _inputs(spec):
     p = clt.init_params(spec, jax.random.key(0))
     p = dict(p, b_dec=jnp.linspace(-1, 1, 18).reshape(3, 6))
-    x = jax.random.normal(jax.random.key(1), (3, 16, 8))
-    y = jax.random.normal(jax.random.key(2), (3, 16, 6))
+    return p, jax.random.normal(jax.random.key(1), (3, 16, 8)), jax.random.normal(jax.random.key(2), (3, 16, 6))
+
+
+def _grads(spec, sparse):
+    p, x, y = _inputs(spec)
     (loss, terms), g = jax.value_and_grad(lambda q: clt.loss_terms(spec, q, x, y, 0.1, sparse=sparse),
                                           has_aux=True)(p)
     return loss, terms, g
@@ -46,6 +49,32 @@ def test_sparse_decoding_equals_dense_below_cap(arch):
     assert float(jnp.max(jnp.abs(gd["W_dec"][0]))) > 0  # the gradients compared are not all zero
     if arch == "jumprelu":  # with a cap below the active count: rows over it, a different loss
         lc, tc, _ = _grads(_small(arch, 4), True)
+        assert float(jnp.max(tc["overflow"])) > 0 and abs(float(lc - ld)) > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_sharded_sparse_decoding_per_shard_cap(arch):
+    """On data 2 x latent 4 each latent shard decodes its own latents, at most ``shard_cap``: TopK's
+    k (exact), JumpReLU's cap / 4. Below it, loss and gradients equal one device's dense ones (1e-5);
+    JumpReLU with a cap some shard's rows exceed: the overflow says so and the loss differs."""
+    mesh = meshlib.make_mesh(dict(data=2, stack=1, latent=4), jax.devices()[:8])
+
+    def sharded(spec):
+        p, x, y = _inputs(spec)
+        return jax.jit(lambda p, x, y: clt.loss_and_grad(spec, p, x, y, 0.1, mesh, sparse=True))(p, x, y)
+
+    spec = _small(arch, 32 if arch == "jumprelu" else 4)  # jumprelu: 8 per shard, all of its latents
+    assert clt.shard_cap(spec, 4) == (8 if arch == "jumprelu" else 4)
+    ld, td, gd = _grads(spec, False)
+    (ls, ts), gs = sharded(spec)
+    assert float(jnp.max(ts["overflow"])) == 0.0
+    assert abs(float(ld - ls)) <= 1e-5 * abs(float(ld))
+    np.testing.assert_allclose(ts["fvu"], td["fvu"], rtol=1e-5)
+    np.testing.assert_array_equal(ts["fired"], td["fired"])
+    for a, b in zip(jax.tree_util.tree_leaves(gd), jax.tree_util.tree_leaves(gs)):
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(a))))
+    if arch == "jumprelu":  # cap 8: 2 per shard, below some rows' active latents
+        (lc, tc), _ = sharded(_small(arch, 8))
         assert float(jnp.max(tc["overflow"])) > 0 and abs(float(lc - ld)) > 1e-3
 
 

@@ -32,6 +32,11 @@ threshold's pseudo-derivative window; TopK: its k; BatchTopK: those kept). Below
 decodings give the same loss and gradients; above it the lowest-scoring latents of the row are
 dropped from the decoding (they still count in the L0), and the step reports the fraction of rows
 over the cap (``overflow``).
+
+On a mesh that splits rows or latents, the step's loss and gradient run inside ``jax.shard_map``
+(``loss_and_grad``): each latent shard selects and decodes its own active latents (``shard_cap``),
+the partial outputs are summed over ``latent`` once, the gradients over ``data`` once
+(docs/training.md, communication).
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from saejax.sae import jumprelu as jr
 
@@ -192,16 +198,40 @@ def encode(spec: CLTSpec, params, x):
         + params["b_enc"][:, None, :]
 
 
-def _kth(a, k: int):
-    """The k-th largest value of a's last axis, keepdims."""
-    return lax.top_k(a, k)[0][..., k - 1:k]
+@dataclasses.dataclass(frozen=True)
+class Shards:
+    """How the arrays a function sees are split, inside ``jax.shard_map`` (``loss_and_grad``): B the
+    whole batch's rows, ``rows`` and ``latent`` the mesh axes over which rows and each layer's latents
+    are split (() for none: one device, or the whole arrays), ``n_latent`` the latent shards."""
+
+    B: int
+    rows: tuple = ()
+    latent: tuple = ()
+    n_latent: int = 1
 
 
-def activate(spec: CLTSpec, params, pre, train: bool = True, bt_threshold=None):
+def _psum(a, axes):
+    return lax.psum(a, axes) if axes else a
+
+
+def _kth(a, k: int, axes: tuple = ()):
+    """The k-th largest value of a's last axis, keepdims. ``axes``: mesh axes over which that last axis
+    is split (inside shard_map): each shard's top min(k, n) are gathered and their k-th largest taken,
+    which is exact (a shard holds at most k of the global top k; saejax.sae.sharded), never the whole axis."""
+    if not axes:
+        return lax.top_k(a, k)[0][..., k - 1:k]
+    local = lax.top_k(lax.stop_gradient(a), min(k, a.shape[-1]))[0]
+    cand = lax.all_gather(local, axes, axis=a.ndim - 1, tiled=True, to="invarying")
+    return lax.top_k(cand, k)[0][..., k - 1:k]
+
+
+def activate(spec: CLTSpec, params, pre, train: bool = True, bt_threshold=None, shards: Shards | None = None):
     """(f [L, B, M], l0 [L, B] with pseudo-derivatives in training (jumprelu), score [L, B, M]).
 
     ``score``: the sparse decoding keeps each row's ``active_cap`` largest (module docstring).
-    Inference (``train=False``) of BatchTopK compares with ``bt_threshold`` [L]."""
+    Inference (``train=False``) of BatchTopK compares with ``bt_threshold`` [L]. ``shards``: inside
+    shard_map, pre is this device's block and l0 its latents' share of each row's count."""
+    sh = shards or Shards(pre.shape[1])
     if spec.arch == "jumprelu":
         theta = jnp.exp(params["log_threshold"])[:, None, :]
         f, l0 = jr.jumprelu_l0(pre, theta, spec.bandwidth)
@@ -211,10 +241,10 @@ def activate(spec: CLTSpec, params, pre, train: bool = True, bt_threshold=None):
     if spec.arch == "batchtopk" and not train:
         f = jnp.where(pre > bt_threshold[:, None, None], pre, 0.0)
     elif spec.arch == "topk":
-        f = jnp.where(pre >= _kth(pre, spec.k), jax.nn.relu(pre), 0.0)
+        f = jnp.where(pre >= _kth(pre, spec.k, sh.latent), jax.nn.relu(pre), 0.0)
     else:  # batchtopk in training: the k*B largest of each layer's batch
         L, B, M = pre.shape
-        kth = _kth(pre.reshape(L, B * M), spec.k * B)[:, :, None]
+        kth = _kth(pre.reshape(L, B * M), spec.k * sh.B, sh.rows + sh.latent)[:, :, None]
         f = jnp.where(pre >= kth, jax.nn.relu(pre), 0.0)
     return f, jnp.sum(f > 0, -1).astype(jnp.float32), jnp.where(f > 0, pre, -jnp.inf)
 
@@ -225,25 +255,43 @@ def decode_dense(spec: CLTSpec, w_dec: list, f):
     mm = partial(jnp.matmul, precision=PRECISIONS[spec.precision])
     y = None
     for l in range(L):
-        part = mm(f[l], w_dec[l].reshape(spec.width, -1)).reshape(B, L - l, spec.d_out)
+        part = mm(f[l], w_dec[l].reshape(w_dec[l].shape[0], -1)).reshape(B, L - l, spec.d_out)
         part = jnp.pad(part, ((0, 0), (l, 0), (0, 0)))
         y = part if y is None else y + part
     return jnp.swapaxes(y, 0, 1)
 
 
-def select(spec: CLTSpec, f, score):
-    """(v [L, B, c], idx [L, B, c], overflow [L]: fraction of rows with more than c candidates)."""
-    c = spec.active_cap
+def shard_cap(spec: CLTSpec, n_latent: int = 1) -> int:
+    """c per latent shard: the latents of each row and layer that one of ``n_latent`` shards decodes.
+    TopK: min(k, M / n_latent), exact (a shard may hold all k); JumpReLU and BatchTopK: the cap split
+    evenly, ceil(cap / n_latent) (at most M / n_latent). One shard: ``active_cap``."""
+    m = spec.width // n_latent
+    if spec.arch == "topk":
+        return min(spec.k, m)
+    return min(m, -(-spec.active_cap // n_latent))
+
+
+def select(spec: CLTSpec, f, score, shards: Shards | None = None):
+    """(v [L, B, c], idx [L, B, c], overflow [L]: fraction of rows with more than c candidates).
+
+    ``shards``: inside shard_map, each latent shard keeps its own c = ``shard_cap`` (indices into its
+    own latents), and overflow is the fraction of (row, latent shard) pairs over it."""
+    sh = shards or Shards(f.shape[1])
+    c = shard_cap(spec, sh.n_latent)
     _, idx = lax.top_k(score, c)
     v = jnp.take_along_axis(f, idx, -1)
-    over = jnp.mean((jnp.sum(score > -jnp.inf, -1) > c).astype(jnp.float32), -1)
+    over = (jnp.sum(score > -jnp.inf, -1) > c).astype(jnp.float32)
+    if sh.rows or sh.latent:
+        over = _psum(jnp.sum(over, -1), sh.rows + sh.latent) / (sh.B * sh.n_latent)
+    else:
+        over = jnp.mean(over, -1)
     return v, idx, over
 
 
-def row_block(spec: CLTSpec, B: int) -> int:
+def row_block(spec: CLTSpec, B: int, c: int | None = None) -> int:
     """Rows per block of the sparse decoding: the largest divisor of B whose biggest gather (layer 0's
-    [b, c, L, d_out] float32) is at most ``spec.block_bytes``."""
-    per_row = spec.active_cap * spec.L * spec.d_out * 4
+    [b, c, L, d_out] float32; c ``active_cap`` unless given) is at most ``spec.block_bytes``."""
+    per_row = (spec.active_cap if c is None else c) * spec.L * spec.d_out * 4
     fits = [b for b in range(1, B + 1) if B % b == 0 and b * per_row <= spec.block_bytes]
     return fits[-1] if fits else 1
 
@@ -309,16 +357,24 @@ def _sparse_decode_bwd(b, precision, res, g):
 sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
 
 
-def forward(spec: CLTSpec, params, x, train: bool = True, bt_threshold=None, sparse: bool | None = None):
-    """x [L, B, d_in] -> dict(pre, f, l0 [L, B], y_hat [L, B, d_out], overflow [L])."""
+def forward(spec: CLTSpec, params, x, train: bool = True, bt_threshold=None, sparse: bool | None = None,
+            shards: Shards | None = None):
+    """x [L, B, d_in] -> dict(pre, f, l0 [L, B], y_hat [L, B, d_out], overflow [L]).
+
+    ``shards``: inside shard_map (``loss_and_grad``), on this device's rows and latents: pre, f and l0
+    are its shares; y_hat is whole, its latent shards' partial decodings summed over ``latent`` once
+    (all source layers summed first: one all-reduce of [L, B, d_out])."""
+    sh = shards or Shards(x.shape[1])
     pre = encode(spec, params, x)
-    f, l0, score = activate(spec, params, pre, train, bt_threshold)
+    f, l0, score = activate(spec, params, pre, train, bt_threshold, sh)
     sparse = spec.sparse if sparse is None else sparse
     if sparse:
-        v, idx, over = select(spec, f, score)
-        y = sparse_decode(v, idx, params["W_dec"], row_block(spec, x.shape[1]), PRECISIONS[spec.precision])
+        v, idx, over = select(spec, f, score, sh)
+        b = row_block(spec, x.shape[1], shard_cap(spec, sh.n_latent))
+        y = sparse_decode(v, idx, params["W_dec"], b, PRECISIONS[spec.precision])
     else:
         y, over = decode_dense(spec, params["W_dec"], f), jnp.zeros((spec.L,), jnp.float32)
+    y = _psum(y, sh.latent)
     return {"pre": pre, "f": f, "l0": l0, "y_hat": y + params["b_dec"][:, None, :], "overflow": over}
 
 
@@ -327,13 +383,64 @@ def variance(y):
     return jnp.sum(jnp.var(y, axis=1), -1)
 
 
-def loss_terms(spec: CLTSpec, params, x, y, lam, sparse: bool | None = None) -> tuple:
-    """(total loss, per-layer terms) for x [L, B, d_in], y [L, B, d_out] normalized rows."""
-    out = forward(spec, params, x, sparse=sparse)
-    mse = jnp.mean(jnp.sum(jnp.square(out["y_hat"] - y), -1), -1)  # [L]
-    l0 = jnp.mean(out["l0"], -1)  # [L], with the pseudo-derivative (jumprelu)
+def loss_terms(spec: CLTSpec, params, x, y, lam, sparse: bool | None = None, shards: Shards | None = None,
+               var=None) -> tuple:
+    """(total loss, per-layer terms) for x [L, B, d_in], y [L, B, d_out] normalized rows.
+
+    ``shards``: inside shard_map (``loss_and_grad``), the terms are the whole batch's (summed over
+    the mesh), ``var`` the whole batch's ``variance(y)`` (the FVU's denominator)."""
+    sh = shards or Shards(x.shape[1])
+    out = forward(spec, params, x, sparse=sparse, shards=sh)
+    # sums over the rows / B: the mean over the batch (jnp.mean's own sum / B on one device)
+    mse = _psum(jnp.sum(jnp.sum(jnp.square(out["y_hat"] - y), -1), -1), sh.rows) / sh.B  # [L]
+    l0 = _psum(jnp.sum(out["l0"], -1), sh.rows + sh.latent) / sh.B  # [L], with the pseudo-derivative (jumprelu)
     sparsity = lam * l0 if spec.arch == "jumprelu" else jnp.zeros_like(mse)
-    terms = {"mse": mse, "sparsity_loss": sparsity, "fvu": mse / variance(y), "l0": lax.stop_gradient(l0),
-             "fired": jnp.any(out["f"] > 0, 1), "overflow": out["overflow"],
-             "min_active": jnp.min(jnp.where(out["f"] > 0, out["f"], jnp.inf), axis=(1, 2))}
+    active = jnp.min(jnp.where(out["f"] > 0, lax.stop_gradient(out["f"]), jnp.inf), axis=(1, 2))
+    if sh.rows:
+        fired = _psum(jnp.sum(out["f"] > 0, 1, dtype=jnp.int32), sh.rows) > 0
+    else:
+        fired = jnp.any(out["f"] > 0, 1)
+    terms = {"mse": mse, "sparsity_loss": sparsity, "fvu": mse / (variance(y) if var is None else var),
+             "l0": lax.stop_gradient(l0), "fired": fired, "overflow": out["overflow"],
+             "min_active": lax.pmin(active, sh.rows + sh.latent) if sh.rows + sh.latent else active}
     return jnp.sum(mse) + jnp.sum(sparsity), terms
+
+
+def param_specs(spec: CLTSpec) -> dict:
+    """Each parameter's PartitionSpec on a data x latent mesh: latents over ``latent``, nothing over
+    ``data`` (saejax.train.clt_step.PARTITION_RULES lays the state out the same way)."""
+    out = {"W_enc": P(None, None, "latent"), "b_enc": P(None, "latent"), "W_dec": [P("latent", None, None)] * spec.L,
+           "b_dec": P()}
+    if spec.arch == "jumprelu":
+        out["log_threshold"] = P(None, "latent")
+    return out
+
+
+def loss_and_grad(spec: CLTSpec, params, x, y, lam, mesh=None, sparse: bool | None = None):
+    """((total loss, terms), gradients) of ``loss_terms``.
+
+    On a mesh that splits rows (``data``) or latents (``latent``) it runs inside ``jax.shard_map``:
+    each device encodes its rows with its latents, selects and decodes its own active latents (its
+    ``shard_cap``, indices local to the shard), and the partial decodings are summed over ``latent``
+    once per step ([L, B/D, d_out]); TopK/BatchTopK thresholds gather k candidates per shard
+    (``_kth``). Each device's gradients are its rows' partial sums (the sparse decoding's row-block
+    scan included), all-reduced over ``data`` once, after it. The design minimum (saejax.train.cost,
+    ``clt_design_comm``); without such a mesh, autodiff of ``loss_terms`` on the whole arrays."""
+    sizes = dict(mesh.shape) if mesh is not None else {}
+    D, Ls = sizes.get("data", 1), sizes.get("latent", 1)
+    if D * Ls == 1:
+        return jax.value_and_grad(lambda q: loss_terms(spec, q, x, y, lam, sparse=sparse), has_aux=True)(params)
+    sh = Shards(x.shape[1], rows=("data",), latent=("latent",), n_latent=Ls)
+    ps = param_specs(spec)
+    rows = P(None, "data", None)
+
+    def local(p, x, y, lam, var):
+        p = lax.pcast(p, ("data",), to="varying")  # each device's gradient: its own rows' partial sum
+        (loss, terms), g = jax.value_and_grad(
+            lambda q: loss_terms(spec, q, x, y, lam, sparse=sparse, shards=sh, var=var), has_aux=True)(p)
+        return (loss, terms), lax.psum(g, "data")  # one all-reduce of the gradients per step
+
+    terms_specs = {"mse": P(), "sparsity_loss": P(), "fvu": P(), "l0": P(), "fired": P(None, "latent"),
+                   "overflow": P(), "min_active": P()}
+    return jax.shard_map(local, mesh=mesh, in_specs=(ps, rows, rows, P(), P()),
+                         out_specs=((P(), terms_specs), ps))(params, x, y, lam, variance(y))

@@ -54,15 +54,16 @@ def split(spec: clt.CLTSpec, xy):
     return xy[:spec.L], xy[spec.L:]
 
 
-def make_train_step(spec: clt.CLTSpec, hp: optim.Hyper):
+def make_train_step(spec: clt.CLTSpec, hp: optim.Hyper, mesh=None):
     """``step_fn(state, xy) -> (state, metrics)``: the gradient of the CLT loss, its decoder
-    constraint, Adam; per-layer metrics [L, 1]."""
+    constraint, Adam; per-layer metrics [L, 1]. ``mesh``: the loss and its gradient run shard by
+    shard on it (``clt.loss_and_grad``)."""
     tx = optim.optimizer(hp)
     schedule = optim.lr_schedule(hp)
 
     def update(state, x, y, lam):
         params = state["params"]
-        (_, terms), g = jax.value_and_grad(lambda q: clt.loss_terms(spec, q, x, y, lam), has_aux=True)(params)
+        (_, terms), g = clt.loss_and_grad(spec, params, x, y, lam, mesh)
         g = dict(g, W_dec=clt.project_grad(g["W_dec"], params["W_dec"]))
         updates, opt = tx.update(g, state["opt_state"], params)
         new = jax.tree_util.tree_map(jnp.add, params, updates)
@@ -130,7 +131,7 @@ class CLTTrainer:
         self.x_shape = (2 * spec.L, hp.batch_size, spec.d_in)
         replicated = NamedSharding(mesh, P())
         self.init = jax.jit(lambda k: init_state(spec, hp, k), out_shardings=self.state_shardings)
-        self.step = jax.jit(make_train_step(spec, hp), in_shardings=(self.state_shardings, self.x_sharding),
+        self.step = jax.jit(make_train_step(spec, hp, mesh), in_shardings=(self.state_shardings, self.x_sharding),
                             out_shardings=(self.state_shardings, replicated), donate_argnums=0)
         self.heldout_metrics = jax.jit(
             lambda st, xy: heldout(spec, st["params"], st["bt_threshold"], xy),
