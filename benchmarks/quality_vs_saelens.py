@@ -195,7 +195,7 @@ def main(argv=None):
             # SAELens's dead fraction at the bracketing run nearest in L0
             near = min(coeffs, key=lambda c: abs(np.log(theirs[(site, c)]["l0"] / m["l0"])))
             row = {"site": site, "target": target, **m, "saelens_fvu": sl_fvu, "ratio": m["fvu"] / sl_fvu,
-                   "bracketed": inside, "saelens_dead": theirs[(site, near)]["dead"]}
+                   "bracketed": bool(inside), "saelens_dead": theirs[(site, near)]["dead"]}
             rows.append(row)
             print(f"{site:>7} {target:6g} {m['l0']:6.1f} {m['fvu']:6.3f} {sl_fvu:7.3f} {row['ratio']:5.3f}"
                   f"{' ' if inside else '*'} {m['dead']:6.1%} {row['saelens_dead']:8.1%}")

@@ -12,7 +12,8 @@ What it trains on layers 3, 9 and 15, as Gemma Scope 2 did on Gemma 3 (at CPU sc
   site with L0 targets 30 and 60: 18 SAEs in one compiled step;
 - skip-transcoders reading the MLP's input (mlp_in.L, harvested aligned with mlp.L) and
   reconstructing its output, same width and L0 targets: 6 more in a second group.
-400 steps of 512 rows (two passes over the store). Every res SAE is expected to reach FVU < 0.35 at
+400 steps of 512 rows (two passes over the store). Then `saejax analyze` adds dark matter and
+first-letter absorption to the release (docs/analysis.md). Every res SAE is expected to reach FVU < 0.35 at
 L0 < 80 with under 20% dead latents on held-out tokens; README.md records what this run reached.
 
 Why the values differ from Gemma Scope's: a CPU run sees ~10^5 tokens, not 4 * 10^9.
@@ -91,6 +92,10 @@ def get_config(arg: str = ""):
         c.sae.skip = not v.get("plain_transcoders")
         if v.get("plain_transcoders"):
             c.workdir = "runs/default-plain-transcoders"
+    # Analyses of the release (docs/analysis.md): dark matter and first-letter absorption; the
+    # seed-stability run is experiments/absorption.py:plain with sae.seeds=2 (it doubles the SAEs).
+    c.analyze.enabled = not v.get("runlocal")  # tests/test_analyze.py turns it on for :runlocal
+    c.analyze.analyses = ("dark_matter", "absorption")
     if v.get("runlocal"):
         cfg.runlocal(c, "random:tiny-llama")
     if not v.get("plain"):
