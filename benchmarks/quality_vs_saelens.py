@@ -1,6 +1,6 @@
 """saejax's JumpReLU against SAELens's on the same rows: held-out FVU at matched L0, dead latents.
 
-    python benchmarks/quality_vs_saelens.py                      # layer 9: res/att/mlp; one SAELens run took ~30 min on 2 cores at load ~16
+    python benchmarks/quality_vs_saelens.py                      # layer 9: res/att/mlp; one SAELens run takes ~1 min on 2 cores (OMP_NUM_THREADS=1 under load: torch threads thrash)
     python benchmarks/quality_vs_saelens.py --all                # layers 3, 9, 15 (nine sites)
     python benchmarks/quality_vs_saelens.py --set sae.dead_nudge=0   # a saejax variant (config overrides)
 
