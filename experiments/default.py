@@ -94,8 +94,9 @@ def get_config(arg: str = ""):
             c.workdir = "runs/default-plain-transcoders"
     # Analyses of the release (docs/analysis.md): dark matter and first-letter absorption; the
     # seed-stability run is experiments/absorption.py:plain with sae.seeds=2 (it doubles the SAEs).
-    c.analyze.enabled = not v.get("runlocal")  # tests/test_analyze.py turns it on for :runlocal
-    c.analyze.analyses = ("dark_matter", "absorption")
+    if not v.get("runlocal"):  # :runlocal keeps analyze's defaults (tests/test_analyze.py turns it on)
+        c.analyze.enabled = True
+        c.analyze.analyses = ("dark_matter", "absorption")
     if v.get("runlocal"):
         cfg.runlocal(c, "random:tiny-llama")
     if not v.get("plain"):
