@@ -139,31 +139,7 @@ def test_per_group_meshes_resume_bitwise(tmp_path, monkeypatch, capsys):
     for (spec, _), sizes in zip(plans, meshes):
         assert f"[{spec.name}] 2 sites x {spec.K} sweep members, 12 steps of 64 tokens (768 tokens), mesh {sizes}" in err
 
-    class Preempt:  # SIGTERM at step 6 of the second group
-        made = 0
-
-        def __init__(self):
-            Preempt.made += 1
-            self.at = 6 if Preempt.made == 2 else None
-
-        def reached(self, step):
-            return step == self.at
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(loop, "PreemptionWatch", Preempt)
-    c2 = _two_meshes_config(tmp_path / "b")
-    with pytest.raises(loop.Preempted):
-        loop.run(c2)
-    assert sorted(os.listdir(tmp_path / "b" / "train" / plans[1][0].name / "checkpoints")) == ["4", "6"]
-    got = loop.run(c2)
-    assert "resumed from the checkpoint at step 6" in capsys.readouterr().err
-    for a, b in zip(want, got):
-        pa, pb = load_file(os.path.join(a, "params.safetensors")), load_file(os.path.join(b, "params.safetensors"))
-        assert pa.keys() == pb.keys() and all(np.array_equal(pa[k], pb[k]) for k in pa), a
-        ma, mb = (open(os.path.join(os.path.dirname(p), "metrics.jsonl")).read() for p in (a, b))
-        assert ma == mb
+    _preempt_second_and_resume(monkeypatch, capsys, _two_meshes_config(tmp_path / "b"), plans, want)
 
 
 def test_mesh_plan_errors_are_one_line(tmp_path, monkeypatch):
@@ -295,7 +271,13 @@ def test_group_and_clt_on_planned_meshes_resume_bitwise(tmp_path, monkeypatch, c
     assert f"[{plans[1][0].name}] cross-layer transcoder over 2 layers x 4096 latents, 12 steps of 64 tokens " \
            f"(768 tokens), mesh {meshes[1]}" in capsys.readouterr().err
 
-    class Preempt:  # SIGTERM at step 6 of the CLT
+    _preempt_second_and_resume(monkeypatch, capsys, _clt_config(tmp_path / "b"), plans, want)
+
+
+def _preempt_second_and_resume(monkeypatch, capsys, config, plans, want):
+    """SIGTERM at step 6 of the second plan (a group or the CLT), then a resume: the final params and
+    metrics of every plan equal ``want``'s (the uninterrupted run's final folders), bitwise."""
+    class Preempt:
         made = 0
 
         def __init__(self):
@@ -309,11 +291,10 @@ def test_group_and_clt_on_planned_meshes_resume_bitwise(tmp_path, monkeypatch, c
             pass
 
     monkeypatch.setattr(loop, "PreemptionWatch", Preempt)
-    c2 = _clt_config(tmp_path / "b")
     with pytest.raises(loop.Preempted):
-        loop.run(c2)
-    assert sorted(os.listdir(tmp_path / "b" / "train" / plans[1][0].name / "checkpoints")) == ["4", "6"]
-    got = loop.run(c2)
+        loop.run(config)
+    assert sorted(os.listdir(os.path.join(config.workdir, "train", plans[1][0].name, "checkpoints"))) == ["4", "6"]
+    got = loop.run(config)
     assert "resumed from the checkpoint at step 6" in capsys.readouterr().err
     for a, b in zip(want, got):
         pa, pb = load_file(os.path.join(a, "params.safetensors")), load_file(os.path.join(b, "params.safetensors"))

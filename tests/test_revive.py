@@ -19,8 +19,16 @@ def _dead_after_training(**remedy):
     spec = GroupSpec(arch="jumprelu", sites=("res.0",), d=32, width=128, sweep=(0.01,), threshold_param="raw",
                      encoder_init_scale=0.25)
     hp = optim.Hyper(total_steps=300, batch_size=256, lr=3e-3, lr_warmup=20, sparsity_warmup=100, **remedy)
+    return _dead_fraction(src, spec, hp)
+
+
+def _dead_fraction(src, spec, hp, dead_init: int = 0):
+    """Train ``spec`` on ``src`` for hp.total_steps (the first ``dead_init`` latents start with
+    b_enc = -10: no row reaches theta); the fraction of latents silent on 4,096 held-out rows."""
     scale = src.norm_scale("res.0")
     state, step = init_state(spec, hp, jax.random.key(0)), jax.jit(make_train_step(spec, hp), donate_argnums=0)
+    if dead_init:
+        state["params"] = dict(state["params"], b_enc=state["params"]["b_enc"].at[..., :dead_init].set(-10.0))
     for i in range(hp.total_steps):
         state, _ = step(state, jnp.asarray(src.batch(src.sites, i, hp.batch_size) * scale))
     x = src.batch(src.sites, 10 ** 6, 4096) * scale
@@ -110,14 +118,7 @@ def _dead_from_bad_init(**remedy):
                      encoder_init_scale=0.5)
     hp = optim.Hyper(total_steps=300, batch_size=256, lr=3e-3, lr_warmup=20, sparsity_warmup=100,
                      target_l0=(8.0,), **remedy)
-    scale = src.norm_scale("res.0")
-    state, step = init_state(spec, hp, jax.random.key(0)), jax.jit(make_train_step(spec, hp), donate_argnums=0)
-    state["params"] = dict(state["params"], b_enc=state["params"]["b_enc"].at[..., :64].set(-10.0))
-    for i in range(hp.total_steps):
-        state, _ = step(state, jnp.asarray(src.batch(src.sites, i, hp.batch_size) * scale))
-    x = src.batch(src.sites, 10 ** 6, 4096) * scale
-    _, f, _ = SAEGroup(spec).apply({"params": state["params"]}, jnp.asarray(x), None, False)
-    return float(np.mean(~np.any(np.asarray(f[0, 0]) > 0, 0)))
+    return _dead_fraction(src, spec, hp, dead_init=64)
 
 
 def test_bias_revive_revives_what_the_nudge_cannot():
