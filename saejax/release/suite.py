@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 
+from saejax import files
 from saejax.log import progress
 from saejax.release import card as model_card
 from saejax.release import circuit_tracer, fold, gemmascope as gs, saelens
@@ -92,10 +93,7 @@ def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str,
             if released != "jumprelu" and (("gemmascope" in formats and r.get("skip")) or "circuit_tracer" in formats):
                 raise ReleaseError(f"{r['id']}: a {r['arch']} transcoder has no JumpReLU form for Gemma Scope 2's "
                                    f"skip-transcoder layout or circuit-tracer; drop those from release.formats")
-    tmp = f"{root}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with files.atomic_dir(root) as tmp:
         entries = []
         bar = progress(len(picked), "release", unit="SAE")
         sets: dict = {}  # circuit-tracer: (width, member) -> {layer: folded arrays}
@@ -170,10 +168,4 @@ def write(root: str, picked: list[dict], groups: dict, *, name: str, model: str,
         with open(os.path.join(tmp, "suite.json"), "w") as fh:
             json.dump(suite, fh, indent=1)
         model_card.write_readme(tmp, suite, repo=repo)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(root):
-        shutil.rmtree(root)
-    os.replace(tmp, root)
     return suite
