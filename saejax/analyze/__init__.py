@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -207,9 +206,7 @@ def run(config, dry_run: bool = False) -> dict | None:
                "store_manifest_sha256": store.manifest_sha256, "analyses": todo, **_summary(docs)}
     final = wd.analysis_dir(config)
     with wd.stage_lock(config, "analyze", output=final):
-        tmp = f"{final}.tmp-{os.getpid()}"
-        os.makedirs(tmp)
-        try:
+        with files.atomic_dir(final) as tmp:
             for name, doc in docs.items():
                 if doc is None:
                     continue
@@ -218,12 +215,6 @@ def run(config, dry_run: bool = False) -> dict | None:
                 getattr(plots, name)(doc, os.path.join(tmp, f"{name}.png"))
             with open(os.path.join(tmp, "summary.json"), "w") as fh:
                 json.dump(files.json_safe(summary), fh, indent=1, allow_nan=False)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         if _own_release(config):
             from saejax.release import annotate
             pngs = {f"{n}.png": os.path.join(final, f"{n}.png") for n, d in docs.items() if d is not None}

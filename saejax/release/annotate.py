@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 
+from saejax.files import atomic_dir
 from saejax.release.errors import ReleaseError
 
 
@@ -31,14 +32,9 @@ def annotate(root: str, key: str, summary: dict, markdown: str, files: dict[str,
     if not re.fullmatch(r"[a-z_]+", key) or key == "saes":
         raise ReleaseError(f"annotation key {key!r} must be lowercase letters and '_', not 'saes'")
     out = os.path.join(root, key)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name, src in dict(files).items():
-        shutil.copyfile(src, os.path.join(tmp, name))
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        for name, src in dict(files).items():
+            shutil.copyfile(src, os.path.join(tmp, name))
     with open(suite_path) as fh:
         suite = json.load(fh)
     suite[key] = summary
