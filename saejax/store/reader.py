@@ -426,7 +426,6 @@ class Reader:
         b = batch_size // process_count
         out = np.empty((len(sites), b, 3), np.int32)
         for t, site in enumerate(sites):
-            self._stream(site)
             r0 = step * batch_size + process_index * b
             self._read(site, self.split, r0, r0 + b, batch_size, out[t], "meta")
         return out
