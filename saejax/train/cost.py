@@ -342,11 +342,12 @@ def job_time(plans, sizes: dict, chip, itemsize: int = 4) -> tuple[float, int, l
     return total, peak, per
 
 
-def propose(plans, n_devices: int, chip, itemsize: int = 4, processes: int = 1) -> tuple[dict | None, dict]:
+def propose(plans, n_devices: int, chip, itemsize: int = 4, processes: int = 1,
+            whole: bool = True) -> tuple[dict | None, dict]:
     """The mesh with the lowest projected job time (no overlap) that fits ``chip``'s memory, and
     every candidate's (time, peak). Data sharding only while a device keeps ``MIN_ROWS`` rows, latent
-    sharding only when no mesh without it fits (each unless nothing else fits); ties go to more stack,
-    then less latent, sharding."""
+    sharding (with ``whole``) only when no mesh without it fits (each unless nothing else fits); ties
+    go to more stack, then less latent, sharding."""
     table = {}
     for sizes in candidates(plans, n_devices, processes):
         t, peak, _ = job_time(plans, sizes, chip, itemsize)
@@ -354,8 +355,8 @@ def propose(plans, n_devices: int, chip, itemsize: int = 4, processes: int = 1) 
     fits = {k: v for k, v in table.items() if v[1] <= chip.hbm}
     many = {k: v for k, v in fits.items() if min(hp.batch_size for _, hp in plans) // k[0] >= MIN_ROWS}
     pool = many or fits
-    whole = {k: v for k, v in pool.items() if k[2] == 1}  # latent sharding only when nothing else fits
-    pool = whole or pool
+    if whole:  # latent sharding only when nothing else fits
+        pool = {k: v for k, v in pool.items() if k[2] == 1} or pool
     if not pool:
         return None, table
     best = min(pool, key=lambda k: (pool[k][0], -k[1], k[2]))
@@ -371,15 +372,16 @@ def pad_plans(plans, multiple: int) -> list:
 def propose_padded(plans, n_devices: int, chip, itemsize: int = 4, processes: int = 1, pad=0):
     """``propose`` with idle slots per ``mesh.pad_sites`` (``pad``): 0 none, N every group padded to a
     multiple of N; "auto": every padding to a multiple m of a divisor of ``n_devices`` is tried
-    (``propose`` for each) and the one of least projected job time wins, its idle slots' work
-    counted (ties: the fewest idle slots). Returns (the plans padded, the mesh or None, its table)."""
+    (``propose`` for each, without its preference for meshes without latent sharding) and the
+    (padding, mesh) of least projected job time wins, its idle slots' work counted (ties: the fewest
+    idle slots). Returns (the plans padded, the mesh or None, its table)."""
     if pad != "auto":
         plans = pad_plans(plans, int(pad) or 1)
         return (plans,) + propose(plans, n_devices, chip, itemsize, processes)
     best = None
     for m in (_divisors(n_devices) if not all(is_clt(p) for p, _ in plans) else [1]):
         padded = pad_plans(plans, m)
-        mesh, table = propose(padded, n_devices, chip, itemsize, processes)
+        mesh, table = propose(padded, n_devices, chip, itemsize, processes, whole=False)
         if mesh is None:
             continue
         rank = (table[key(mesh)][0], sum(p.pad for p, _ in padded if not is_clt(p)))
