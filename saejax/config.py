@@ -645,5 +645,6 @@ def runlocal(c: ml_collections.ConfigDict, model: str) -> None:
     c.train.sparsity_warmup = 0.5
     c.mesh.data, c.mesh.stack, c.mesh.latent = -1, 1, 1
     c.mesh.plan = "fixed"
+    c.mesh.pad_sites = 0
     c.evaluate.contexts = 4
     c.evaluate.latent_cards = 2

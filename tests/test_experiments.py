@@ -99,7 +99,8 @@ def _docstring_memory(name):
     import re
     path = os.path.join(REPO, "experiments", f"{name}.py")
     text = open(path).read()
-    meshes = re.findall(r"^\s+(jumprelu_\S+)\s.*\smesh data (\d+) x stack (\d+) x latent (\d+)$", text, re.M)
+    meshes = re.findall(r"^\s+(jumprelu_\S+)\s.*?(\d+) sites(?: \+ (\d+) idle slots)?\s+mesh data (\d+) x stack (\d+) "
+                        r"x latent (\d+)$", text, re.M)
     peaks = re.findall(r"^\s+(:width=\S+|both widths)\s+peak ([\d.,]+) GiB per device$", text, re.M)
     harvest = re.search(r"^\s+harvest\s+shuffle buffers ~([\d.,]+ [GT]B) per process", text, re.M)
     return path, meshes, peaks, harvest.group(1) if harvest else None
@@ -108,7 +109,7 @@ def _docstring_memory(name):
 @pytest.mark.parametrize("name", ["gemma2_2b", "gemma2_9b"])
 def test_docstring_memory_equals_the_dry_run(name, monkeypatch):
     """The meshes and memory figures a Gemma config's docstring quotes are what the dry run computes:
-    each group's mesh (mesh.plan = "auto": the planner's per group, cost.group_meshes, for the slice
+    each group's idle slots and mesh (mesh.plan = "auto": the planner's per group, cost.plan_meshes, for the slice
     the config names and one process per host), the job's per-device peak for each width set
     (cost.memory_plan, what the dry run prints) and the harvest's shuffle buffers per process."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -120,7 +121,7 @@ def test_docstring_memory_equals_the_dry_run(name, monkeypatch):
     from saejax.train.plan import plan_groups
     path, meshes, peaks, buffers = _docstring_memory(name)
     assert len(meshes) == 4 and len(peaks) == 3 and buffers, "the docstring's memory block is missing"
-    quoted = {g: tuple(map(int, m)) for g, *m in meshes}
+    quoted = {g: (int(n), int(pad or 0), tuple(map(int, m))) for g, n, pad, *m in meshes}
     seen = {}
     for variant, peak in peaks:
         config = cfg.load(path + (variant if variant.startswith(":") else ""))
@@ -128,9 +129,9 @@ def test_docstring_memory_equals_the_dry_run(name, monkeypatch):
         n = cost.math.prod(cost.sizes_of(config.mesh).values())
         model = models.load_shape(config.model.source)
         plans = plan_groups(config, PlannedSource({s: int(model.site_width(s)) for s in cfg.sites(config)}))
-        got = cost.group_meshes(config, plans, n, n // chips.get(config.mesh.target_chip).chips_per_host)
-        for (spec, _), sizes in zip(plans, got):
-            assert quoted[spec.name] == cost.key(sizes), (variant, spec.name, sizes)
+        plans, got = cost.plan_meshes(config, plans, n, n // chips.get(config.mesh.target_chip).chips_per_host)
+        for (spec, _), sizes in zip(plans, got):  # sites, idle slots (mesh.pad_sites) and mesh
+            assert quoted[spec.name] == (spec.n_sites, spec.pad, cost.key(sizes)), (variant, spec.name, sizes)
             seen[spec.name] = sizes
         gib = cost.memory_plan(config, plans, got)["peak"] / 2 ** 30
         assert f"{gib:,.2f}" == peak, (variant, gib, peak)
