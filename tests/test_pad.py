@@ -114,3 +114,23 @@ def test_pad_sites_config_and_fingerprint():
     spec, hp, src = _setup("jumprelu", 3)
     # Idle slots are the mesh's business: a padded group's fingerprint is the unpadded one's.
     assert loop.fingerprint(dataclasses.replace(spec, pad=5), hp, 0, src) == loop.fingerprint(spec, hp, 0, src)
+
+
+def test_padded_skip_transcoder_group_bitwise_and_export(tmp_path):
+    """A skip-transcoder group (reads mlp_in.L, writes mlp.L) with an idle slot: its (input, target)
+    rows get a zero block each, and its real pairs train bitwise as unpadded; final/ names the pairs."""
+    from saejax.data.synthetic import SyntheticPairs
+    src = SyntheticPairs((0, 1), d=D, n_features=32, active=2, seed=0, dense=2)
+    spec = GroupSpec(arch="topk", sites=("mlp.0", "mlp.1"), reads=("mlp_in.0", "mlp_in.1"), d=D, d_out=D, skip=True,
+                     width=M, sweep=(3.0,), auxk_k=8)
+    hp = optim.Hyper(total_steps=8, batch_size=B, lr=1e-2, lr_warmup=1, dead_steps=2, b_dec_init="mean")
+    mesh = meshlib.make_mesh(dict(data=1, stack=1, latent=1), jax.devices()[:1])
+    ref, ref_log, ref_final = _train(spec, hp, src, mesh, tmp_path, "ref")
+    got, got_log, got_final = _train(dataclasses.replace(spec, pad=1), hp, src, mesh, tmp_path, "pad")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref["params"]), jax.tree_util.tree_leaves(got["params"])):
+        assert np.array_equal(a, b[:2]) and np.all(np.isfinite(b)), jax.tree_util.keystr(path)
+    assert ref_log == got_log
+    a, b = sae_io.load_group(ref_final), sae_io.load_group(got_final)
+    assert a[1] == b[1] and b[1]["reads"] == ["mlp_in.0", "mlp_in.1"]
+    for k in a[0]:
+        assert np.array_equal(a[0][k], b[0][k]), k
