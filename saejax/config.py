@@ -183,7 +183,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.mesh.stack = 1
     # "fixed": every group trains on the mesh above. "auto": the axis sizes give only the number of
     # devices (their product; and the harvest's mesh); each group trains on the mesh the planner
-    # proposes for it alone among meshes of those devices (saejax.train.cost.group_meshes).
+    # proposes for it alone among meshes of those devices (saejax.train.cost.plan_meshes).
     c.mesh.plan = "fixed"
     # Idle SAE slots appended to each SAE and transcoder group's sites (never a CLT's) so that the
     # stack axis can divide them: 0 none; an int N: every group padded to a multiple of N sites;
