@@ -31,6 +31,7 @@ from saejax.tracking import Tracker, group_scalars
 from saejax.train import checkpoint as ckpt
 from saejax.train import clt_step
 from saejax.train import cost
+from saejax.sae.group import GroupSpec
 from saejax.train.export import save_final
 from saejax.train.plan import dry_run_report, plan_groups, state_memory
 from saejax.train.trainer import Trainer, norm_scales, to_host
@@ -69,7 +70,7 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
     trainer = trainer or Trainer(spec, hp, mesh, seed)
     ckpts = ckpt.Checkpoints(ckpt_dir, checkpoint_every, keep_checkpoints) if ckpt_dir else None
     if state is None and ckpts is not None and ckpts.latest_step() is not None:
-        saved = ckpts.slots()
+        saved = ckpts.slots() if isinstance(spec, GroupSpec) else None  # (a CLT has no slots)
         if saved is not None and saved != spec.T:
             raise ckpt.CheckpointError(
                 f"{ckpt_dir}: its checkpoint has {saved} SAE slots per member, this plan {spec.T} "
@@ -122,7 +123,7 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
             elif save:
                 state = _freeze_nonfinite(spec, hp, state, trainer, None, done)
             if save:
-                if bool(np.all(np.asarray(jax.device_get(trainer.replicate(state["frozen"])))[:spec.n_sites])):
+                if bool(np.all(_real(spec, np.asarray(jax.device_get(trainer.replicate(state["frozen"])))))):
                     raise NonFinite(f"every SAE of group {spec.name} went non-finite by step {done}; "
                                     f"the last good checkpoint (step {ckpts.latest_step()}) is kept")
                 ckpts.save(done, state, force=True)
@@ -146,12 +147,18 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
     return state
 
 
+def _real(spec, a):
+    """The real sites' rows of a per-SAE array (leading axis: a group's T slots; a CLT's as it is)."""
+    pad = getattr(spec, "pad", 0)
+    return a[:len(a) - pad] if pad else a
+
+
 def real_sites(spec, tree):
     """The real sites' rows of every per-SAE leaf (leading axis T, the slots) of a host ``tree``;
     other leaves (scalars) as they are."""
-    if not spec.pad:
+    if not getattr(spec, "pad", 0):
         return tree
-    return {k: v[:spec.n_sites] if np.ndim(v) and np.shape(v)[0] == spec.T else v for k, v in tree.items()}
+    return {k: _real(spec, v) if np.ndim(v) and np.shape(v)[0] == spec.T else v for k, v in tree.items()}
 
 
 def _span(a) -> str:
@@ -170,9 +177,10 @@ def _freeze_nonfinite(spec, hp, state, trainer, loss, step):
     steps only: no per-step host sync). ``loss`` [n_sites, K] (the real sites') or None. Idle
     slots are frozen from the start and never checked."""
     bad = ~np.asarray(jax.device_get(trainer.finite(state["params"])))
-    bad[spec.n_sites:] = False
+    n = len(_real(spec, bad))  # the real sites: idle slots are never checked
+    bad[n:] = False
     if loss is not None:
-        bad[:spec.n_sites] |= ~np.isfinite(np.asarray(loss))
+        bad[:n] |= ~np.isfinite(np.asarray(loss))
     frozen = np.asarray(jax.device_get(trainer.replicate(state["frozen"])))
     new = bad & ~frozen
     if new.any():
