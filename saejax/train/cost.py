@@ -424,7 +424,8 @@ def plan_meshes(config, plans, n_devices: int, processes: int = 1) -> tuple[list
 
 
 def group_meshes(config, plans, n_devices: int, processes: int = 1) -> list[dict]:
-    """Each group's mesh of ``n_devices`` (``plan_meshes``' meshes)."""
+    """Each group's mesh of ``n_devices`` (``plan_meshes``' meshes: with ``mesh.pad_sites``, meshes
+    for the padded plans ``plan_meshes`` returns, not for ``plans``)."""
     return plan_meshes(config, plans, n_devices, processes)[1]
 
 
