@@ -80,13 +80,15 @@ def test_gemma_dry_run_plans_the_slice_offline(tmp_path, monkeypatch):
     assert "res.25: width 2304" in text and "att.25: width 2048" in text  # Gemma 2 2B's site widths
     assert "needs 64 devices" in text
     line = next(ln for ln in text.splitlines() if "[jumprelu_d2304_w16384] dry run:" in ln)
-    # 52 sites x 5 targets x (2 x 2304 x 16384 + 16384 + 16384 + 2304) fp32, over stack 4 x latent 16:
-    # mesh.plan = "auto" gives each group its own mesh (the 26 att sites allow only stack 2)
-    assert "per device: params 1,171.1 MiB" in line, line
-    assert "mesh {'data': 1, 'stack': 4, 'latent': 16}" in next(
-        ln for ln in text.splitlines() if ln.startswith("[jumprelu_d2304_w16384] 52 sites"))
-    assert "mesh {'data': 2, 'stack': 2, 'latent': 16}" in next(  # bf16 matmuls: the planner's choice
-        ln for ln in text.splitlines() if ln.startswith("[jumprelu_d2048_w16384] 26 sites"))
+    # (52 sites + 4 idle slots) x 5 targets x (2 x 2304 x 16384 + 16384 + 16384 + 2304) fp32, over
+    # stack 8 x latent 8: mesh.plan = "auto" and mesh.pad_sites = "auto" give each group its own
+    # padding and mesh (the 26 att sites alone allow only stack 2; padded to 32 slots, 32)
+    assert "per device: params 1,260.9 MiB" in line, line
+    assert "mesh {'data': 1, 'stack': 8, 'latent': 8}" in next(
+        ln for ln in text.splitlines() if ln.startswith("[jumprelu_d2304_w16384] 52 sites + 4 idle slots x 5"))
+    assert "mesh {'data': 1, 'stack': 32, 'latent': 2}" in next(  # bf16 matmuls: the planner's choice
+        ln for ln in text.splitlines() if ln.startswith("[jumprelu_d2048_w16384] 26 sites + 6 idle slots x 5"))
+    assert "(50.9% of bf16 peak in useful work)" in text
     # the step compiled on 64 virtual devices, projected on v5p, and the planner's proposal
     assert "[jumprelu_d2304_w16384] step cost per device, compiled program" in text
     assert "[jumprelu_d2304_w16384] projected on v5p" in text and "mesh planner (64 v5p chips)" in text
