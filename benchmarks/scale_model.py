@@ -5,10 +5,11 @@
 
 For each config and width: the groups the config plans (Gemma 2's built-in shapes, offline), each
 group's mesh of ``--chips`` chips of ``--chip`` (``--plan auto``, the default: the planner's proposal
-for each group alone, mesh.plan = "auto", saejax.train.cost.group_meshes; ``--plan one``: the
-planner's one mesh for every group of the job, saejax.train.cost.propose), the real train step
+for each group alone, mesh.plan = "auto", saejax.train.cost.plan_meshes; ``--plan one``: the
+planner's one mesh for every group of the job, saejax.train.cost.propose_padded), with idle slots
+where the planner finds they pay (mesh.pad_sites = "auto"; ``--pad 0``: none), the real train step
 compiled for each mesh on that many virtual CPU devices, and the cost model's projection:
-the fraction of bf16 peak without overlap inside the step (compute + HBM + interconnect summed) and
+the fraction of bf16 peak (useful work: the real sites') without overlap inside the step (compute + HBM + interconnect summed) and
 with perfect overlap (their max), the host-read floor, and the limiting resource. These are
 PROJECTIONS from public chip figures (saejax/chips.py), not measurements; Gemma Scope's 50.8% of
 peak was measured on TPUv3. ``--matmul bf16`` trains with bf16 matmul inputs (the config key the
@@ -44,6 +45,7 @@ def main() -> None:
     p.add_argument("--matmul", choices=("bf16", "config"), default="bf16")
     p.add_argument("--plan", choices=("auto", "one"), default="auto",
                    help="a mesh per group (mesh.plan=auto) or the one best mesh for every group")
+    p.add_argument("--pad", default="auto", help="mesh.pad_sites: auto (the planner's idle slots), 0 or N")
     a = p.parse_args()
 
     from saejax import config as cfg, models
@@ -57,7 +59,7 @@ def main() -> None:
     for name, width in CASES:
         path = os.path.join(REPO, "experiments", name)
         over = [f"--config.mesh.target_chip={a.chip}", f"--config.mesh.data={a.chips}", "--config.mesh.stack=1",
-                "--config.mesh.latent=1", "--config.mesh.plan=auto"]
+                "--config.mesh.latent=1", "--config.mesh.plan=auto", f"--config.mesh.pad_sites={a.pad}"]
         config = cfg.load(f"{path}:width={width}", over)
         if a.matmul == "bf16":
             config = cfg.load(f"{path}:width={width}", over + bf16_overrides(config))
@@ -67,14 +69,14 @@ def main() -> None:
         itemsize = cost.store_itemsize(config)
         processes = max(1, a.chips // chip.chips_per_host)
         if a.plan == "one":
-            best, _ = cost.propose(plans, a.chips, chip, itemsize, processes)
+            plans, best, _ = cost.propose_padded(plans, a.chips, chip, itemsize, processes, config.mesh.pad_sites)
             if best is None:
                 print(f"{name}:{width}: no one mesh of {a.chips} chips fits every group")
                 continue
             meshes = [best] * len(plans)
         else:
             try:
-                meshes = cost.group_meshes(config, plans, a.chips, processes)
+                plans, meshes = cost.plan_meshes(config, plans, a.chips, processes)
             except cost.PlanError as e:
                 print(f"{name}:{width}: {e}")
                 continue
@@ -82,11 +84,13 @@ def main() -> None:
         programs = cost.measure_groups(plans, meshes)
         print(f"\n{name}:width={width}  {'a mesh per group' if a.plan == 'auto' else 'one mesh'} (compiled on "
               f"{a.chips} virtual CPU devices in {time.time() - t0:.1f} s)")
-        names = {f"[{spec.name}] projected": sz for (spec, _), sz in zip(plans, meshes)}
+        names = {f"[{spec.name}] projected": (sz, spec) for (spec, _), sz in zip(plans, meshes)}
         for line in cost.report(config, plans, meshes, programs):
-            sizes = next((sz for head, sz in names.items() if line.startswith(head)), None)
-            if sizes is not None:
-                print(f"  {line.split(' ')[0]} mesh {sizes}")
+            got = next((v for head, v in names.items() if line.startswith(head)), None)
+            if got is not None:
+                sizes, spec = got
+                slots = f"{spec.n_sites} sites" + (f" + {spec.pad} idle slots" if spec.pad else "")
+                print(f"  {line.split(' ')[0]} {slots}, mesh {sizes}")
             if "projected on" in line or "job peak" in line:
                 print("  " + line)
 

@@ -8,16 +8,17 @@ schedules, 4B tokens for 16k-wide and 8B for 65k-wide SAEs.
 
 Hardware: sized for a Cloud TPU v5p slice of 64 chips (v5p-128, 95 GB HBM each). Each (input width,
 latent width) is its own group with its own step count, trained one after another, each on the mesh
-the dry run's planner proposes for it alone (mesh.plan = "auto", for the configured matmul precision;
-stack must divide the group's sites: the 26 att sites allow 2 stack shards on 64 chips, the 52 res
-and mlp sites 4). The dry run (offline too: Gemma 2's shapes are built in) prints per group the
-compiled step's cost projected on v5p and the job's memory:
+the dry run's planner proposes for it alone (mesh.plan = "auto", for the configured matmul precision),
+with idle SAE slots where they pay (mesh.pad_sites = "auto": stack must divide a group's slots; the
+26 att sites alone allow 2 stack shards on 64 chips, padded to 32 slots they take 32, the idle
+slots' work counted; docs/training.md). The dry run (offline too: Gemma 2's shapes are built in)
+prints per group the compiled step's cost projected on v5p and the job's memory:
 
-    jumprelu_d2048_w16384  att, 26 sites       mesh data 2 x stack 2 x latent 16
-    jumprelu_d2304_w16384  res+mlp, 52 sites   mesh data 1 x stack 4 x latent 16
-    jumprelu_d2048_w65536  att, 26 sites       mesh data 1 x stack 2 x latent 32
-    jumprelu_d2304_w65536  res+mlp, 52 sites   mesh data 1 x stack 4 x latent 16
-    :width=16k       peak 2.98 GiB per device
+    jumprelu_d2048_w16384  att, 26 sites + 6 idle slots       mesh data 1 x stack 32 x latent 2
+    jumprelu_d2304_w16384  res+mlp, 52 sites + 4 idle slots   mesh data 1 x stack 8 x latent 8
+    jumprelu_d2048_w65536  att, 26 sites                      mesh data 1 x stack 2 x latent 32
+    jumprelu_d2304_w65536  res+mlp, 52 sites                  mesh data 1 x stack 4 x latent 16
+    :width=16k       peak 3.10 GiB per device
     :width=65k       peak 10.32 GiB per device
     both widths      peak 10.32 GiB per device
     harvest          shuffle buffers ~158.6 GB per process (of a v5p host's 448 GB)
@@ -84,6 +85,7 @@ def get_config(arg: str = ""):
     # (the docstring's table). The axes are also the harvest's mesh: the model replicated, batch split.
     c.mesh.data, c.mesh.stack, c.mesh.latent = 64, 1, 1
     c.mesh.plan = "auto"
+    c.mesh.pad_sites = "auto"  # idle slots where they pay: stack need not divide the sites (docstring)
     c.evaluate.contexts = 2048
     c.release.name = "saejax-gemma2-2b"
     c.release.l0 = ()  # every calibrated level

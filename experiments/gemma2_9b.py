@@ -4,17 +4,18 @@
 per site; 4B tokens for 16k-wide, 8B for 131k-wide SAEs; 1,024-token contexts. Sized for a Cloud TPU
 v5p slice of 256 chips (v5p-512); each group trains on the mesh the dry run's planner proposes for it
 alone (mesh.plan = "auto", for the configured matmul precision; Gemma Scope sharded wide SAEs over
-latents, Megatron style; stack must divide the group's sites: 84 res and mlp sites allow 4 stack
-shards, 42 att sites 2). The dry run (offline too: Gemma 2's shapes are built in) prints per group the
-compiled step's cost projected on v5p and the job's memory:
+latents, Megatron style), with idle SAE slots where they pay (mesh.pad_sites = "auto": stack must
+divide a group's slots; 84 res and mlp sites alone allow 4 stack shards, 42 att sites 2). The dry run
+(offline too: Gemma 2's shapes are built in) prints per group the compiled step's cost projected on
+v5p and the job's memory:
 
-    jumprelu_d3584_w16384   res+mlp, 84 sites  mesh data 2 x stack 4 x latent 32
-    jumprelu_d4096_w16384   att, 42 sites      mesh data 4 x stack 2 x latent 32
-    jumprelu_d3584_w131072  res+mlp, 84 sites  mesh data 1 x stack 4 x latent 64
-    jumprelu_d4096_w131072  att, 42 sites      mesh data 1 x stack 2 x latent 128
-    :width=16k       peak 3.71 GiB per device
-    :width=131k      peak 13.13 GiB per device
-    both widths      peak 13.13 GiB per device
+    jumprelu_d3584_w16384   res+mlp, 84 sites + 12 idle slots  mesh data 1 x stack 32 x latent 8
+    jumprelu_d4096_w16384   att, 42 sites + 6 idle slots       mesh data 1 x stack 16 x latent 16
+    jumprelu_d3584_w131072  res+mlp, 84 sites + 4 idle slots   mesh data 1 x stack 8 x latent 32
+    jumprelu_d4096_w131072  att, 42 sites + 6 idle slots       mesh data 1 x stack 16 x latent 16
+    :width=16k       peak 2.30 GiB per device
+    :width=131k      peak 13.51 GiB per device
+    both widths      peak 13.51 GiB per device
     harvest          shuffle buffers ~247.8 GB per process (of a v5p host's 448 GB)
 
 (tests/test_experiments.py keeps these equal to the dry run's figures.) So:
@@ -62,6 +63,7 @@ def get_config(arg: str = ""):
     # (the docstring's table). The axes are also the harvest's mesh: the model replicated, batch split.
     c.mesh.data, c.mesh.stack, c.mesh.latent = 256, 1, 1
     c.mesh.plan = "auto"
+    c.mesh.pad_sites = "auto"  # idle slots where they pay: stack need not divide the sites (docstring)
     c.evaluate.contexts = 2048
     c.release.name = "saejax-gemma2-9b"
     if v.get("runlocal"):

@@ -183,8 +183,13 @@ def defaults() -> ml_collections.ConfigDict:
     c.mesh.stack = 1
     # "fixed": every group trains on the mesh above. "auto": the axis sizes give only the number of
     # devices (their product; and the harvest's mesh); each group trains on the mesh the planner
-    # proposes for it alone among meshes of those devices (saejax.train.cost.group_meshes).
+    # proposes for it alone among meshes of those devices (saejax.train.cost.plan_meshes).
     c.mesh.plan = "fixed"
+    # Idle SAE slots appended to each SAE and transcoder group's sites (never a CLT's) so that the
+    # stack axis can divide them: 0 none; an int N: every group padded to a multiple of N sites;
+    # "auto" (mesh.plan="auto" only): the planner picks each group's padding with its mesh, the idle
+    # slots' work counted (docs/training.md, padding). A real site trains exactly as unpadded.
+    c.mesh.pad_sites = ml_collections.FieldReference(0, field_type=object)  # an int or "auto"
     # The chip the dry run's step cost model and memory checks plan for (saejax/chips.py: v5p, v5e,
     # v4, h100, h200); a plan that exceeds its device memory or one host's memory is refused.
     c.mesh.target_chip = "v5p"
@@ -246,6 +251,9 @@ def _parse_value(text: str):
         return text
 
 
+ANY_TYPE = {"mesh.pad_sites"}  # keys that take an int or a string
+
+
 def set_value(config: ml_collections.ConfigDict, key: str, raw) -> None:
     """Set ``config.<key>`` (dotted) with the key named in any error."""
     parts = key.split(".")
@@ -259,6 +267,9 @@ def set_value(config: ml_collections.ConfigDict, key: str, raw) -> None:
         raise ConfigError(f"unknown config key '{key}'")
     value = _parse_value(raw) if isinstance(raw, str) else raw
     old = node[leaf]
+    if key in ANY_TYPE:  # a key of several types (its validation checks the value)
+        node[leaf] = value
+        return
     if isinstance(old, tuple) and isinstance(value, (list, int, float, str)) and not isinstance(value, tuple):
         value = tuple(value) if isinstance(value, list) else (value,)
     if isinstance(old, str) and not isinstance(value, str):
@@ -487,6 +498,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _check(size == -1 or size >= 1, f"mesh.{axis}", "must be -1 or a positive int")
     _check([c.mesh[a] for a in ("data", "latent", "stack")].count(-1) <= 1, "mesh", "at most one axis may be -1")
     _check(c.mesh.plan in ("fixed", "auto"), "mesh.plan", f"{c.mesh.plan!r} is not 'fixed' or 'auto'")
+    pad = c.mesh.pad_sites
+    _check(pad == "auto" or (isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0), "mesh.pad_sites",
+           f"{pad!r} is not an int >= 0 or 'auto'")
+    _check(pad != "auto" or c.mesh.plan == "auto", "mesh.pad_sites", "'auto' needs mesh.plan='auto'")
     from saejax.chips import CHIPS
     _check(c.mesh.target_chip in CHIPS, "mesh.target_chip", f"{c.mesh.target_chip!r} is not one of {tuple(CHIPS)}")
     for f in c.release.formats:
@@ -630,5 +645,6 @@ def runlocal(c: ml_collections.ConfigDict, model: str) -> None:
     c.train.sparsity_warmup = 0.5
     c.mesh.data, c.mesh.stack, c.mesh.latent = -1, 1, 1
     c.mesh.plan = "fixed"
+    c.mesh.pad_sites = 0
     c.evaluate.contexts = 4
     c.evaluate.latent_cards = 2

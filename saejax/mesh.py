@@ -108,7 +108,8 @@ def validate_group(sizes, T: int, width: int, batch_size: int, n_devices: int | 
     shape = dict(zip(AXES, mesh_shape({a: sizes[a] for a in AXES}, n)))
     where = f" (group {name})" if name else ""
     if T % shape["stack"]:
-        raise MeshError(f"mesh.stack={shape['stack']} does not divide the {T} sites{where}")
+        raise MeshError(f"mesh.stack={shape['stack']} does not divide the {T} sites{where}; "
+                        f"or pad them with idle slots (mesh.pad_sites)")
     if width % shape["latent"]:
         raise MeshError(f"mesh.latent={shape['latent']} does not divide the latent width {width}{where}")
     if batch_size % shape["data"]:

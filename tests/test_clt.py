@@ -282,7 +282,7 @@ def test_pipeline_evaluate_release_load(tmp_path):
 
 def test_gemma2_2b_clt_variant_planned_as_its_docstring_says(monkeypatch):
     """experiments/gemma2_2b.py:clt: 26 layers x 16k, sparse decoding; with mesh.plan = "auto" the
-    CLT's mesh is the planner's (cost.group_meshes, stack 1), and the docstring quotes that mesh, the
+    CLT's mesh is the planner's (cost.plan_meshes, stack 1, never padded), and the docstring quotes that mesh, the
     job's per-device peak (cost.memory_plan, the dry run's figure) and the CLT's state on it."""
     import os
     import re
@@ -301,7 +301,7 @@ def test_gemma2_2b_clt_variant_planned_as_its_docstring_says(monkeypatch):
     assert spec.layers == tuple(range(26)) and spec.width == 16384 and spec.sparse
     plans = plan_groups(c, src) + [(spec, hp)]
     n = cost.math.prod(cost.sizes_of(c.mesh).values())
-    meshes = cost.group_meshes(c, plans, n, n // chips.get(c.mesh.target_chip).chips_per_host)
+    plans, meshes = cost.plan_meshes(c, plans, n, n // chips.get(c.mesh.target_chip).chips_per_host)
     text = open(path).read()
     name, *sizes, peak = re.search(r"^\s+:clt\s+(\S+)\s+mesh data (\d+) x stack (\d+) x latent (\d+), "
                                    r"peak ([\d.,]+) GiB per device$", text, re.M).groups()

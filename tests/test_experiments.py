@@ -80,13 +80,15 @@ def test_gemma_dry_run_plans_the_slice_offline(tmp_path, monkeypatch):
     assert "res.25: width 2304" in text and "att.25: width 2048" in text  # Gemma 2 2B's site widths
     assert "needs 64 devices" in text
     line = next(ln for ln in text.splitlines() if "[jumprelu_d2304_w16384] dry run:" in ln)
-    # 52 sites x 5 targets x (2 x 2304 x 16384 + 16384 + 16384 + 2304) fp32, over stack 4 x latent 16:
-    # mesh.plan = "auto" gives each group its own mesh (the 26 att sites allow only stack 2)
-    assert "per device: params 1,171.1 MiB" in line, line
-    assert "mesh {'data': 1, 'stack': 4, 'latent': 16}" in next(
-        ln for ln in text.splitlines() if ln.startswith("[jumprelu_d2304_w16384] 52 sites"))
-    assert "mesh {'data': 2, 'stack': 2, 'latent': 16}" in next(  # bf16 matmuls: the planner's choice
-        ln for ln in text.splitlines() if ln.startswith("[jumprelu_d2048_w16384] 26 sites"))
+    # (52 sites + 4 idle slots) x 5 targets x (2 x 2304 x 16384 + 16384 + 16384 + 2304) fp32, over
+    # stack 8 x latent 8: mesh.plan = "auto" and mesh.pad_sites = "auto" give each group its own
+    # padding and mesh (the 26 att sites alone allow only stack 2; padded to 32 slots, 32)
+    assert "per device: params 1,260.9 MiB" in line, line
+    assert "mesh {'data': 1, 'stack': 8, 'latent': 8}" in next(
+        ln for ln in text.splitlines() if ln.startswith("[jumprelu_d2304_w16384] 52 sites + 4 idle slots x 5"))
+    assert "mesh {'data': 1, 'stack': 32, 'latent': 2}" in next(  # bf16 matmuls: the planner's choice
+        ln for ln in text.splitlines() if ln.startswith("[jumprelu_d2048_w16384] 26 sites + 6 idle slots x 5"))
+    assert "(50.9% of bf16 peak in useful work)" in text
     # the step compiled on 64 virtual devices, projected on v5p, and the planner's proposal
     assert "[jumprelu_d2304_w16384] step cost per device, compiled program" in text
     assert "[jumprelu_d2304_w16384] projected on v5p" in text and "mesh planner (64 v5p chips)" in text
@@ -99,7 +101,8 @@ def _docstring_memory(name):
     import re
     path = os.path.join(REPO, "experiments", f"{name}.py")
     text = open(path).read()
-    meshes = re.findall(r"^\s+(jumprelu_\S+)\s.*\smesh data (\d+) x stack (\d+) x latent (\d+)$", text, re.M)
+    meshes = re.findall(r"^\s+(jumprelu_\S+)\s.*?(\d+) sites(?: \+ (\d+) idle slots)?\s+mesh data (\d+) x stack (\d+) "
+                        r"x latent (\d+)$", text, re.M)
     peaks = re.findall(r"^\s+(:width=\S+|both widths)\s+peak ([\d.,]+) GiB per device$", text, re.M)
     harvest = re.search(r"^\s+harvest\s+shuffle buffers ~([\d.,]+ [GT]B) per process", text, re.M)
     return path, meshes, peaks, harvest.group(1) if harvest else None
@@ -108,7 +111,7 @@ def _docstring_memory(name):
 @pytest.mark.parametrize("name", ["gemma2_2b", "gemma2_9b"])
 def test_docstring_memory_equals_the_dry_run(name, monkeypatch):
     """The meshes and memory figures a Gemma config's docstring quotes are what the dry run computes:
-    each group's mesh (mesh.plan = "auto": the planner's per group, cost.group_meshes, for the slice
+    each group's idle slots and mesh (mesh.plan = "auto": the planner's per group, cost.plan_meshes, for the slice
     the config names and one process per host), the job's per-device peak for each width set
     (cost.memory_plan, what the dry run prints) and the harvest's shuffle buffers per process."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -120,7 +123,7 @@ def test_docstring_memory_equals_the_dry_run(name, monkeypatch):
     from saejax.train.plan import plan_groups
     path, meshes, peaks, buffers = _docstring_memory(name)
     assert len(meshes) == 4 and len(peaks) == 3 and buffers, "the docstring's memory block is missing"
-    quoted = {g: tuple(map(int, m)) for g, *m in meshes}
+    quoted = {g: (int(n), int(pad or 0), tuple(map(int, m))) for g, n, pad, *m in meshes}
     seen = {}
     for variant, peak in peaks:
         config = cfg.load(path + (variant if variant.startswith(":") else ""))
@@ -128,9 +131,9 @@ def test_docstring_memory_equals_the_dry_run(name, monkeypatch):
         n = cost.math.prod(cost.sizes_of(config.mesh).values())
         model = models.load_shape(config.model.source)
         plans = plan_groups(config, PlannedSource({s: int(model.site_width(s)) for s in cfg.sites(config)}))
-        got = cost.group_meshes(config, plans, n, n // chips.get(config.mesh.target_chip).chips_per_host)
-        for (spec, _), sizes in zip(plans, got):
-            assert quoted[spec.name] == cost.key(sizes), (variant, spec.name, sizes)
+        plans, got = cost.plan_meshes(config, plans, n, n // chips.get(config.mesh.target_chip).chips_per_host)
+        for (spec, _), sizes in zip(plans, got):  # sites, idle slots (mesh.pad_sites) and mesh
+            assert quoted[spec.name] == (spec.n_sites, spec.pad, cost.key(sizes)), (variant, spec.name, sizes)
             seen[spec.name] = sizes
         gib = cost.memory_plan(config, plans, got)["peak"] / 2 ** 30
         assert f"{gib:,.2f}" == peak, (variant, gib, peak)

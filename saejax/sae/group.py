@@ -16,6 +16,12 @@ For a batch ``x [T, B, d]`` (site t's rows, normalized so that E||x||^2 = 1), SA
 
 The sweep members of a site all read the same rows: the data is never copied K times.
 
+Idle slots (``GroupSpec.pad``, config ``mesh.pad_sites``): ``pad`` SAE slots appended after the real
+sites on the stacked axis, so that the mesh's ``stack`` axis can divide it (docs/training.md, padding).
+``T`` counts slots (every shape: parameters, state, the batch x [T, B, d]); ``sites`` (and ``reads``)
+name the real sites only, the first ``n_sites`` slots. Idle slots read zero rows and start frozen
+(saejax.train.step.init_state); nothing the group writes or logs names them.
+
 A group of transcoders (``GroupSpec.reads``) reads x [T, B, d] at its ``reads`` sites (mlp_in.L)
 and reconstructs the rows y [T, B, d_out] of its ``sites`` (mlp.L, the sites it writes): W_dec
 [T, K, M, d_out], b_dec [T, K, d_out], and for skip-transcoders W_skip [T, K, d, d_out] (initialized
@@ -63,10 +69,24 @@ class GroupSpec:
     skip: bool = False
     # Matryoshka prefix sizes m_1 < ... < m_n = width (saejax.sae.matryoshka); (): plain training.
     matryoshka: tuple[int, ...] = ()
+    # Idle SAE slots after the real sites on the stacked axis (mesh.pad_sites; 0: none).
+    pad: int = 0
 
     @property
     def T(self) -> int:
+        """Slots on the stacked axis: the real sites and the idle ones (every shape uses it)."""
+        return len(self.sites) + self.pad
+
+    @property
+    def n_sites(self) -> int:
+        """The real sites (the first ``n_sites`` slots)."""
         return len(self.sites)
+
+    def slots(self, n: int) -> "GroupSpec":
+        """This spec with ``n`` slots: its first min(n, n_sites) sites, the rest idle (a sub-spec
+        of the slots in flight, saejax.train.step.map_sites)."""
+        real = min(n, self.n_sites)
+        return dataclasses.replace(self, sites=self.sites[:real], reads=self.reads[:real], pad=n - real)
 
     @property
     def K(self) -> int:
@@ -165,6 +185,13 @@ def init_params(spec: GroupSpec, key) -> dict:
     W_enc = W_dec^T, biases 0, the kind's extra parameters at their initial values (jumprelu theta).
 
     ``spec.encoder_init_scale`` s != 1 gives W_enc = s * W_dec^T (s ~ d/M for short runs, docs/sae.md).
+    Idle slots (``spec.pad``): the real sites' init is bitwise the unpadded spec's; the idle slots'
+    is drawn the same way from ``fold_in(key, 1)`` and appended.
     """
+    if spec.pad:
+        real = dataclasses.replace(spec, pad=0)
+        idle = dataclasses.replace(spec, sites=spec.sites[:1] * spec.pad, reads=spec.reads[:1] * spec.pad, pad=0)
+        return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), init_params(real, key),
+                                      init_params(idle, jax.random.fold_in(key, 1)))
     x = jnp.zeros((spec.T, 1, spec.d), jnp.dtype(spec.dtype))
     return SAEGroup(spec).init(key, x)["params"]

@@ -38,10 +38,20 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=async_save,
             create=True)
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                             item_handlers=ocp.StandardCheckpointHandler())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def slots(self, step: int | None = None) -> int | None:
+        """The slot count T (GroupSpec.T) of the state saved at ``step`` (default: the latest), from
+        its metadata alone; None when there is none or it cannot be read."""
+        step = self.latest_step() if step is None else step
+        try:
+            return int(self.manager.item_metadata(step)["frozen"].shape[0])
+        except Exception:  # noqa: BLE001 - no or unreadable metadata: restore reports what is wrong
+            return None
 
     def restore(self, abstract_state, shardings, step: int | None = None):
         """The state at ``step`` placed by ``shardings`` (the current mesh's). Without ``step``, the

@@ -16,8 +16,12 @@ passes of the matmul precision / bf16 peak), HBM, interconnect (bytes on the wir
 (no overlap inside the step) and their max (perfect overlap); the host read is a separate floor
 (prefetched). ``design_comm`` is the design minimum of communication (docs/training.md), printed
 beside the program's. ``propose`` is the mesh planner: one mesh for a set of groups;
-``group_meshes`` gives each group its mesh (``mesh.plan``: the configured one, or the planner's per
-group). A cross-layer transcoder (``is_clt``) is one more plan everywhere: on a data x latent mesh
+``propose_padded`` adds the groups' idle slots (``mesh.pad_sites``); ``plan_meshes`` gives each
+group its idle slots and its mesh (``mesh.plan``: the configured one, or the planner's per group).
+
+Idle slots (GroupSpec.pad): every figure of the step (FLOPs, HBM, communication, memory, the time)
+counts the slots, which is what the program does; the fraction of bf16 peak counts the useful work
+only (the real sites' share of the FLOPs), and the store read the real sites' rows. A cross-layer transcoder (``is_clt``) is one more plan everywhere: on a data x latent mesh
 (stack 1), its state from ``clt_step.state_bytes``, its step from the ``clt_*`` functions below.
 """
 from __future__ import annotations
@@ -210,9 +214,10 @@ def host_block(spec, hp, sizes: dict, chips_per_host: int) -> tuple[int, int]:
 
 
 def host_read_bytes(spec, hp, sizes: dict, chip, itemsize: int) -> int:
-    """Store bytes one host reads per step (its block of the batch at the store's dtype)."""
+    """Store bytes one host reads per step (its block of the batch at the store's dtype; real sites
+    only: idle slots read nothing, and the first host's block holds the most real sites)."""
     sites, rows = host_block(spec, hp, sizes, chip.chips_per_host)
-    return sites * rows * spec.d * itemsize
+    return min(sites, spec.n_sites) * rows * spec.d * itemsize
 
 
 def host_train_memory(spec, hp, sizes: dict, chip) -> int:
@@ -224,7 +229,8 @@ def host_train_memory(spec, hp, sizes: dict, chip) -> int:
 
 def design_comm(spec, hp, sizes: dict) -> dict:
     """The design minimum of communication per device per step, operand bytes by kind
-    (docs/training.md): data D shards all-reduce the gradients of their 1/L share; latent L shards
+    (docs/training.md), over the group's slots (idle ones included: the program reduces them too):
+    data D shards all-reduce the gradients of their 1/L share; latent L shards
     all-reduce the decoder output [B/D, d] (AuxK: its own too) and gather top-k candidates."""
     D, L = sizes["data"], sizes["latent"]
     p = per_device(spec, hp, sizes)
@@ -256,15 +262,16 @@ def wire_bytes(collectives: dict, received: dict | None = None) -> float:
                for k, v in collectives.items())
 
 
-def project(chip, *, flops: float, passes: int, hbm: float, wire: float, host: float) -> dict:
+def project(chip, *, flops: float, passes: int, hbm: float, wire: float, host: float, useful: float = 1.0) -> dict:
     """Seconds per step on ``chip``: compute, HBM, interconnect, host read; summed (no overlap inside
     the step, the host read a floor beside it) and maxed (perfect overlap); the fraction of bf16 peak
-    (``flops`` at one pass over the step) and the limiting resource."""
+    (the useful share ``useful`` of ``flops``, at one pass, over the step: a group's real sites over
+    its slots) and the limiting resource."""
     t = {"compute": flops * passes / chip.bf16_flops, "HBM": hbm / chip.hbm_bw,
          "interconnect": wire / chip.ici, "host read": host / chip.host_read}
     serial = max(t["compute"] + t["HBM"] + t["interconnect"], t["host read"])
     overlap = max(t.values())
-    useful = flops / chip.bf16_flops
+    useful = flops * useful / chip.bf16_flops
     inside = {k: t[k] for k in ("compute", "HBM", "interconnect")}
     limit = "host read" if t["host read"] > sum(inside.values()) else max(inside, key=inside.get)
     return {"times": t, "serial": serial, "overlap": overlap, "limit": limit,
@@ -282,8 +289,14 @@ def memory(spec, hp, sizes: dict) -> dict:
     return state_memory(spec, hp, meshlib.abstract_mesh(sizes))
 
 
+def useful_share(spec) -> float:
+    """The share of a group's work that is useful: real sites over slots (1 for a CLT)."""
+    return 1.0 if is_clt(spec) else spec.n_sites / spec.T
+
+
 def analytic(spec, hp, sizes: dict, chip, itemsize: int = 4, mem: dict | None = None) -> dict:
-    """``project`` from shapes alone, with the design minimum of communication (the planner's model)."""
+    """``project`` from shapes alone, with the design minimum of communication (the planner's model);
+    a padded group's time counts its idle slots, its fraction of peak the real sites' work."""
     mem = mem or memory(spec, hp, sizes)
     if is_clt(spec):
         return project(chip, flops=clt_shape_flops(spec, hp, sizes), passes=matmul_passes(spec),
@@ -292,7 +305,7 @@ def analytic(spec, hp, sizes: dict, chip, itemsize: int = 4, mem: dict | None = 
     comm = design_comm(spec, hp, sizes)
     return project(chip, flops=shape_flops(spec, hp, sizes), passes=matmul_passes(spec),
                    hbm=hbm_bytes(spec, hp, sizes, mem), wire=wire_bytes(comm),
-                   host=host_read_bytes(spec, hp, sizes, chip, itemsize))
+                   host=host_read_bytes(spec, hp, sizes, chip, itemsize), useful=useful_share(spec))
 
 
 def device_bytes(mem: dict) -> int:
@@ -329,11 +342,12 @@ def job_time(plans, sizes: dict, chip, itemsize: int = 4) -> tuple[float, int, l
     return total, peak, per
 
 
-def propose(plans, n_devices: int, chip, itemsize: int = 4, processes: int = 1) -> tuple[dict | None, dict]:
+def propose(plans, n_devices: int, chip, itemsize: int = 4, processes: int = 1,
+            whole: bool = True) -> tuple[dict | None, dict]:
     """The mesh with the lowest projected job time (no overlap) that fits ``chip``'s memory, and
     every candidate's (time, peak). Data sharding only while a device keeps ``MIN_ROWS`` rows, latent
-    sharding only when no mesh without it fits (each unless nothing else fits); ties go to more stack,
-    then less latent, sharding."""
+    sharding (with ``whole``) only when no mesh without it fits (each unless nothing else fits); ties
+    go to more stack, then less latent, sharding."""
     table = {}
     for sizes in candidates(plans, n_devices, processes):
         t, peak, _ = job_time(plans, sizes, chip, itemsize)
@@ -341,26 +355,59 @@ def propose(plans, n_devices: int, chip, itemsize: int = 4, processes: int = 1) 
     fits = {k: v for k, v in table.items() if v[1] <= chip.hbm}
     many = {k: v for k, v in fits.items() if min(hp.batch_size for _, hp in plans) // k[0] >= MIN_ROWS}
     pool = many or fits
-    whole = {k: v for k, v in pool.items() if k[2] == 1}  # latent sharding only when nothing else fits
-    pool = whole or pool
+    if whole:  # latent sharding only when nothing else fits
+        pool = {k: v for k, v in pool.items() if k[2] == 1} or pool
     if not pool:
         return None, table
     best = min(pool, key=lambda k: (pool[k][0], -k[1], k[2]))
     return dict(zip(("data", "stack", "latent"), best)), table
 
 
-def group_meshes(config, plans, n_devices: int, processes: int = 1) -> list[dict]:
-    """Each group's mesh of ``n_devices``. ``mesh.plan = "fixed"``: the configured axes for every
-    group; ``"auto"``: the planner's proposal (``propose``) for that group alone (a CLT: among data x
-    latent meshes). A group that no mesh of these devices splits and fits is a PlanError naming
-    ``mesh.plan`` (a CLT: and its clt.* keys)."""
+def pad_plans(plans, multiple: int) -> list:
+    """``plans`` with each group's idle slots (GroupSpec.pad) set so that its slots are the least
+    multiple of ``multiple`` that holds its sites (1: none); a CLT as it is."""
+    return [(p if is_clt(p) else dataclasses.replace(p, pad=-p.n_sites % multiple), hp) for p, hp in plans]
+
+
+def propose_padded(plans, n_devices: int, chip, itemsize: int = 4, processes: int = 1, pad=0):
+    """``propose`` with idle slots per ``mesh.pad_sites`` (``pad``): 0 none, N every group padded to a
+    multiple of N; "auto": every padding to a multiple m of a divisor of ``n_devices`` is tried
+    (``propose`` for each, without its preference for meshes without latent sharding) and the
+    (padding, mesh) of least projected job time wins, its idle slots' work counted (ties: the fewest
+    idle slots). Returns (the plans padded, the mesh or None, its table)."""
+    if pad != "auto":
+        plans = pad_plans(plans, int(pad) or 1)
+        return (plans,) + propose(plans, n_devices, chip, itemsize, processes)
+    best = None
+    for m in (_divisors(n_devices) if not all(is_clt(p) for p, _ in plans) else [1]):
+        padded = pad_plans(plans, m)
+        mesh, table = propose(padded, n_devices, chip, itemsize, processes, whole=False)
+        if mesh is None:
+            continue
+        rank = (table[key(mesh)][0], sum(p.pad for p, _ in padded if not is_clt(p)))
+        if best is None or rank < best[0]:
+            best = (rank, padded, mesh, table)
+    if best is None:
+        return pad_plans(plans, 1), None, {}
+    return best[1:]
+
+
+def plan_meshes(config, plans, n_devices: int, processes: int = 1) -> tuple[list, list[dict]]:
+    """Each group's idle slots (``mesh.pad_sites``) and its mesh of ``n_devices``: (the plans padded,
+    their meshes). ``mesh.plan = "fixed"``: the configured axes for every group (and pad_sites 0 or
+    N); ``"auto"``: the planner's proposal (``propose_padded``) for that group alone (a CLT: among
+    data x latent meshes, never padded). A group that no mesh of these devices splits and fits is a
+    PlanError naming ``mesh.plan`` (a CLT: and its clt.* keys)."""
     from saejax import mesh as meshlib
+    pad = config.mesh.get("pad_sites", 0)
     if config.mesh.plan == "fixed":
-        return [dict(zip(AXES, meshlib.mesh_shape(sizes_of(config.mesh), n_devices)))] * len(plans)
+        return pad_plans(plans, int(pad) or 1), \
+            [dict(zip(AXES, meshlib.mesh_shape(sizes_of(config.mesh), n_devices)))] * len(plans)
     chip = chiplib.get(config.mesh.target_chip)
-    out = []
+    out, padded = [], []
     for spec, hp in plans:
-        best, _ = propose([(spec, hp)], n_devices, chip, store_itemsize(config) or 4, processes)
+        (p,), best, _ = propose_padded([(spec, hp)], n_devices, chip, store_itemsize(config) or 4, processes, pad)
+        spec = p[0]
         if best is None and is_clt(spec):
             raise PlanError(f"mesh.plan='auto': no data x latent mesh of {n_devices} devices splits the CLT "
                             f"{spec.name} ({spec.L} layers, clt.width={spec.width}, train.batch_size={hp.batch_size} "
@@ -368,11 +415,18 @@ def group_meshes(config, plans, n_devices: int, processes: int = 1) -> list[dict
                             f"(mesh.target_chip); narrow it (clt.width, clt.layers)")
         if best is None:
             raise PlanError(f"mesh.plan='auto': no mesh of {n_devices} devices splits group {spec.name} "
-                            f"({spec.T} sites, width {spec.width}, train.batch_size={hp.batch_size} over "
+                            f"({spec.n_sites} sites, width {spec.width}, train.batch_size={hp.batch_size} over "
                             f"{processes} processes) and fits a {chip.name} chip's {_gib(chip.hbm)} "
                             f"(mesh.target_chip)")
         out.append(best)
-    return out
+        padded.append(p)
+    return padded, out
+
+
+def group_meshes(config, plans, n_devices: int, processes: int = 1) -> list[dict]:
+    """Each group's mesh of ``n_devices`` (``plan_meshes``' meshes: with ``mesh.pad_sites``, meshes
+    for the padded plans ``plan_meshes`` returns, not for ``plans``)."""
+    return plan_meshes(config, plans, n_devices, processes)[1]
 
 
 if __name__ == "__main__":
@@ -460,7 +514,7 @@ def report(config, plans, sizes, programs: list[dict] | None) -> list[str]:
         lines += _cost_lines(spec.name, chip, hp.total_steps, programs[i] if programs else None,
                              flops=shape_flops(spec, hp, sz), passes=matmul_passes(spec),
                              hbm=hbm_bytes(spec, hp, sz, mem), design=design_comm(spec, hp, sz),
-                             host=host_read_bytes(spec, hp, sz, chip, itemsize))
+                             host=host_read_bytes(spec, hp, sz, chip, itemsize), useful=useful_share(spec))
     clts = [g for g, v in mem_plan["groups"].items() if v["clt"]]
     what = ("the CLT " if mem_plan["groups"][mem_plan["peak_group"]]["clt"] else "group ") + mem_plan["peak_group"]
     lines.append(f"job peak per device: {_gib(mem_plan['peak'])} ({what}; each group's "
@@ -470,8 +524,13 @@ def report(config, plans, sizes, programs: list[dict] | None) -> list[str]:
                            f"{mem_plan['groups'][g]['sizes']}" for g in clts))
     n = math.prod(meshes[0].values())
     it, procs = itemsize or 4, max(1, n // chip.chips_per_host)
-    best, table = propose(plans, n, chip, it, procs)
-    per = [propose([p], n, chip, it, procs)[0] for p in plans]
+    pad = config.mesh.get("pad_sites", 0)
+    one, best, table = propose_padded(plans, n, chip, it, procs, pad)
+    per_plans, per = [], []
+    for p in plans:
+        (q,), m, _ = propose_padded([p], n, chip, it, procs, pad)
+        per_plans.append(q)
+        per.append(m)
     here = meshes_time(plans, meshes, chip, it)
     head = f"mesh planner ({n} {chip.name} chips): "
     if best is None:
@@ -479,13 +538,13 @@ def report(config, plans, sizes, programs: list[dict] | None) -> list[str]:
         ref = None
     else:
         ref = table[key(best)][0]
-        head += (f"one mesh for every group {best}, projected {ref / 3600:,.2f} h for the job without overlap "
+        head += (f"one mesh for every group {best}{_idle(one)}, projected {ref / 3600:,.2f} h for the job without overlap "
                  f"(peak {_gib(table[key(best)][1])})")
     if all(per):
-        t_per, peak_per = meshes_time(plans, per, chip, it)
+        t_per, peak_per = meshes_time(per_plans, per, chip, it)
         ref = t_per if ref is None else min(ref, t_per)
         head += (f"; per group (mesh.plan='auto'): "
-                 + ", ".join(f"{spec.name} {m}" for (spec, _), m in zip(plans, per))
+                 + ", ".join(f"{spec.name} {m}{_idle([(spec, None)])}" for (spec, _), m in zip(per_plans, per))
                  + f", projected {t_per / 3600:,.2f} h (peak {_gib(peak_per)})")
     else:
         head += "; per group: " + ", ".join(spec.name for (spec, _), m in zip(plans, per) if m is None) + " fits no mesh"
@@ -495,15 +554,22 @@ def report(config, plans, sizes, programs: list[dict] | None) -> list[str]:
     return lines
 
 
+def _idle(plans) -> str:
+    """`` (with N idle slots)`` for the groups of ``plans`` that have any; else ''."""
+    n = sum(p.pad for p, _ in plans if not is_clt(p))
+    return f" (with {n} idle slot{'s' if n > 1 else ''})" if n else ""
+
+
 def _cost_lines(name: str, chip, steps: int, prog: dict | None, *, flops: float, passes: int, hbm: float,
-                design: dict, host: float) -> list[str]:
+                design: dict, host: float, useful: float = 1.0) -> list[str]:
     """Two lines of the dry run for one group (or the CLT): the program's counts (without ``prog``:
     the design's) beside the design's, then the projection on ``chip`` and its limit. ``flops``:
-    the design's dense work."""
+    the design's dense work; ``useful``: its useful share (a padded group's real sites over slots),
+    what the fraction of bf16 peak counts."""
     coll = prog["collectives"] if prog else design
     got = prog["flops"] if prog else flops
     pr = project(chip, flops=got, passes=passes, hbm=hbm,
-                 wire=wire_bytes(coll, prog["received"] if prog else None), host=host)
+                 wire=wire_bytes(coll, prog["received"] if prog else None), host=host, useful=useful)
     shown = lambda c: ", ".join(f"{k} {_mb(v)}" for k, v in c.items() if v) or "none"  # noqa: E731
     what = (f"compiled program ({prog['compile_s']:.1f} s to compile)" if prog else "from shapes (not compiled)")
     t = pr["times"]
@@ -513,7 +579,8 @@ def _cost_lines(name: str, chip, steps: int, prog: dict | None, *, flops: float,
             f"(design minimum: {shown(design)}); store reads {_mb(host)} per host per step",
             f"[{name}] projected on {chip.name}: compute {_ms(t['compute'])} + HBM {_ms(t['HBM'])} + "
             f"interconnect {_ms(t['interconnect'])} = {_ms(pr['serial'])} per step without overlap "
-            f"({pr['fraction']:.1%} of bf16 peak), {_ms(pr['overlap'])} with perfect overlap "
+            f"({pr['fraction']:.1%} of bf16 peak{'' if useful == 1 else ' in useful work'}), "
+            f"{_ms(pr['overlap'])} with perfect overlap "
             f"({pr['fraction_overlap']:.1%}); host read {_ms(t['host read'])} (a floor, prefetched); "
             f"limited by {pr['limit']}; {pr['serial'] * steps / 3600:,.2f} h for {steps} steps"]
 

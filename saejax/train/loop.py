@@ -1,7 +1,8 @@
 """The train stage: train each group of the suite in compiled steps, logging and checkpointing.
 
 Output under ``<workdir>/train`` (paths from saejax.workdir):
-    <group>/metrics.jsonl   one JSON record per logging step, per-SAE arrays [T][K]
+    <group>/metrics.jsonl   one JSON record per logging step, per-SAE arrays [T][K] (the real sites
+                            only: a group's idle slots, GroupSpec.pad, are never logged nor exported)
     <group>/checkpoints/    the train state every ``train.checkpoint_every`` steps (checkpoint.py)
     <group>/final/          the trained group (saejax.sae.io format, export.py) once the group is done
 The groups and their memory come from plan.py, the compiled step from trainer.py, the data from
@@ -30,6 +31,7 @@ from saejax.tracking import Tracker, group_scalars
 from saejax.train import checkpoint as ckpt
 from saejax.train import clt_step
 from saejax.train import cost
+from saejax.sae.group import GroupSpec
 from saejax.train.export import save_final
 from saejax.train.plan import dry_run_report, plan_groups, state_memory
 from saejax.train.trainer import Trainer, norm_scales, to_host
@@ -68,6 +70,12 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
     trainer = trainer or Trainer(spec, hp, mesh, seed)
     ckpts = ckpt.Checkpoints(ckpt_dir, checkpoint_every, keep_checkpoints) if ckpt_dir else None
     if state is None and ckpts is not None and ckpts.latest_step() is not None:
+        saved = ckpts.slots() if isinstance(spec, GroupSpec) else None  # (a CLT has no slots)
+        if saved is not None and saved != spec.T:
+            raise ckpt.CheckpointError(
+                f"{ckpt_dir}: its checkpoint has {saved} SAE slots per member, this plan {spec.T} "
+                f"({spec.n_sites} sites + {spec.pad} idle, mesh.pad_sites); resume with the mesh.pad_sites "
+                f"(and mesh size) it was saved with, or move the folder away")
         state = ckpts.restore(trainer.abstract, trainer.state_shardings)
         log(f"[{spec.name}] resumed from the checkpoint at step {int(jax.device_get(state['step']))}")
     state = trainer.init_state() if state is None else state
@@ -96,6 +104,7 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
                 m = to_host(metrics)
                 if held is not None:  # the quick evaluation: the same held-out rows at every log step
                     m.update(to_host(trainer.heldout_metrics(state, held)))
+                m = real_sites(spec, m)
                 state = _freeze_nonfinite(spec, hp, state, trainer, m["loss"], done)
                 record = {"step": done, "tokens": done * hp.batch_size,
                           **{k: np.asarray(v).tolist() for k, v in m.items()}}
@@ -114,7 +123,7 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
             elif save:
                 state = _freeze_nonfinite(spec, hp, state, trainer, None, done)
             if save:
-                if bool(np.all(jax.device_get(trainer.replicate(state["frozen"])))):
+                if bool(np.all(_real(spec, np.asarray(jax.device_get(trainer.replicate(state["frozen"])))))):
                     raise NonFinite(f"every SAE of group {spec.name} went non-finite by step {done}; "
                                     f"the last good checkpoint (step {ckpts.latest_step()}) is kept")
                 ckpts.save(done, state, force=True)
@@ -138,6 +147,20 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
     return state
 
 
+def _real(spec, a):
+    """The real sites' rows of a per-SAE array (leading axis: a group's T slots; a CLT's as it is)."""
+    pad = getattr(spec, "pad", 0)
+    return a[:len(a) - pad] if pad else a
+
+
+def real_sites(spec, tree):
+    """The real sites' rows of every per-SAE leaf (leading axis T, the slots) of a host ``tree``;
+    other leaves (scalars) as they are."""
+    if not getattr(spec, "pad", 0):
+        return tree
+    return {k: _real(spec, v) if np.ndim(v) and np.shape(v)[0] == spec.T else v for k, v in tree.items()}
+
+
 def _span(a) -> str:
     a = np.asarray(a)
     return f"{a.min():.3g}" if a.size == 1 or a.min() == a.max() else f"{a.min():.3g}..{a.max():.3g}"
@@ -151,10 +174,13 @@ def sae_label(spec, hp, t: int, k: int) -> str:
 
 def _freeze_nonfinite(spec, hp, state, trainer, loss, step):
     """Freeze SAEs whose loss or parameters went non-finite (checked at logging and checkpoint
-    steps only: no per-step host sync). ``loss`` [T, K] or None."""
+    steps only: no per-step host sync). ``loss`` [n_sites, K] (the real sites') or None. Idle
+    slots are frozen from the start and never checked."""
     bad = ~np.asarray(jax.device_get(trainer.finite(state["params"])))
+    n = len(_real(spec, bad))  # the real sites: idle slots are never checked
+    bad[n:] = False
     if loss is not None:
-        bad |= ~np.isfinite(np.asarray(loss))
+        bad[:n] |= ~np.isfinite(np.asarray(loss))
     frozen = np.asarray(jax.device_get(trainer.replicate(state["frozen"])))
     new = bad & ~frozen
     if new.any():
@@ -169,6 +195,7 @@ def _freeze_nonfinite(spec, hp, state, trainer, loss, step):
 # Keys added after fingerprints were first written, with the value every older run had: a key at
 # that value is left out, so runs from before it still resume (docs/training.md, one config).
 LATER_SPEC = {"matmul_dtype": "float32", "matryoshka": ()}
+MESH_SPEC = ("pad",)  # idle slots depend on the mesh (mesh.pad_sites), not the result: never fingerprinted
 LATER_HYPER = {"lr_decay_start": 0, "revive_steps": 0, "revive_nudge": 0.0, "revive_auxk": 0.0, "revive_bias": False, "b_dec_init": "zero"}
 TRANSCODER_SPEC = ("reads", "d_out", "skip")  # left out of SAE groups' fingerprints
 
@@ -181,7 +208,7 @@ def fingerprint(spec, hp, seed: int, source) -> dict:
     """Everything that changes a group's result: its spec and hyper-parameters, the seed, and what
     the rows are (the store manifest's sha256, or the synthetic source's parameters). Not the mesh
     (a run may resume on another), nor logging and checkpointing intervals."""
-    spec_fp = _without_later(dataclasses.asdict(spec), LATER_SPEC)
+    spec_fp = {k: v for k, v in _without_later(dataclasses.asdict(spec), LATER_SPEC).items() if k not in MESH_SPEC}
     if not spec.transcoder:
         spec_fp = {k: v for k, v in spec_fp.items() if k not in TRANSCODER_SPEC}
     fp = {"spec": spec_fp, "hyper": _without_later(dataclasses.asdict(hp), LATER_HYPER), "seed": seed,
@@ -262,7 +289,9 @@ def run(config, dry_run: bool = False, planned_widths: dict | None = None) -> li
     every = plans + ([clt_plan] if clt_plan else [])  # the CLT trains after the groups, on its own mesh
     chip = cost.chiplib.get(config.mesh.target_chip)
     processes = max(1, n // chip.chips_per_host) if n_devices else jax.process_count()
-    meshes = cost.group_meshes(config, every, n, processes)  # mesh.plan: the configured or the planner's
+    # mesh.plan: the configured meshes or the planner's; mesh.pad_sites: each group's idle slots.
+    every, meshes = cost.plan_meshes(config, every, n, processes)
+    plans = every[:len(plans)]
     for (spec, hp), sizes in zip(plans, meshes):
         meshlib.validate_group(sizes, spec.T, spec.width, hp.batch_size, n_devices=n,
                                process_count=1 if n_devices else None, name=spec.name)
@@ -317,8 +346,13 @@ def _clt_header(spec, hp, sizes: dict) -> str:
 
 
 def _header(spec, hp, sizes: dict) -> str:
-    return (f"[{spec.name}] {spec.T} sites x {spec.K} sweep members, {hp.total_steps} steps of "
+    return (f"[{spec.name}] {_sites(spec)} x {spec.K} sweep members, {hp.total_steps} steps of "
             f"{hp.batch_size} tokens ({hp.total_steps * hp.batch_size:,} tokens), mesh {dict(sizes)}")
+
+
+def _sites(spec) -> str:
+    """``26 sites``, or with idle slots ``26 sites + 6 idle slots``."""
+    return f"{spec.n_sites} sites" + (f" + {spec.pad} idle slot{'s' if spec.pad > 1 else ''}" if spec.pad else "")
 
 
 def _train_one(config, spec, hp, fp, source, sizes: dict, clt: bool = False) -> str:

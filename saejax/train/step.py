@@ -10,7 +10,8 @@ State (a pytree; every array with leading [T, K] axes belongs to one SAE each):
     l0_ema        [T, K]    running L0 (for logs)
     since_fired   [T, K, M] steps since each latent last fired (dead-latent counters)
     bt_threshold  [T, K]    BatchTopK's global inference threshold (running mean of the batch minimum)
-    frozen        [T, K]    SAEs masked out after going non-finite
+    frozen        [T, K]    SAEs masked out after going non-finite, and the idle slots
+                            (GroupSpec.pad) from the start: they compute, but never change
 
 Loss of SAE (t, k), averaged over the batch (the group's total is the sum, so each SAE's gradient
 is exactly its own): mse + sparsity + aux, the terms its kind gives (``Kind.loss``, saejax.sae.kinds):
@@ -50,7 +51,7 @@ def init_state(spec: GroupSpec, hp: optim.Hyper, key, lam=None) -> dict:
         "l0_ema": jnp.zeros(TK, jnp.float32),
         "since_fired": jnp.zeros(TK + (spec.width,), jnp.int32),
         "bt_threshold": jnp.zeros(TK, jnp.float32),
-        "frozen": jnp.zeros(TK, bool),
+        "frozen": jnp.zeros(TK, bool).at[spec.n_sites:].set(True),  # idle slots: frozen from the start
     }
 
 
@@ -95,7 +96,8 @@ def map_sites(fn, spec: GroupSpec, *trees):
     Every leaf of ``trees`` has the T sites as its leading axis, laid out in S contiguous blocks
     over the mesh's ``stack`` axis. The scan's step j hands ``fn`` site j of every block (a
     [S, ...] slice, still one site per stack shard) and a spec of S sites, and the leaves of fn's
-    result, each with S leading, are put back in site order. So the [T, K, B, M] pre-activations
+    result, each with S leading, are put back in site order (``sub``: ``spec.slots(S)``, whose
+    site names do not matter; only its shapes do). So the [T, K, B, M] pre-activations
     of a step never exist at once, only those of the site each device works on.
     """
     S = stack_shards()
@@ -103,7 +105,7 @@ def map_sites(fn, spec: GroupSpec, *trees):
     if T == S:
         return fn(spec, *trees)
     n = T // S
-    sub = dataclasses.replace(spec, sites=spec.sites[:S])
+    sub = spec.slots(S)
     split = lambda a: jnp.swapaxes(a.reshape((S, n) + a.shape[1:]), 0, 1)  # [T, ...] -> [n, S, ...]  # noqa: E731
     merge = lambda a: jnp.swapaxes(a, 0, 1).reshape((T,) + a.shape[2:])  # noqa: E731
     _, out = lax.scan(lambda _, blocks: (None, fn(sub, *blocks)), None,
@@ -128,7 +130,7 @@ def scan_saes(fn, spec: GroupSpec, carry, per_sae, per_site):
     """
     S, T, K = stack_shards(), spec.T, spec.K
     n = T // S
-    sub = dataclasses.replace(spec, sites=spec.sites[:S])
+    sub = spec.slots(S)
     members = [dataclasses.replace(sub, sweep=(s,)) for s in spec.sweep]
     member = lambda a, k: a[:, k:k + 1] if a.ndim else a  # noqa: E731
     if n == 1:  # one site per stack shard: no scan; the members' new slices are joined

@@ -23,7 +23,8 @@ class Trainer:
     ``sharded.use_mesh`` so that top-k thresholds are computed shard by shard.
 
     A batch is x for an SAE group, and the pair (x, y) for a transcoder group (x the rows of its
-    ``reads``, y of its ``sites``, both laid out as x is); ``norm_scales`` likewise.
+    ``reads``, y of its ``sites``, both laid out as x is); ``norm_scales`` likewise. The batch has
+    a row block per slot (``spec.T``): the idle slots' (``spec.pad``) are zeros, their scales 1.
     """
 
     def __init__(self, spec: GroupSpec, hp: optim.Hyper, mesh, seed: int = 0):
@@ -77,24 +78,30 @@ class Trainer:
         return self.init(jax.random.key(self.seed))
 
     def norm_scales(self, source):
-        """``norm_scales`` of the group's sites: [T, 1, 1]; a transcoder's (input, output) pair."""
+        """``norm_scales`` of the group's slots: [T, 1, 1] (an idle slot's: 1); a transcoder's
+        (input, output) pair."""
+        pad = lambda a: np.concatenate([a, np.ones((self.spec.pad, 1, 1), a.dtype)])  # noqa: E731
         if self.spec.transcoder:
-            return norm_scales(source, self.spec.reads), norm_scales(source, self.spec.sites)
-        return norm_scales(source, self.spec.sites)
+            return pad(norm_scales(source, self.spec.reads)), pad(norm_scales(source, self.spec.sites))
+        return pad(norm_scales(source, self.spec.sites))
 
     def _rows(self, fn, scales, *args):
-        """fn(sites, *args) of this process's sites, normalized; (x, y) for a transcoder; None if fn gives None."""
+        """fn(sites, *args) of this process's slots, normalized: the real sites' rows, then zero rows
+        for its idle slots; (x, y) for a transcoder; None if fn gives None."""
         (t0, t1), (part, parts) = self.site_range, self.rows
-        if not self.spec.transcoder:
-            x = fn(list(self.spec.sites[t0:t1]), *args, self.hp.batch_size, part, parts)
-            return None if x is None else x * scales[t0:t1]
+        n = self.spec.n_sites
+        pairs = zip((self.spec.reads, self.spec.sites), scales) if self.spec.transcoder else [(self.spec.sites, scales)]
         out = []
-        for sites, s in zip((self.spec.reads, self.spec.sites), scales):
-            x = fn(list(sites[t0:t1]), *args, self.hp.batch_size, part, parts)
+        for sites, s in pairs:
+            # A block of idle slots only still asks for one real site: whether fn has rows, and their shape.
+            x = fn(list(sites[t0:min(t1, n)] or sites[:1]), *args, self.hp.batch_size, part, parts)
             if x is None:
                 return None
+            x = x[:max(0, min(t1, n) - t0)]
+            if t1 > max(t0, n):
+                x = np.concatenate([x, np.zeros((t1 - max(t0, n),) + x.shape[1:], x.dtype)])
             out.append(x * s[t0:t1])
-        return tuple(out)
+        return tuple(out) if self.spec.transcoder else out[0]
 
     def local_batch(self, source, step: int, scales):
         """This process's normalized rows of ``step``: [T_local, B_local, d] (a transcoder's: the
