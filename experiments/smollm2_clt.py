@@ -14,7 +14,8 @@ sites, ~4.5 GB of host memory for shuffle buffers. Training makes two passes ove
 
 For comparison the same run trains 30 per-layer JumpReLU skip-transcoders (mlp_in.L -> mlp.L, one
 group, sae.transcoders) on the same store, at a target L0 near the CLT's per-layer L0, and no SAEs
-(sae.site_kinds = ()); evaluate reports both (docs/sae.md).
+(sae.site_kinds = ()); evaluate reports both (docs/sae.md), each with its replacement model:
+every MLP output replaced at once by the CLT, or by the 30 transcoders (evaluate.replacement).
 
 Tiny mode for the tests: saejax run --config experiments/smollm2_clt.py:runlocal
 """
@@ -57,6 +58,7 @@ def get_config(arg: str = ""):
     c.train.lr_warmup = 0.01
     c.train.sparsity_warmup = 0.1
     c.evaluate.contexts = 64
+    c.evaluate.replacement = True  # the transcoders' replacement model beside the CLT's (issue #24)
     c.release.name = "saejax-smollm2-clt"
     if v.get("runlocal"):
         cfg.runlocal(c, "random:tiny-llama")

@@ -199,6 +199,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.evaluate.contexts = 2048  # held-out contexts spliced for delta LM loss (metrics use every held-out row)
     c.evaluate.batch_contexts = 8
     c.evaluate.latent_cards = 16  # latents per SAE shown on its latent card page
+    # Per transcoder group member: the replacement model, every MLP output replaced at once by the
+    # group's transcoders (as a CLT's; results.json "replacements", docs/evaluate.md).
+    c.evaluate.replacement = False
 
     c.release = ml_collections.ConfigDict()
     c.release.name = "saejax-suite"

@@ -221,7 +221,8 @@ def test_plan_clt_from_config():
 
 def test_pipeline_evaluate_release_load(tmp_path):
     """smollm2_clt:runlocal end to end: evaluate's per-layer FVU equals one recomputed from the store's
-    held-out rows; the release holds the CLT (saejax and circuit-tracer layouts); load_suite's CLT
+    held-out rows; the transcoders' replacement model is reported beside the CLT's, on the same
+    positions; the release holds the CLT (saejax and circuit-tracer layouts); load_suite's CLT
     reconstructs as the trained one and, spliced, replaces every MLP output from the same pass's inputs."""
     import json
     import os
@@ -237,12 +238,25 @@ def test_pipeline_evaluate_release_load(tmp_path):
     assert out.returncode == 0, out.stderr[-4000:]
     assert "replacement model (every MLP at once)" in out.stdout
     with open(tmp_path / "evaluate" / "results.json") as fh:
-        c = json.load(fh)["clts"][0]
+        doc = json.load(fh)
+    c = doc["clts"][0]
     assert c["layers"] == [0, 1, 2, 3] and c["model_layers"] == 4
     card = (tmp_path / "evaluate" / c["per_layer"][1]["card"]).read_text()  # layer 1's latents write to 1..3
     assert "<td>mlp.1</td>" in card and "<td>mlp.3</td>" in card and "<td>mlp.0</td>" not in card
     r = c["replacement"]
     assert np.isfinite(r["delta_lm_loss"]) and r["kl"] > 0 and r["ce_ablate"] != r["ce_clean"]
+    # evaluate.replacement (on in smollm2_clt): the skip-transcoder group's members replace every MLP at
+    # once too, on the same contexts and positions as the CLT (its clean and all-ablated CEs)
+    tc = [e for e in doc["saes"] if e["kind"] == "transcoder"]
+    members = sorted({e["member"] for e in tc})
+    assert [(t["group"], t["member"]) for t in doc["replacements"]] == [(tc[0]["group"], k) for k in members]
+    for t in doc["replacements"]:
+        assert t["layers"] == [0, 1, 2, 3] and t["skip"] and np.isfinite(t["delta_lm_loss"]) and t["kl"] > 0
+        assert t["ce_positions"] == r["ce_positions"]
+        assert t["ce_clean"] == pytest.approx(r["ce_clean"], abs=1e-5)
+        assert t["ce_ablate"] == pytest.approx(r["ce_ablate"], abs=1e-5)
+        assert t["l0_total"] == pytest.approx(sum(e["l0"] for e in tc if e["member"] == t["member"]))
+        assert f"transcoders {t['group']} member {t['member']} (4 layers" in out.stdout
 
     from saejax import models, store as storelib
     st = storelib.open_store(str(tmp_path / "store"))

@@ -262,6 +262,69 @@ def test_cross_site_sae_losses_in_a_real_tiny_model():
     assert 0 < (~keep[:, 1:]).sum() < keep[:, 1:].size  # the read policy bit in the last round
 
 
+def _transcoders(d, layers, zero_member=False, seed=0):
+    """A random topk skip-transcoder group on ``layers`` (mlp_in.L -> mlp.L), members k = 4 and 8;
+    with ``zero_member`` member 1's W_dec, b_dec and W_skip are zeros."""
+    r = np.random.default_rng(seed)
+    T, K, M = len(layers), 2, 32
+    arrays = {"W_enc": r.standard_normal((T, K, d, M)) / np.sqrt(d), "b_enc": 0.1 * r.standard_normal((T, K, M)),
+              "W_dec": r.standard_normal((T, K, M, d)) / np.sqrt(M), "b_dec": 0.1 * r.standard_normal((T, K, d)),
+              "W_skip": 0.3 * r.standard_normal((T, K, d, d)) / np.sqrt(d)}
+    if zero_member:
+        for k in ("W_dec", "b_dec", "W_skip"):
+            arrays[k][:, 1] = 0.0
+    arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
+    meta = {"arch": "topk", "sites": [f"mlp.{l}" for l in layers], "reads": [f"mlp_in.{l}" for l in layers],
+            "d": d, "d_out": d, "skip": True, "width": M, "sweep": [4.0, 8.0], "k": [4, 8],
+            "norm_scale": [0.3 + 0.1 * l for l in layers], "read_norm_scale": [0.05 * (l + 1) for l in layers],
+            "pre_encoder_bias": False}
+    return arrays, meta
+
+
+def _tiny_tokens(model, n=3, length=16):
+    tokens = np.random.default_rng(0).integers(3, model.config.vocab_size, (n, length)).astype(np.int32)
+    tokens[:, 0] = model.context_start_id
+    return tokens
+
+
+def test_transcoder_replacement_of_one_layer_equals_its_splice():
+    """A one-layer group's all-at-once replacement is site_losses' splice of that transcoder (two
+    code paths: same member, same positions, skip term and norm scales): delta LM loss and KL to 1e-5."""
+    from saejax import models
+    model = models.load("random:tiny-llama")
+    arrays, meta = _transcoders(model.config.d_model, (1,))
+    tokens = _tiny_tokens(model)
+    policy = splice.Policy(tuple(model.special_ids), skip_first=1)
+    per = splice.site_losses(model, model.params, "mlp.1", meta, arrays, 0, tokens, policy, batch=2,
+                             read="mlp_in.1", read_scale=meta["read_norm_scale"][0])
+    for k in range(2):
+        rep = splice.transcoder_replacement_losses(model, model.params, meta, arrays, tokens, policy, k, batch=2)
+        assert abs(per[k]["delta_lm_loss"]) > 1e-3 and rep["ce_positions"] == per[k]["ce_positions"]
+        for key in ("delta_lm_loss", "kl", "ce_clean", "ce_ablate"):
+            assert rep[key] == pytest.approx(per[k][key], abs=1e-5), key
+    assert per[0]["delta_lm_loss"] != pytest.approx(per[1]["delta_lm_loss"], abs=1e-4)  # the members differ
+
+
+def test_transcoder_replacement_of_two_layers_compounds():
+    """A two-layer group: every MLP replaced at once differs from either single splice (layer 1 reads
+    the mlp_in that layer 0's replacement produced) and is finite; a member with zero decoder, bias and
+    skip gives exactly the zero-ablation CE (CE score 0)."""
+    from saejax import models
+    model = models.load("random:tiny-llama")
+    arrays, meta = _transcoders(model.config.d_model, (0, 1), zero_member=True)
+    tokens = _tiny_tokens(model)
+    policy = splice.Policy(tuple(model.special_ids), skip_first=0)
+    rep, zero = (splice.transcoder_replacement_losses(model, model.params, meta, arrays, tokens, policy, k, batch=2)
+                 for k in (0, 1))
+    assert np.isfinite([rep["delta_lm_loss"], rep["kl"], rep["ce_score"]]).all() and rep["kl"] > 0
+    for t, site in enumerate(meta["sites"]):
+        one = splice.site_losses(model, model.params, site, meta, arrays, t, tokens, policy, batch=2,
+                                 read=meta["reads"][t], read_scale=meta["read_norm_scale"][t])[0]
+        assert abs(rep["delta_lm_loss"] - one["delta_lm_loss"]) > 1e-3 and abs(rep["kl"] - one["kl"]) > 1e-4
+    assert zero["ce_replacement"] == zero["ce_ablate"] and zero["ce_score"] == 0.0
+    assert zero["ce_clean"] == rep["ce_clean"] and zero["ce_ablate"] != zero["ce_clean"]
+
+
 def test_store_from_another_model_is_refused(workdir):
     sys.modules["saejax.models"].load = lambda source, dtype="float32": types.SimpleNamespace(name="other-model")
     with pytest.raises(saejax.evaluate.EvaluateError, match="harvested from model 'fake-lm'.*'other-model'"):

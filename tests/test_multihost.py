@@ -141,7 +141,8 @@ def test_sigterm_to_one_process_checkpoints_both_at_an_agreed_step(tmp_path):
 
 
 def _evaluate(workdir, processes):
-    """``saejax evaluate`` of the tiny default's trained workdir as ``processes`` processes."""
+    """``saejax evaluate`` of the tiny default's trained workdir as ``processes`` processes, with the
+    transcoders' replacement model (evaluate.replacement)."""
     spec = os.path.join(REPO, "experiments", "default.py") + ":runlocal"
     port, procs = _port(), []
     for i in range(processes):
@@ -151,7 +152,8 @@ def _evaluate(workdir, processes):
             env.update(SAEJAX_COORDINATOR=f"localhost:{port}", SAEJAX_NUM_PROCESSES=str(processes),
                        SAEJAX_PROCESS_ID=str(i))
         procs.append(subprocess.Popen([sys.executable, "-m", "saejax.cli", "evaluate", "--config", spec,
-                                       f"--config.workdir={workdir}"], cwd=REPO, env=env,
+                                       f"--config.workdir={workdir}", "--config.evaluate.replacement=True"],
+                                      cwd=REPO, env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     errs = _finish(procs)
     evaluate = os.path.join(workdir, "evaluate")
@@ -165,7 +167,8 @@ def _evaluate(workdir, processes):
 
 
 def test_two_processes_evaluate_like_one_process(tmp_path):
-    """The tiny default (SAE and transcoder groups): sites split over 2 processes, results gathered
+    """The tiny default (SAE and transcoder groups, with evaluate.replacement): sites and the
+    transcoders' replacement models split over 2 processes, results gathered
     to process 0: results.json equals one process's exactly (every site's SAEs run on one device,
     so the numbers do not depend on the split), and so do the latent cards."""
     import shutil
@@ -181,12 +184,15 @@ def test_two_processes_evaluate_like_one_process(tmp_path):
     shutil.copytree(one, two)
     doc1, cards1, files1, _ = _evaluate(one, 1)
     doc2, cards2, files2, errs = _evaluate(two, 2)
-    n = len({(r["group"], r["t"]) for r in doc1["saes"]})  # work units: the sites of every group
+    # work units: the sites of every group, then each transcoder member's replacement model
+    reps = {(r["group"], r["member"]) for r in doc1["saes"] if r["kind"] == "transcoder"}
+    n = len({(r["group"], r["t"]) for r in doc1["saes"]}) + len(reps)
     for i, err in enumerate(errs):  # each process evaluated its half
         assert f"process {i} of 2 evaluated {(n + 1 - i) // 2} of {n} work units" in err, err[-2000:]
     kinds = {r["kind"] for r in doc1["saes"]}
     assert "transcoder" in kinds and len(kinds) > 1 and len(doc1["saes"]) > 4
     assert all(r["delta_lm_loss"] is not None and r["card"] for r in doc1["saes"])
+    assert sorted((r["group"], r["member"]) for r in doc1["replacements"]) == sorted(reps)
     assert doc2 == doc1
     assert cards2 == cards1 and len(cards1) == len(doc1["saes"])
     assert files2 == files1 == ["cards", "results.json"]  # no parts left behind

@@ -156,11 +156,15 @@ def run(config, dry_run: bool = False) -> dict | None:
     import jax
     pc, pi = jax.process_count(), jax.process_index()
     # Work units: the sites of every group in order (a pooled site: once per layer it serves), then the
-    # CLTs; unit u is process u % pc's.
+    # CLTs, then (evaluate.replacement) each transcoder group member's replacement model; unit u is
+    # process u % pc's.
     units = [(g, t, site) for g in range(len(groups)) for t in range(len(groups[g][2]["sites"]))
              for site in sae_io.layer_sites(groups[g][2], t)]
     clt_paths = wd.clt_final_dirs(config)
     units += [("clt", j) for j in range(len(clt_paths))]
+    if config.evaluate.replacement and not data.synthetic:
+        units += [("rep", g, k) for g in range(len(groups)) if groups[g][2].get("reads")
+                  for k in range(len(groups[g][2]["sweep"]))]
     mine = [u for i, u in enumerate(units) if i % pc == pi]
     model = None
     if not data.synthetic and mine:
@@ -177,12 +181,15 @@ def run(config, dry_run: bool = False) -> dict | None:
                 _barrier("saejax-evaluate-start")  # every process has cleared old temporaries (stage_lock)
             os.makedirs(os.path.join(tmp, wd.CARDS), exist_ok=pc > 1)
             done = {}  # unit -> its results (a list of SAE entries, or a CLT's entry)
-            with progress(sum(1 for u in mine if u[0] != "clt"), "evaluate", unit="site") as bar:
+            with progress(sum(1 for u in mine if u[0] not in ("clt", "rep")), "evaluate", unit="site") as bar:
                 for u in mine:
                     if u[0] == "clt":
                         # each CLT's card latents from its own stream, whichever process evaluates it
                         done[u] = _evaluate_clt(clt_paths[u[1]], data, model, config, tmp,
                                                 np.random.default_rng([int(config.seed), u[1]]))
+                        continue
+                    if u[0] == "rep":
+                        done[u] = _evaluate_replacement(*groups[u[1]], u[2], data, model, config)
                         continue
                     name, arrays, meta = groups[u[0]]
                     pooled = u[2] != meta["sites"][u[1]]  # sae.layer_groups: the pooled SAE on layer u[2]
@@ -194,13 +201,19 @@ def run(config, dry_run: bool = False) -> dict | None:
                       file=sys.stderr)
                 done = _gather(done, units, tmp, pc, pi)
             if pi == 0:
-                results = [r for u in units if u[0] != "clt" for r in done[u]]
+                results = [r for u in units if u[0] not in ("clt", "rep") for r in done[u]]
                 doc = {"format": "saejax-eval/1", "model": data.model_name, "contexts": data.n_contexts,
                        "heldout_contexts": 0 if data.synthetic else len(data.all_tokens),
                        "synthetic": data.synthetic, "groups": [g[0] for g in groups], "saes": results}
                 clts = [done[u] for u in units if u[0] == "clt"]
                 if clts:
                     doc["clts"] = clts
+                reps = [done[u] for u in units if u[0] == "rep"]
+                for r in reps:  # the member's L0 summed over the group's layers, as a CLT's l0_total
+                    r["l0_total"] = float(sum(e["l0"] for e in results if e["group"] == r["group"]
+                                              and e["member"] == r["member"]))
+                if reps:
+                    doc["replacements"] = reps
                 with open(os.path.join(tmp, wd.RESULTS), "w") as fh:
                     json.dump(files.json_safe(doc), fh, indent=1, allow_nan=False)
                 if os.path.exists(final):
@@ -217,6 +230,8 @@ def run(config, dry_run: bool = False) -> dict | None:
     print(table(results))
     for c in doc.get("clts", []):
         print(clt_table(c))
+    for r in doc.get("replacements", []):
+        print(replacement_line(r))
     _track(config, results)
     print(f"saejax evaluate: wrote {wd.results_path(config)}", file=sys.stderr)
     return doc
@@ -263,6 +278,27 @@ def _evaluate_clt(path, data, model, config, out_dir, rng) -> dict:
                                                          data.policy(f"mlp.{layers[0]}"),
                                                          batch=int(config.evaluate.batch_contexts))
     return out
+
+
+def _evaluate_replacement(name, arrays, meta, member, data, model, config) -> dict:
+    """Transcoder group ``name``'s member ``member`` replacing every MLP output at once
+    (splice.transcoder_replacement_losses), at the positions the store keeps (as a CLT's)."""
+    layers = [int(s.split(".")[1]) for s in meta["sites"]]
+    losses = splice.transcoder_replacement_losses(model, model.params, meta, arrays, data.tokens,
+                                                  data.policy(meta["sites"][0]), member,
+                                                  batch=int(config.evaluate.batch_contexts))
+    return {"group": name, "member": member, "arch": meta["arch"], "width": meta["width"],
+            "skip": bool(meta.get("skip")), "sparsity": meta["sweep"][member],
+            "target_l0": meta["target_l0"][member] if meta.get("target_l0") else None,
+            "layers": layers, **losses}
+
+
+def replacement_line(r: dict) -> str:
+    """A transcoder group member's replacement model: one line of the terminal table."""
+    ce = "-" if r["ce_score"] is None else f"{r['ce_score']:.3f}"
+    l0 = "" if r.get("l0_total") is None else f", total L0 {r['l0_total']:.1f}"
+    return (f"transcoders {r['group']} member {r['member']} ({len(r['layers'])} layers{l0}): replacement model "
+            f"(every MLP at once): dLM {r['delta_lm_loss']:.4f} CEscore {ce} KL {r['kl']:.4f}")
 
 
 def _clt_cards(c: dict, a: dict, meta: dict, data, model, config, rng, out_dir: str) -> list[str]:

@@ -7,7 +7,8 @@ Raw-space weights (``clt_io.fold``): every number is of the released CLT.
 
 The replacement model: one forward pass in which every MLP output mlp.l' of the CLT's layers is
 replaced by the CLT's reconstruction from mlp_in.l, l <= l', of the same pass (so errors compound
-as they would in an attribution graph), through the model's cross-site splice. Three variants share
+as they would in an attribution graph), through the model's cross-site splice (``splice.all_at_once_pass``, shared with a transcoder
+group's replacement model). Three variants share
 the pass (N x B, variant-major): clean, every MLP zero-ablated, the replacement. At positions the
 store did not keep (position 0, ``skip_first``, special tokens) the activation is left alone.
 delta_lm_loss = CE_replacement - CE_clean; ce_score = (CE_ablate - CE_rep) / (CE_ablate - CE_clean);
@@ -115,52 +116,16 @@ def layer_top(a: dict, meta: dict, i: int, rows, latents: np.ndarray, n_top: int
 
 def replacement_losses(model, params, a: dict, meta: dict, tokens: np.ndarray, policy: splice.Policy,
                        batch: int = 8) -> dict:
-    """Delta LM loss, CE score and KL of the replacement model over held-out ``tokens`` [n, T]."""
+    """Delta LM loss, CE score and KL of the replacement model over held-out ``tokens`` [n, T]
+    (``splice.all_at_once_pass``)."""
     f = {k: jnp.asarray(v) for k, v in clt_io.fold(a, meta).items()}
     layers = list(meta["layers"])
-    L = len(layers)
 
-    def run(tokens, valid):
-        B, T = tokens.shape
-        keep = splice.token_keep(tokens, policy)[:, :, None]
+    def y_hat(j):
+        def fn(f, ins):
+            return f["b_dec"][j] + sum(_encode(f, meta, i, ins[i]) @ f[f"W_dec_{i}"][:, j - i] for i in range(j + 1))
+        return fn
 
-        def make(j):
-            def fn(act, reads):
-                x = act.astype(jnp.float32)
-                if x.shape[0] == B:  # the first splice: clean, ablated, replacement from here on
-                    x = jnp.concatenate([x, x, x])
-                # the replacement variant's inputs (a read recorded before the first splice has batch B)
-                ins = [reads[f"mlp_in.{layers[i]}"].astype(jnp.float32) for i in range(j + 1)]
-                ins = [r if r.shape[0] == B else r[2 * B:] for r in ins]
-                y_hat = f["b_dec"][j] + sum(
-                    _encode(f, meta, i, ins[i].reshape(B * T, -1)) @ f[f"W_dec_{i}"][:, j - i] for i in range(j + 1)
-                ).reshape(B, T, -1)
-                clean, zero, rep = x[:B], x[B:2 * B], x[2 * B:]
-                out = jnp.concatenate([clean, jnp.where(keep, 0.0, zero), jnp.where(keep, y_hat, rep)])
-                return out.astype(act.dtype)
-            return fn
-
-        sp = {f"mlp.{layers[j]}": (make(j), tuple(f"mlp_in.{layers[i]}" for i in range(j + 1))) for j in range(L)}
-        logits, _ = model.apply(params, tokens, sites=(), logits=True, splice=sp)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32)[:, :-1], axis=-1).reshape(3, B, T - 1, -1)
-        nll = -jnp.take_along_axis(logp, tokens[None, :, 1:, None], axis=-1)[..., 0]
-        kl = jnp.sum(jnp.exp(logp[0])[None] * (logp[0][None] - logp), axis=-1)
-        cm = splice.ce_mask(tokens, policy) & valid[:, None]
-        return jnp.sum(nll * cm, axis=(1, 2)), jnp.sum(kl * cm, axis=(1, 2)), jnp.sum(cm)
-
-    fn = jax.jit(run)
-    nll, kl, count = np.zeros(3), np.zeros(3), 0
-    for i in range(0, len(tokens), batch):
-        chunk = tokens[i:i + batch]
-        valid = np.arange(batch) < len(chunk)
-        if len(chunk) < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), 0)])
-        s_nll, s_kl, n = (np.asarray(v, np.float64) for v in fn(jnp.asarray(chunk), jnp.asarray(valid)))
-        nll, kl, count = nll + s_nll, kl + s_kl, count + int(n)
-    if count == 0:
-        raise ValueError("replacement model: no held-out positions left after masking")
-    ce_clean, ce_ablate, ce_rep = (float(v / count) for v in nll)
-    denom = ce_ablate - ce_clean
-    return {"ce_clean": ce_clean, "ce_ablate": ce_ablate, "ce_replacement": ce_rep,
-            "delta_lm_loss": ce_rep - ce_clean, "ce_score": (ce_ablate - ce_rep) / denom if denom else None,
-            "kl": float(kl[2] / count), "kl_ablate": float(kl[1] / count), "ce_positions": count}
+    writes = {f"mlp.{layers[j]}": (tuple(f"mlp_in.{layers[i]}" for i in range(j + 1)), y_hat(j))
+              for j in range(len(layers))}
+    return splice.all_at_once_losses(splice.all_at_once_pass(model, writes, policy), params, f, tokens, batch)

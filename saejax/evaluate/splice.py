@@ -18,6 +18,12 @@ policy's ``max_norm_ratio`` r > 0) not an activation with ||a|| > r * median_nor
 Losses, summed over CE positions p (input p kept by the token rules above, target p+1 not special):
     CE_n = -log softmax(logits_n[p])[token p+1]        KL_n = KL(softmax(clean[p]) || softmax(logits_n[p]))
 Per SAE: delta_lm_loss = CE_sae - CE_clean; ce_score = (CE_ablate - CE_sae) / (CE_ablate - CE_clean).
+
+The replacement model (``all_at_once_pass``): several sites written at once in one pass, each from
+read sites of the same pass (errors compound), three variants N x B (variant-major): clean, every
+written site zero-ablated, every written site replaced; at the token positions the store keeps (not
+the activation-norm policy). A CLT's (evaluate/clt.py) and a transcoder group member's
+(``transcoder_replacement_losses``: every mlp.L of the group from its mlp_in.L).
 """
 from __future__ import annotations
 
@@ -170,3 +176,88 @@ def site_losses(model, params, site: str, meta: dict, arrays: dict, t: int, toke
                     "kl": float(kl[k] / count), "kl_ablate": float(kl_zero / count), "ce_positions": int(count)})
     return out
 
+
+
+def all_at_once_pass(model, writes: dict, policy: Policy):
+    """The compiled replacement pass: (params, arrs, tokens [B, T], valid [B] bool) -> (nll_sum [3],
+    kl_sum [3], n_positions), variants clean, ablated, replacement (module doc). ``writes``: {written
+    site: (read sites, y_hat)} with y_hat(arrs, ins) -> [B*T, w] the written site's replacement from
+    the replacement variant's activations ``ins`` of the read sites ([B*T, w_in] each, float32)."""
+
+    def run(params, arrs, tokens, valid):
+        B, T = tokens.shape
+        keep = token_keep(tokens, policy)[:, :, None]
+
+        def make(reads, y_hat):
+            def fn(act, got):
+                x = act.astype(jnp.float32)
+                if x.shape[0] == B:  # the first splice: clean, ablated, replacement from here on
+                    x = jnp.concatenate([x, x, x])
+                # the replacement variant's inputs (a read recorded before the first splice has batch B)
+                ins = [got[r].astype(jnp.float32) for r in reads]
+                ins = [r if r.shape[0] == B else r[2 * B:] for r in ins]
+                y = y_hat(arrs, [r.reshape(B * T, -1) for r in ins]).reshape(B, T, -1)
+                clean, zero, rep = x[:B], x[B:2 * B], x[2 * B:]
+                out = jnp.concatenate([clean, jnp.where(keep, 0.0, zero), jnp.where(keep, y, rep)])
+                return out.astype(act.dtype)
+            return fn
+
+        sp = {site: (make(reads, y_hat), tuple(reads)) for site, (reads, y_hat) in writes.items()}
+        logits, _ = model.apply(params, tokens, sites=(), logits=True, splice=sp)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32)[:, :-1], axis=-1).reshape(3, B, T - 1, -1)
+        nll = -jnp.take_along_axis(logp, tokens[None, :, 1:, None], axis=-1)[..., 0]
+        kl = jnp.sum(jnp.exp(logp[0])[None] * (logp[0][None] - logp), axis=-1)
+        cm = ce_mask(tokens, policy) & valid[:, None]
+        return jnp.sum(nll * cm, axis=(1, 2)), jnp.sum(kl * cm, axis=(1, 2)), jnp.sum(cm)
+
+    return jax.jit(run)
+
+
+def all_at_once_losses(fn, params, arrs, tokens: np.ndarray, batch: int = 8) -> dict:
+    """Run ``all_at_once_pass``'s ``fn`` over held-out ``tokens`` [n, T] in batches of ``batch``
+    contexts: ce_clean, ce_ablate, ce_replacement, delta_lm_loss, ce_score, kl, kl_ablate, ce_positions."""
+    nll, kl, count = np.zeros(3), np.zeros(3), 0
+    for i in range(0, len(tokens), batch):
+        chunk = tokens[i:i + batch]
+        valid = np.arange(batch) < len(chunk)
+        if len(chunk) < batch:  # pad with copies of the last context (valid False: not counted)
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), 0)])
+        s_nll, s_kl, n = (np.asarray(v, np.float64) for v in fn(params, arrs, jnp.asarray(chunk), jnp.asarray(valid)))
+        nll, kl, count = nll + s_nll, kl + s_kl, count + int(n)
+    if count == 0:
+        raise ValueError("replacement model: no held-out positions left after masking")
+    ce_clean, ce_ablate, ce_rep = (float(v / count) for v in nll)
+    denom = ce_ablate - ce_clean
+    return {"ce_clean": ce_clean, "ce_ablate": ce_ablate, "ce_replacement": ce_rep,
+            "delta_lm_loss": ce_rep - ce_clean, "ce_score": (ce_ablate - ce_rep) / denom if denom else None,
+            "kl": float(kl[2] / count), "kl_ablate": float(kl[1] / count), "ce_positions": count}
+
+
+def transcoder_replacement_losses(model, params, meta: dict, arrays: dict, tokens: np.ndarray, policy: Policy,
+                                  member: int, batch: int = 8) -> dict:
+    """The replacement model of a transcoder group's sweep member ``member``: every site mlp.L of
+    the group replaced at once by D(E(r * s_r)) / s (skip term included; r the replacement variant's
+    own mlp_in.L, s_r and s the read and written sites' norm scales, as ``site_losses``); the
+    losses of ``all_at_once_losses`` over held-out ``tokens`` [n, T]."""
+    if not meta.get("reads"):
+        raise ValueError(f"transcoder replacement: the group of sites {meta['sites']} reads no other site")
+    arch = meta["arch"]
+    ks = apply.inference_ks(meta)
+    ks = None if ks is None else (ks[member],)
+    T = len(meta["sites"])
+    arrs = {"sae": [{k: v[:, member:member + 1] for k, v in apply.site_arrays(meta, arrays, t).items()}
+                    for t in range(T)],
+            "scale": [jnp.float32(meta["norm_scale"][t]) for t in range(T)],
+            "read_scale": [jnp.float32(meta["read_norm_scale"][t]) for t in range(T)]}
+
+    def y_hat(t):
+        def fn(a, ins):
+            sae, x = a["sae"][t], (ins[0] * a["read_scale"][t])[None]  # [1, B*T, d_in]
+            return apply.decode_stacked(sae, apply.encode_stacked(arch, sae, x, ks), x)[0, 0] / a["scale"][t]
+        return fn
+
+    writes = {meta["sites"][t]: ((meta["reads"][t],), y_hat(t)) for t in range(T)}
+    key = (id(model), "replacement", tuple(meta["sites"]), tuple(meta["reads"]), arch, ks, policy)
+    if key not in _PASSES:  # one compiled pass per group and k: the members' arrays are arguments
+        _PASSES[key] = all_at_once_pass(model, writes, policy)
+    return all_at_once_losses(_PASSES[key], params, arrs, tokens, batch)
