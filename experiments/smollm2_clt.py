@@ -17,12 +17,19 @@ group, sae.transcoders) on the same store, at a target L0 near the CLT's per-lay
 (sae.site_kinds = ()); evaluate reports both (docs/sae.md), each with its replacement model:
 every MLP output replaced at once by the CLT, or by the 30 transcoders (evaluate.replacement).
 
+A reduced comparison that fits a 2-core CPU in well under an hour (`:small`; docs/sae.md has its
+numbers): every layer still, but 512 latents per layer, TopK with k = 16 per layer for the CLT and for
+each skip-transcoder (so both have the same L0 per layer, 480 per token in all), 100,000 train rows
+per site (6.9 GB), one pass at batch 256, 16 held-out contexts:
+
+    saejax run --config experiments/smollm2_clt.py:small
+
 Tiny mode for the tests: saejax run --config experiments/smollm2_clt.py:runlocal
 """
 from saejax import config as cfg
 from saejax.train.clt_step import clt_pairs
 
-VARIANTS = {"runlocal": bool, "layers": cfg.layer_range, "tokens": int}
+VARIANTS = {"runlocal": bool, "small": bool, "layers": cfg.layer_range, "tokens": int}
 
 
 def get_config(arg: str = ""):
@@ -60,6 +67,22 @@ def get_config(arg: str = ""):
     c.evaluate.contexts = 64
     c.evaluate.replacement = True  # the transcoders' replacement model beside the CLT's (issue #24)
     c.release.name = "saejax-smollm2-clt"
+    if v.get("small"):
+        c.workdir = "runs/smollm2_clt_small"
+        c.data.heldout_contexts = 16
+        c.harvest.max_tokens = v.get("tokens", 100_000)
+        c.sae.arch = c.clt.arch = "topk"
+        c.sae.target_l0 = ()
+        c.sae.sparsity = (16,)
+        c.sae.widths = (512,)
+        c.clt.width = 512
+        c.clt.sparsity = 16  # topk: k per layer
+        c.clt.cap = 0  # topk decodes its k exactly
+        c.train.tokens = c.harvest.max_tokens
+        c.train.batch_size = 256
+        c.train.lr = 1e-3
+        c.train.sparsity_warmup = 0.0
+        c.evaluate.contexts = 16
     if v.get("runlocal"):
         cfg.runlocal(c, "random:tiny-llama")
         c.harvest.layers = (0, 1, 2, 3)  # every layer of the tiny model, as circuit-tracer's export needs
