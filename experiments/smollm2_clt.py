@@ -90,5 +90,5 @@ def get_config(arg: str = ""):
         c.harvest.pairs = tuple(clt_pairs(c.harvest.layers))
         c.clt.width = 64
         c.clt.cap = 32
-        c.clt.sparsity = 1e-3
+        c.clt.sparsity = 1e-3 if c.clt.arch == "jumprelu" else 8  # :small,runlocal: topk k per layer
     return c
