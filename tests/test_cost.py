@@ -132,7 +132,7 @@ def test_per_group_meshes_resume_bitwise(tmp_path, monkeypatch, capsys):
     c = _two_meshes_config(tmp_path / "a")
     cfg.validate(c)
     plans = loop.plan_groups(c, loop.make_source(c))
-    meshes = cost.group_meshes(c, plans, 8)
+    meshes = cost.plan_meshes(c, plans, 8)[1]
     assert meshes[0] == {"data": 4, "stack": 2, "latent": 1} and meshes[1]["latent"] > 1, meshes
     want = loop.run(c)
     err = capsys.readouterr().err
@@ -222,9 +222,9 @@ def test_planner_gives_a_clt_a_data_x_latent_mesh(tmp_path, monkeypatch):
     assert cost.is_clt(spec)
     _, table = cost.propose([plans[-1]], 8, chips.get("v5p"))
     assert {k[1] for k in table} == {1}, table
-    assert cost.group_meshes(c, plans, 8)[-1] == {"data": 8, "stack": 1, "latent": 1}
+    assert cost.plan_meshes(c, plans, 8)[1][-1] == {"data": 8, "stack": 1, "latent": 1}
     monkeypatch.setitem(chips.CHIPS, "v5p", dataclasses.replace(chips.get("v5p"), hbm=4e6))
-    meshes = cost.group_meshes(c, plans, 8)
+    meshes = cost.plan_meshes(c, plans, 8)[1]
     assert meshes[-1]["stack"] == 1 and meshes[-1]["latent"] > 1, meshes
     _, table = cost.propose([plans[-1]], 8, chips.get("v5p"))
     assert all(v[1] > 4e6 for k, v in table.items() if k[2] == 1) and table[cost.key(meshes[-1])][1] <= 4e6
@@ -265,7 +265,7 @@ def test_group_and_clt_on_planned_meshes_resume_bitwise(tmp_path, monkeypatch, c
     c = _clt_config(tmp_path / "a")
     cfg.validate(c)
     plans = _plans(c)
-    meshes = cost.group_meshes(c, plans, 8)
+    meshes = cost.plan_meshes(c, plans, 8)[1]
     assert meshes[0]["stack"] > 1 and meshes[1]["latent"] > 1, meshes
     want = loop.run(c)
     assert f"[{plans[1][0].name}] cross-layer transcoder over 2 layers x 4096 latents, 12 steps of 64 tokens " \

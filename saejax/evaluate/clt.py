@@ -128,4 +128,5 @@ def replacement_losses(model, params, a: dict, meta: dict, tokens: np.ndarray, p
 
     writes = {f"mlp.{layers[j]}": (tuple(f"mlp_in.{layers[i]}" for i in range(j + 1)), y_hat(j))
               for j in range(len(layers))}
-    return splice.all_at_once_losses(splice.all_at_once_pass(model, writes, policy), params, f, tokens, batch)
+    return splice.all_at_once_losses(splice.all_at_once_pass(model, writes, policy), params, f, tokens, batch,
+                                     splice.vocab_size(model))

@@ -143,7 +143,7 @@ def site_losses(model, params, site: str, meta: dict, arrays: dict, t: int, toke
     folded = apply.site_arrays(meta, arrays, t)
     K, M = folded["b_enc"].shape[1:]
     ks = apply.inference_ks(meta)
-    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    vocab = vocab_size(model)
     b, kc = plan(K, batch, tokens.shape[1], vocab, M, folded["b_dec"].shape[-1], budget)
     scale = jnp.float32(meta["norm_scale"][t])
     nll, kl = np.zeros(K), np.zeros(K)
@@ -213,9 +213,16 @@ def all_at_once_pass(model, writes: dict, policy: Policy):
     return jax.jit(run)
 
 
-def all_at_once_losses(fn, params, arrs, tokens: np.ndarray, batch: int = 8) -> dict:
-    """Run ``all_at_once_pass``'s ``fn`` over held-out ``tokens`` [n, T] in batches of ``batch``
-    contexts: ce_clean, ce_ablate, ce_replacement, delta_lm_loss, ce_score, kl, kl_ablate, ce_positions."""
+def vocab_size(model) -> int:
+    """The model's vocabulary size (0 when its config does not say)."""
+    return int(getattr(model.config, "vocab_size", 0) or 0)
+
+
+def all_at_once_losses(fn, params, arrs, tokens: np.ndarray, batch: int = 8, vocab: int = 0) -> dict:
+    """Run ``all_at_once_pass``'s ``fn`` over held-out ``tokens`` [n, T] in batches of at most ``batch``
+    contexts, fewer where the three variants' logits of ``vocab`` entries would pass MEMORY_BUDGET:
+    ce_clean, ce_ablate, ce_replacement, delta_lm_loss, ce_score, kl, kl_ablate, ce_positions."""
+    batch = max(1, min(batch, len(tokens), MEMORY_BUDGET // (3 * variant_bytes(tokens.shape[1], vocab, 0, 0))))
     nll, kl, count = np.zeros(3), np.zeros(3), 0
     for i in range(0, len(tokens), batch):
         chunk = tokens[i:i + batch]
@@ -260,4 +267,4 @@ def transcoder_replacement_losses(model, params, meta: dict, arrays: dict, token
     key = (id(model), "replacement", tuple(meta["sites"]), tuple(meta["reads"]), arch, ks, policy)
     if key not in _PASSES:  # one compiled pass per group and k: the members' arrays are arguments
         _PASSES[key] = all_at_once_pass(model, writes, policy)
-    return all_at_once_losses(_PASSES[key], params, arrs, tokens, batch)
+    return all_at_once_losses(_PASSES[key], params, arrs, tokens, batch, vocab_size(model))

@@ -423,12 +423,6 @@ def plan_meshes(config, plans, n_devices: int, processes: int = 1) -> tuple[list
     return padded, out
 
 
-def group_meshes(config, plans, n_devices: int, processes: int = 1) -> list[dict]:
-    """Each group's mesh of ``n_devices`` (``plan_meshes``' meshes: with ``mesh.pad_sites``, meshes
-    for the padded plans ``plan_meshes`` returns, not for ``plans``)."""
-    return plan_meshes(config, plans, n_devices, processes)[1]
-
-
 if __name__ == "__main__":
     _worker()
 
