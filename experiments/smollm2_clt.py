@@ -17,10 +17,11 @@ group, sae.transcoders) on the same store, at a target L0 near the CLT's per-lay
 (sae.site_kinds = ()); evaluate reports both (docs/sae.md), each with its replacement model:
 every MLP output replaced at once by the CLT, or by the 30 transcoders (evaluate.replacement).
 
-A reduced comparison that fits a 2-core CPU in well under an hour (`:small`; docs/sae.md has its
-numbers): every layer still, but 512 latents per layer, TopK with k = 16 per layer for the CLT and for
-each skip-transcoder (so both have the same L0 per layer, 480 per token in all), 100,000 train rows
-per site (6.9 GB), one pass at batch 256, 16 held-out contexts:
+A reduced comparison that a 2-core CPU runs in about 70 minutes (`:small`; docs/sae.md has its
+numbers and the evaluate flags that keep evaluation to ~17 minutes): every layer still, but 512
+latents per layer, TopK with k = 16 per layer for the CLT and for each skip-transcoder (so both have
+the same L0 cap per layer, 480 per token in all), 100,254 train rows per site (8.1 GB with the
+held-out rows), one pass at batch 256, 16 held-out contexts:
 
     saejax run --config experiments/smollm2_clt.py:small
 
