@@ -180,6 +180,15 @@ class SAEGroup(nn.Module):
         return forward.reconstruct(self.spec, self._params(), x, lambda pre: self.activate(pre, bt_threshold, train))
 
 
+def real_sites(spec, tree):
+    """``tree`` with every leaf whose leading axis is the group's T slots cut to its real sites (the
+    first ``n_sites``; the idle slots, ``pad``, left out); other leaves, and the tree of a spec
+    without idle slots (a CLT's too), as they are. For what the group logs and exports."""
+    if not getattr(spec, "pad", 0):
+        return tree
+    return jax.tree_util.tree_map(lambda a: a[:spec.n_sites] if jnp.ndim(a) and jnp.shape(a)[0] == spec.T else a, tree)
+
+
 def init_params(spec: GroupSpec, key) -> dict:
     """Gemma Scope init: W_dec He-uniform with unit rows (0.1 for kinds without unit-norm decoders),
     W_enc = W_dec^T, biases 0, the kind's extra parameters at their initial values (jumprelu theta).

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 
 from saejax.sae import io as sae_io
-from saejax.sae.group import GroupSpec
+from saejax.sae.group import GroupSpec, real_sites
 from saejax.train import optim
 from saejax.train.trainer import gather
 
@@ -36,7 +36,7 @@ def save_final(final: str, spec: GroupSpec, hp: optim.Hyper, source, state) -> N
     """Write the trained ``state`` to the folder ``final``: gathered on every process, written by process 0.
     The real sites only: a group's idle slots (``spec.pad``) are left out, so ``final`` is the unpadded group's."""
     host = gather({k: v for k, v in state.items() if k != "opt_state"})
-    host = jax.tree_util.tree_map(lambda a: a[:spec.n_sites] if a.ndim and a.shape[0] == spec.T else a, host)
+    host = real_sites(spec, host)
     if jax.process_index() == 0:
         arrays = sae_io.export_params(spec.arch, host["params"], host["bt_threshold"])
         sae_io.save_group(final, arrays, group_meta(spec, hp, source, host, getattr(source, "model", "")))

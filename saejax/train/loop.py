@@ -31,7 +31,7 @@ from saejax.tracking import Tracker, group_scalars
 from saejax.train import checkpoint as ckpt
 from saejax.train import clt_step
 from saejax.train import cost
-from saejax.sae.group import GroupSpec
+from saejax.sae.group import GroupSpec, real_sites
 from saejax.train.export import save_final
 from saejax.train.plan import dry_run_report, plan_groups, state_memory
 from saejax.train.trainer import Trainer, norm_scales, to_host
@@ -123,7 +123,7 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
             elif save:
                 state = _freeze_nonfinite(spec, hp, state, trainer, None, done)
             if save:
-                if bool(np.all(_real(spec, np.asarray(jax.device_get(trainer.replicate(state["frozen"])))))):
+                if bool(np.all(real_sites(spec, np.asarray(jax.device_get(trainer.replicate(state["frozen"])))))):
                     raise NonFinite(f"every SAE of group {spec.name} went non-finite by step {done}; "
                                     f"the last good checkpoint (step {ckpts.latest_step()}) is kept")
                 ckpts.save(done, state, force=True)
@@ -147,20 +147,6 @@ def train_group(spec, hp, source, mesh, *, seed=0, log_every=100, log_path=None,
     return state
 
 
-def _real(spec, a):
-    """The real sites' rows of a per-SAE array (leading axis: a group's T slots; a CLT's as it is)."""
-    pad = getattr(spec, "pad", 0)
-    return a[:len(a) - pad] if pad else a
-
-
-def real_sites(spec, tree):
-    """The real sites' rows of every per-SAE leaf (leading axis T, the slots) of a host ``tree``;
-    other leaves (scalars) as they are."""
-    if not getattr(spec, "pad", 0):
-        return tree
-    return {k: _real(spec, v) if np.ndim(v) and np.shape(v)[0] == spec.T else v for k, v in tree.items()}
-
-
 def _span(a) -> str:
     a = np.asarray(a)
     return f"{a.min():.3g}" if a.size == 1 or a.min() == a.max() else f"{a.min():.3g}..{a.max():.3g}"
@@ -177,7 +163,7 @@ def _freeze_nonfinite(spec, hp, state, trainer, loss, step):
     steps only: no per-step host sync). ``loss`` [n_sites, K] (the real sites') or None. Idle
     slots are frozen from the start and never checked."""
     bad = ~np.asarray(jax.device_get(trainer.finite(state["params"])))
-    n = len(_real(spec, bad))  # the real sites: idle slots are never checked
+    n = len(real_sites(spec, bad))  # the real sites: idle slots are never checked
     bad[n:] = False
     if loss is not None:
         bad[:n] |= ~np.isfinite(np.asarray(loss))
