@@ -199,6 +199,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.evaluate.contexts = 2048  # held-out contexts spliced for delta LM loss (metrics use every held-out row)
     c.evaluate.batch_contexts = 8
     c.evaluate.latent_cards = 16  # latents per SAE shown on its latent card page
+    # Per-site splicing: each SAE's and transcoder's delta LM loss, CE score and KL, the model run once
+    # per site. False skips it for every group (held-out metrics, cards and replacement models unchanged).
+    c.evaluate.splice = True
     # Per transcoder group member: the replacement model, every MLP output replaced at once by the
     # group's transcoders (as a CLT's; results.json "replacements", docs/evaluate.md).
     c.evaluate.replacement = False
@@ -507,6 +510,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(pad != "auto" or c.mesh.plan == "auto", "mesh.pad_sites", "'auto' needs mesh.plan='auto'")
     from saejax.chips import CHIPS
     _check(c.mesh.target_chip in CHIPS, "mesh.target_chip", f"{c.mesh.target_chip!r} is not one of {tuple(CHIPS)}")
+    _check(isinstance(c.evaluate.splice, bool), "evaluate.splice", "must be True or False")
     for f in c.release.formats:
         _check(f in ("gemmascope", "saelens", "circuit_tracer"), "release.formats",
                f"{f!r} is not 'gemmascope', 'saelens' or 'circuit_tracer'")

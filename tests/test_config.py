@@ -25,10 +25,21 @@ def test_overrides_are_typed():
     ("--config.sae.arch=gated", "sae.arch"),
     ("--config.train.batch_size=1.5", "train.batch_size"),
     ("--config.mesh.data=0", "mesh.data"),
+    ("--config.evaluate.splice=1", "evaluate.splice"),
+    ("--config.evaluate.splice=yes", "evaluate.splice"),
 ])
 def test_bad_override_names_key(override, key):
     with pytest.raises(cfg.ConfigError, match=key.replace(".", r"\.")):
         cfg.load(SYNTH, [override])
+
+
+def test_evaluate_splice_must_be_a_bool(tmp_path):
+    f = tmp_path / "nosplice.py"
+    f.write_text("from saejax import config as cfg\n"
+                 "def get_config(arg):\n    c = cfg.defaults()\n    c.evaluate.splice = None\n    return c\n")
+    with pytest.raises(cfg.ConfigError, match=r"^config key 'evaluate\.splice': must be True or False$"):
+        cfg.load(str(f))
+    assert cfg.load(SYNTH, ["--config.evaluate.splice=False"]).evaluate.splice is False
 
 
 def test_unknown_key_in_experiment_file(tmp_path):

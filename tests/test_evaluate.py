@@ -362,3 +362,99 @@ def test_matryoshka_groups_report_fvu_per_prefix():
             assert abs(out[k]["fvu_prefix"][str(m)] - want) < 1e-5 * max(1, want), (k, m)
         assert out[k]["fvu_prefix"][str(2 * D)] == pytest.approx(out[k]["fvu"], rel=1e-5)
     assert out[0]["fvu_prefix"][str(D)] > 0.3 > out[0]["fvu"]  # the identity needs both halves
+
+
+SPLICE_KEYS = {"ce_clean", "ce_sae", "ce_ablate", "delta_lm_loss", "ce_score", "kl", "kl_ablate", "ce_positions"}
+
+
+def _counting_splices(monkeypatch):
+    """The sites splice.site_losses is called for (evaluate calls it through the module)."""
+    calls = []
+    real = splice.site_losses
+    monkeypatch.setattr(splice, "site_losses", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
+    return calls
+
+
+def test_splice_off_skips_only_the_splice_pass_and_release_omits_its_metrics(workdir, monkeypatch, capsys):
+    """evaluate.splice = False: the per-site splice is never called; every other number of results.json
+    and every card are those of the spliced run, exactly; the splice keys are absent; a spliced run is
+    then not complete for a config that wants them; the table and the release's README leave the
+    splice columns and plot out, suite.json's splice metrics are null, the weights are the same."""
+    c = workdir
+    calls = _counting_splices(monkeypatch)
+    saejax.evaluate.run(c)
+    assert calls == ["res.0"]
+    ev = os.path.join(c.workdir, "evaluate")
+    on = json.load(open(os.path.join(ev, "results.json")))
+    on_cards = {e["card"]: open(os.path.join(ev, e["card"])).read() for e in on["saes"]}
+    on_suite = saejax.release.run(c)
+    on_npz = {e["path"]: open(os.path.join(c.workdir, "release", e["path"]), "rb").read() for e in on_suite["saes"]}
+    capsys.readouterr()
+    c.evaluate.splice = False
+    assert saejax.evaluate.is_complete(c)  # a spliced result has everything an unspliced run wants
+    saejax.evaluate.run(c)
+    assert calls == ["res.0"]  # not called again
+    out = capsys.readouterr().out
+    assert "FVU" in out and "dLM" not in out and "CEscore" not in out
+    off = json.load(open(os.path.join(ev, "results.json")))
+    assert off["splice"] is False and "splice" not in on
+    assert {k: v for k, v in off.items() if k not in ("saes", "splice")} == \
+        {k: v for k, v in on.items() if k != "saes"}
+    assert len(off["saes"]) == len(on["saes"]) == 3
+    for a, b in zip(off["saes"], on["saes"]):
+        assert SPLICE_KEYS <= set(b) and not SPLICE_KEYS & set(a)
+        assert a == {k: v for k, v in b.items() if k not in SPLICE_KEYS}
+        assert open(os.path.join(ev, a["card"])).read() == on_cards[a["card"]]
+    assert saejax.evaluate.is_complete(c)
+    c.evaluate.splice = True
+    assert not saejax.evaluate.is_complete(c)  # saejax run would evaluate again, spliced
+    c.evaluate.splice = False
+    suite = saejax.release.run(c)
+    rel = os.path.join(c.workdir, "release")
+    assert [e["path"] for e in suite["saes"]] == list(on_npz)
+    for e, e_on in zip(suite["saes"], on_suite["saes"]):
+        assert open(os.path.join(rel, e["path"]), "rb").read() == on_npz[e["path"]]
+        assert all(e["metrics"][k] is None for k in SPLICE_KEYS - {"ce_positions"})
+        assert e["metrics"]["delta_lm_loss"] is None and e_on["metrics"]["delta_lm_loss"] is not None
+        assert {k: v for k, v in e["metrics"].items() if v is not None} == \
+            {k: v for k, v in e_on["metrics"].items() if k not in SPLICE_KEYS}
+    assert not os.path.exists(os.path.join(rel, "delta_loss.png")) and os.path.isfile(os.path.join(rel, "l0_fvu.png"))
+    readme = open(os.path.join(rel, "README.md")).read()
+    assert "delta_loss.png" not in readme and "| delta LM loss |" not in readme and "no delta LM loss" in readme
+    row = next(line for line in readme.splitlines() if line.startswith("| res.0 "))
+    assert row.count("|") == readme.splitlines()[readme.splitlines().index(row) - 1].count("|") == 9
+
+
+def test_splice_off_still_measures_transcoders_and_their_replacement_model(workdir, monkeypatch):
+    """A transcoder group with evaluate.splice = False and evaluate.replacement = True: its held-out
+    metrics and the replacement models (one per member) are computed, no per-site splice is."""
+    from saejax.store import write_store
+    c = workdir
+    c.evaluate.splice, c.evaluate.replacement = False, True
+    model = sys.modules["saejax.models"].load("")
+    tokens = tokens_fixture(6)
+    act = np.asarray(model.apply(model.params, jnp.asarray(tokens), sites=("res.0",), logits=False)[1]["res.0"])
+    b, p = np.nonzero(np.asarray(splice.token_keep(jnp.asarray(tokens), splice.Policy(SPECIAL, 0))))
+    rows = np.stack([tokens[b, p], 100 + b, p], 1).astype(np.int32)
+    x, y = act[b, p], np.tanh(act[b, p] / 50)
+    split = {"mlp_in.0": (x, rows), "mlp.0": (y, rows)}
+    store = os.path.join(c.workdir, "tc_store")
+    write_store(store, {"train": split, "heldout": split}, model=model.name, context_len=L, context_start_id=1,
+                special_ids=SPECIAL, heldout_tokens=tokens, heldout_contexts=np.arange(100, 106),
+                pairs=[("mlp_in.0", "mlp.0")])
+    c.harvest.store_dir = store
+    arrays, meta = _transcoders(D, (0,))
+    import shutil
+    shutil.rmtree(os.path.join(c.workdir, "train"))
+    sae_io.save_group(os.path.join(c.workdir, "train", "topk_tc", "final"), arrays, meta)
+    spliced = _counting_splices(monkeypatch)
+    replaced = []
+    monkeypatch.setattr(splice, "transcoder_replacement_losses", lambda *a, **kw: replaced.append(a[-1])
+                        or {"delta_lm_loss": 0.5 + a[-1], "ce_score": 0.9, "kl": 0.1})
+    doc = saejax.evaluate.run(c)
+    assert spliced == [] and replaced == [0, 1]
+    tc = doc["saes"]
+    assert [e["site"] for e in tc] == ["transcoder.0"] * 2 and all(e["fvu"] > 0 and e["l0"] > 0 for e in tc)
+    assert not SPLICE_KEYS & set(tc[0]) and doc["splice"] is False
+    assert [(r["member"], r["delta_lm_loss"], r["l0_total"]) for r in doc["replacements"]] == \
+        [(k, 0.5 + k, tc[k]["l0"]) for k in range(2)]

@@ -4,8 +4,9 @@ Reads  <workdir>/train/<group>/final/   (saejax.sae.io)   and   <workdir>/store/
 Writes <workdir>/evaluate/results.json  and  <workdir>/evaluate/cards/<sae>.html  (docs/evaluate.md)
 
 Per SAE: reconstruction metrics on the held-out rows of its site (metrics.py), delta LM loss, CE
-score and KL with its reconstruction spliced into the model (splice.py), and a latent card for a
-sample of ``evaluate.latent_cards`` latents (cards.py). The output folder is built under a
+score and KL with its reconstruction spliced into the model (splice.py; skipped with
+``evaluate.splice = False``), and a latent card for a sample of ``evaluate.latent_cards`` latents
+(cards.py). The output folder is built under a
 temporary name and renamed at the end, so a complete ``evaluate/`` is the completion marker.
 With ``train.source = "synthetic"`` there is no model: reconstruction metrics only, on synthetic
 rows training never drew.
@@ -36,7 +37,8 @@ class EvaluateError(ValueError):
 
 
 def is_complete(config) -> bool:
-    """results.json exists and covers every trained group (``saejax run`` then skips evaluate)."""
+    """results.json exists and covers every trained group (``saejax run`` then skips evaluate), with
+    the per-site splice metrics if ``evaluate.splice`` asks for them."""
     path = wd.results_path(config)
     if not os.path.isfile(path):
         return False
@@ -44,6 +46,8 @@ def is_complete(config) -> bool:
         with open(path) as fh:
             doc = json.load(fh)
         done = set(doc.get("groups", [])) | {c["id"] for c in doc.get("clts", [])}
+        if config.evaluate.splice and doc.get("splice", True) is False:
+            return False  # made with evaluate.splice = False: the splice metrics are missing
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return False
     names = {wd.group_of(p) for p in wd.final_dirs(config) + wd.clt_final_dirs(config)}
@@ -145,13 +149,16 @@ def run(config, dry_run: bool = False) -> dict | None:
     data = _Rows(config)
     _check(groups, data)
     n_sae = sum(len(m["sites"]) * len(m["sweep"]) for _, _, m in groups)  # a pooled SAE counts once
+    splice_on = bool(config.evaluate.splice)
     print(f"saejax evaluate: {len(groups)} groups, {n_sae} SAEs"
           + (" on synthetic rows" if data.synthetic else f" on {len(data.all_tokens)} held-out contexts, "
-             f"{data.n_contexts} of them spliced"), file=sys.stderr)
+             + (f"{data.n_contexts} of them spliced" if splice_on else "no per-site splicing (evaluate.splice)")),
+          file=sys.stderr)
     if dry_run:
         for name, _, meta in groups:
             print(f"  {name}: sites {meta['sites']}, {len(meta['sweep'])} sweep members, "
-                  f"{len(meta['sites'])} spliced passes per context batch", file=sys.stderr)
+                  + (f"{len(meta['sites'])} spliced passes per context batch" if splice_on else "not spliced"),
+                  file=sys.stderr)
         return None
     import jax
     pc, pi = jax.process_count(), jax.process_index()
@@ -203,6 +210,7 @@ def run(config, dry_run: bool = False) -> dict | None:
             if pi == 0:
                 results = [r for u in units if u[0] not in ("clt", "rep") for r in done[u]]
                 doc = {"format": "saejax-eval/1", "model": data.model_name, "contexts": data.n_contexts,
+                       **({} if splice_on or data.synthetic else {"splice": False}),  # absent: spliced
                        "heldout_contexts": 0 if data.synthetic else len(data.all_tokens),
                        "synthetic": data.synthetic, "groups": [g[0] for g in groups], "saes": results}
                 clts = [done[u] for u in units if u[0] == "clt"]
@@ -360,7 +368,7 @@ def _evaluate_site(name, arrays, meta, t, data, model, config, out, layer_group=
     read_rows = data.rows(read)[0] if read else None
     recon, density = metrics.site_metrics(meta, arrays, t, rows, return_density=True, read_rows=read_rows)
     losses = [{}] * len(recon)
-    if model is not None:
+    if model is not None and config.evaluate.splice:
         policy = data.policy(site)
         if read:  # a position counts if both sites' policies keep it
             import dataclasses
@@ -458,15 +466,17 @@ def _cards(name, site, t, meta, arrays, rows, rmeta, density, recon, data, model
 
 
 def table(results: list[dict]) -> str:
-    """The terminal table: one row per SAE."""
+    """The terminal table: one row per SAE; the splice columns only when some SAE was spliced."""
     sweep = ("target", "target_l0", "{:g}") if any(r.get("target_l0") for r in results) \
         else ("sparsity", "sparsity", "{:g}")  # calibrated runs: the L0 target; else lambda or k
     cols = [("site", "site", "{}"), *([("group", "layer_group", "{}")] if any(r.get("layer_group") for r in results)
                                       else []),  # sae.layer_groups: the pooled site an SAE was trained on
             ("width", "width", "{}"), ("arch", "arch", "{}"), sweep,
             ("L0", "l0", "{:.1f}"), ("FVU", "fvu", "{:.3f}"), ("dead", "dead_frac", "{:.1%}"),
-            (">10%", "dense_10pct", "{:.1%}"), ("dLM", "delta_lm_loss", "{:.4f}"), ("CEscore", "ce_score", "{:.3f}"),
-            ("KL", "kl", "{:.4f}")]
+            (">10%", "dense_10pct", "{:.1%}")]
+    spliced = [("dLM", "delta_lm_loss", "{:.4f}"), ("CEscore", "ce_score", "{:.3f}"), ("KL", "kl", "{:.4f}")]
+    if any(r.get(k) is not None for r in results for _, k, _ in spliced):
+        cols += spliced
     rows = [[h for h, _, _ in cols]]
     for r in results:
         rows.append([("-" if r.get(k) is None else f.format(r[k])) for _, k, f in cols])

@@ -4,6 +4,7 @@ Every plot has one panel per site kind (small multiples), colours by layer with 
 instead of a legend entry per line, so it reads the same at 18 SAEs and at 780:
     l0_fvu.png        FVU against L0, one line per (layer, width): the sparsity-fidelity frontier
     delta_loss.png    delta LM loss against L0, one line per (layer, width): Gemma Scope's main figure
+                      (only when some SAE has one: none without a model or with evaluate.splice = False)
     density.png       latent density per site: the share of live latents in each log10 firing
                       frequency bin, averaged over the site's SAEs (a heat map, layer by frequency)
 
@@ -24,6 +25,7 @@ KIND_NAMES = {"res": "residual stream", "att": "attention output", "mlp_in": "ML
               "transcoder": "transcoders (MLP input to MLP output)"}
 KINDS = tuple(KIND_NAMES)
 WIDTH_STYLES = ("-", "--", ":", "-.")  # one per latent width, in the legend
+SPLICE_METRICS = ("delta_lm_loss", "ce_score", "kl")  # per-site splicing's (evaluate.splice); may be absent
 
 
 def _save(fig, path):
@@ -186,8 +188,10 @@ def write_readme(root: str, suite: dict, repo: str | None = None) -> None:
     ``repo``: the Hub repo it is uploaded to (named in the usage snippets)."""
     from huggingface_hub import ModelCard
     saes = suite["saes"]
+    spliced = any(s["metrics"].get(m) is not None for s in saes for m in SPLICE_METRICS)
     plot_l0_fvu(saes, os.path.join(root, "l0_fvu.png"))
-    plot_delta_loss(saes, os.path.join(root, "delta_loss.png"))
+    if spliced:
+        plot_delta_loss(saes, os.path.join(root, "delta_loss.png"))
     plot_density(saes, os.path.join(root, "density.png"))
     kinds = sorted({s["kind"] for s in saes})
     model, base = suite.get("model") or "synthetic activations", suite.get("base_model")
@@ -206,15 +210,17 @@ def write_readme(root: str, suite: dict, repo: str | None = None) -> None:
         "Metrics are measured on held-out contexts"
         + (f" ({suite['heldout_contexts']} contexts of {suite.get('context_size')} tokens)"
            if suite.get("heldout_contexts") else "")
-        + "; delta LM loss"
-        + (f" (on {suite['contexts']} of them)" if suite.get("contexts") else "") + " is the "
-        "increase in next-token cross-entropy with the reconstruction spliced in, CE score "
-        "(CE_ablate - CE_sae) / (CE_ablate - CE_clean) with zero ablation.", "",
+        + ("; delta LM loss"
+           + (f" (on {suite['contexts']} of them)" if suite.get("contexts") else "") + " is the "
+           "increase in next-token cross-entropy with the reconstruction spliced in, CE score "
+           "(CE_ablate - CE_sae) / (CE_ablate - CE_clean) with zero ablation." if spliced else
+           "; no SAE was spliced into the model (no delta LM loss)."), "",
         *_usage(suite, repo), "",
-        "![L0 vs FVU](l0_fvu.png)", "", "![delta LM loss vs L0](delta_loss.png)", "",
+        "![L0 vs FVU](l0_fvu.png)", "", *(["![delta LM loss vs L0](delta_loss.png)", ""] if spliced else []),
         "![latent density per site](density.png)", "",
-        "| site | width | arch | L0 | FVU | dead | delta LM loss | CE score | KL | weights | latent card |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| site | width | arch | L0 | FVU | dead |" + (" delta LM loss | CE score | KL |" if spliced else "")
+        + " weights | latent card |",
+        "| --- | --- | --- | --- | --- | --- |" + (" --- | --- | --- |" if spliced else "") + " --- | --- |",
     ]
     for s in saes:
         m = s["metrics"]
@@ -222,8 +228,9 @@ def write_readme(root: str, suite: dict, repo: str | None = None) -> None:
         card = f"[card]({s['card']})" if s.get("card") else "-"
         lines.append(f"| {s['site']} | {s['width']} | {s['arch']}{'' if s.get('k') is None else ' k=' + str(s['k'])} "
                      f"| {_f(m['l0'], '{:.1f}')} | {_f(m['fvu'], '{:.3f}')} | {_f(m.get('dead_frac'), '{:.1%}')} "
-                     f"| {_f(m.get('delta_lm_loss'), '{:.4f}')} | {_f(m.get('ce_score'), '{:.3f}')} "
-                     f"| {_f(m.get('kl'), '{:.4f}')} | {weights} | {card} |")
+                     + (f"| {_f(m.get('delta_lm_loss'), '{:.4f}')} | {_f(m.get('ce_score'), '{:.3f}')} "
+                        f"| {_f(m.get('kl'), '{:.4f}')} " if spliced else "")
+                     + f"| {weights} | {card} |")
     lines += _clt_lines(suite.get("clts") or [])
     card = ModelCard(f"---\n{card_data(suite).to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
     tmp = os.path.join(root, f"README.md.tmp-{os.getpid()}")
