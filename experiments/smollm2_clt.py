@@ -66,7 +66,7 @@ def get_config(arg: str = ""):
     c.clt.arch = "jumprelu"
     c.clt.width = 2304
     c.clt.sparsity = 3e-4  # lambda on the L0 summed over 30 layers
-    c.clt.cap = 48  # = 2,304 / 48: sparse decoding (clt.decode auto); rows over it are logged as overflow
+    c.clt.cap = 36  # = 2,304 / 64: sparse decoding (clt.decode auto); rows over it are logged as overflow
     c.train.tokens = 2 * 1_636_800
     c.train.batch_size = 1024
     c.train.lr = 2e-4

@@ -136,7 +136,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.clt.width = 2304  # latents per layer
     c.clt.sparsity = 0.001  # jumprelu: lambda of the L0 term (summed over layers); topk/batchtopk: k per layer
     c.clt.cap = 0  # sparse decoding: latents kept per row and layer (0: 4k, or 256 for jumprelu); per mesh.latent shard: cap / shards
-    c.clt.decode = "auto"  # auto (sparse when >= 16 layers and cap <= width/48, benchmarks/clt_step.py) | dense | sparse
+    c.clt.decode = "auto"  # auto (sparse when >= 16 layers and cap <= width/64, benchmarks/clt_step.py) | dense | sparse
     c.clt.matryoshka = ()  # Matryoshka prefix sizes of every layer's latents (counts or fractions ending at 1.0); () plain
 
     # --- training ----------------------------------------------------------------------------

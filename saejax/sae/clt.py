@@ -66,10 +66,10 @@ ARCHS = ("jumprelu", "topk", "batchtopk")
 DECODES = ("auto", "dense", "sparse")
 PRECISIONS = {"highest": lax.Precision.HIGHEST, "default": lax.Precision.DEFAULT}
 # auto: sparse decoding when the cap is at most this fraction of the layer's width and there are at
-# least this many layers. Measured (benchmarks/clt_step.py, 2-core CPU): at L=30, M=2,304, d=576 the
-# sparse gradient took 0.59x the dense one at c=32 and 2.7x at c=128 (crossover c ~ 50 ~ M/45); at
-# L=4, M=512, d=64 dense won at every c down to 4 (M/128).
-SPARSE_MAX_FRACTION = 1 / 48
+# least this many layers. Measured (benchmarks/clt_step.py, 2-core CPU, quiet): at L=30, M=2,304, d=576
+# the sparse gradient took 0.72x the dense one at c=16, 0.92x at c=32 and 1.37x at c=64 (crossover
+# c ~ 37 ~ M/63); at L=4, M=512, d=64 dense won at every c down to 4 (M/128).
+SPARSE_MAX_FRACTION = 1 / 64
 SPARSE_MIN_LAYERS = 16
 
 
