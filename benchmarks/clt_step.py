@@ -1,12 +1,14 @@
 """The CLT train step: sparse vs dense decoding, the optimizer's share, the fraction of the dense roofline.
 
     PYTHONPATH=$PWD JAX_PLATFORMS=cpu python benchmarks/clt_step.py [--shapes small,smollm2] [--rounds 2]
+        [--matryoshka 0.125,0.25,0.5,1]
 
 Per shape (L layers, M latents per layer, d = d_in = d_out, B rows, c active latents per row and
 layer, TopK with k = c so nothing is over the cap): the median wall time of
   - the loss and gradient with dense decoding, and with sparse decoding,
   - the optimizer's update alone (Adam over every parameter, the decoder constraint),
-and the dense gradient's fraction of its roofline: its matmul FLOPs (encoder 6 L B d M, decoder
+with ``--matryoshka`` the same two for a Matryoshka CLT with those prefixes (fractions of M), as ratios
+to the plain ones of the same run; and the dense gradient's fraction of its roofline: its matmul FLOPs (encoder 6 L B d M, decoder
 6 B M d L(L+1)/2: forward plus both gradients) over the machine's measured matmul rate (one
 [B, M] x [M, 4096] float32 matmul timed here, the same run). The CPU is shared: a note of the load
 average is printed with the numbers.
@@ -47,7 +49,7 @@ def matmul_rate(B, M, rounds):
     return 2 * B * M * 4096 / timeit(f, a, b, rounds=rounds)
 
 
-def bench(name, rounds, c=None, opt=True):
+def bench(name, rounds, c=None, opt=True, matryoshka=()):
     L, M, d, B, c0 = SHAPES[name]
     c = c or c0
     spec = clt.CLTSpec(arch="topk", layers=tuple(range(L)), d_in=d, d_out=d, width=M, sparsity=float(c))
@@ -57,6 +59,15 @@ def bench(name, rounds, c=None, opt=True):
     grad = {s: jax.jit(jax.grad(lambda p, s=s: clt.loss_terms(spec, p, x, y, 0.0, sparse=s)[0])) for s in (False, True)}
     t_dense = timeit(grad[False], params, rounds=rounds)
     t_sparse = timeit(grad[True], params, rounds=rounds)
+    if matryoshka:
+        from dataclasses import replace
+
+        from saejax.sae import matryoshka as mat
+        ms = replace(spec, matryoshka=mat.resolve(matryoshka, M))
+        t = [timeit(jax.jit(jax.grad(lambda p, s=s: clt.loss_terms(ms, p, x, y, 0.0, sparse=s)[0])), params,
+                    rounds=rounds) for s in (False, True)]
+        print(f"{name}: Matryoshka prefixes {ms.matryoshka}: loss+grad dense {t[0]:.3f}s = {t[0] / t_dense:.2f}x plain, "
+              f"sparse {t[1]:.3f}s = {t[1] / t_sparse:.2f}x plain")
     if not opt:
         print(f"{name}: L={L} M={M} d={d} B={B} c={c}: loss+grad dense {t_dense:.3f}s sparse {t_sparse:.3f}s "
               f"sparse/dense {t_sparse / t_dense:.3f}")
@@ -93,10 +104,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--caps", default="", help="also time sparse vs dense at these caps c (comma-separated), "
                                                 "to find the crossover")
+    ap.add_argument("--matryoshka", default="", help="also time a Matryoshka CLT with these prefixes "
+                                                     "(fractions of M ending at 1)")
     args = ap.parse_args()
+    mat = tuple(float(v) for v in filter(None, args.matryoshka.split(",")))
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, load average {os.getloadavg()}")
     for name in args.shapes.split(","):
-        bench(name, args.rounds)
+        bench(name, args.rounds, matryoshka=mat)
         for c in filter(None, args.caps.split(",")):
             bench(name, args.rounds, int(c), opt=False)
 

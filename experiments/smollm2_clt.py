@@ -25,12 +25,19 @@ held-out rows), one pass at batch 256, 16 held-out contexts:
 
     saejax run --config experiments/smollm2_clt.py:small
 
+A Matryoshka CLT (`:matryoshka`, with any of the above): prefixes of 1/8, 1/4, 1/2 and all of each
+layer's latents, each trained to reconstruct every layer on its own (clt.matryoshka; docs/sae.md),
+in its own workdir. To train only it on the store an earlier run harvested:
+
+    saejax run --config experiments/smollm2_clt.py:small,matryoshka \
+        --config.harvest.store_dir=runs/smollm2_clt_small/store --config.sae.transcoders='()'
+
 Tiny mode for the tests: saejax run --config experiments/smollm2_clt.py:runlocal
 """
 from saejax import config as cfg
 from saejax.train.clt_step import clt_pairs
 
-VARIANTS = {"runlocal": bool, "small": bool, "layers": cfg.layer_range, "tokens": int}
+VARIANTS = {"runlocal": bool, "small": bool, "matryoshka": bool, "layers": cfg.layer_range, "tokens": int}
 
 
 def get_config(arg: str = ""):
@@ -59,7 +66,7 @@ def get_config(arg: str = ""):
     c.clt.arch = "jumprelu"
     c.clt.width = 2304
     c.clt.sparsity = 3e-4  # lambda on the L0 summed over 30 layers
-    c.clt.cap = 48  # = 2,304 / 48: sparse decoding (clt.decode auto); rows over it are logged as overflow
+    c.clt.cap = 36  # = 2,304 / 64: sparse decoding (clt.decode auto); rows over it are logged as overflow
     c.train.tokens = 2 * 1_636_800
     c.train.batch_size = 1024
     c.train.lr = 2e-4
@@ -84,6 +91,9 @@ def get_config(arg: str = ""):
         c.train.lr = 1e-3
         c.train.sparsity_warmup = 0.0
         c.evaluate.contexts = 16
+    if v.get("matryoshka"):
+        c.workdir += "_matryoshka"
+        c.clt.matryoshka = (0.125, 0.25, 0.5, 1.0)
     if v.get("runlocal"):
         cfg.runlocal(c, "random:tiny-llama")
         c.harvest.layers = (0, 1, 2, 3)  # every layer of the tiny model, as circuit-tracer's export needs

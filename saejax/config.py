@@ -136,7 +136,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.clt.width = 2304  # latents per layer
     c.clt.sparsity = 0.001  # jumprelu: lambda of the L0 term (summed over layers); topk/batchtopk: k per layer
     c.clt.cap = 0  # sparse decoding: latents kept per row and layer (0: 4k, or 256 for jumprelu); per mesh.latent shard: cap / shards
-    c.clt.decode = "auto"  # auto (sparse when >= 16 layers and cap <= width/48, benchmarks/clt_step.py) | dense | sparse
+    c.clt.decode = "auto"  # auto (sparse when >= 16 layers and cap <= width/64, benchmarks/clt_step.py) | dense | sparse
+    c.clt.matryoshka = ()  # Matryoshka prefix sizes of every layer's latents (counts or fractions ending at 1.0); () plain
 
     # --- training ----------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
@@ -454,7 +455,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
         def fail(key, msg):
             raise ConfigError(f"config key '{key}': {msg}")
-        clt.check(c.clt.arch, c.clt.layers, c.clt.width, c.clt.sparsity, c.clt.cap, c.clt.decode, fail)
+        clt.check(c.clt.arch, c.clt.layers, c.clt.width, c.clt.sparsity, c.clt.cap, c.clt.decode, fail,
+                  c.clt.matryoshka)
     if c.sae.target_l0:
         _check(c.sae.target_l0_coeff > 0, "sae.target_l0_coeff", "must be positive")
         for t in c.sae.target_l0:

@@ -1,6 +1,8 @@
 """Cross-layer transcoders (saejax/sae/clt.py, saejax/train/clt_step.py): sparse decoding equals
 dense below its cap, a planted cross-layer map is recovered, 1 device = 8 virtual devices, bitwise
 resume."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,7 +201,8 @@ def test_circuit_tracer_round_trip(tmp_path, arch):
 
 @pytest.mark.parametrize("override,key", [
     ("clt.arch=relu", "clt.arch"), ("clt.sparsity=2.5", "clt.sparsity"), ("clt.layers=(3,1)", "clt.layers"),
-    ("clt.decode=fast", "clt.decode"), ("clt.cap=2", "clt.cap")])
+    ("clt.decode=fast", "clt.decode"), ("clt.cap=2", "clt.cap"), ("clt.matryoshka=(16,8)", "clt.matryoshka"),
+    ("clt.matryoshka=(0.5,0.9)", "clt.matryoshka")])
 def test_config_errors_one_line(override, key):
     from saejax import config as cfg
     extra = ["clt.arch=topk", "clt.sparsity=4.0"] if key in ("clt.sparsity", "clt.cap") else []
@@ -214,6 +217,9 @@ def test_plan_clt_from_config():
     c = cfg.load("experiments/synthetic.py", ["clt.enabled=True", "clt.width=64"])
     spec, hp = plan_clt(c, SyntheticCLT(layers=3, d=16))
     assert spec.layers == (0, 1, 2) and spec.d_in == 16 and spec.width == 64 and hp.batch_size == c.train.batch_size
+    assert spec.matryoshka == ()
+    c.clt.matryoshka = (0.25, 1.0)
+    assert plan_clt(c, SyntheticCLT(layers=3, d=16))[0].matryoshka == (16, 64)
     c.clt.layers = (1, 3)
     with pytest.raises(cfg.ConfigError, match="site mlp_in.3 is not in the training source"):
         plan_clt(c, SyntheticCLT(layers=3, d=16))
@@ -375,3 +381,68 @@ def test_clt_latent_cards_show_top_contexts_and_the_layers_written(tmp_path):
     assert '<span class="hit">[138]</span>' in latent2 and "ctx 4 pos 6" in latent2
     page1 = (tmp_path / paths[1]).read_text()
     assert re.findall(r"<td>(mlp\.\d)</td><td class=act>([\d.e-]+)</td>", page1) == [("mlp.1", "0.5")] * 3  # norm 1 / scale 2
+
+
+MAT = (5, 20, 32)  # on 4 latent shards of 8: boundaries inside shards
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk", "batchtopk"])
+def test_matryoshka_loss_is_the_prefixes_and_decodings_agree(arch):
+    """The Matryoshka loss is the sum over prefixes of the loss with latents past m_i zeroed at every
+    layer; sparse decoding (one device, and data 2 x latent 4 with prefix boundaries inside latent
+    shards) and dense on the mesh give its loss and gradients within 1e-5; the logged mse is the
+    full CLT's."""
+    spec = dataclasses.replace(_small(arch, 32 if arch == "jumprelu" else 16), matryoshka=MAT)
+    p, x, y = _inputs(spec)
+    ld, td, gd = _grads(spec, False)
+    out = clt.forward(spec, p, x, sparse=False)
+    ref = 0.0
+    for m in MAT:
+        y_m = clt.decode_dense(spec, p["W_dec"], out["f"].at[..., m:].set(0.0)) + p["b_dec"][:, None]
+        ref += float(jnp.sum(jnp.mean(jnp.sum(jnp.square(y_m - y), -1), -1)))
+    ref += float(jnp.sum(td["sparsity_loss"]))
+    assert abs(float(ld) - ref) <= 1e-5 * abs(ref)
+    plain = dataclasses.replace(spec, matryoshka=())
+    np.testing.assert_allclose(td["mse"], _grads(plain, False)[1]["mse"], rtol=1e-6)
+    assert float(ld) > float(_grads(plain, False)[0]) + 1.0  # the prefixes' terms are there
+    mesh = meshlib.make_mesh(dict(data=2, stack=1, latent=4), jax.devices()[:8])
+    runs = [_grads(spec, True)[::2]]
+    for sparse in (False, True):
+        (ls, _), gs = jax.jit(lambda p, x, y: clt.loss_and_grad(spec, p, x, y, 0.1, mesh, sparse=sparse))(p, x, y)
+        runs.append((ls, gs))
+    for ls, gs in runs:
+        assert abs(float(ld - ls)) <= 1e-5 * abs(float(ld))
+        for a, b in zip(jax.tree_util.tree_leaves(gd), jax.tree_util.tree_leaves(gs)):
+            assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(a))))
+
+
+def test_matryoshka_prefix_reconstructs_on_its_own(tmp_path):
+    """Trained on the planted cross-layer map with Zipfian feature frequencies, a Matryoshka CLT's first quarter of each layer's
+    latents reconstructs every layer far better than the same quarter of a plain CLT trained alike,
+    while its whole dictionary still recovers the map; evaluate's fvu_prefix (raw rows, the saved
+    folder) says so, its last prefix being the CLT's fvu."""
+    from saejax.evaluate import clt as clt_eval
+    src = SyntheticCLT(layers=3, d=32, n_features=32, active=3, noise=0.01, zipf=1.0)
+    hp = optim.Hyper(total_steps=300, batch_size=256, lr=3e-3, lr_warmup=10, sparsity_warmup=0, dead_steps=50)
+    mesh = meshlib.make_mesh(dict(data=1, stack=1, latent=1), jax.devices()[:1])
+    rows_in = list(src.batch([f"mlp_in.{l}" for l in range(3)], 10_000, 2048))
+    rows_out = list(src.batch([f"mlp.{l}" for l in range(3)], 10_000, 2048))
+    fvus = {}
+    for mat in ((), (16, 64)):
+        spec = clt.CLTSpec(arch="topk", layers=(0, 1, 2), d_in=32, d_out=32, width=64, sparsity=3.0, matryoshka=mat)
+        st = loop.train_group(spec, hp, src, mesh, trainer=CLTTrainer(spec, hp, mesh), progress=False)
+        path = str(tmp_path / f"m{len(mat)}")
+        clt_io.save(path, spec, st["params"], st["bt_threshold"], [src.norm_scale(s) for s in spec.in_sites],
+                    [src.norm_scale(s) for s in spec.sites], **({"matryoshka": list(mat)} if mat else {}))
+        a, meta = clt_io.load(path)
+        per_layer = clt_eval.layer_metrics(a, dict(meta, matryoshka=[16, 64]), rows_in, rows_out)
+        fvus[mat] = np.array([m["fvu_prefix"] for m in per_layer])  # [L, 2]
+        if mat:
+            assert [m["fvu"] for m in per_layer] == list(fvus[mat][:, 1])
+            assert [m["fvu_prefix"] for m in clt_eval.layer_metrics(a, meta, rows_in, rows_out)] == fvus[mat].tolist()
+    from saejax.evaluate import clt_table
+    table = clt_table({"id": "m", "arch": "topk", "layers": [0, 1, 2], "width": 64, "l0_total": 9.0,
+                       "matryoshka": [16, 64], "per_layer": [{"site": f"mlp.{l}", **m} for l, m in enumerate(per_layer)]})
+    assert "Matryoshka prefixes [16, 64]" in table and f"{fvus[(16, 64)][2, 0]:.3f} {fvus[(16, 64)][2, 1]:.3f}" in table
+    assert np.all(fvus[(16, 64)][:, 1] < 0.2) and np.all(fvus[()][:, 1] < 0.2)
+    assert np.all(fvus[(16, 64)][:, 0] < 0.8 * fvus[()][:, 0])

@@ -135,17 +135,20 @@ def test_gemma2_2b_shapes_compile_on_64_devices():
 CLT_MESHES = {"data": dict(data=8, stack=1, latent=1), "latent": dict(data=1, stack=1, latent=8),
               "mixed": dict(data=2, stack=1, latent=4)}
 CLT_CASES = {"jumprelu-dense": ("jumprelu", "dense"), "jumprelu-sparse": ("jumprelu", "sparse"),
-             "topk-sparse": ("topk", "sparse"), "batchtopk-dense": ("batchtopk", "dense")}
+             "topk-sparse": ("topk", "sparse"), "batchtopk-dense": ("batchtopk", "dense"),
+             # Matryoshka prefixes (boundaries inside latent shards): n partial outputs summed over latent
+             "jumprelu-sparse-matryoshka": ("jumprelu", "sparse", (64, 200, 512)),
+             "topk-dense-matryoshka": ("topk", "dense", (100, 512))}
 
 
-def clt_minimum(arch, sizes, Lc, d, M, B, k):
+def clt_minimum(arch, sizes, Lc, d, M, B, k, prefixes=1):
     D, S = sizes["data"], sizes["latent"]
     P = Lc * (Lc + 1) // 2
     n = 0
     if D > 1:
         n += (Lc * d * M + P * M * d + Lc * M * (3 if arch == "jumprelu" else 2) + Lc * d) * 4 // S
     if S > 1:
-        n += Lc * (B // D) * d * 4 + (Lc * (B // D) * k * 4 if arch == "topk" else 0)
+        n += prefixes * Lc * (B // D) * d * 4 + (Lc * (B // D) * k * 4 if arch == "topk" else 0)
     if arch == "batchtopk" and D * S > 1:
         n += Lc * min(k * B, B * M // (D * S)) * 4
     return n
@@ -162,12 +165,13 @@ def test_clt_step_collectives_at_design_minimum(case, mesh_name):
     from saejax.sae import clt
     from saejax.train import cost
     from saejax.train.clt_step import CLTTrainer
-    arch, decode = CLT_CASES[case]
+    arch, decode, *mat = CLT_CASES[case]
+    mat = tuple(mat[0]) if mat else ()
     sizes = CLT_MESHES[mesh_name]
     Lc, dd, MM, BB, k = 4, 64, 512, 512, 8
     spec = clt.CLTSpec(arch=arch, layers=tuple(range(Lc)), d_in=dd, d_out=dd, width=MM,
                        sparsity=0.01 if arch == "jumprelu" else float(k), cap=64 if arch == "jumprelu" else 0,
-                       decode=decode, block_bytes=1 << 16)
+                       decode=decode, block_bytes=1 << 16, matryoshka=mat)
     hp = optim.Hyper(total_steps=10, batch_size=BB)
     rows = BB // sizes["data"]
     if decode == "sparse":
@@ -177,7 +181,7 @@ def test_clt_step_collectives_at_design_minimum(case, mesh_name):
                                 t.abstract, t.state_shardings)
     got = hlo.collectives(t.step.lower(st, jax.ShapeDtypeStruct(t.x_shape, np.float32, sharding=t.x_sharding))
                           .compile().as_text())
-    need = clt_minimum(arch, sizes, Lc, dd, MM, BB, k)
+    need = clt_minimum(arch, sizes, Lc, dd, MM, BB, k, max(1, len(mat)))
     assert sum(cost.clt_design_comm(spec, hp, sizes).values()) == need
     assert need <= sum(got.values()) <= 1.1 * need + SLACK, (got, need)
 

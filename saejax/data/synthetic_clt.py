@@ -3,7 +3,8 @@
 Layer l has ``n_features`` features, each a unit input direction E_l[i] (d) and a decoder
 D_l[i] [L - l, d] that writes a unit direction into its own layer's output and, for l < L - 1, one
 into a later layer t_i (drawn per feature), zero elsewhere. A row draws ``active`` distinct
-features per layer, uniformly, with magnitudes a in [0.5, 1.5):
+features per layer, uniformly (or, with ``zipf`` > 0, feature i with weight (i + 1)^-zipf: a few
+frequent features and a tail, what Matryoshka prefixes are for), with magnitudes a in [0.5, 1.5):
 
     mlp_in.l  = sum_i a_{l,i} E_l[i] + noise
     mlp.l'    = sum_{l <= l'} sum_i a_{l,i} D_l[i, l' - l] + noise
@@ -23,11 +24,13 @@ def _unit(a):
 class SyntheticCLT:
     """A training source (docs/architecture.md) of sites mlp_in.l and mlp.l, l < layers, rows aligned."""
 
-    def __init__(self, layers=3, d=32, n_features=32, active=3, noise=0.01, seed=0):
+    def __init__(self, layers=3, d=32, n_features=32, active=3, noise=0.01, seed=0, zipf=0.0):
         self.L, self.d, self.n, self.active, self.noise, self.seed = layers, d, n_features, active, noise, seed
+        self.zipf = zipf
         self.sites = [f"mlp_in.{l}" for l in range(layers)] + [f"mlp.{l}" for l in range(layers)]
         self.identity = {"synthetic_clt": {"layers": layers, "d": d, "n_features": n_features,
-                                           "active": active, "noise": noise, "seed": seed}}
+                                           "active": active, "noise": noise, "seed": seed,
+                                           **({"zipf": zipf} if zipf else {})}}
         rng = np.random.default_rng([seed, 7])
         self.enc = [_unit(rng.standard_normal((n_features, d))) for _ in range(layers)]
         self.dec, self.targets = [], []
@@ -47,7 +50,12 @@ class SyntheticCLT:
     def _codes(self, step: int, B: int) -> np.ndarray:
         """[L, B, n] non-negative codes, ``active`` nonzero per layer and row."""
         rng = np.random.default_rng([self.seed, 8, step])
-        pick = np.argsort(rng.random((self.L, B, self.n)), -1)[..., :self.active]
+        u = rng.random((self.L, B, self.n))
+        if self.zipf:  # Gumbel top-k: ``active`` distinct features drawn by weight without replacement
+            u = -self.zipf * np.log(np.arange(1, self.n + 1)) - np.log(-np.log(u))
+            pick = np.argsort(-u, -1)[..., :self.active]
+        else:
+            pick = np.argsort(u, -1)[..., :self.active]
         codes = np.zeros((self.L, B, self.n), np.float32)
         np.put_along_axis(codes, pick, rng.uniform(0.5, 1.5, (self.L, B, self.active)).astype(np.float32), -1)
         return codes

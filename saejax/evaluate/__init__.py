@@ -276,7 +276,8 @@ def _evaluate_clt(path, data, model, config, out_dir, rng) -> dict:
     out = {"id": wd.group_of(path), "arch": meta["arch"], "layers": layers, "width": meta["width"],
            "sparsity": meta["sparsity"], "steps": meta.get("steps"), "tokens": meta.get("tokens"),
            "per_layer": [{"site": f"mlp.{l}", "layer": l, **m} for l, m in zip(layers, per_layer)],
-           "l0_total": float(sum(m["l0"] for m in per_layer))}
+           "l0_total": float(sum(m["l0"] for m in per_layer)),
+           **({"matryoshka": list(meta["matryoshka"])} if meta.get("matryoshka") else {})}
     if model is not None and config.evaluate.latent_cards > 0:
         for m, rel in zip(out["per_layer"], _clt_cards(out, a, meta, data, model, config, rng, out_dir)):
             m["card"] = rel
@@ -343,10 +344,13 @@ def _clt_cards(c: dict, a: dict, meta: dict, data, model, config, rng, out_dir: 
 
 def clt_table(c: dict) -> str:
     """A CLT's lines of the terminal table: one per output layer, then the replacement model."""
+    mat = c.get("matryoshka")
     lines = [f"CLT {c['id']}: {c['arch']}, {len(c['layers'])} layers x {c['width']} latents, "
-             f"total L0 {c['l0_total']:.1f}", "  site     L0    FVU   dead"]
+             f"total L0 {c['l0_total']:.1f}" + (f", Matryoshka prefixes {mat}" if mat else ""),
+             "  site     L0    FVU   dead" + ("   FVU of each prefix" if mat else "")]
     for m in c["per_layer"]:
-        lines.append(f"{m['site']:>6} {m['l0']:6.1f} {m['fvu']:6.3f} {m['dead_frac']:6.1%}")
+        pre = " ".join(f"{v:.3f}" for v in m.get("fvu_prefix", ()))
+        lines.append(f"{m['site']:>6} {m['l0']:6.1f} {m['fvu']:6.3f} {m['dead_frac']:6.1%}" + (f"   {pre}" if pre else ""))
     r = c.get("replacement")
     if r:
         ce = "-" if r["ce_score"] is None else f"{r['ce_score']:.3f}"

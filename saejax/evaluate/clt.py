@@ -2,6 +2,7 @@
 
 Per output layer l' (on the store's aligned held-out rows of mlp_in.l and mlp.l'):
     fvu_l'   sum over rows of ||y_l' - y_hat_l'||^2 / the rows' total variance (as metrics.site_metrics)
+    fvu_prefix_l'  Matryoshka CLTs: the same for each prefix (latents [0, m_i) of every layer decoding)
     l0_l     active latents of layer l per row;  dead_frac_l  latents of layer l that never fired
 Raw-space weights (``clt_io.fold``): every number is of the released CLT.
 
@@ -40,16 +41,18 @@ def layer_metrics(a: dict, meta: dict, rows_in: list, rows_out: list, chunk: int
     f = {k: jnp.asarray(v) for k, v in clt_io.fold(a, meta).items()}
     L, N = len(rows_in), len(rows_in[0])
 
+    prefixes = list(meta.get("matryoshka", ())) or [a["b_enc"].shape[1]]
+
     @jax.jit
     def stats(xs, ys):
         lat = [_encode(f, meta, i, xs[i]) for i in range(L)]
-        out = []
-        for j in range(L):
-            y_hat = f["b_dec"][j] + sum(lat[i] @ f[f"W_dec_{i}"][:, j - i] for i in range(j + 1))
-            out.append(jnp.sum(jnp.square(ys[j] - y_hat)))
+        out = []  # [n, L]: each Matryoshka prefix's squared error (one prefix, the whole CLT, without)
+        for m in prefixes:
+            out.append(jnp.stack([jnp.sum(jnp.square(ys[j] - f["b_dec"][j] - sum(
+                lat[i][:, :m] @ f[f"W_dec_{i}"][:m, j - i] for i in range(j + 1)))) for j in range(L)]))
         return jnp.stack(out), jnp.stack([jnp.sum(x > 0) for x in lat]), jnp.stack([jnp.any(x > 0, 0) for x in lat])
 
-    sq, active = np.zeros(L), np.zeros(L)
+    sq, active = np.zeros((len(prefixes), L)), np.zeros(L)
     fired = np.zeros((L, a["b_enc"].shape[1]), bool)
     sum_y, sum_y2 = [0.0] * L, np.zeros(L)
     for s in range(0, N, chunk):
@@ -65,8 +68,8 @@ def layer_metrics(a: dict, meta: dict, rows_in: list, rows_out: list, chunk: int
     out = []
     for j in range(L):
         var = sum_y2[j] - float(np.sum(sum_y[j] ** 2)) / N
-        out.append({"fvu": float(sq[j] / var), "l0": float(active[j] / N), "dead_frac": float(np.mean(~fired[j])),
-                    "n_tokens": N})
+        out.append({"fvu": float(sq[-1, j] / var), "l0": float(active[j] / N), "dead_frac": float(np.mean(~fired[j])),
+                    "n_tokens": N, **({"fvu_prefix": [float(e / var) for e in sq[:, j]]} if len(prefixes) > 1 else {})})
     return out
 
 

@@ -89,7 +89,7 @@ def _add_clts(config, doc: dict, tmp: str) -> dict:
                 m["card"] = None
         out.append({"id": c["id"], "path": rel, "circuit_tracer": ct, "arch": c["arch"], "layers": c["layers"],
                     "width": c["width"], "l0_total": c.get("l0_total"), "per_layer": per_layer or None,
-                    "replacement": c.get("replacement")})
+                    "replacement": c.get("replacement"), **({"matryoshka": c["matryoshka"]} if c.get("matryoshka") else {})})
     return {"clts": out} if out else {}
 
 

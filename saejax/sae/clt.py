@@ -33,6 +33,16 @@ decodings give the same loss and gradients; above it the lowest-scoring latents 
 dropped from the decoding (they still count in the L0), and the step reports the fraction of rows
 over the cap (``overflow``).
 
+Matryoshka (``matryoshka``, prefix sizes m_1 < ... < m_n = M of every layer; Bussmann et al. 2025,
+saejax.sae.matryoshka): the reconstruction term is the sum over prefixes i of the loss above with
+only latents [0, m_i) of every layer decoding (the same prefix at every source layer, so prefix i is
+a CLT of m_i latents per layer on its own). Each prefix block j = [m_{j-1}, m_j) is decoded once,
+y_hat_i = b_dec + sum_{j <= i} d_j (running sums; autodiff gives each block the suffix sum of the
+prefixes' errors): dense decoding cuts each layer's latents at the block boundaries (one decode's
+FLOPs); sparse decoding weighs each kept latent by the one-hot of its block, so one gather of its
+decoder row serves the n partial outputs. The logged mse and fvu stay the full dictionary's. On a
+latent mesh the n partial outputs are summed over ``latent``: n all-reduces' bytes instead of one.
+
 On a mesh that splits rows or latents, the step's loss and gradient run inside ``jax.shard_map``
 (``loss_and_grad``): each latent shard selects and decodes its own active latents (``shard_cap``),
 the partial outputs are summed over ``latent`` once, the gradients over ``data`` once
@@ -50,15 +60,16 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from saejax.sae import jumprelu as jr
+from saejax.sae import matryoshka as mat
 
 ARCHS = ("jumprelu", "topk", "batchtopk")
 DECODES = ("auto", "dense", "sparse")
 PRECISIONS = {"highest": lax.Precision.HIGHEST, "default": lax.Precision.DEFAULT}
 # auto: sparse decoding when the cap is at most this fraction of the layer's width and there are at
-# least this many layers. Measured (benchmarks/clt_step.py, 2-core CPU): at L=30, M=2,304, d=576 the
-# sparse gradient took 0.59x the dense one at c=32 and 2.7x at c=128 (crossover c ~ 50 ~ M/45); at
-# L=4, M=512, d=64 dense won at every c down to 4 (M/128).
-SPARSE_MAX_FRACTION = 1 / 48
+# least this many layers. Measured (benchmarks/clt_step.py, 2-core CPU, quiet): at L=30, M=2,304, d=576
+# the sparse gradient took 0.72x the dense one at c=16, 0.92x at c=32 and 1.37x at c=64 (crossover
+# c ~ 37 ~ M/63); at L=4, M=512, d=64 dense won at every c down to 4 (M/128).
+SPARSE_MAX_FRACTION = 1 / 64
 SPARSE_MIN_LAYERS = 16
 
 
@@ -79,6 +90,7 @@ class CLTSpec:
     encoder_init_scale: float = 1.0
     block_bytes: int = 32 << 20  # sparse decoding: row blocks whose largest gather is at most this
     precision: str = "highest"
+    matryoshka: tuple[int, ...] = ()  # prefix sizes of every layer's latents, ending at width; (): plain
 
     @property
     def L(self) -> int:
@@ -133,7 +145,7 @@ class _Names:
     sweep_name: str
 
 
-def check(arch, layers, width, sparsity, cap, decode, fail) -> None:
+def check(arch, layers, width, sparsity, cap, decode, fail, matryoshka=()) -> None:
     """Config checks; ``fail(key, message)`` raises."""
     if arch not in ARCHS:
         fail("clt.arch", f"{arch!r} is not one of {ARCHS} (circuit-tracer reads JumpReLU CLTs)")
@@ -149,6 +161,12 @@ def check(arch, layers, width, sparsity, cap, decode, fail) -> None:
         fail("clt.sparsity", f"lambda={sparsity!r} must be >= 0")
     if not isinstance(cap, int) or cap < 0 or (arch != "jumprelu" and 0 < cap < sparsity):
         fail("clt.cap", f"{cap!r} must be 0 (automatic) or an int >= k")
+    if matryoshka:
+        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in matryoshka)
+        why = (mat.problem(mat.resolve(matryoshka, width), width) if ok
+               else f"{tuple(matryoshka)} must be latent counts or fractions of clt.width in (0, 1]")
+        if why:
+            fail("clt.matryoshka", f"{why} (latents per layer)")
 
 
 def offsets(L: int) -> list[int]:
@@ -302,80 +320,132 @@ def _blocks(a, b):
     return jnp.moveaxis(a.reshape((L, B // b, b) + a.shape[2:]), 1, 0)
 
 
-def _sparse_fwd_block(w_dec, vb, ib, precision):
-    """One block's decoding: vb, ib [L, b, c] -> [b, L, d_out]."""
+def _weights(vb, bb, n: int):
+    """[b, c] values -> [b, c, n]: each kept latent's value in the column of its Matryoshka block."""
+    return vb[..., None] * jax.nn.one_hot(bb, n, dtype=vb.dtype)
+
+
+def _sparse_fwd_block(w_dec, vb, ib, bb, precision, n):
+    """One block's decoding: vb, ib [L, b, c] -> [b, L, d_out]; with blocks bb [L, b, c] (Matryoshka)
+    the n partial decodings [n, b, L, d_out]."""
     L = vb.shape[0]
     y = None
     for l in range(L):
         rows = jnp.take(w_dec[l], ib[l], axis=0)  # [b, c, L - l, d]
-        part = jnp.einsum("bc,bcqd->bqd", vb[l], rows, precision=precision)
-        part = jnp.pad(part, ((0, 0), (l, 0), (0, 0)))
+        if bb is None:
+            part = jnp.pad(jnp.einsum("bc,bcqd->bqd", vb[l], rows, precision=precision), ((0, 0), (l, 0), (0, 0)))
+        else:
+            part = jnp.einsum("bcn,bcqd->nbqd", _weights(vb[l], bb[l], n), rows, precision=precision)
+            part = jnp.pad(part, ((0, 0), (0, 0), (l, 0), (0, 0)))
         y = part if y is None else y + part
     return y
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def sparse_decode(v, idx, w_dec, b: int, precision):
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def sparse_decode(v, idx, blk, w_dec, b: int, precision, n: int = 1):
     """sum_l sum_j v[l, :, j] W_dec[l][idx[l, :, j]] at the targets: v, idx [L, B, c] -> [L, B, d_out].
+    With ``blk`` [L, B, c] (each kept latent's Matryoshka block; None: plain) the n partial sums
+    [n, L, B, d_out], block j's latents in the j-th: one gather of each decoder row for all n.
 
     Row blocks of b rows in a ``lax.map``; the VJP gathers the same rows again for v's cotangent and
-    scatter-adds v times the output cotangent into each W_dec[l] (a ``lax.scan`` whose carry is the
-    decoder gradient): O(L^2 c d) per row both ways, nothing of size M per row."""
-    out = lax.map(lambda a: _sparse_fwd_block(w_dec, a[0], a[1], precision), (_blocks(v, b), _blocks(idx, b)))
-    nb, _, L, d = out.shape
-    return jnp.moveaxis(out.reshape(nb * b, L, d), 1, 0)
+    scatter-adds v times the output cotangent (of the latent's block) into each W_dec[l] (a
+    ``lax.scan`` whose carry is the decoder gradient): O(L^2 c d) per row both ways (n times that in
+    the small [c, n] contractions), nothing of size M per row."""
+    blocks = (_blocks(v, b), _blocks(idx, b), None if blk is None else _blocks(blk, b))
+    out = lax.map(lambda a: _sparse_fwd_block(w_dec, a[0], a[1], a[2], precision, n), blocks)
+    if blk is None:  # [nb, b, L, d]
+        nb, _, L, d = out.shape
+        return jnp.moveaxis(out.reshape(nb * b, L, d), 1, 0)
+    nb, _, _, L, d = out.shape  # [nb, n, b, L, d]
+    return jnp.moveaxis(jnp.moveaxis(out, 0, 1).reshape(n, nb * b, L, d), 2, 1)
 
 
-def _sparse_decode_fwd(v, idx, w_dec, b, precision):
-    return sparse_decode(v, idx, w_dec, b, precision), (v, idx, w_dec)
+def _sparse_decode_fwd(v, idx, blk, w_dec, b, precision, n):
+    return sparse_decode(v, idx, blk, w_dec, b, precision, n), (v, idx, blk, w_dec)
 
 
-def _sparse_decode_bwd(b, precision, res, g):
-    v, idx, w_dec = res
+def _sparse_decode_bwd(b, precision, n, res, g):
+    v, idx, blk, w_dec = res
     L = v.shape[0]
-    gb = _blocks(g, b)  # [nb, L, b, d]
+    if blk is None:
+        gb = jnp.swapaxes(_blocks(g, b), 1, 2)  # [nb, b, L, d]
+    else:  # [n, L, B, d] -> [nb, n, b, L, d]
+        gb = jnp.moveaxis(jnp.stack([jnp.swapaxes(_blocks(g[j], b), 1, 2) for j in range(n)]), 0, 1)
 
-    def body(acc, blk):
-        vb, ib, gy = blk  # [L, b, c], [L, b, c], [L, b, d]
-        gy = jnp.swapaxes(gy, 0, 1)  # [b, L, d]
+    def body(acc, blk_):
+        vb, ib, bb, gy = blk_  # [L, b, c] x 3 (bb None: plain), gy [b, L, d] or [n, b, L, d]
         g_v, new = [], []
         for l in range(L):
             rows = jnp.take(w_dec[l], ib[l], axis=0)  # [b, c, L - l, d]
-            g_v.append(jnp.einsum("bqd,bcqd->bc", gy[:, l:], rows, precision=precision))
-            upd = vb[l][:, :, None, None] * gy[:, None, l:, :]  # [b, c, L - l, d]
+            if bb is None:
+                g_v.append(jnp.einsum("bqd,bcqd->bc", gy[:, l:], rows, precision=precision))
+                upd = vb[l][:, :, None, None] * gy[:, None, l:, :]  # [b, c, L - l, d]
+            else:
+                oh = jax.nn.one_hot(bb[l], n, dtype=vb.dtype)  # [b, c, n]
+                h = jnp.einsum("nbqd,bcqd->bcn", gy[:, :, l:], rows, precision=precision)
+                g_v.append(jnp.sum(oh * h, -1))
+                upd = jnp.einsum("bcn,nbqd->bcqd", _weights(vb[l], bb[l], n), gy[:, :, l:], precision=precision)
             new.append(acc[l].at[ib[l].reshape(-1)].add(upd.reshape((-1,) + upd.shape[2:])))
         return new, jnp.stack(g_v)
 
     zeros = [jnp.zeros_like(w) for w in w_dec]
-    g_w, g_v = lax.scan(body, zeros, (_blocks(v, b), _blocks(idx, b), gb))
-    nb = g_v.shape[0]
+    bblocks = None if blk is None else _blocks(blk, b)
+    g_w, g_v = lax.scan(body, zeros, (_blocks(v, b), _blocks(idx, b), bblocks, gb))
     g_v = jnp.moveaxis(g_v, 0, 1).reshape(v.shape)  # [nb, L, b, c] -> [L, B, c]
-    del nb
-    return g_v, None, g_w
+    return g_v, None, None, g_w
 
 
 sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
 
 
+def decode_blocks_dense(spec: CLTSpec, w_dec: list, f, latent_axis=None):
+    """The n Matryoshka partial decodings [n, L, B, d_out] of f [L, B, M] (a device's latents inside
+    shard_map over ``latent_axis``, to be summed over it): each layer's latents cut at every block
+    boundary of any shard (``matryoshka.layout``), one dense decode per segment."""
+    segs, onehot = mat.layout(spec.matryoshka, f.shape[-1], latent_axis)
+    parts = [decode_dense(spec, [w[lo:hi] for w in w_dec], f[..., lo:hi]) for lo, hi in segs]
+    if onehot is None:
+        return jnp.stack(parts)
+    return jnp.stack([sum(onehot[s, j] * p for s, p in enumerate(parts)) for j in range(len(spec.matryoshka))])
+
+
+def block_of(spec: CLTSpec, idx, latent_axis=None):
+    """Each latent index's Matryoshka block (its shard's offset added inside shard_map)."""
+    if latent_axis is not None:
+        idx = idx + lax.axis_index(latent_axis) * (spec.width // lax.axis_size(latent_axis))
+    return jnp.searchsorted(jnp.asarray(spec.matryoshka, jnp.int32), idx, side="right").astype(jnp.int32)
+
+
 def forward(spec: CLTSpec, params, x, train: bool = True, bt_threshold=None, sparse: bool | None = None,
             shards: Shards | None = None):
-    """x [L, B, d_in] -> dict(pre, f, l0 [L, B], y_hat [L, B, d_out], overflow [L]).
+    """x [L, B, d_in] -> dict(pre, f, l0 [L, B], y_hat [L, B, d_out], overflow [L]); with Matryoshka
+    prefixes also y_prefix [n, L, B, d_out], each prefix's reconstruction (the last is y_hat).
 
     ``shards``: inside shard_map (``loss_and_grad``), on this device's rows and latents: pre, f and l0
     are its shares; y_hat is whole, its latent shards' partial decodings summed over ``latent`` once
-    (all source layers summed first: one all-reduce of [L, B, d_out])."""
+    (all source layers summed first: one all-reduce of [L, B, d_out], n with Matryoshka prefixes)."""
     sh = shards or Shards(x.shape[1])
     pre = encode(spec, params, x)
     f, l0, score = activate(spec, params, pre, train, bt_threshold, sh)
     sparse = spec.sparse if sparse is None else sparse
+    axis = sh.latent[0] if sh.latent else None
+    n = len(spec.matryoshka)
     if sparse:
         v, idx, over = select(spec, f, score, sh)
         b = row_block(spec, x.shape[1], shard_cap(spec, sh.n_latent))
-        y = sparse_decode(v, idx, params["W_dec"], b, PRECISIONS[spec.precision])
+        blk = block_of(spec, idx, axis) if n else None
+        y = sparse_decode(v, idx, blk, params["W_dec"], b, PRECISIONS[spec.precision], max(n, 1))
     else:
-        y, over = decode_dense(spec, params["W_dec"], f), jnp.zeros((spec.L,), jnp.float32)
+        over = jnp.zeros((spec.L,), jnp.float32)
+        y = decode_blocks_dense(spec, params["W_dec"], f, axis) if n else decode_dense(spec, params["W_dec"], f)
     y = _psum(y, sh.latent)
-    return {"pre": pre, "f": f, "l0": l0, "y_hat": y + params["b_dec"][:, None, :], "overflow": over}
+    out = {"pre": pre, "f": f, "l0": l0, "overflow": over}
+    if n:
+        out["y_prefix"] = jnp.cumsum(y, 0) + params["b_dec"][None, :, None, :]
+        out["y_hat"] = out["y_prefix"][-1]
+    else:
+        out["y_hat"] = y + params["b_dec"][:, None, :]
+    return out
 
 
 def variance(y):
@@ -392,7 +462,10 @@ def loss_terms(spec: CLTSpec, params, x, y, lam, sparse: bool | None = None, sha
     sh = shards or Shards(x.shape[1])
     out = forward(spec, params, x, sparse=sparse, shards=sh)
     # sums over the rows / B: the mean over the batch (jnp.mean's own sum / B on one device)
-    mse = _psum(jnp.sum(jnp.sum(jnp.square(out["y_hat"] - y), -1), -1), sh.rows) / sh.B  # [L]
+    # Matryoshka: every prefix's error is a term; the full dictionary's (the last) is the logged mse
+    hats = out["y_prefix"] if spec.matryoshka else out["y_hat"][None]
+    recon = _psum(jnp.sum(jnp.sum(jnp.square(hats - y), -1), -1), sh.rows) / sh.B  # [n, L]
+    mse = recon[-1]
     l0 = _psum(jnp.sum(out["l0"], -1), sh.rows + sh.latent) / sh.B  # [L], with the pseudo-derivative (jumprelu)
     sparsity = lam * l0 if spec.arch == "jumprelu" else jnp.zeros_like(mse)
     active = jnp.min(jnp.where(out["f"] > 0, lax.stop_gradient(out["f"]), jnp.inf), axis=(1, 2))
@@ -403,7 +476,7 @@ def loss_terms(spec: CLTSpec, params, x, y, lam, sparse: bool | None = None, sha
     terms = {"mse": mse, "sparsity_loss": sparsity, "fvu": mse / (variance(y) if var is None else var),
              "l0": lax.stop_gradient(l0), "fired": fired, "overflow": out["overflow"],
              "min_active": lax.pmin(active, sh.rows + sh.latent) if sh.rows + sh.latent else active}
-    return jnp.sum(mse) + jnp.sum(sparsity), terms
+    return jnp.sum(recon) + jnp.sum(sparsity), terms
 
 
 def param_specs(spec: CLTSpec) -> dict:

@@ -184,6 +184,7 @@ def plan_clt(config, source) -> tuple[clt.CLTSpec, optim.Hyper]:
     import math
 
     from saejax import config as cfg
+    from saejax.sae import matryoshka as mat
     c, t = config.clt, config.train
     have = set(source.sites)
     layers = tuple(c.layers) or tuple(sorted(
@@ -206,7 +207,7 @@ def plan_clt(config, source) -> tuple[clt.CLTSpec, optim.Hyper]:
     spec = clt.CLTSpec(arch=c.arch, layers=layers, d_in=d_in, d_out=d_out, width=c.width,
                        sparsity=float(c.sparsity), cap=c.cap, decode=c.decode,
                        threshold_init=config.sae.threshold_init, bandwidth=config.sae.bandwidth,
-                       precision=t.matmul_precision)
+                       precision=t.matmul_precision, matryoshka=mat.resolve(c.matryoshka, c.width))
     total = max(1, math.ceil(t.tokens / t.batch_size))
     hp = optim.Hyper(total_steps=total, batch_size=t.batch_size, lr=t.lr, b1=t.b1, b2=t.b2, eps=t.eps,
                      lr_warmup=cfg.schedule_steps(t.lr_warmup, total), lr_warmup_start=t.lr_warmup_start,
@@ -226,7 +227,7 @@ def state_bytes(spec: clt.CLTSpec, hp: optim.Hyper, mesh) -> dict:
     """Per-device bytes of the CLT's step from shapes and shardings (``mesh`` may be an AbstractMesh):
     the state (params, optimizer, counters) and one step's activations, estimated as 7 live [L, B, M]
     fp32 buffers (pre, f, the sparse score, masks and pseudo-derivative products, their cotangents),
-    the batch [2L, B, d], y_hat and its cotangent [L, B, d_out], the gradient and Adam temporaries
+    the batch [2L, B, d], y_hat and its cotangent [L, B, d_out] (n of each with n Matryoshka prefixes), the gradient and Adam temporaries
     (3 x the parameters: the CLT is one dictionary, its whole gradient is live at once) and, with
     sparse decoding, a forward and a backward row block's gathers (2 x ``block_bytes``). What the
     planner and the job's memory peak use (saejax.train.cost)."""
@@ -242,7 +243,7 @@ def state_bytes(spec: clt.CLTSpec, hp: optim.Hyper, mesh) -> dict:
     rows = NamedSharding(mesh, P(None, "data", None))
     out["activations"] = (7 * meshlib.shard_bytes((L, B, spec.width), f32, NamedSharding(mesh, P(None, "data", "latent")))
                           + meshlib.shard_bytes((2 * L, B, spec.d_in), f32, rows)
-                          + 2 * meshlib.shard_bytes((L, B, spec.d_out), f32, rows)
+                          + 2 * max(1, len(spec.matryoshka)) * meshlib.shard_bytes((L, B, spec.d_out), f32, rows)
                           + 3 * out["params"] + (2 * spec.block_bytes if spec.sparse else 0))
     return out
 
@@ -257,4 +258,5 @@ def save_final(final: str, spec: clt.CLTSpec, hp: optim.Hyper, source, state) ->
         clt_io.save(final, spec, host["params"], host["bt_threshold"],
                     [source.norm_scale(s) for s in spec.in_sites], [source.norm_scale(s) for s in spec.sites],
                     model=getattr(source, "model", ""), steps=steps, tokens=steps * hp.batch_size,
-                    batch_size=hp.batch_size, l0_ema=np.asarray(host["l0_ema"])[:, 0].tolist())
+                    batch_size=hp.batch_size, l0_ema=np.asarray(host["l0_ema"])[:, 0].tolist(),
+                    **({"matryoshka": list(spec.matryoshka)} if spec.matryoshka else {}))

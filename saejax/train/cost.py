@@ -604,10 +604,11 @@ def clt_shape_flops(spec, hp, sizes: dict) -> float:
     """The design's work per device per step: per layer the encoder forward and its weight gradient
     (2 matmuls of B d_in M), per decoder block its forward, weight gradient and the latents'
     gradient (3 matmuls of B M d_out; sparse decoding: B c d_out, c the latent shard's own cap,
-    ``clt.shard_cap``)."""
+    ``clt.shard_cap``, n times that with n Matryoshka prefixes: each gathered row meets the n
+    blocks' outputs; dense decoding cuts the latents at the blocks, one decode's FLOPs)."""
     from saejax.sae.clt import shard_cap
     B, M = hp.batch_size // sizes["data"], spec.width // sizes["latent"]
-    dec = shard_cap(spec, sizes["latent"]) if spec.sparse else M
+    dec = shard_cap(spec, sizes["latent"]) * max(1, len(spec.matryoshka)) if spec.sparse else M
     return 2.0 * B * (2 * spec.L * spec.d_in * M + 3 * clt_blocks(spec) * dec * spec.d_out)
 
 
@@ -634,8 +635,8 @@ def clt_design_comm(spec, hp, sizes: dict) -> dict:
     """The design minimum of communication of a CLT's step per device, operand bytes by kind: data D
     shards all-reduce the gradients of their 1/L_shards share of the parameters and which of those
     latents fired ([L, M / L_shards], the dead-latent counters); latent shards all-reduce the decoder
-    output [L, B/D, d_out] (TopK gathers [B/D, k] candidates per layer); BatchTopK on any split
-    gathers its candidates per layer over data x latent."""
+    output [L, B/D, d_out] (n of them with n Matryoshka prefixes; TopK gathers [B/D, k] candidates
+    per layer); BatchTopK on any split gathers its candidates per layer over data x latent."""
     D, Ls = sizes["data"], sizes["latent"]
     B, L, M = hp.batch_size, spec.L, spec.width
     out = {"all-reduce": 0.0, "all-gather": 0.0}
@@ -646,7 +647,7 @@ def clt_design_comm(spec, hp, sizes: dict) -> dict:
     if spec.arch == "batchtopk" and D * Ls > 1:
         out["all-gather"] += L * min(spec.k * B, B * M / (D * Ls)) * 4
     if Ls > 1:
-        out["all-reduce"] += L * (B / D) * spec.d_out * 4
+        out["all-reduce"] += max(1, len(spec.matryoshka)) * L * (B / D) * spec.d_out * 4
         if spec.arch == "topk":
             out["all-gather"] += L * (B / D) * spec.k * 4
     return out
