@@ -93,6 +93,14 @@ def _add_clts(config, doc: dict, tmp: str) -> dict:
     return {"clts": out} if out else {}
 
 
+def _replacements(doc: dict, picked: list[dict]) -> dict:
+    """suite.json's "replacements": results.json's replacement models of the transcoder group members
+    the release holds (evaluate.replacement; docs/evaluate.md), as evaluate measured them."""
+    held = {(r["group"], r["member"]) for r in picked}
+    out = [dict(r) for r in doc.get("replacements", []) if (r["group"], r["member"]) in held]
+    return {"replacements": out} if out else {}
+
+
 def run(config, dry_run: bool = False) -> dict | None:
     """Choose, fold and write the release; see suite.py."""
     from saejax.release import hub, suite as writer
@@ -131,7 +139,7 @@ def run(config, dry_run: bool = False) -> dict | None:
                              extra={"results_sha256": _digest(wd.results_path(config)),
                                     "heldout_contexts": doc.get("heldout_contexts", 0),
                                     "context_size": int(config.data.context_len)},
-                             add=lambda tmp: _add_clts(config, doc, tmp))
+                             add=lambda tmp: {**_add_clts(config, doc, tmp), **_replacements(doc, picked)})
     print(f"saejax release: wrote {wd.suite_path(config)}", file=sys.stderr)
     if repo:
         url = hub.push(wd.release_dir(config), repo, private=bool(config.release.private))

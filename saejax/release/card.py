@@ -170,16 +170,38 @@ def _clt_lines(clts: list) -> list[str]:
                   + (f", circuit-tracer's layout in [`{c['circuit_tracer']}`]({c['circuit_tracer']})"
                      if c.get("circuit_tracer") else "") + ". Each latent card shows a layer's latents' top "
                   "contexts and the layers each latent writes to.", "",
-                  "| layer | L0 | FVU | dead | latent card |", "| --- | --- | --- | --- | --- |"]
+                  *([f"Matryoshka: each prefix of {c['matryoshka']} latents of every layer is a CLT on its "
+                     "own; the FVU of each prefix is given per layer.", ""] if c.get("matryoshka") else []),
+                  "| layer | L0 | FVU | dead |" + (" FVU of each prefix |" if c.get("matryoshka") else "")
+                  + " latent card |", "| --- | --- | --- | --- |" + (" --- |" if c.get("matryoshka") else "") + " --- |"]
         for m in c.get("per_layer") or []:
             card = f"[card]({m['card']})" if m.get("card") else "-"
+            pre = (" " + " / ".join(_f(v, "{:.3f}") for v in m.get("fvu_prefix") or ()) + " |"
+                   if c.get("matryoshka") else "")
             lines.append(f"| {m['site']} | {_f(m.get('l0'), '{:.1f}')} | {_f(m.get('fvu'), '{:.3f}')} "
-                         f"| {_f(m.get('dead_frac'), '{:.1%}')} | {card} |")
+                         f"| {_f(m.get('dead_frac'), '{:.1%}')} |{pre} {card} |")
         r = c.get("replacement")
         if r:
             lines += ["", f"Replacement model (every MLP output replaced at once): delta LM loss "
                       f"{_f(r.get('delta_lm_loss'), '{:.4f}')}, CE score {_f(r.get('ce_score'), '{:.3f}')}, "
                       f"KL {_f(r.get('kl'), '{:.4f}')}."]
+    return lines
+
+
+def _replacement_lines(reps: list) -> list[str]:
+    """The replacement models of transcoder group members (every MLP output replaced at once by the
+    group's transcoders, as a CLT's; suite.json "replacements")."""
+    if not reps:
+        return []
+    lines = ["", "## Transcoders as a replacement model", "",
+             "Every MLP output of a transcoder group's layers replaced at once by that member's transcoders "
+             "(each reading the replaced model's own MLP input), on the same positions as the CLTs' above.", "",
+             "| group | member | layers | total L0 | delta LM loss | CE score | KL |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in reps:
+        lines.append(f"| {r['group']} | {r['member']} | {len(r['layers'])} | {_f(r.get('l0_total'), '{:.1f}')} "
+                     f"| {_f(r.get('delta_lm_loss'), '{:.4f}')} | {_f(r.get('ce_score'), '{:.3f}')} "
+                     f"| {_f(r.get('kl'), '{:.4f}')} |")
     return lines
 
 
@@ -231,7 +253,7 @@ def write_readme(root: str, suite: dict, repo: str | None = None) -> None:
                      + (f"| {_f(m.get('delta_lm_loss'), '{:.4f}')} | {_f(m.get('ce_score'), '{:.3f}')} "
                         f"| {_f(m.get('kl'), '{:.4f}')} " if spliced else "")
                      + f"| {weights} | {card} |")
-    lines += _clt_lines(suite.get("clts") or [])
+    lines += _clt_lines(suite.get("clts") or []) + _replacement_lines(suite.get("replacements") or [])
     card = ModelCard(f"---\n{card_data(suite).to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
     tmp = os.path.join(root, f"README.md.tmp-{os.getpid()}")
     card.save(tmp)
