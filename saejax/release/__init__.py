@@ -110,8 +110,8 @@ def run(config, dry_run: bool = False) -> dict | None:
     picked, notes = writer.choose(doc["saes"], tuple(config.release.l0))
     for note in notes:
         print(f"saejax release: {note}", file=sys.stderr)
-    if not picked:
-        raise ReleaseError(f"{wd.results_path(config)}: no SAE to release "
+    if not picked and not doc.get("clts"):
+        raise ReleaseError(f"{wd.results_path(config)}: no SAE or CLT to release "
                            f"(all frozen or unmeasured)")
     base = hub.base_model(config, doc.get("model", ""))
     print(f"saejax release: {len(picked)} of {len(doc['saes'])} SAEs -> {wd.release_dir(config)} "

@@ -138,7 +138,8 @@ def card_data(suite: dict):
     kinds = sorted({s["kind"] for s in suite["saes"]})
     archs = sorted({s["arch"] for s in suite["saes"]})
     tags = ["saejax", "sparse-autoencoder", "interpretability", "gemma-scope",
-            *(a for a in archs), *(f"{KIND_NAMES[k].replace(' ', '-')}" for k in kinds)]
+            *(a for a in archs), *(f"{KIND_NAMES[k].replace(' ', '-')}" for k in kinds),
+            *(["cross-layer-transcoder"] if suite.get("clts") else [])]
     saelens = any(s.get("saelens") for s in suite["saes"])
     return ModelCardData(library_name="saelens" if saelens else None, tags=tags,
                          base_model=suite.get("base_model") or None)
@@ -210,18 +211,41 @@ def write_readme(root: str, suite: dict, repo: str | None = None) -> None:
     ``repo``: the Hub repo it is uploaded to (named in the usage snippets)."""
     from huggingface_hub import ModelCard
     saes = suite["saes"]
-    spliced = any(s["metrics"].get(m) is not None for s in saes for m in SPLICE_METRICS)
-    plot_l0_fvu(saes, os.path.join(root, "l0_fvu.png"))
-    if spliced:
-        plot_delta_loss(saes, os.path.join(root, "delta_loss.png"))
-    plot_density(saes, os.path.join(root, "density.png"))
-    kinds = sorted({s["kind"] for s in saes})
     model, base = suite.get("model") or "synthetic activations", suite.get("base_model")
     about = f"`{model}`"
     if base:
         note = BASE_MODEL_NOTES.get(model)
         about = (f"{note} [`{base}`](https://huggingface.co/{base})" if note
                  else f"[`{base}`](https://huggingface.co/{base})")
+    lines = _sae_lines(root, suite, about, repo) if saes else _clt_only_lines(suite, about, repo)
+    lines += _clt_lines(suite.get("clts") or []) + _replacement_lines(suite.get("replacements") or [])
+    card = ModelCard(f"---\n{card_data(suite).to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+    tmp = os.path.join(root, f"README.md.tmp-{os.getpid()}")
+    card.save(tmp)
+    os.replace(tmp, os.path.join(root, "README.md"))
+
+
+def _clt_only_lines(suite: dict, about: str, repo: str | None) -> list[str]:
+    """The head of a release that holds cross-layer transcoders and no SAE."""
+    where = repo or "<this folder or repo>"
+    return [f"# {suite['name']}", "",
+            f"Cross-layer transcoders on {about}, trained with saejax, in saejax's layout (`clt/<id>/`) and, "
+            "where circuit-tracer can read them, in its cross-layer layout. Metrics are measured on held-out "
+            "contexts" + (f" ({suite['heldout_contexts']} contexts of {suite.get('context_size')} tokens)"
+                          if suite.get("heldout_contexts") else "") + ".", "",
+            "```python", "import saejax", f"suite = saejax.load_suite(\"{where}\")",
+            "clt = suite.clt()", "y_hat = clt.reconstruct(x)   # x [L, ..., d_in]: each layer's raw MLP input", "```"]
+
+
+def _sae_lines(root: str, suite: dict, about: str, repo: str | None) -> list[str]:
+    """The plots (into ``root``) and the README's head and table of a release's SAEs."""
+    saes = suite["saes"]
+    spliced = any(s["metrics"].get(m) is not None for s in saes for m in SPLICE_METRICS)
+    plot_l0_fvu(saes, os.path.join(root, "l0_fvu.png"))
+    if spliced:
+        plot_delta_loss(saes, os.path.join(root, "delta_loss.png"))
+    plot_density(saes, os.path.join(root, "density.png"))
+    kinds = sorted({s["kind"] for s in saes})
     lines = [
         f"# {suite['name']}", "",
         f"{len(saes)} sparse autoencoders on {about} "
@@ -253,8 +277,4 @@ def write_readme(root: str, suite: dict, repo: str | None = None) -> None:
                      + (f"| {_f(m.get('delta_lm_loss'), '{:.4f}')} | {_f(m.get('ce_score'), '{:.3f}')} "
                         f"| {_f(m.get('kl'), '{:.4f}')} " if spliced else "")
                      + f"| {weights} | {card} |")
-    lines += _clt_lines(suite.get("clts") or []) + _replacement_lines(suite.get("replacements") or [])
-    card = ModelCard(f"---\n{card_data(suite).to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
-    tmp = os.path.join(root, f"README.md.tmp-{os.getpid()}")
-    card.save(tmp)
-    os.replace(tmp, os.path.join(root, "README.md"))
+    return lines
