@@ -290,7 +290,15 @@ def test_pipeline_evaluate_release_load(tmp_path):
     assert not np.allclose(np.asarray(spl["mlp_in.1"]), np.asarray(clean["mlp_in.1"]))  # layer 1 saw layer 0's replacement
 
     with open(tmp_path / "release" / "suite.json") as fh:
-        entry = json.load(fh)["clts"][0]
+        suite_doc = json.load(fh)
+    entry = suite_doc["clts"][0]
+    # the released transcoder members' replacement models, as evaluate measured them, in suite.json and README
+    held = {(s["source"]["group"], s["source"]["member"]) for s in suite_doc["saes"] if s["kind"] == "transcoder"}
+    assert held and suite_doc["replacements"] == [t for t in doc["replacements"] if (t["group"], t["member"]) in held]
+    readme = (tmp_path / "release" / "README.md").read_text()
+    t = suite_doc["replacements"][0]
+    assert "## Transcoders as a replacement model" in readme
+    assert f"| {t['group']} | {t['member']} | 4 | {t['l0_total']:.1f} | {t['delta_lm_loss']:.4f} |" in readme
     torch = pytest.importorskip("torch")
     ct = pytest.importorskip("circuit_tracer.transcoder.cross_layer_transcoder")
     loaded = ct.load_clt(str(tmp_path / "release" / entry["circuit_tracer"]), device=torch.device("cpu"),
@@ -446,3 +454,15 @@ def test_matryoshka_prefix_reconstructs_on_its_own(tmp_path):
     assert "Matryoshka prefixes [16, 64]" in table and f"{fvus[(16, 64)][2, 0]:.3f} {fvus[(16, 64)][2, 1]:.3f}" in table
     assert np.all(fvus[(16, 64)][:, 1] < 0.2) and np.all(fvus[()][:, 1] < 0.2)
     assert np.all(fvus[(16, 64)][:, 0] < 0.8 * fvus[()][:, 0])
+
+
+def test_release_readme_shows_a_matryoshka_clts_prefixes():
+    """A Matryoshka CLT's README section says what its prefixes are and gives each layer's FVU per prefix."""
+    from saejax.release import card
+    c = {"id": "clt_x", "path": "clt/clt_x", "arch": "topk", "layers": [0, 1], "width": 64, "l0_total": 6.0,
+         "matryoshka": [16, 64], "per_layer": [{"site": "mlp.0", "l0": 3.0, "fvu": 0.1, "dead_frac": 0.0,
+                                                 "fvu_prefix": [0.6543, 0.1], "card": None}]}
+    text = "\n".join(card._clt_lines([c]))
+    assert "each prefix of [16, 64] latents of every layer is a CLT on its own" in text
+    assert "| mlp.0 | 3.0 | 0.100 | 0.0% | 0.654 / 0.100 | - |" in text
+    assert "FVU of each prefix" not in "\n".join(card._clt_lines([dict(c, matryoshka=None)]))

@@ -458,3 +458,9 @@ def test_splice_off_still_measures_transcoders_and_their_replacement_model(workd
     assert not SPLICE_KEYS & set(tc[0]) and doc["splice"] is False
     assert [(r["member"], r["delta_lm_loss"], r["l0_total"]) for r in doc["replacements"]] == \
         [(k, 0.5 + k, tc[k]["l0"]) for k in range(2)]
+    assert saejax.evaluate.is_complete(c)
+    c.evaluate.replacement = False
+    saejax.evaluate.run(c)
+    assert saejax.evaluate.is_complete(c)
+    c.evaluate.replacement = True  # saejax run would evaluate again, with the replacement models
+    assert not saejax.evaluate.is_complete(c)

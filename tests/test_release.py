@@ -482,3 +482,38 @@ def test_release_copies_clt_latent_cards(tmp_path):
     assert (root / card0).read_text() == "<html>layer 0's latents</html>"
     readme = (root / "README.md").read_text()
     assert f"| mlp.0 | 3.0 | 0.400 | 0.0% | [card]({card0}) |" in readme and "| mlp.1 | 3.0 | 0.400 | 0.0% | - |" in readme
+
+
+def test_clt_only_release(tmp_path):
+    """A run that trained a CLT and no SAE (experiments/smollm2_clt.py with sae.transcoders=()) releases
+    it: suite.json with no SAEs and the CLT, a README that says so, and load_suite reads it back."""
+    from saejax.sae import clt, clt_io
+    work = str(tmp_path)
+    spec = clt.CLTSpec(arch="jumprelu", layers=(0, 1), d_in=D, d_out=D, width=M, sparsity=0.01)
+    params = clt.init_params(spec, jax.random.key(0))
+    clt_io.save(os.path.join(work, "train", spec.name, "final"), spec, params, np.zeros(2, np.float32),
+                [1.0, 1.0], [1.0, 1.0])
+    os.makedirs(os.path.join(work, "evaluate"))
+    per_layer = [{"site": f"mlp.{l}", "layer": l, "l0": 3.0, "fvu": 0.4, "dead_frac": 0.0} for l in (0, 1)]
+    with open(os.path.join(work, "evaluate", "results.json"), "w") as fh:
+        json.dump({"format": "saejax-eval/1", "model": "fake", "contexts": 4, "groups": [], "saes": [],
+                   "clts": [{"id": spec.name, "arch": "jumprelu", "layers": [0, 1], "width": M, "l0_total": 6.0,
+                             "per_layer": per_layer}]}, fh)
+    c = cfg.defaults()
+    c.workdir = work
+    saejax.release.run(c)
+    root = tmp_path / "release"
+    doc = json.loads((root / "suite.json").read_text())
+    assert doc["saes"] == [] and [e["id"] for e in doc["clts"]] == [spec.name]
+    readme = (root / "README.md").read_text()
+    assert "\n\nCross-layer transcoders on " in readme and "clt = suite.clt()" in readme
+    assert "cross-layer-transcoder" in readme.split("---")[1]  # the card's tags
+    suite = saejax.load_suite(str(root))
+    x = np.random.default_rng(0).standard_normal((2, 5, D)).astype(np.float32)
+    a, meta = clt_io.load(os.path.join(work, "train", spec.name, "final"))
+    np.testing.assert_allclose(suite.clt().reconstruct(x), clt_io.reconstruct(a, meta, x), rtol=1e-5, atol=1e-6)
+    os.remove(os.path.join(work, "evaluate", "results.json"))  # neither SAE nor CLT: refused in one line
+    with open(os.path.join(work, "evaluate", "results.json"), "w") as fh:
+        json.dump({"format": "saejax-eval/1", "model": "fake", "contexts": 4, "groups": [], "saes": []}, fh)
+    with pytest.raises(saejax.release.ReleaseError, match="no SAE or CLT to release"):
+        saejax.release.run(c)

@@ -38,7 +38,8 @@ class EvaluateError(ValueError):
 
 def is_complete(config) -> bool:
     """results.json exists and covers every trained group (``saejax run`` then skips evaluate), with
-    the per-site splice metrics if ``evaluate.splice`` asks for them."""
+    the per-site splice metrics if ``evaluate.splice`` asks for them, and the transcoders' replacement
+    models if ``evaluate.replacement`` does."""
     path = wd.results_path(config)
     if not os.path.isfile(path):
         return False
@@ -48,6 +49,9 @@ def is_complete(config) -> bool:
         done = set(doc.get("groups", [])) | {c["id"] for c in doc.get("clts", [])}
         if config.evaluate.splice and doc.get("splice", True) is False:
             return False  # made with evaluate.splice = False: the splice metrics are missing
+        if (config.evaluate.replacement and not doc.get("synthetic") and "replacements" not in doc
+                and any(e.get("kind") == "transcoder" for e in doc["saes"])):
+            return False  # made with evaluate.replacement = False: the transcoders' replacement models are missing
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return False
     names = {wd.group_of(p) for p in wd.final_dirs(config) + wd.clt_final_dirs(config)}

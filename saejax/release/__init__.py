@@ -93,6 +93,14 @@ def _add_clts(config, doc: dict, tmp: str) -> dict:
     return {"clts": out} if out else {}
 
 
+def _replacements(doc: dict, picked: list[dict]) -> dict:
+    """suite.json's "replacements": results.json's replacement models of the transcoder group members
+    the release holds (evaluate.replacement; docs/evaluate.md), as evaluate measured them."""
+    held = {(r["group"], r["member"]) for r in picked}
+    out = [dict(r) for r in doc.get("replacements", []) if (r["group"], r["member"]) in held]
+    return {"replacements": out} if out else {}
+
+
 def run(config, dry_run: bool = False) -> dict | None:
     """Choose, fold and write the release; see suite.py."""
     from saejax.release import hub, suite as writer
@@ -102,8 +110,8 @@ def run(config, dry_run: bool = False) -> dict | None:
     picked, notes = writer.choose(doc["saes"], tuple(config.release.l0))
     for note in notes:
         print(f"saejax release: {note}", file=sys.stderr)
-    if not picked:
-        raise ReleaseError(f"{wd.results_path(config)}: no SAE to release "
+    if not picked and not doc.get("clts"):
+        raise ReleaseError(f"{wd.results_path(config)}: no SAE or CLT to release "
                            f"(all frozen or unmeasured)")
     base = hub.base_model(config, doc.get("model", ""))
     print(f"saejax release: {len(picked)} of {len(doc['saes'])} SAEs -> {wd.release_dir(config)} "
@@ -131,7 +139,7 @@ def run(config, dry_run: bool = False) -> dict | None:
                              extra={"results_sha256": _digest(wd.results_path(config)),
                                     "heldout_contexts": doc.get("heldout_contexts", 0),
                                     "context_size": int(config.data.context_len)},
-                             add=lambda tmp: _add_clts(config, doc, tmp))
+                             add=lambda tmp: {**_add_clts(config, doc, tmp), **_replacements(doc, picked)})
     print(f"saejax release: wrote {wd.suite_path(config)}", file=sys.stderr)
     if repo:
         url = hub.push(wd.release_dir(config), repo, private=bool(config.release.private))

@@ -138,7 +138,8 @@ def card_data(suite: dict):
     kinds = sorted({s["kind"] for s in suite["saes"]})
     archs = sorted({s["arch"] for s in suite["saes"]})
     tags = ["saejax", "sparse-autoencoder", "interpretability", "gemma-scope",
-            *(a for a in archs), *(f"{KIND_NAMES[k].replace(' ', '-')}" for k in kinds)]
+            *(a for a in archs), *(f"{KIND_NAMES[k].replace(' ', '-')}" for k in kinds),
+            *(["cross-layer-transcoder"] if suite.get("clts") else [])]
     saelens = any(s.get("saelens") for s in suite["saes"])
     return ModelCardData(library_name="saelens" if saelens else None, tags=tags,
                          base_model=suite.get("base_model") or None)
@@ -170,11 +171,16 @@ def _clt_lines(clts: list) -> list[str]:
                   + (f", circuit-tracer's layout in [`{c['circuit_tracer']}`]({c['circuit_tracer']})"
                      if c.get("circuit_tracer") else "") + ". Each latent card shows a layer's latents' top "
                   "contexts and the layers each latent writes to.", "",
-                  "| layer | L0 | FVU | dead | latent card |", "| --- | --- | --- | --- | --- |"]
+                  *([f"Matryoshka: each prefix of {c['matryoshka']} latents of every layer is a CLT on its "
+                     "own; the FVU of each prefix is given per layer.", ""] if c.get("matryoshka") else []),
+                  "| layer | L0 | FVU | dead |" + (" FVU of each prefix |" if c.get("matryoshka") else "")
+                  + " latent card |", "| --- | --- | --- | --- |" + (" --- |" if c.get("matryoshka") else "") + " --- |"]
         for m in c.get("per_layer") or []:
             card = f"[card]({m['card']})" if m.get("card") else "-"
+            pre = (" " + " / ".join(_f(v, "{:.3f}") for v in m.get("fvu_prefix") or ()) + " |"
+                   if c.get("matryoshka") else "")
             lines.append(f"| {m['site']} | {_f(m.get('l0'), '{:.1f}')} | {_f(m.get('fvu'), '{:.3f}')} "
-                         f"| {_f(m.get('dead_frac'), '{:.1%}')} | {card} |")
+                         f"| {_f(m.get('dead_frac'), '{:.1%}')} |{pre} {card} |")
         r = c.get("replacement")
         if r:
             lines += ["", f"Replacement model (every MLP output replaced at once): delta LM loss "
@@ -183,10 +189,56 @@ def _clt_lines(clts: list) -> list[str]:
     return lines
 
 
+def _replacement_lines(reps: list) -> list[str]:
+    """The replacement models of transcoder group members (every MLP output replaced at once by the
+    group's transcoders, as a CLT's; suite.json "replacements")."""
+    if not reps:
+        return []
+    lines = ["", "## Transcoders as a replacement model", "",
+             "Every MLP output of a transcoder group's layers replaced at once by that member's transcoders "
+             "(each reading the replaced model's own MLP input), on the same positions as the CLTs' above.", "",
+             "| group | member | layers | total L0 | delta LM loss | CE score | KL |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in reps:
+        lines.append(f"| {r['group']} | {r['member']} | {len(r['layers'])} | {_f(r.get('l0_total'), '{:.1f}')} "
+                     f"| {_f(r.get('delta_lm_loss'), '{:.4f}')} | {_f(r.get('ce_score'), '{:.3f}')} "
+                     f"| {_f(r.get('kl'), '{:.4f}')} |")
+    return lines
+
+
 def write_readme(root: str, suite: dict, repo: str | None = None) -> None:
     """Plots and README.md into the release folder ``root``; ``suite`` is suite.json's content;
     ``repo``: the Hub repo it is uploaded to (named in the usage snippets)."""
     from huggingface_hub import ModelCard
+    saes = suite["saes"]
+    model, base = suite.get("model") or "synthetic activations", suite.get("base_model")
+    about = f"`{model}`"
+    if base:
+        note = BASE_MODEL_NOTES.get(model)
+        about = (f"{note} [`{base}`](https://huggingface.co/{base})" if note
+                 else f"[`{base}`](https://huggingface.co/{base})")
+    lines = _sae_lines(root, suite, about, repo) if saes else _clt_only_lines(suite, about, repo)
+    lines += _clt_lines(suite.get("clts") or []) + _replacement_lines(suite.get("replacements") or [])
+    card = ModelCard(f"---\n{card_data(suite).to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+    tmp = os.path.join(root, f"README.md.tmp-{os.getpid()}")
+    card.save(tmp)
+    os.replace(tmp, os.path.join(root, "README.md"))
+
+
+def _clt_only_lines(suite: dict, about: str, repo: str | None) -> list[str]:
+    """The head of a release that holds cross-layer transcoders and no SAE."""
+    where = repo or "<this folder or repo>"
+    return [f"# {suite['name']}", "",
+            f"Cross-layer transcoders on {about}, trained with saejax, in saejax's layout (`clt/<id>/`) and, "
+            "where circuit-tracer can read them, in its cross-layer layout. Metrics are measured on held-out "
+            "contexts" + (f" ({suite['heldout_contexts']} contexts of {suite.get('context_size')} tokens)"
+                          if suite.get("heldout_contexts") else "") + ".", "",
+            "```python", "import saejax", f"suite = saejax.load_suite(\"{where}\")",
+            "clt = suite.clt()", "y_hat = clt.reconstruct(x)   # x [L, ..., d_in]: each layer's raw MLP input", "```"]
+
+
+def _sae_lines(root: str, suite: dict, about: str, repo: str | None) -> list[str]:
+    """The plots (into ``root``) and the README's head and table of a release's SAEs."""
     saes = suite["saes"]
     spliced = any(s["metrics"].get(m) is not None for s in saes for m in SPLICE_METRICS)
     plot_l0_fvu(saes, os.path.join(root, "l0_fvu.png"))
@@ -194,12 +246,6 @@ def write_readme(root: str, suite: dict, repo: str | None = None) -> None:
         plot_delta_loss(saes, os.path.join(root, "delta_loss.png"))
     plot_density(saes, os.path.join(root, "density.png"))
     kinds = sorted({s["kind"] for s in saes})
-    model, base = suite.get("model") or "synthetic activations", suite.get("base_model")
-    about = f"`{model}`"
-    if base:
-        note = BASE_MODEL_NOTES.get(model)
-        about = (f"{note} [`{base}`](https://huggingface.co/{base})" if note
-                 else f"[`{base}`](https://huggingface.co/{base})")
     lines = [
         f"# {suite['name']}", "",
         f"{len(saes)} sparse autoencoders on {about} "
@@ -231,8 +277,4 @@ def write_readme(root: str, suite: dict, repo: str | None = None) -> None:
                      + (f"| {_f(m.get('delta_lm_loss'), '{:.4f}')} | {_f(m.get('ce_score'), '{:.3f}')} "
                         f"| {_f(m.get('kl'), '{:.4f}')} " if spliced else "")
                      + f"| {weights} | {card} |")
-    lines += _clt_lines(suite.get("clts") or [])
-    card = ModelCard(f"---\n{card_data(suite).to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
-    tmp = os.path.join(root, f"README.md.tmp-{os.getpid()}")
-    card.save(tmp)
-    os.replace(tmp, os.path.join(root, "README.md"))
+    return lines

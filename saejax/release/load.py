@@ -301,7 +301,7 @@ def load_suite(path_or_repo: str, revision: str | None = None) -> Suite:
     else:
         raise ReleaseError(f"{src}: no such release folder (and not a Hugging Face repo id)")
     entries, meta = _index(sorted(files), read_json, src, default_kind)
-    if not entries:
+    if not entries and not meta.get("clts"):
         raise ReleaseError(f"{src}: no SAEs found (no suite.json and no <kind>/layer_L/width_W/average_l0_N/params.npz)")
     return Suite(entries, fetch, src, meta)
 
