@@ -29,8 +29,11 @@ A Matryoshka CLT (`:matryoshka`, with any of the above): prefixes of 1/8, 1/4, 1
 layer's latents, each trained to reconstruct every layer on its own (clt.matryoshka; docs/sae.md),
 in its own workdir. To train only it on the store an earlier run harvested:
 
-    saejax run --config experiments/smollm2_clt.py:small,matryoshka \
-        --config.harvest.store_dir=runs/smollm2_clt_small/store --config.sae.transcoders='()'
+    saejax run --config experiments/smollm2_clt.py:small,matryoshka \\
+        --config.harvest.store_dir=runs/smollm2_clt_small/store --config.sae.transcoders='()' \\
+        --config.sae.skip=False
+
+(docs/sae.md compares it with the plain CLT's prefixes.)
 
 Tiny mode for the tests: saejax run --config experiments/smollm2_clt.py:runlocal
 """
