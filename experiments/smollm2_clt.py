@@ -20,7 +20,7 @@ every MLP output replaced at once by the CLT, or by the 30 transcoders (evaluate
 A reduced comparison that a 2-core CPU runs in about 70 minutes (`:small`; docs/sae.md has its
 numbers and the evaluate flags that keep evaluation to ~17 minutes): every layer still, but 512
 latents per layer, TopK with k = 16 per layer for the CLT and for each skip-transcoder (so both have
-the same L0 cap per layer, 480 per token in all), 100,254 train rows per site (8.1 GB with the
+the same L0 cap per layer, 480 per token in all), 99,916 train rows per site (8.1 GB with the
 held-out rows), one pass at batch 256, 16 held-out contexts:
 
     saejax run --config experiments/smollm2_clt.py:small
