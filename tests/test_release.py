@@ -484,7 +484,7 @@ def test_release_copies_clt_latent_cards(tmp_path):
     assert f"| mlp.0 | 3.0 | 0.400 | 0.0% | [card]({card0}) |" in readme and "| mlp.1 | 3.0 | 0.400 | 0.0% | - |" in readme
 
 
-def test_clt_only_release(tmp_path):
+def test_clt_only_release(tmp_path, capsys):
     """A run that trained a CLT and no SAE (experiments/smollm2_clt.py with sae.transcoders=()) releases
     it: suite.json with no SAEs and the CLT, a README that says so, and load_suite reads it back."""
     from saejax.sae import clt, clt_io
@@ -502,6 +502,7 @@ def test_clt_only_release(tmp_path):
     c = cfg.defaults()
     c.workdir = work
     saejax.release.run(c)
+    assert f"saejax release: 1 CLT -> {work}/release " in capsys.readouterr().err
     root = tmp_path / "release"
     doc = json.loads((root / "suite.json").read_text())
     assert doc["saes"] == [] and [e["id"] for e in doc["clts"]] == [spec.name]

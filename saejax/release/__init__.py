@@ -114,7 +114,10 @@ def run(config, dry_run: bool = False) -> dict | None:
         raise ReleaseError(f"{wd.results_path(config)}: no SAE or CLT to release "
                            f"(all frozen or unmeasured)")
     base = hub.base_model(config, doc.get("model", ""))
-    print(f"saejax release: {len(picked)} of {len(doc['saes'])} SAEs -> {wd.release_dir(config)} "
+    n_clt = len(doc.get("clts", []))
+    what = f"{len(picked)} of {len(doc['saes'])} SAEs" if doc["saes"] else ""
+    what += (" and " if what and n_clt else "") + (f"{n_clt} CLT{'s' if n_clt > 1 else ''}" if n_clt else "")
+    print(f"saejax release: {what} -> {wd.release_dir(config)} "
           f"({', '.join(config.release.formats)}; base model {base or 'without a Hub id'})"
           + (f", then uploaded to https://huggingface.co/{repo}" if repo else ""), file=sys.stderr)
     if dry_run:
