@@ -470,10 +470,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         from saejax.sae import matryoshka
         _check(kinds.get(c.sae.arch).matryoshka, "sae.matryoshka",
                f"{c.sae.arch} does not train Matryoshka prefixes (jumprelu, topk and batchtopk do)")
-        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in c.sae.matryoshka)
-        _check(ints or all(isinstance(v, (int, float)) and 0 < v <= 1 for v in c.sae.matryoshka), "sae.matryoshka",
+        _check(matryoshka.well_formed(c.sae.matryoshka), "sae.matryoshka",
                f"{tuple(c.sae.matryoshka)} must be latent counts or fractions of the width in (0, 1]")
-        _check(ints is False or len(c.sae.widths) == 1, "sae.matryoshka",
+        _check(not matryoshka.is_counts(c.sae.matryoshka) or len(c.sae.widths) == 1, "sae.matryoshka",
                "latent counts need one width; give fractions of the width (ending at 1.0) for several")
         for w in c.sae.widths:
             why = matryoshka.problem(matryoshka.resolve(c.sae.matryoshka, w), w)

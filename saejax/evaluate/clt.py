@@ -42,15 +42,19 @@ def layer_metrics(a: dict, meta: dict, rows_in: list, rows_out: list, chunk: int
     L, N = len(rows_in), len(rows_in[0])
 
     prefixes = list(meta.get("matryoshka", ())) or [a["b_enc"].shape[1]]
+    blocks = list(zip([0] + prefixes[:-1], prefixes))  # each block decoded once; prefixes are running sums
 
     @jax.jit
     def stats(xs, ys):
         lat = [_encode(f, meta, i, xs[i]) for i in range(L)]
-        out = []  # [n, L]: each Matryoshka prefix's squared error (one prefix, the whole CLT, without)
-        for m in prefixes:
-            out.append(jnp.stack([jnp.sum(jnp.square(ys[j] - f["b_dec"][j] - sum(
-                lat[i][:, :m] @ f[f"W_dec_{i}"][:m, j - i] for i in range(j + 1)))) for j in range(L)]))
-        return jnp.stack(out), jnp.stack([jnp.sum(x > 0) for x in lat]), jnp.stack([jnp.any(x > 0, 0) for x in lat])
+        out = []  # [L, n]: each Matryoshka prefix's squared error (one prefix, the whole CLT, without)
+        for j in range(L):
+            y_hat, err = f["b_dec"][j], []
+            for lo, hi in blocks:
+                y_hat = y_hat + sum(lat[i][:, lo:hi] @ f[f"W_dec_{i}"][lo:hi, j - i] for i in range(j + 1))
+                err.append(jnp.sum(jnp.square(ys[j] - y_hat)))
+            out.append(jnp.stack(err))
+        return jnp.stack(out).T, jnp.stack([jnp.sum(x > 0) for x in lat]), jnp.stack([jnp.any(x > 0, 0) for x in lat])
 
     sq, active = np.zeros((len(prefixes), L)), np.zeros(L)
     fired = np.zeros((L, a["b_enc"].shape[1]), bool)

@@ -115,8 +115,8 @@ def run(config, dry_run: bool = False) -> dict | None:
                            f"(all frozen or unmeasured)")
     base = hub.base_model(config, doc.get("model", ""))
     n_clt = len(doc.get("clts", []))
-    what = f"{len(picked)} of {len(doc['saes'])} SAEs" if doc["saes"] else ""
-    what += (" and " if what and n_clt else "") + (f"{n_clt} CLT{'s' if n_clt > 1 else ''}" if n_clt else "")
+    what = " and ".join(([f"{len(picked)} of {len(doc['saes'])} SAEs"] if doc["saes"] else [])
+                        + ([f"{n_clt} CLT{'s' if n_clt > 1 else ''}"] if n_clt else []))
     print(f"saejax release: {what} -> {wd.release_dir(config)} "
           f"({', '.join(config.release.formats)}; base model {base or 'without a Hub id'})"
           + (f", then uploaded to https://huggingface.co/{repo}" if repo else ""), file=sys.stderr)

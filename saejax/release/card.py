@@ -165,20 +165,20 @@ def _clt_lines(clts: list) -> list[str]:
     replacement model (every MLP output replaced at once)."""
     lines = []
     for c in clts:
+        mat = c.get("matryoshka")
         lines += ["", f"## Cross-layer transcoder `{c['id']}`", "",
                   f"{c['arch']}, {len(c['layers'])} layers x {c['width']} latents, total L0 "
                   f"{_f(c.get('l0_total'), '{:.1f}')}; weights in [`{c['path']}`]({c['path']})"
                   + (f", circuit-tracer's layout in [`{c['circuit_tracer']}`]({c['circuit_tracer']})"
                      if c.get("circuit_tracer") else "") + ". Each latent card shows a layer's latents' top "
                   "contexts and the layers each latent writes to.", "",
-                  *([f"Matryoshka: each prefix of {c['matryoshka']} latents of every layer is a CLT on its "
-                     "own; the FVU of each prefix is given per layer.", ""] if c.get("matryoshka") else []),
-                  "| layer | L0 | FVU | dead |" + (" FVU of each prefix |" if c.get("matryoshka") else "")
-                  + " latent card |", "| --- | --- | --- | --- |" + (" --- |" if c.get("matryoshka") else "") + " --- |"]
+                  *([f"Matryoshka: each prefix of {mat} latents of every layer is a CLT on its "
+                     "own; the FVU of each prefix is given per layer.", ""] if mat else []),
+                  "| layer | L0 | FVU | dead |" + (" FVU of each prefix |" if mat else "")
+                  + " latent card |", "| --- | --- | --- | --- |" + (" --- |" if mat else "") + " --- |"]
         for m in c.get("per_layer") or []:
             card = f"[card]({m['card']})" if m.get("card") else "-"
-            pre = (" " + " / ".join(_f(v, "{:.3f}") for v in m.get("fvu_prefix") or ()) + " |"
-                   if c.get("matryoshka") else "")
+            pre = " " + " / ".join(_f(v, "{:.3f}") for v in m.get("fvu_prefix") or ()) + " |" if mat else ""
             lines.append(f"| {m['site']} | {_f(m.get('l0'), '{:.1f}')} | {_f(m.get('fvu'), '{:.3f}')} "
                          f"| {_f(m.get('dead_frac'), '{:.1%}')} |{pre} {card} |")
         r = c.get("replacement")
@@ -225,14 +225,18 @@ def write_readme(root: str, suite: dict, repo: str | None = None) -> None:
     os.replace(tmp, os.path.join(root, "README.md"))
 
 
+def _measured_on(suite: dict) -> str:
+    return "Metrics are measured on held-out contexts" + (
+        f" ({suite['heldout_contexts']} contexts of {suite.get('context_size')} tokens)"
+        if suite.get("heldout_contexts") else "")
+
+
 def _clt_only_lines(suite: dict, about: str, repo: str | None) -> list[str]:
     """The head of a release that holds cross-layer transcoders and no SAE."""
     where = repo or "<this folder or repo>"
     return [f"# {suite['name']}", "",
             f"Cross-layer transcoders on {about}, trained with saejax, in saejax's layout (`clt/<id>/`) and, "
-            "where circuit-tracer can read them, in its cross-layer layout. Metrics are measured on held-out "
-            "contexts" + (f" ({suite['heldout_contexts']} contexts of {suite.get('context_size')} tokens)"
-                          if suite.get("heldout_contexts") else "") + ".", "",
+            "where circuit-tracer can read them, in its cross-layer layout. " + _measured_on(suite) + ".", "",
             "```python", "import saejax", f"suite = saejax.load_suite(\"{where}\")",
             "clt = suite.clt()", "y_hat = clt.reconstruct(x)   # x [L, ..., d_in]: each layer's raw MLP input", "```"]
 
@@ -253,9 +257,7 @@ def _sae_lines(root: str, suite: dict, about: str, repo: str | None) -> list[str
         "Gemma Scope's layout (`<kind>/layer_L/width_W/average_l0_N/params.npz`) and as SAELens folders "
         "(`saelens/...`, whose `cfg.json` names the model by its Hub id).", "",
         "The input normalization is folded into the weights: every SAE takes raw activations.",
-        "Metrics are measured on held-out contexts"
-        + (f" ({suite['heldout_contexts']} contexts of {suite.get('context_size')} tokens)"
-           if suite.get("heldout_contexts") else "")
+        _measured_on(suite)
         + ("; delta LM loss"
            + (f" (on {suite['contexts']} of them)" if suite.get("contexts") else "") + " is the "
            "increase in next-token cross-entropy with the reconstruction spliced in, CE score "

@@ -162,8 +162,7 @@ def check(arch, layers, width, sparsity, cap, decode, fail, matryoshka=()) -> No
     if not isinstance(cap, int) or cap < 0 or (arch != "jumprelu" and 0 < cap < sparsity):
         fail("clt.cap", f"{cap!r} must be 0 (automatic) or an int >= k")
     if matryoshka:
-        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in matryoshka)
-        why = (mat.problem(mat.resolve(matryoshka, width), width) if ok
+        why = (mat.problem(mat.resolve(matryoshka, width), width) if mat.well_formed(matryoshka)
                else f"{tuple(matryoshka)} must be latent counts or fractions of clt.width in (0, 1]")
         if why:
             fail("clt.matryoshka", f"{why} (latents per layer)")

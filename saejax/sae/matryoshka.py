@@ -38,9 +38,20 @@ def resolve(value, width: int) -> tuple[int, ...]:
     value = tuple(value)
     if not value:
         return ()
-    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
+    if is_counts(value):
         return tuple(int(v) for v in value)
     return tuple(int(round(float(v) * width)) for v in value)
+
+
+def is_counts(value) -> bool:
+    """Whether config prefix sizes are latent counts (ints), not fractions of the width."""
+    return all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
+
+
+def well_formed(value) -> bool:
+    """Whether config prefix sizes are latent counts or fractions of the width in (0, 1]."""
+    return is_counts(value) or all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+                                   for v in value)
 
 
 def problem(prefixes: tuple[int, ...], width: int) -> str | None:
